@@ -1,0 +1,108 @@
+// Dispatch layout kernel.
+//
+// One thread per token (grid-stride). For its token a thread walks the K
+// entries of topk_idx once: every valid entry counts for its expert; an entry
+// counts for its rank (node) only if no earlier entry of the same token named
+// that rank (node), so each token counts once per destination. The token's row
+// of is_token_in_rank is zeroed and then marked by the same thread.
+//
+// Counters live in shared memory per block ([experts | ranks | nodes]) and are
+// added to the global outputs once per block at the end, so global atomics
+// scale with blocks, not tokens. Integer atomics make the counts exact and
+// independent of scheduling.
+#include "kernels/layout.h"
+
+#include "runtime/error.h"
+
+namespace deepcomm {
+
+namespace {
+
+constexpr int kLayoutThreads = 256;
+
+__global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
+  extern __shared__ int32_t block_counts[];
+  const int num_nodes = args.num_ranks / args.ranks_per_node;
+  int32_t* expert_counts = block_counts;
+  int32_t* rank_counts = expert_counts + args.num_experts;
+  int32_t* node_counts = rank_counts + args.num_ranks;
+  const int num_counters = args.num_experts + args.num_ranks + num_nodes;
+  for (int i = threadIdx.x; i < num_counters; i += blockDim.x) block_counts[i] = 0;
+  __syncthreads();
+
+  const int experts_per_rank = args.num_experts / args.num_ranks;
+  for (int token = blockIdx.x * blockDim.x + threadIdx.x; token < args.num_tokens; token += gridDim.x * blockDim.x) {
+    const int64_t* token_experts = args.topk_idx + static_cast<int64_t>(token) * args.num_topk;
+    bool* token_ranks = args.is_token_in_rank + static_cast<int64_t>(token) * args.num_ranks;
+    for (int rank = 0; rank < args.num_ranks; ++rank) token_ranks[rank] = false;
+
+    for (int k = 0; k < args.num_topk; ++k) {
+      const int64_t expert = token_experts[k];
+      // The Python layer rejects ids >= num_experts; skipping them here keeps
+      // a bypassed check from writing out of bounds.
+      if (expert < 0 || expert >= args.num_experts) continue;
+      atomicAdd(&expert_counts[expert], 1);
+      const int rank = static_cast<int>(expert / experts_per_rank);
+      const int node = rank / args.ranks_per_node;
+      bool rank_seen = false, node_seen = false;
+      for (int j = 0; j < k; ++j) {
+        const int64_t other = token_experts[j];
+        if (other < 0 || other >= args.num_experts) continue;
+        const int other_rank = static_cast<int>(other / experts_per_rank);
+        rank_seen |= other_rank == rank;
+        node_seen |= other_rank / args.ranks_per_node == node;
+      }
+      if (!rank_seen) {
+        token_ranks[rank] = true;
+        atomicAdd(&rank_counts[rank], 1);
+      }
+      if (!node_seen) atomicAdd(&node_counts[node], 1);
+    }
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < num_counters; i += blockDim.x) {
+    const int32_t count = block_counts[i];
+    if (count == 0) continue;
+    if (i < args.num_experts) {
+      atomicAdd(&args.num_tokens_per_expert[i], count);
+    } else if (i < args.num_experts + args.num_ranks) {
+      atomicAdd(&args.num_tokens_per_rank[i - args.num_experts], count);
+    } else {
+      atomicAdd(&args.num_tokens_per_node[i - args.num_experts - args.num_ranks], count);
+    }
+  }
+}
+
+}  // namespace
+
+size_t dispatch_layout_shared_bytes(int num_experts, int num_ranks, int ranks_per_node) {
+  return sizeof(int32_t) * (static_cast<size_t>(num_experts) + num_ranks + num_ranks / ranks_per_node);
+}
+
+void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cudaStream_t stream) {
+  DC_CHECK_ARG(args.num_tokens >= 0, "num_tokens: must be >= 0");
+  DC_CHECK_ARG(args.num_topk > 0, "num_topk: must be > 0");
+  DC_CHECK_ARG(args.num_ranks > 0, "num_ranks: must be > 0");
+  DC_CHECK_ARG(args.num_experts > 0 && args.num_experts % args.num_ranks == 0,
+               "num_experts: must be a positive multiple of num_ranks");
+  DC_CHECK_ARG(args.ranks_per_node > 0 && args.num_ranks % args.ranks_per_node == 0,
+               "ranks_per_node: must divide num_ranks");
+  DC_CHECK_ARG(num_blocks > 0, "num_blocks: must be > 0");
+  const int num_nodes = args.num_ranks / args.ranks_per_node;
+  const size_t shared_bytes = dispatch_layout_shared_bytes(args.num_experts, args.num_ranks, args.ranks_per_node);
+  // 48 KiB is available to every kernel without opting in; that holds ~12k
+  // counters, far above any expert count in use.
+  DC_CHECK_ARG(shared_bytes <= 48 * 1024, "num_experts: too many experts for the layout kernel's shared counters");
+
+  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int32_t) * args.num_ranks, stream));
+  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_node, 0, sizeof(int32_t) * num_nodes, stream));
+  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream));
+  if (args.num_tokens == 0) return;
+  const int blocks_needed = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+  const int blocks = blocks_needed < num_blocks ? blocks_needed : num_blocks;
+  dispatch_layout_kernel<<<blocks, kLayoutThreads, shared_bytes, stream>>>(args);
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deepcomm

@@ -1,0 +1,45 @@
+#include "runtime/driver_api.h"
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+#include <string>
+
+#include "runtime/error.h"
+
+namespace deepcomm::driver {
+
+namespace {
+
+using MemGetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+
+template <typename Fn>
+Fn resolve(const char* symbol, int cuda_version) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  DC_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &fn, cuda_version, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    throw CudaError(std::string("driver entry point ") + symbol + " not found (driver too old?)");
+  }
+  return reinterpret_cast<Fn>(fn);
+}
+
+}  // namespace
+
+void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size) {
+  static std::once_flag once;
+  static MemGetAddressRangeFn mem_get_address_range = nullptr;
+  std::call_once(once, [] { mem_get_address_range = resolve<MemGetAddressRangeFn>("cuMemGetAddressRange", 3020); });
+  CUdeviceptr base_ptr = 0;
+  size_t bytes = 0;
+  CUresult status = mem_get_address_range(&base_ptr, &bytes, static_cast<CUdeviceptr>(ptr));
+  if (status != CUDA_SUCCESS) {
+    throw CudaError("cuMemGetAddressRange failed with CUresult " + std::to_string(static_cast<int>(status)) +
+                    ": pointer is not device memory");
+  }
+  *base = static_cast<uintptr_t>(base_ptr);
+  *size = bytes;
+}
+
+}  // namespace deepcomm::driver

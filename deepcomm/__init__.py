@@ -1,0 +1,24 @@
+"""deepcomm: expert-parallel dispatch and combine for Mixture-of-Experts models."""
+
+from deepcomm import fp8, layout, reference, routing, topology
+from deepcomm._ext import FeatureUnavailable, features
+from deepcomm._version import __version__
+from deepcomm.communicator import Communicator
+from deepcomm.errors import CommunicationError
+from deepcomm.events import EventHandle
+from deepcomm.results import DispatchResult
+
+__all__ = [
+    "Communicator",
+    "CommunicationError",
+    "DispatchResult",
+    "EventHandle",
+    "FeatureUnavailable",
+    "__version__",
+    "features",
+    "fp8",
+    "layout",
+    "reference",
+    "routing",
+    "topology",
+]

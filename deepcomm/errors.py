@@ -1,0 +1,19 @@
+"""Exceptions raised by deepcomm beyond TypeError/ValueError for bad input."""
+
+from __future__ import annotations
+
+
+class CommunicationError(RuntimeError):
+    """A collective step failed or a peer stopped answering within the timeout.
+
+    ``rank`` is the rank that raised, ``stage`` the step it was in (for
+    example ``"dispatch/counts"``), ``peer`` the rank that did not answer when
+    it is known.
+    """
+
+    def __init__(self, rank: int, stage: str, detail: str, peer: int | None = None) -> None:
+        self.rank = rank
+        self.stage = stage
+        self.peer = peer
+        who = f" waiting for rank {peer}" if peer is not None else ""
+        super().__init__(f"rank {rank}: stage '{stage}' failed{who}: {detail}")

@@ -1,0 +1,352 @@
+"""The pure-torch reference path: dispatch and combine over ``torch.distributed``.
+
+It implements the whole contract (docs/api.md) with two ``all_to_all_single``
+calls per dispatch (counts, then one packed row per (token, destination rank))
+and one per combine, over any backend: gloo on CPU or with ranks sharing a GPU,
+NCCL with one GPU per rank. It is the correctness oracle for every kernel, the
+baseline of every benchmark, and the backend where no GPU exists.
+
+Combine's reduction order (bit-exact contract). For token t, let the ranks
+that received it be grouped by node. Per node, rows are summed in float32 in
+ascending rank order, starting from the first row (not from 0, so the sign of
+a zero survives), and the node's partial sum is rounded to bf16 (the format
+that crosses the node boundary). The node partials are then summed the same
+way in ascending node order and rounded to bf16. On one node this is simply
+``bf16(sum of rows in rank order, in float32)``. A token no rank received
+comes back as +0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from deepcomm.errors import CommunicationError
+from deepcomm.events import EventHandle
+from deepcomm import fp8
+from deepcomm.layout import token_rank_mask
+from deepcomm.results import DispatchResult
+from deepcomm.topology import Topology, detect_topology
+from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
+
+
+@dataclass(frozen=True)
+class ReferenceHandle:
+    """Everything combine needs to return rows to the tokens they came from.
+
+    send_token_idx: ``[S]`` int64, the tokens this rank sent, grouped by destination rank, ascending
+    send_counts:    rows sent to each rank
+    recv_counts:    rows received from each rank
+    recv_src_idx:   ``[R]`` int64, source token index of each received row
+    """
+
+    topology: Topology
+    num_tokens: int
+    hidden: int
+    send_token_idx: torch.Tensor
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+    recv_src_idx: torch.Tensor
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return sum(self.recv_counts)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` contiguous tensor → ``[N, bytes per row]`` uint8 view."""
+    return t.contiguous().view(t.shape[0], -1).view(torch.uint8)
+
+
+def _split_columns(rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    parts, start = [], 0
+    for width in widths:
+        parts.append(rows[:, start : start + width].contiguous())
+        start += width
+    return parts
+
+
+def ordered_sum(
+    segments: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, hidden: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum float32 row segments into ``[num_tokens, hidden]`` in segment order.
+
+    Each segment is ``(token_idx [n], rows [n, hidden] float32)`` with distinct
+    token indices. A token's sum starts from its first row, then adds the next
+    segments' rows in order. Returns the sums and a ``[num_tokens]`` bool of
+    tokens that received any row.
+    """
+    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
+    touched = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    for token_idx, rows in segments:
+        first = ~touched[token_idx]
+        acc[token_idx[first]] = rows[first]
+        later = ~first
+        acc[token_idx[later]] += rows[later]
+        touched[token_idx] = True
+    return acc, touched
+
+
+class ReferenceCommunicator:
+    """Dispatch/combine on ``torch.distributed`` (the oracle and baseline).
+
+    Works on CPU tensors with gloo and CUDA tensors with gloo or NCCL. Each
+    call synchronises with the host once (to size the received rows).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, ranks_per_node: int | None = None) -> None:
+        self.group = group
+        self.topology = detect_topology(group, ranks_per_node)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _stage(self, stage: str, fn, *args, **kwargs):
+        """Run one collective step; failures (including peer timeouts) name the rank and stage."""
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as error:
+            if isinstance(error, CommunicationError):
+                raise
+            raise CommunicationError(self.topology.rank, stage, str(error).splitlines()[0]) from error
+
+    def comm_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The stream communication runs on (CUDA), created once per device."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _all_to_all(self, stage: str, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = torch.empty(sum(recv_counts), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        self._stage(stage, dist.all_to_all_single, out, rows, recv_counts, send_counts, group=self.group)
+        return out
+
+    # -- dispatch ---------------------------------------------------------
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+        x_scales: torch.Tensor | None = None,
+        quantize_fp8: bool = False,
+        power_of_two_scales: bool = False,
+        previous_event: EventHandle | None = None,
+    ) -> DispatchResult:
+        """Send each token once to each rank that holds one of its experts.
+
+        The received rows and the handle are described in :class:`DispatchResult`;
+        the current stream waits for them before this returns.
+
+        Args:
+            x: ``[T, H]`` bf16, or fp8 e4m3 with ``x_scales``.
+            topk_idx: ``[T, K]`` int64 global expert ids, -1 = none.
+            topk_weights: ``[T, K]`` float32.
+            num_experts: E, a multiple of the world size.
+            x_scales: ``[T, H/128]`` float32 for fp8 ``x``.
+            quantize_fp8: quantise bf16 ``x`` to fp8 (deepcomm.fp8) before sending.
+            power_of_two_scales: with ``quantize_fp8``, round scales up to powers of two.
+            previous_event: start after it (default: after the current stream's work).
+        """
+        return self._dispatch_on_stream(
+            x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event, False
+        )
+
+    def dispatch_async(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+        x_scales: torch.Tensor | None = None,
+        quantize_fp8: bool = False,
+        power_of_two_scales: bool = False,
+        previous_event: EventHandle | None = None,
+    ) -> DispatchResult:
+        """:meth:`dispatch` without making the current stream wait: wait on ``result.event`` before use."""
+        return self._dispatch_on_stream(
+            x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event, True
+        )
+
+    def _dispatch_on_stream(
+        self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event,
+        async_finish,
+    ) -> DispatchResult:
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
+        if quantize_fp8:
+            if x.dtype != torch.bfloat16:
+                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
+        with self._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+            result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts)
+            return self._finish(result, caller, async_finish)
+
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+    ) -> DispatchResult:
+        topo = self.topology
+        num_tokens, hidden = x.shape
+        device = x.device
+
+        # send_token_idx lists the tokens for rank 0, then rank 1, ... each in token order:
+        # nonzero() of the [W, T] mask walks it row-major.
+        in_rank = token_rank_mask(topk_idx, num_experts, topo.world_size)
+        dest_rank, send_token_idx = in_rank.t().nonzero(as_tuple=True)
+        send_counts_t = torch.bincount(dest_rank, minlength=topo.world_size)
+        recv_counts_t = torch.empty_like(send_counts_t)
+        self._stage("dispatch/counts", dist.all_to_all_single, recv_counts_t, send_counts_t, group=self.group)
+        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
+
+        # One packed row per (token, destination rank): x | scales | topk_idx | topk_weights | token index.
+        fields = [x] + ([x_scales] if x_scales is not None else []) + [topk_idx, topk_weights]
+        fields.append(torch.arange(num_tokens, dtype=torch.int64, device=device).unsqueeze(1))
+        byte_fields = [_as_bytes(f) for f in fields]
+        widths = [f.shape[1] for f in byte_fields]
+        packed = torch.cat(byte_fields, dim=1)[send_token_idx]
+        received = self._all_to_all("dispatch/rows", packed, send_counts, recv_counts)
+        parts = _split_columns(received, widths)
+
+        num_recv = received.shape[0]
+        num_topk = topk_idx.shape[1]
+        recv_x = parts[0].view(x.dtype).view(num_recv, hidden)
+        recv_scales = None
+        if x_scales is not None:
+            recv_scales = parts[1].view(torch.float32).view(num_recv, fp8.num_scale_blocks(hidden))
+            parts = [parts[0]] + parts[2:]
+        global_idx = parts[1].view(torch.int64).view(num_recv, num_topk)
+        weights = parts[2].view(torch.float32).view(num_recv, num_topk)
+        recv_src_idx = parts[3].view(torch.int64).view(num_recv)
+
+        experts_per_rank = num_experts // topo.world_size
+        local_idx = global_idx - topo.rank * experts_per_rank
+        is_local = (global_idx >= 0) & (local_idx >= 0) & (local_idx < experts_per_rank)
+        recv_topk_idx = torch.where(is_local, local_idx, -1)
+        recv_weights = torch.where(is_local, weights, 0.0)
+        per_expert = torch.bincount(recv_topk_idx[is_local], minlength=experts_per_rank).to(torch.int32)
+
+        handle = ReferenceHandle(
+            topology=topo,
+            num_tokens=num_tokens,
+            hidden=hidden,
+            send_token_idx=send_token_idx,
+            send_counts=tuple(send_counts),
+            recv_counts=tuple(recv_counts),
+            recv_src_idx=recv_src_idx,
+        )
+        return DispatchResult(
+            x=recv_x,
+            x_scales=recv_scales,
+            topk_idx=recv_topk_idx,
+            topk_weights=recv_weights,
+            num_tokens_per_expert=per_expert,
+            num_recv_tokens_per_rank=list(recv_counts),
+            handle=handle,
+            event=EventHandle(None),
+        )
+
+    # -- combine ----------------------------------------------------------
+
+    def combine(self, expert_out: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
+        """Return ``[R, H]`` bf16 rows to their tokens and reduce: ``[T, H]`` bf16.
+
+        Row i of ``expert_out`` belongs to received row i of the dispatch that
+        made ``handle``. The reduction order is fixed (module docstring).
+        """
+        combined, _ = self._combine_on_stream(expert_out, handle, None, async_finish=False)
+        return combined
+
+    def combine_async(
+        self, expert_out: torch.Tensor, handle: ReferenceHandle, previous_event: EventHandle | None = None
+    ) -> tuple[torch.Tensor, EventHandle]:
+        """:meth:`combine` on the communication stream after ``previous_event``, without making the
+        current stream wait; returns ``(y, event)``."""
+        return self._combine_on_stream(expert_out, handle, previous_event, async_finish=True)
+
+    def _combine_on_stream(self, expert_out, handle, previous_event, async_finish) -> tuple[torch.Tensor, EventHandle]:
+        if not isinstance(handle, ReferenceHandle):
+            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
+        with self._on_comm_stream(expert_out.device, previous_event, (expert_out,)) as caller:
+            combined = self._combine(expert_out, handle)
+            event = EventHandle.record(expert_out.device, self.comm_stream(expert_out.device))
+            if caller is not None:
+                combined.record_stream(caller)
+                if not async_finish:
+                    event.wait(caller)
+            return combined, event
+
+    def _combine(self, expert_out: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
+        topo = handle.topology
+        returned = self._all_to_all("combine/rows", expert_out, list(handle.recv_counts), list(handle.send_counts))
+        offsets = [0]
+        for count in handle.send_counts:
+            offsets.append(offsets[-1] + count)
+
+        node_segments = []
+        for node in range(topo.num_nodes):
+            rank_segments = [
+                (handle.send_token_idx[offsets[r] : offsets[r + 1]], returned[offsets[r] : offsets[r + 1]].float())
+                for r in topo.ranks_of_node(node)
+            ]
+            partial, touched = ordered_sum(rank_segments, handle.num_tokens, handle.hidden, expert_out.device)
+            tokens = touched.nonzero().squeeze(1)
+            node_segments.append((tokens, partial[tokens].to(torch.bfloat16).float()))
+        total, _ = ordered_sum(node_segments, handle.num_tokens, handle.hidden, expert_out.device)
+        return total.to(torch.bfloat16)
+
+    # -- streams ----------------------------------------------------------
+
+    def _on_comm_stream(self, device: torch.device, previous_event: EventHandle | None, inputs: tuple):
+        return _CommStreamScope(self.comm_stream(device), device, previous_event, inputs)
+
+    def _finish(self, result: DispatchResult, caller: torch.cuda.Stream | None, async_finish: bool) -> DispatchResult:
+        device = result.x.device
+        result.event = EventHandle.record(device, self.comm_stream(device))
+        if caller is not None:
+            for t in (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert):
+                if t is not None:
+                    t.record_stream(caller)
+            if not async_finish:
+                result.event.wait(caller)
+        return result
+
+
+class _CommStreamScope:
+    """Run a block on the communication stream after ``previous_event`` (or the caller's stream).
+
+    Yields the caller's stream (None on CPU). Inputs are marked as used on the
+    communication stream so the caching allocator does not recycle them early.
+    """
+
+    def __init__(self, stream, device, previous_event, inputs) -> None:
+        self.stream, self.device, self.previous_event, self.inputs = stream, device, previous_event, inputs
+        self._context = None
+
+    def __enter__(self):
+        if self.stream is None:
+            return None
+        caller = torch.cuda.current_stream(self.device)
+        if self.previous_event is not None:
+            self.previous_event.wait(self.stream)
+        else:
+            self.stream.wait_stream(caller)
+        for t in self.inputs:
+            if t is not None:
+                t.record_stream(self.stream)
+        self._context = torch.cuda.stream(self.stream)
+        self._context.__enter__()
+        return caller
+
+    def __exit__(self, *exc) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)

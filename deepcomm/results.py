@@ -1,0 +1,34 @@
+"""What dispatch returns; shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepcomm.events import EventHandle
+
+
+@dataclass
+class DispatchResult:
+    """Tokens received by this rank, in order of source rank, then source token index.
+
+    x:                     ``[R, H]`` bf16, or fp8 e4m3 when dispatched as fp8
+    x_scales:              ``[R, H/128]`` float32 for fp8, else None
+    topk_idx:              ``[R, K]`` int64, local expert ids (``e - rank * E/world``), -1 where not local
+    topk_weights:          ``[R, K]`` float32, 0 where ``topk_idx`` is -1
+    num_tokens_per_expert: ``[E/world]`` int32, received (token, k) entries per local expert
+    num_recv_tokens_per_rank: received rows from each source rank (host list)
+    handle:                what :meth:`combine` needs to send results back
+    event:                 reached when the outputs are ready on the communication stream
+    """
+
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    num_tokens_per_expert: torch.Tensor
+    num_recv_tokens_per_rank: list[int]
+    handle: Any
+    event: EventHandle
