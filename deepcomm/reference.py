@@ -18,6 +18,7 @@ comes back as +0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ class ReferenceHandle:
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """``[N, ...]`` contiguous tensor → ``[N, bytes per row]`` uint8 view."""
-    return t.contiguous().view(t.shape[0], -1).view(torch.uint8)
+    return t.contiguous().view(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8)
 
 
 def _split_columns(rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
