@@ -16,7 +16,7 @@ import deepcomm
 from cases import ROUTINGS, make_inputs
 from deepcomm import fp8
 from deepcomm.events import EventHandle
-from deepcomm.layout import token_rank_mask
+from deepcomm.checks import expected_round_trip
 from deepcomm.simulation import simulate_combine, simulate_dispatch
 from dist import run_ranks
 
@@ -35,21 +35,6 @@ def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), what
-
-
-def _expected_round_trip(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, topo) -> torch.Tensor:
-    """combine(dispatch(x)) for bf16 x: per node bf16(count * x), then summed over nodes in order."""
-    in_rank = token_rank_mask(topk_idx, num_experts, topo.world_size)
-    per_node = in_rank.view(-1, topo.num_nodes, topo.ranks_per_node).sum(dim=-1)
-    acc = torch.zeros(x.shape, dtype=torch.float32)
-    started = torch.zeros(x.shape[0], 1, dtype=torch.bool)
-    for node in range(topo.num_nodes):
-        count = per_node[:, node : node + 1]
-        value = (x.float() * count).to(torch.bfloat16).float()
-        has = count > 0
-        acc = torch.where(has & ~started, value, torch.where(has, acc + value, acc))
-        started |= has
-    return acc.to(torch.bfloat16)
 
 
 def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
@@ -105,7 +90,7 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
 
         # Round trip: every rank returns the row it received.
         round_trip = comm.combine(result.x, result.handle)
-        _same_bits(round_trip, _expected_round_trip(mine.x, mine.topk_idx, num_experts, topo), f"{routing}: round trip")
+        _same_bits(round_trip, expected_round_trip(mine.x, mine.topk_idx, num_experts, topo), f"{routing}: round trip")
 
         # Async shape: previous events are honoured, returned events complete.
         async_result = comm.dispatch_async(
