@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import deepcomm
-from cases import ROUTINGS, make_inputs
+from cases import ROUTINGS, RankInputs, make_inputs
 from deepcomm import fp8
 from deepcomm.events import EventHandle
 from deepcomm.checks import expected_round_trip
@@ -32,12 +32,15 @@ def _token_counts(seed: int, world_size: int) -> list[int]:
 
 
 def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), what
 
 
-def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
+def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: torch.device | None = None) -> None:
+    """Runs every case on ``device`` (default CPU); the simulation runs on the CPU."""
+    device = device or torch.device("cpu")
     comm = deepcomm.Communicator(ranks_per_node=ranks_per_node, backend="reference")
     topo = comm.topology
     num_experts = 4 * world_size
@@ -47,7 +50,7 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
             make_inputs(seed, r, counts[r], HIDDEN, NUM_TOPK, num_experts, routing, topo.num_nodes)
             for r in range(world_size)
         ]
-        mine = inputs[rank]
+        mine = RankInputs(*(t.to(device) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)))
         for mode in ("bf16", "fp8", "quantize_in_dispatch"):
             where = f"{routing}/{mode}/rank{rank}"
             if mode == "bf16":
@@ -58,7 +61,8 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
                 xs, scales = [q for q, _ in quantized], [s for _, s in quantized]
                 if mode == "fp8":
                     result = comm.dispatch(
-                        xs[rank], mine.topk_idx, mine.topk_weights, num_experts, x_scales=scales[rank]
+                        xs[rank].to(device), mine.topk_idx, mine.topk_weights, num_experts,
+                        x_scales=scales[rank].to(device),
                     )
                 else:
                     result = comm.dispatch(mine.x, mine.topk_idx, mine.topk_weights, num_experts, quantize_fp8=True)
@@ -84,7 +88,7 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
             generator = torch.Generator().manual_seed(seed * 7919 + r)
             expert_outs.append(torch.randn(sim[r].x.shape[0], HIDDEN, generator=generator).to(torch.bfloat16))
         result = comm.dispatch(mine.x, mine.topk_idx, mine.topk_weights, num_experts)
-        combined = comm.combine(expert_outs[rank], result.handle)
+        combined = comm.combine(expert_outs[rank].to(device), result.handle)
         expected_y = simulate_combine(expert_outs, sim, counts, topo)[rank]
         _same_bits(combined, expected_y, f"{routing}: combine")
 

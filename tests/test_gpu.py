@@ -1,0 +1,147 @@
+"""GPU tests: the layout kernel against the torch layout, CUDA IPC between processes,
+the reference path on CUDA tensors, and the NVSHMEM bootstrap (several GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deepcomm
+from cases import make_inputs
+from deepcomm import _ext
+from deepcomm.layout import dispatch_layout_cuda, dispatch_layout_torch
+from deepcomm.topology import Topology
+from dist import run_ranks
+
+pytestmark = pytest.mark.gpu
+
+
+def _needs_extension():
+    if not _ext.available():
+        pytest.skip(f"extension not built: {deepcomm.features()['extension_error']}")
+
+
+@pytest.mark.parametrize("world_size,ranks_per_node", [(1, 1), (2, 1), (8, 4), (16, 8), (64, 8), (256, 8)])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "empty_experts", "minus_one", "node_limited_2"])
+@pytest.mark.parametrize("num_tokens", [0, 1, 4096, 10000])
+def test_layout_kernel_matches_torch(world_size, ranks_per_node, routing, num_tokens):
+    _needs_extension()
+    topology = Topology(0, world_size, ranks_per_node)
+    num_experts = max(256, world_size) if world_size > 1 else 64
+    inputs = make_inputs(num_tokens + world_size, 0, num_tokens, 8, 8, num_experts, routing, topology.num_nodes)
+    topk_idx = inputs.topk_idx.cuda()
+    expected = dispatch_layout_torch(topk_idx, num_experts, topology)
+    actual = dispatch_layout_cuda(topk_idx, num_experts, topology)
+    for field in ("num_tokens_per_rank", "num_tokens_per_node", "num_tokens_per_expert", "is_token_in_rank"):
+        assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+def test_layout_kernel_overwrites_poisoned_outputs():
+    _needs_extension()
+    core = _ext.extension()
+    topology = Topology(0, 8, 2)
+    topk_idx = make_inputs(1, 0, 777, 8, 8, 64, "minus_one", 4).topk_idx.cuda()
+    outputs = [
+        torch.full((8,), -7, dtype=torch.int32, device="cuda"),
+        torch.full((4,), -7, dtype=torch.int32, device="cuda"),
+        torch.full((64,), -7, dtype=torch.int32, device="cuda"),
+        torch.full((777, 8), 0x55, dtype=torch.uint8, device="cuda").view(torch.bool),
+    ]
+    core.dispatch_layout(topk_idx.data_ptr(), 777, 8, 64, 8, 2, *[t.data_ptr() for t in outputs], 3,
+                         torch.cuda.current_stream().cuda_stream)
+    expected = dispatch_layout_torch(topk_idx, 64, topology)
+    assert torch.equal(outputs[0], expected.num_tokens_per_rank)
+    assert torch.equal(outputs[1], expected.num_tokens_per_node)
+    assert torch.equal(outputs[2], expected.num_tokens_per_expert)
+    assert torch.equal(outputs[3].view(torch.uint8), expected.is_token_in_rank.view(torch.uint8))
+
+
+def test_device_queries_agree_with_torch():
+    _needs_extension()
+    core = _ext.extension()
+    assert core.device_count() == torch.cuda.device_count()
+    info = core.device_info(0)
+    props = torch.cuda.get_device_properties(0)
+    assert info["num_sms"] == props.multi_processor_count
+    assert info["compute_capability"] == (props.major, props.minor)
+    assert core.driver_version() > 0
+
+
+def _ipc_worker(rank: int, world_size: int) -> None:
+    from deepcomm.ipc import PeerTensor, export_tensor
+
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    # A tensor in the middle of a larger allocation: the offset must survive the export.
+    backing = torch.zeros(1 << 20, dtype=torch.bfloat16, device="cuda")
+    mine = backing[4096 : 4096 + 1000].view(10, 100)
+    mine.copy_(torch.arange(1000, dtype=torch.float32).view(10, 100).to(torch.bfloat16) + rank)
+    torch.cuda.synchronize()
+    handles = [None] * world_size
+    dist.all_gather_object(handles, export_tensor(mine))
+    peer_rank = (rank + 1) % world_size
+    with PeerTensor(handles[peer_rank]) as peer:
+        expected = torch.arange(1000, dtype=torch.float32).view(10, 100).to(torch.bfloat16) + peer_rank
+        assert torch.equal(peer.tensor, expected.cuda())
+        dist.barrier()
+        peer.tensor[0, 0] = -rank - 1  # write into the peer's memory
+        torch.cuda.synchronize()
+        dist.barrier()
+    previous = (rank - 1) % world_size
+    assert float(mine[0, 0]) == -previous - 1
+
+
+def test_ipc_handles_between_processes():
+    _needs_extension()
+    run_ranks(_ipc_worker, 2)
+
+
+def test_ipc_rejects_cpu_tensors():
+    _needs_extension()
+    from deepcomm.ipc import export_tensor
+
+    with pytest.raises(ValueError, match="tensor"):
+        export_tensor(torch.zeros(4))
+
+
+def _reference_cuda_worker(rank: int, world_size: int, ranks_per_node: int) -> None:
+    from test_reference import _contract_worker
+
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    _contract_worker(rank, world_size, ranks_per_node, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("world_size,ranks_per_node", [(2, 1), (4, 2)])
+def test_reference_path_on_cuda_tensors(world_size, ranks_per_node):
+    run_ranks(_reference_cuda_worker, world_size, ranks_per_node)
+
+
+def _nvshmem_worker(rank: int, world_size: int) -> None:
+    core = _ext.extension()
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    unique_id = [core.nvshmem.unique_id() if rank == 0 else None]
+    dist.broadcast_object_list(unique_id, src=0)
+    core.nvshmem.init(unique_id[0], rank, world_size)
+    try:
+        assert core.nvshmem.my_pe() == rank and core.nvshmem.n_pes() == world_size
+        slot = core.nvshmem.malloc(4)
+        core.nvshmem.ring_exchange(slot, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        value = torch.empty(1, dtype=torch.int32, device="cuda")
+        torch.cuda.current_stream().synchronize()
+        from deepcomm.ipc import _CudaArray
+
+        value.copy_(torch.as_tensor(_CudaArray(slot, 4), device="cuda").view(torch.int32))
+        assert int(value) == (rank - 1) % world_size
+        core.nvshmem.barrier_all()
+        core.nvshmem.free(slot)
+    finally:
+        core.nvshmem.finalize()
+
+
+@pytest.mark.multigpu
+def test_nvshmem_bootstrap_by_unique_id_and_ring_put():
+    _needs_extension()
+    if not deepcomm.features()["nvshmem"]:
+        pytest.skip("built without NVSHMEM")
+    run_ranks(_nvshmem_worker, min(torch.cuda.device_count(), 4))

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build deepcomm, start CUDA MPS when ranks
+# outnumber GPUs, run the whole test suite (GPU tests included) and the
+# benchmarks, keep every log under $OUT, and print a short table last.
+#
+#   OUT=/tmp/out NRANKS="2 4" tools/gpu_check.sh
+#
+# NVLink multicast stays off (shared machines): NCCL_NVLS_ENABLE=0,
+# NVSHMEM_DISABLE_NVLS=1, TORCH_SYMM_MEM_DISABLE_MULTICAST=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+NRANKS=${NRANKS:-"2 4"}
+BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --iters 10 --warmup 2"}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+status=0
+summary=()
+note() { summary+=("$1"); }
+
+nvidia-smi -L > "$OUT/gpus.txt" 2>&1
+num_gpus=$(grep -c '^GPU' "$OUT/gpus.txt" || true)
+note "gpus: ${num_gpus} ($(head -1 "$OUT/gpus.txt" | cut -d'(' -f1))"
+
+start=$(date +%s)
+if python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  note "build: ok in $(( $(date +%s) - start ))s ($(python3 -c 'import deepcomm; b=deepcomm.features()["build"]; print("cuda", b["cuda_compiled"], "archs", b["cuda_archs"], "nvshmem", b["nvshmem"])'))"
+else
+  note "build: FAILED (see build.log)"; status=1
+fi
+
+max_ranks=$(echo $NRANKS | tr ' ' '\n' | sort -n | tail -1)
+mps_started=0
+if [ "$max_ranks" -gt "$num_gpus" ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/deepcomm-mps/pipe}
+  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/deepcomm-mps/log}
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    mps_started=1; note "mps: started (ranks outnumber GPUs)"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    note "mps: could not start; ranks sharing a GPU will be time-sliced"
+  fi
+fi
+
+if python3 -m pytest tests -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
+  note "tests: $(tail -1 "$OUT/tests.log")"
+else
+  note "tests: FAILED: $(tail -1 "$OUT/tests.log")"; status=1
+fi
+
+for n in $NRANKS; do
+  if python3 -m deepcomm.bench --nproc "$n" $BENCH_ARGS --json "$OUT/bench_${n}ranks.json" > "$OUT/bench_${n}ranks.log" 2>&1; then
+    note "bench ${n} ranks: ok"
+  else
+    note "bench ${n} ranks: FAILED (see bench_${n}ranks.log)"; status=1
+  fi
+done
+
+echo "== deepcomm gpu_check =="
+for line in "${summary[@]}"; do echo "  $line"; done
+for n in $NRANKS; do
+  [ -f "$OUT/bench_${n}ranks.log" ] && { echo; tail -n +1 "$OUT/bench_${n}ranks.log" | grep -A20 '^deepcomm bench'; }
+done
+exit $status
