@@ -49,6 +49,15 @@ else
   note "tests: FAILED: $(tail -1 "$OUT/tests.log")"; status=1
 fi
 
+# NVSHMEM with two PEs sharing one GPU (under MPS): informative, not a gate.
+if [ "$num_gpus" -eq 1 ] && [ "$mps_started" -eq 1 ]; then
+  if timeout 120 python3 -c 'import sys; sys.path.insert(0, "tests"); from dist import run_ranks; from test_gpu import _nvshmem_worker; run_ranks(_nvshmem_worker, 2)' > "$OUT/nvshmem_one_gpu.log" 2>&1; then
+    note "nvshmem, 2 PEs on one GPU: ring put ok"
+  else
+    note "nvshmem, 2 PEs on one GPU: failed or timed out (see nvshmem_one_gpu.log)"
+  fi
+fi
+
 for n in $NRANKS; do
   if python3 -m deepcomm.bench --nproc "$n" $BENCH_ARGS --json "$OUT/bench_${n}ranks.json" > "$OUT/bench_${n}ranks.log" 2>&1; then
     note "bench ${n} ranks: ok"
