@@ -5,12 +5,15 @@ stored as e4m3 values and one float32 scale, so ``x ≈ q * scale``:
 
     amax  = max(|x_block|) in float32, at least ``AMAX_FLOOR`` (an all-zero
             block still gets a finite scale)
-    scale = amax / 448                    (448 = largest finite e4m3)
-            or, with ``power_of_two_scales``, 2 ** ceil(log2(amax / 448))
-    q     = e4m3(x / scale)               (float32 division, round to nearest)
+    scale = amax * float32(1 / 448)       (448 = largest finite e4m3; one float32
+            multiply, because torch turns division by a scalar into a multiply
+            by its reciprocal on CUDA but not on the CPU)
+            or, with ``power_of_two_scales``, that scale rounded up to a power
+            of two exactly (from its exponent bits, no log2)
+    q     = e4m3(clamp(x / scale, ±448))  (float32 division, round to nearest)
 
 Kernels that quantise inside dispatch follow these exact formulas so that
-their output is bit-identical to this module's.
+their output is bit-identical to this module's, on any device.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ def num_scale_blocks(hidden: int) -> int:
     return hidden // BLOCK_CHANNELS
 
 
+def round_up_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= each positive float32 value, computed exactly."""
+    mantissa, exponent = torch.frexp(values)  # values = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exact = mantissa == 0.5
+    return torch.ldexp(torch.ones_like(values), torch.where(exact, exponent - 1, exponent))
+
+
 def quantize_fp8(x: torch.Tensor, power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` ``[T, H]`` (bf16/fp16/fp32) to ``(q [T, H] e4m3, scales [T, H/128] float32)``."""
     if not isinstance(x, torch.Tensor):
@@ -40,10 +50,10 @@ def quantize_fp8(x: torch.Tensor, power_of_two_scales: bool = False) -> tuple[to
     num_tokens, hidden = x.shape
     blocks = x.float().view(num_tokens, num_scale_blocks(hidden), BLOCK_CHANNELS)
     amax = blocks.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    scales = amax / FP8_MAX
+    scales = amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32, device=x.device)
     if power_of_two_scales:
-        scales = torch.exp2(torch.ceil(torch.log2(scales)))
-    q = (blocks / scales.unsqueeze(-1)).to(FP8_DTYPE)
+        scales = round_up_to_power_of_two(scales)
+    q = (blocks / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(num_tokens, hidden), scales.contiguous()
 
 

@@ -145,3 +145,15 @@ def test_nvshmem_bootstrap_by_unique_id_and_ring_put():
     if not deepcomm.features()["nvshmem"]:
         pytest.skip("built without NVSHMEM")
     run_ranks(_nvshmem_worker, min(torch.cuda.device_count(), 4))
+
+
+@pytest.mark.parametrize("power_of_two_scales", [False, True])
+def test_fp8_quantisation_is_bit_identical_on_cpu_and_gpu(power_of_two_scales):
+    from deepcomm import fp8
+
+    x = (torch.randn(513, 1024) * torch.logspace(-4, 4, 513).unsqueeze(1)).to(torch.bfloat16)
+    x[3] = 0
+    q_cpu, s_cpu = fp8.quantize_fp8(x, power_of_two_scales)
+    q_gpu, s_gpu = fp8.quantize_fp8(x.cuda(), power_of_two_scales)
+    assert torch.equal(s_gpu.cpu(), s_cpu)
+    assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8))

@@ -1,0 +1,112 @@
+"""Bad input to dispatch/combine: a TypeError or ValueError naming the argument, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepcomm
+from deepcomm import fp8
+from deepcomm.validation import check_num_experts
+
+T, H, K, E = 8, 256, 4, 16
+
+
+@pytest.fixture(scope="module")
+def comm(single_rank_group):
+    return deepcomm.Communicator(single_rank_group, backend="reference")
+
+
+def good_inputs():
+    return dict(
+        x=torch.randn(T, H).to(torch.bfloat16),
+        topk_idx=torch.randint(0, E, (T, K)),
+        topk_weights=torch.rand(T, K),
+        num_experts=E,
+    )
+
+
+BAD_DISPATCH = [
+    ("x", torch.randn(T, H), TypeError),  # float32
+    ("x", torch.randn(T * H).to(torch.bfloat16), ValueError),  # 1-D
+    ("x", torch.randn(H, T).to(torch.bfloat16).t(), ValueError),  # not contiguous
+    ("x", "tokens", TypeError),
+    ("x", torch.randn(T, 0).to(torch.bfloat16), ValueError),
+    ("topk_idx", torch.randint(0, E, (T, K), dtype=torch.int32), TypeError),
+    ("topk_idx", torch.full((T, K), E), ValueError),  # expert id out of range
+    ("topk_idx", torch.full((T, K), -2), ValueError),
+    ("topk_idx", torch.randint(0, E, (T + 1, K)), ValueError),
+    ("topk_idx", torch.randint(0, E, (T, 0)), ValueError),
+    ("topk_idx", torch.empty(T, K, dtype=torch.int64, device="meta"), ValueError),
+    ("topk_weights", torch.rand(T, K, dtype=torch.float64), TypeError),
+    ("topk_weights", torch.rand(T, K + 1), ValueError),
+    ("topk_weights", torch.rand(K, T).t(), ValueError),
+    ("num_experts", 16.0, TypeError),
+    ("num_experts", True, TypeError),
+    ("num_experts", 0, ValueError),
+]
+
+
+@pytest.mark.parametrize("name,value,error", BAD_DISPATCH, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_DISPATCH)])
+def test_dispatch_rejects_bad_argument_by_name(comm, name, value, error):
+    inputs = good_inputs()
+    inputs[name] = value
+    with pytest.raises(error, match=f"^{name}:"):
+        comm.dispatch(**inputs)
+
+
+def test_inputs_on_different_devices_are_rejected(comm):
+    inputs = good_inputs()
+    inputs["x"] = torch.empty(T, H, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="^topk_idx: expected a tensor on meta, got one on cpu"):
+        comm.dispatch(**inputs)
+
+
+def test_fp8_needs_matching_scales(comm):
+    inputs = good_inputs()
+    q, scales = fp8.quantize_fp8(inputs.pop("x"))
+    with pytest.raises(ValueError, match="^x_scales:"):
+        comm.dispatch(q, **inputs)
+    with pytest.raises(ValueError, match="^x_scales:"):
+        comm.dispatch(q, **inputs, x_scales=scales[:, :1].contiguous())
+    with pytest.raises(TypeError, match="^x_scales:"):
+        comm.dispatch(q, **inputs, x_scales=scales.double())
+    with pytest.raises(ValueError, match="^x_scales:"):
+        comm.dispatch(q.float().to(torch.bfloat16), **inputs, x_scales=scales)
+    with pytest.raises(ValueError, match="^quantize_fp8:"):
+        comm.dispatch(q, **inputs, x_scales=scales, quantize_fp8=True)
+
+
+def test_num_experts_must_divide_by_world_size():
+    with pytest.raises(ValueError, match="^num_experts:.*world size 4"):
+        check_num_experts(6, 4)
+
+
+def test_combine_rejects_bad_arguments(comm):
+    result = comm.dispatch(**good_inputs())
+    rows = result.x.shape[0]
+    with pytest.raises(TypeError, match="^expert_out:"):
+        comm.combine(result.x.float(), result.handle)
+    with pytest.raises(ValueError, match="^expert_out:"):
+        comm.combine(result.x[:-1].contiguous(), result.handle)
+    with pytest.raises(ValueError, match="^expert_out:"):
+        comm.combine(torch.zeros(rows, H + 1, dtype=torch.bfloat16), result.handle)
+    with pytest.raises(TypeError, match="^handle:"):
+        comm.combine(result.x, {"not": "a handle"})
+
+
+def test_communicator_arguments(single_rank_group):
+    with pytest.raises(ValueError, match="^backend:"):
+        deepcomm.Communicator(single_rank_group, backend="magic")
+    with pytest.raises(ValueError, match="^num_sms:"):
+        deepcomm.Communicator(single_rank_group, num_sms=0)
+    with pytest.raises(ValueError, match="^ranks_per_node:"):
+        deepcomm.Communicator(single_rank_group, ranks_per_node=2)
+
+
+def test_one_rank_world_round_trips(comm):
+    inputs = good_inputs()
+    result = comm.dispatch(**inputs)
+    touched = (inputs["topk_idx"] >= 0).any(dim=1)
+    assert result.x.shape[0] == int(touched.sum())
+    assert torch.equal(comm.combine(result.x, result.handle), inputs["x"])

@@ -1,0 +1,133 @@
+"""The build: the extension compiles where nvcc exists, links no libcuda, and the
+package degrades to pure Python (saying why) where the extension is missing."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deepcomm
+from deepcomm import _ext
+
+ROOT = Path(__file__).resolve().parent.parent
+NVCC_PRESENT = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+PURE_PYTHON = os.environ.get("DEEPCOMM_NO_EXTENSION") == "1"
+
+needs_extension = pytest.mark.skipif(not _ext.available(), reason="extension not built in this install")
+
+
+@pytest.mark.skipif(not NVCC_PRESENT or PURE_PYTHON, reason="no CUDA compiler, or pure-Python install asked for")
+def test_extension_is_built_where_nvcc_exists():
+    assert _ext.available(), deepcomm.features()["extension_error"]
+
+
+@needs_extension
+def test_build_info_describes_the_build():
+    build = deepcomm.features()["build"]
+    assert build["version"] == deepcomm.__version__
+    assert build["cuda_archs"] == os.environ.get("DEEPCOMM_CUDA_ARCHS", "90a")
+    assert build["cuda_compiled"].startswith("13.") or build["cuda_compiled"].startswith("12.")
+
+
+@needs_extension
+def test_nvshmem_headers_match_the_installed_library():
+    build = deepcomm.features()["build"]
+    if not build["nvshmem"]:
+        pytest.skip("built without NVSHMEM")
+    assert build["nvshmem"] == build["nvshmem_linked"]
+    assert importlib.metadata.version("nvidia-nvshmem-cu13").startswith(build["nvshmem"])
+
+
+@needs_extension
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf not installed")
+def test_extension_has_no_link_time_libcuda_dependency():
+    module = _ext.extension().__file__
+    dynamic = subprocess.run(["readelf", "-d", module], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "NEEDED" in line]
+    assert needed, dynamic
+    assert not any("libcuda.so" in line for line in needed), needed
+
+
+@needs_extension
+def test_queries_work_without_a_gpu():
+    core = _ext.extension()
+    count = core.device_count()
+    assert count >= 0
+    if count == 0:
+        assert core.driver_version() == 0
+        with pytest.raises(ValueError, match="device"):
+            core.device_info(0)
+    assert core.runtime_version() > 0
+
+
+@needs_extension
+def test_nvshmem_calls_before_init_raise():
+    core = _ext.extension()
+    if not hasattr(core, "nvshmem"):
+        pytest.skip("built without NVSHMEM")
+    assert not core.nvshmem.initialized()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        core.nvshmem.my_pe()
+
+
+@needs_extension
+def test_bad_ipc_handle_is_rejected():
+    with pytest.raises(ValueError, match="handle"):
+        _ext.extension().ipc_open(b"short", 0)
+
+
+def test_pure_python_install_reports_what_is_missing():
+    """With deepcomm._C unimportable, the package imports, says why, and the reference path works."""
+    script = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "deepcomm._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch, deepcomm
+f = deepcomm.features()
+assert f["extension"] is False and "blocked for the test" in f["extension_error"], f
+assert f["reference"] is True
+try:
+    deepcomm._ext.extension()
+except deepcomm.FeatureUnavailable as e:
+    assert "pip install" in str(e)
+else:
+    raise AssertionError("extension() should raise")
+layout = deepcomm.layout.get_dispatch_layout(torch.tensor([[0, 3]]), 4, deepcomm.topology.Topology(0, 2, 1))
+assert layout.num_tokens_per_rank.tolist() == [1, 1]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_setup_skips_the_extension_without_a_cuda_compiler(tmp_path):
+    """setup.py's decision, run against an empty PATH and no CUDA_HOME."""
+    script = f"""
+import os, sys
+os.environ["PATH"] = "/nonexistent"
+os.environ.pop("CUDA_HOME", None)
+os.environ.pop("CUDACXX", None)
+sys.argv = ["setup.py", "--version"]
+import runpy, importlib.util
+spec = importlib.util.spec_from_file_location("deepcomm_setup", {str(ROOT / "setup.py")!r})
+module = importlib.util.module_from_spec(spec)
+import setuptools
+setuptools.setup = lambda **kw: None   # load the helpers without running a build
+spec.loader.exec_module(module)
+import os.path
+real_isfile = os.path.isfile
+os.path.isfile = lambda p: False if p.endswith("nvcc") else real_isfile(p)
+print(module.find_nvcc())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
