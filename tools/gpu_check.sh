@@ -31,7 +31,7 @@ fi
 
 max_ranks=$(echo $NRANKS | tr ' ' '\n' | sort -n | tail -1)
 mps_started=0
-if [ "$max_ranks" -gt "$num_gpus" ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null; then
+if [ "$max_ranks" -gt "$num_gpus" ] && ! pgrep -f nvidia-cuda-mps-control > /dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/deepcomm-mps/pipe}
   export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/deepcomm-mps/log}
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
