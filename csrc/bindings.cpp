@@ -3,10 +3,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+#include <vector>
+
+#include "kernels/copy.h"
+#include "kernels/intranode.h"
 #include "kernels/layout.h"
 #include "runtime/build_info.h"
 #include "runtime/device.h"
+#include "runtime/error.h"
 #include "runtime/ipc.h"
+#include "runtime/mailbox.h"
 #ifdef DEEPCOMM_WITH_NVSHMEM
 #include "runtime/nvshmem_runtime.h"
 #endif
@@ -68,6 +75,82 @@ PYBIND11_MODULE(_C, m) {
       py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"),
       py::arg("ranks_per_node"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_node"),
       py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("num_blocks"), py::arg("stream"));
+
+  m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
+    deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
+  }, py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_blocks"), py::arg("stream"));
+
+  namespace in = deepcomm::intranode;
+  py::module_ intra = m.def_submodule("intranode", "intranode dispatch/combine kernels");
+  intra.attr("MAX_RANKS") = in::kMaxRanks;
+  intra.attr("MAX_EXPERTS") = in::kMaxExperts;
+  intra.attr("DATA_OFFSET") = in::kDataOffset;
+  intra.attr("MAILBOX_BYTES") = sizeof(in::HostMailbox);
+  intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(in::kStageNotify),
+                                  py::arg("dispatch") = static_cast<int>(in::kStageDispatch),
+                                  py::arg("combine_ready") = static_cast<int>(in::kStageCombineReady),
+                                  py::arg("combine_done") = static_cast<int>(in::kStageCombineDone));
+  intra.def("recv_layout", [](int64_t rows, int64_t x_row_bytes, int64_t scale_cols, int64_t num_topk) {
+    const in::RecvLayout l = in::recv_layout(rows, x_row_bytes, scale_cols, num_topk);
+    py::dict d;
+    d["x"] = l.x;
+    d["scales"] = l.scales;
+    d["topk_idx"] = l.topk_idx;
+    d["topk_weights"] = l.topk_weights;
+    d["src_idx"] = l.src_idx;
+    d["total_bytes"] = l.total_bytes;
+    return d;
+  });
+  intra.def("wait_notify", [](uintptr_t mailbox, int64_t call, double timeout_s) {
+    return static_cast<int>(deepcomm::wait_notify(mailbox, call, timeout_s));
+  }, py::arg("mailbox"), py::arg("call"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());
+
+  py::class_<in::Context>(intra, "Context")
+      .def(py::init([](const std::vector<uintptr_t>& regions, int rank, int num_slots, int64_t slot_bytes,
+                       int64_t combine_offset, uintptr_t mailbox, int64_t timeout_ns) {
+             DC_CHECK_ARG(!regions.empty() && regions.size() <= static_cast<size_t>(in::kMaxRanks),
+                          "regions: one buffer per rank, at most " + std::to_string(in::kMaxRanks));
+             in::Context ctx{};
+             for (size_t r = 0; r < regions.size(); ++r) ctx.regions[r] = as_ptr<uint8_t>(regions[r]);
+             ctx.rank = rank;
+             ctx.num_ranks = static_cast<int>(regions.size());
+             ctx.num_slots = num_slots;
+             ctx.slot_bytes = slot_bytes;
+             ctx.combine_offset = combine_offset;
+             ctx.mailbox = as_ptr<in::HostMailbox>(mailbox);
+             ctx.timeout_ns = timeout_ns;
+             return ctx;
+           }),
+           py::arg("regions"), py::arg("rank"), py::arg("num_slots"), py::arg("slot_bytes"), py::arg("combine_offset"),
+           py::arg("mailbox"), py::arg("timeout_ns"))
+      .def("notify", [](const in::Context& ctx, uint64_t call, uintptr_t tokens_per_rank, uintptr_t tokens_per_expert,
+                        int num_experts, uintptr_t send_base, uintptr_t recv_totals, uintptr_t recv_tokens_per_expert,
+                        uintptr_t stream) {
+        in::NotifyArgs args{call, as_ptr<const int32_t>(tokens_per_rank), as_ptr<const int32_t>(tokens_per_expert),
+                            num_experts, as_ptr<int32_t>(send_base), as_ptr<int32_t>(recv_totals),
+                            as_ptr<int32_t>(recv_tokens_per_expert)};
+        in::launch_notify(ctx, args, as_stream(stream));
+      })
+      .def("dispatch", [](const in::Context& ctx, uint64_t call, int slot, int payload, uintptr_t x, uintptr_t x_scales,
+                          int hidden, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk,
+                          int experts_per_rank, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,
+                          uintptr_t recv_totals, uint64_t arrivals_expected, int num_blocks, uintptr_t stream) {
+        in::DispatchArgs args{call, slot, static_cast<in::Payload>(payload), as_ptr<const void>(x),
+                              as_ptr<const float>(x_scales), hidden, as_ptr<const int64_t>(topk_idx),
+                              as_ptr<const float>(topk_weights), num_tokens, num_topk, experts_per_rank,
+                              as_ptr<const bool>(is_token_in_rank), as_ptr<const int32_t>(send_pos),
+                              as_ptr<const int32_t>(send_base), as_ptr<const int32_t>(recv_totals), arrivals_expected,
+                              num_blocks};
+        in::launch_dispatch(ctx, args, as_stream(stream));
+      })
+      .def("combine", [](const in::Context& ctx, uint64_t call, int64_t source_offset, uintptr_t y, int hidden,
+                         int num_tokens, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,
+                         uint64_t done_expected, int num_blocks, uintptr_t stream) {
+        in::CombineArgs args{call, source_offset, as_ptr<void>(y), hidden, num_tokens,
+                             as_ptr<const bool>(is_token_in_rank), as_ptr<const int32_t>(send_pos),
+                             as_ptr<const int32_t>(send_base), done_expected, num_blocks};
+        in::launch_combine(ctx, args, as_stream(stream));
+      });
 
 #ifdef DEEPCOMM_WITH_NVSHMEM
   py::module_ nv = m.def_submodule("nvshmem", "NVSHMEM host runtime (bootstrap by unique id)");

@@ -6,9 +6,11 @@ from deepcomm._version import __version__
 from deepcomm.communicator import Communicator
 from deepcomm.errors import CommunicationError
 from deepcomm.events import EventHandle
+from deepcomm.intranode import BufferConfig
 from deepcomm.results import DispatchResult
 
 __all__ = [
+    "BufferConfig",
     "Communicator",
     "CommunicationError",
     "DispatchResult",

@@ -1,10 +1,12 @@
 """The communicator: one per process group; validates, picks the path, runs it.
 
 Backends:
+- ``"intranode"``: the reserved-SM CUDA kernels among the ranks of one node
+  (deepcomm.intranode); needs CUDA tensors, the extension and a BufferConfig.
 - ``"reference"``: the pure-torch path (deepcomm.reference) over any
-  torch.distributed backend. It is the only backend of this release; the
-  reserved-SM kernels (intranode, internode, low-latency) plug in here.
-- ``"auto"``: the fastest backend available for the group and tensors.
+  torch.distributed backend; the oracle and the CPU path.
+- ``"auto"``: ``"intranode"`` when it can run (a CUDA device, the extension,
+  one node of at most 8 ranks, a BufferConfig), else ``"reference"``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from deepcomm import _ext
 from deepcomm.events import EventHandle
+from deepcomm.intranode import BufferConfig, IntranodeCommunicator
 from deepcomm.reference import ReferenceCommunicator
 from deepcomm.results import DispatchResult
-from deepcomm.topology import Topology
+from deepcomm.topology import Topology, detect_topology
 
-BACKENDS = ("auto", "reference")
-DEFAULT_NUM_SMS = 24
+BACKENDS = ("auto", "intranode", "reference")
+DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
+DEFAULT_TIMEOUT_S = 30.0
 
 
 class Communicator:
@@ -26,10 +31,13 @@ class Communicator:
 
     Args:
         group: the process group (default: the world).
-        num_sms: SMs each communication kernel may occupy (persistent grid size).
+        num_sms: blocks of each communication kernel (one per SM); per call with ``num_sms=``.
         ranks_per_node: ranks per node; default: ranks sharing a host. Set it
             lower to run the inter-node path inside one host (docs/design.md).
         backend: one of ``BACKENDS``.
+        buffer: sizes of the kernels' buffers (required by ``"intranode"``).
+        timeout_s: how long a kernel waits for a silent peer before it reports
+            the rank and stage (raised as CommunicationError).
     """
 
     def __init__(
@@ -38,18 +46,49 @@ class Communicator:
         num_sms: int = DEFAULT_NUM_SMS,
         ranks_per_node: int | None = None,
         backend: str = "auto",
+        buffer: BufferConfig | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
             raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
+        if buffer is not None and not isinstance(buffer, BufferConfig):
+            raise TypeError(f"buffer: expected a deepcomm.BufferConfig, got {type(buffer).__name__}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number, got {timeout_s!r}")
         self.num_sms = num_sms
-        self._impl = ReferenceCommunicator(group, ranks_per_node)
-        self.backend = "reference"
+        self._reference = ReferenceCommunicator(group, ranks_per_node)
+        topology = self._reference.topology
+        self.backend = self._choose(backend, topology, buffer)
+        if self.backend == "intranode":
+            self._impl = IntranodeCommunicator(group, topology, buffer, num_sms, timeout_s)
+        else:
+            self._impl = self._reference
+
+    @staticmethod
+    def _choose(backend: str, topology: Topology, buffer: BufferConfig | None) -> str:
+        if backend == "intranode" and buffer is None:
+            raise ValueError("buffer: the intranode backend needs a BufferConfig")
+        if backend != "auto":
+            return backend
+        usable = (
+            buffer is not None
+            and torch.cuda.is_available()
+            and _ext.available()
+            and not topology.is_multi_node
+            and topology.world_size <= _ext.extension().intranode.MAX_RANKS
+        )
+        return "intranode" if usable else "reference"
 
     @property
     def topology(self) -> Topology:
         return self._impl.topology
+
+    @property
+    def reference(self) -> ReferenceCommunicator:
+        """The pure-torch path on the same group: the oracle and baseline."""
+        return self._reference
 
     @property
     def rank(self) -> int:
@@ -69,11 +108,15 @@ class Communicator:
         quantize_fp8: bool = False,
         power_of_two_scales: bool = False,
         previous_event: EventHandle | None = None,
+        num_sms: int | None = None,
     ) -> DispatchResult:
-        """See :meth:`deepcomm.reference.ReferenceCommunicator.dispatch` (same contract on every backend)."""
-        return self._impl.dispatch(
-            x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event
-        )
+        """Send each token once to each rank holding one of its experts (docs/api.md).
+
+        The caller's stream waits for the result (the host does not, except for
+        the one small wait that sizes the output).
+        """
+        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                       power_of_two_scales, previous_event, False, num_sms)
 
     def dispatch_async(
         self,
@@ -85,18 +128,29 @@ class Communicator:
         quantize_fp8: bool = False,
         power_of_two_scales: bool = False,
         previous_event: EventHandle | None = None,
+        num_sms: int | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
-        return self._impl.dispatch_async(
-            x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event
-        )
+        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                       power_of_two_scales, previous_event, True, num_sms)
 
-    def combine(self, expert_out: torch.Tensor, handle: object) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
-        return self._impl.combine(expert_out, handle)
+        y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
+        return y
 
     def combine_async(
-        self, expert_out: torch.Tensor, handle: object, previous_event: EventHandle | None = None
+        self,
+        expert_out: torch.Tensor,
+        handle: object,
+        previous_event: EventHandle | None = None,
+        num_sms: int | None = None,
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
-        return self._impl.combine_async(expert_out, handle, previous_event)
+        return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
+
+    def check_errors(self) -> None:
+        """Raise a CommunicationError that a kernel reported since the last call, if any."""
+        check = getattr(self._impl, "check_errors", None)
+        if check is not None:
+            check()

@@ -29,6 +29,7 @@ from deepcomm.events import EventHandle
 from deepcomm import fp8
 from deepcomm.layout import token_rank_mask
 from deepcomm.results import DispatchResult
+from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology, detect_topology
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
@@ -154,7 +155,7 @@ class ReferenceCommunicator:
             power_of_two_scales: with ``quantize_fp8``, round scales up to powers of two.
             previous_event: start after it (default: after the current stream's work).
         """
-        return self._dispatch_on_stream(
+        return self.run_dispatch(
             x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event, False
         )
 
@@ -170,14 +171,15 @@ class ReferenceCommunicator:
         previous_event: EventHandle | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` without making the current stream wait: wait on ``result.event`` before use."""
-        return self._dispatch_on_stream(
+        return self.run_dispatch(
             x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event, True
         )
 
-    def _dispatch_on_stream(
-        self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales, previous_event,
-        async_finish,
+    def run_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        previous_event=None, async_finish=False, num_sms=None,
     ) -> DispatchResult:
+        """The backend interface Communicator drives (``num_sms`` does not apply here)."""
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
         if quantize_fp8:
             if x.dtype != torch.bfloat16:
@@ -263,7 +265,7 @@ class ReferenceCommunicator:
         Row i of ``expert_out`` belongs to received row i of the dispatch that
         made ``handle``. The reduction order is fixed (module docstring).
         """
-        combined, _ = self._combine_on_stream(expert_out, handle, None, async_finish=False)
+        combined, _ = self.run_combine(expert_out, handle, None, async_finish=False)
         return combined
 
     def combine_async(
@@ -271,20 +273,19 @@ class ReferenceCommunicator:
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream after ``previous_event``, without making the
         current stream wait; returns ``(y, event)``."""
-        return self._combine_on_stream(expert_out, handle, previous_event, async_finish=True)
+        return self.run_combine(expert_out, handle, previous_event, async_finish=True)
 
-    def _combine_on_stream(self, expert_out, handle, previous_event, async_finish) -> tuple[torch.Tensor, EventHandle]:
+    def run_combine(
+        self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None
+    ) -> tuple[torch.Tensor, EventHandle]:
+        """The backend interface Communicator drives (``num_sms`` does not apply here)."""
         if not isinstance(handle, ReferenceHandle):
             raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
         with self._on_comm_stream(expert_out.device, previous_event, (expert_out,)) as caller:
             combined = self._combine(expert_out, handle)
-            event = EventHandle.record(expert_out.device, self.comm_stream(expert_out.device))
-            if caller is not None:
-                combined.record_stream(caller)
-                if not async_finish:
-                    event.wait(caller)
-            return combined, event
+            device = expert_out.device
+            return combined, hand_back((combined,), device, self.comm_stream(device), caller, async_finish)
 
     def _combine(self, expert_out: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
         topo = handle.topology
@@ -308,46 +309,10 @@ class ReferenceCommunicator:
     # -- streams ----------------------------------------------------------
 
     def _on_comm_stream(self, device: torch.device, previous_event: EventHandle | None, inputs: tuple):
-        return _CommStreamScope(self.comm_stream(device), device, previous_event, inputs)
+        return CommStreamScope(self.comm_stream(device), device, previous_event, inputs)
 
     def _finish(self, result: DispatchResult, caller: torch.cuda.Stream | None, async_finish: bool) -> DispatchResult:
         device = result.x.device
-        result.event = EventHandle.record(device, self.comm_stream(device))
-        if caller is not None:
-            for t in (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert):
-                if t is not None:
-                    t.record_stream(caller)
-            if not async_finish:
-                result.event.wait(caller)
+        outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
+        result.event = hand_back(outputs, device, self.comm_stream(device), caller, async_finish)
         return result
-
-
-class _CommStreamScope:
-    """Run a block on the communication stream after ``previous_event`` (or the caller's stream).
-
-    Yields the caller's stream (None on CPU). Inputs are marked as used on the
-    communication stream so the caching allocator does not recycle them early.
-    """
-
-    def __init__(self, stream, device, previous_event, inputs) -> None:
-        self.stream, self.device, self.previous_event, self.inputs = stream, device, previous_event, inputs
-        self._context = None
-
-    def __enter__(self):
-        if self.stream is None:
-            return None
-        caller = torch.cuda.current_stream(self.device)
-        if self.previous_event is not None:
-            self.previous_event.wait(self.stream)
-        else:
-            self.stream.wait_stream(caller)
-        for t in self.inputs:
-            if t is not None:
-                t.record_stream(self.stream)
-        self._context = torch.cuda.stream(self.stream)
-        self._context.__enter__()
-        return caller
-
-    def __exit__(self, *exc) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)

@@ -1,0 +1,426 @@
+// Intranode dispatch and combine (normal mode) among the ranks of one node.
+//
+// Notify (one block): each rank publishes, in its own SignalRegion, how many
+// tokens it sends to every rank and expert, raises its "arrived" flag in every
+// peer, waits for all peers' flags, then reads the full [src][dst] token
+// matrix. From it: send_base[dst] = rows that lower ranks send to dst (where
+// this rank's rows start in dst's slot), recv_totals[dst] = rows dst receives
+// (dst's slot layout), and this rank's per-local-expert counts. The matrix also
+// goes to the host mailbox so the host can size the outputs after one wait.
+//
+// Dispatch (num_blocks persistent blocks, one warp per token, grid-stride):
+// a warp reads its token's row once (16-byte loads, a few in flight per lane)
+// and stores it straight to its final row in every destination rank's recv
+// slot: row send_base[dst] + send_pos[token][dst], so received rows end up
+// ordered by source rank, then token: the reference order. The same warp
+// writes the row's local expert ids, weights and source index. With
+// kBf16ToFp8* payloads the warp quantises each 128-channel block on the way
+// (16 lanes per block, amax by shuffles) with deepcomm/fp8.py's exact formula.
+// Each block, when done, adds 1 to its "dispatch_arrived" counter in every
+// peer; block 0 then waits until every peer's blocks have arrived here, so the
+// kernel ends only when this rank's slot is complete.
+//
+// Combine (pull): every rank publishes where its [R, H] bf16 expert rows are
+// and raises "combine_ready" in all peers. Then one warp per token of this
+// rank reads the token's row from each rank that received it, in ascending
+// rank order, sums in float32 starting from the first row, and writes the bf16
+// result once. Blocks finish with a "combine_done" count in every peer; block 0
+// waits for all peers, so no rank reuses a buffer another is still reading.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "kernels/common/peer_wait.cuh"
+#include "kernels/common/ptx.cuh"
+#include "kernels/intranode.h"
+#include "runtime/error.h"
+
+namespace deepcomm::intranode {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kDispatchUnroll = 4;  // 16-byte loads in flight per lane
+constexpr int kCombineUnroll = 2;
+constexpr float kFp8Max = 448.0f;
+
+__device__ __forceinline__ SignalRegion* signals_of(const Context& ctx, int rank) {
+  return reinterpret_cast<SignalRegion*>(ctx.regions[rank]);
+}
+
+__device__ __forceinline__ uint8_t* slot_of(const Context& ctx, int rank, int slot) {
+  return ctx.regions[rank] + kDataOffset + static_cast<int64_t>(slot) * ctx.slot_bytes;
+}
+
+__device__ __forceinline__ bool mailbox_has_error(const Context& ctx) {
+  return *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->error_code) != 0;
+}
+
+// ---------------------------------------------------------------- notify
+
+__global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, NotifyArgs args) {
+  __shared__ int32_t matrix[kMaxRanks][kMaxRanks];
+  __shared__ bool peers_arrived;
+  const int parity = static_cast<int>(args.call & 1);
+  const int num_ranks = ctx.num_ranks;
+  SignalRegion* own = signals_of(ctx, ctx.rank);
+
+  for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) own->tokens_to_rank[parity][i] = args.tokens_per_rank[i];
+  for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
+    own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int peer = 0; peer < num_ranks; ++peer)
+      ptx::store_release_sys(&signals_of(ctx, peer)->notify_arrived[ctx.rank], args.call);
+    peers_arrived =
+        wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, ctx.mailbox, kStageNotify);
+  }
+  __syncthreads();
+  if (!peers_arrived) return;
+
+  // After this loop matrix[s][d] is the number of tokens rank s sends to rank d.
+  for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
+    const int src = i / num_ranks, dst = i % num_ranks;
+    const int32_t count = *reinterpret_cast<volatile int32_t*>(&signals_of(ctx, src)->tokens_to_rank[parity][dst]);
+    matrix[src][dst] = count;
+    ctx.mailbox->tokens_matrix[src][dst] = count;
+  }
+  __syncthreads();
+  for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
+    int32_t before = 0, total = 0;
+    for (int src = 0; src < num_ranks; ++src) {
+      if (src < ctx.rank) before += matrix[src][dst];
+      total += matrix[src][dst];
+    }
+    args.send_base[dst] = before;
+    args.recv_totals[dst] = total;
+  }
+  const int experts_per_rank = args.num_experts / num_ranks;
+  for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+    int32_t total = 0;
+    for (int src = 0; src < num_ranks; ++src)
+      total += *reinterpret_cast<volatile int32_t*>(
+          &signals_of(ctx, src)->tokens_to_expert[parity][ctx.rank * experts_per_rank + e]);
+    args.recv_tokens_per_expert[e] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->notify_done) = static_cast<int64_t>(args.call);
+    __threadfence_system();
+  }
+}
+
+// -------------------------------------------------------------- dispatch
+
+struct DestinationRows {
+  uint8_t* x;
+  float* scales;
+  int64_t* topk_idx;
+  float* topk_weights;
+  int64_t* src_idx;
+};
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+// Eight bf16 in an int4 → eight floats (exact).
+__device__ __forceinline__ void unpack_bf16x8(const int4& v, float (&out)[8]) {
+  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                             static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
+    out[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
+  }
+}
+
+// deepcomm/fp8.py: scale = max(amax, 1e-4) * float32(1/448), optionally rounded
+// up to a power of two by its exponent bits.
+template <bool kPow2>
+__device__ __forceinline__ float fp8_scale(float amax) {
+  const float scale = fmaxf(amax, static_cast<float>(1e-4)) * static_cast<float>(1.0 / 448.0);
+  if (!kPow2) return scale;
+  uint32_t bits = __float_as_uint(scale);
+  if (bits & 0x7fffffu) bits = (bits & 0xff800000u) + 0x800000u;
+  return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ uint2 quantize_fp8x8(const float (&values)[8], float scale) {
+  uint8_t bytes[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float scaled = fminf(fmaxf(__fdiv_rn(values[i], scale), -kFp8Max), kFp8Max);
+    bytes[i] = __nv_cvt_float_to_fp8(scaled, __NV_SATFINITE, __NV_E4M3);
+  }
+  uint2 packed;
+  packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (static_cast<uint32_t>(bytes[3]) << 24);
+  packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (static_cast<uint32_t>(bytes[7]) << 24);
+  return packed;
+}
+
+// Copies one row (bf16 or fp8, 16-byte units) to every destination in `mask`.
+__device__ __forceinline__ void copy_row(const int4* source, int num_units, uint32_t mask, const int (&positions)[kMaxRanks],
+                                         const DestinationRows (&dests)[kMaxRanks], int64_t row_bytes, int lane) {
+  for (int base = lane; base < num_units; base += 32 * kDispatchUnroll) {
+    int4 values[kDispatchUnroll];
+#pragma unroll
+    for (int u = 0; u < kDispatchUnroll; ++u) {
+      const int unit = base + u * 32;
+      if (unit < num_units) values[u] = ptx::load_nc(source + unit);
+    }
+    for (uint32_t m = mask; m; m &= m - 1) {
+      const int dst = __ffs(m) - 1;
+      int4* row = reinterpret_cast<int4*>(dests[dst].x + positions[dst] * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kDispatchUnroll; ++u) {
+        const int unit = base + u * 32;
+        if (unit < num_units) row[unit] = values[u];
+      }
+    }
+  }
+}
+
+// Quantises one bf16 row to fp8 + per-128 scales and writes both to every destination.
+template <bool kPow2>
+__device__ __forceinline__ void quantize_row(const int4* source, int hidden, uint32_t mask,
+                                             const int (&positions)[kMaxRanks], const DestinationRows (&dests)[kMaxRanks],
+                                             int lane) {
+  const int scale_cols = hidden / 128;
+  // A pass covers 256 channels: lanes 0-15 one 128-channel block, lanes 16-31 the next.
+  for (int channel = lane * 8; channel - lane * 8 < hidden; channel += 256) {
+    const bool active = channel < hidden;
+    float values[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (active) unpack_bf16x8(ptx::load_nc(source + channel / 8), values);
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(values[i]));
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if (!active) continue;
+    const float scale = fp8_scale<kPow2>(amax);
+    const uint2 packed = quantize_fp8x8(values, scale);
+    for (uint32_t m = mask; m; m &= m - 1) {
+      const int dst = __ffs(m) - 1;
+      *reinterpret_cast<uint2*>(dests[dst].x + static_cast<int64_t>(positions[dst]) * hidden + channel) = packed;
+      if ((lane & 15) == 0) dests[dst].scales[static_cast<int64_t>(positions[dst]) * scale_cols + channel / 128] = scale;
+    }
+  }
+}
+
+template <Payload kPayload>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args) {
+  constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
+  constexpr bool kHasScales = kPayload != Payload::kBf16;
+  __shared__ DestinationRows dest_rows[kMaxRanks];
+  const int num_ranks = ctx.num_ranks;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t source_row_bytes = kPayload == Payload::kFp8 ? args.hidden : 2LL * args.hidden;
+  const int64_t recv_row_bytes = kPayload == Payload::kBf16 ? 2LL * args.hidden : args.hidden;
+  const int scale_cols = kHasScales ? args.hidden / 128 : 0;
+
+  // Where each destination's fields start in its recv slot (its layout depends on its row count).
+  for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
+    uint8_t* slot = slot_of(ctx, dst, args.slot);
+    const RecvLayout layout = recv_layout(args.recv_totals[dst], recv_row_bytes, scale_cols, args.num_topk);
+    dest_rows[dst] = {slot + layout.x, reinterpret_cast<float*>(slot + layout.scales),
+                      reinterpret_cast<int64_t*>(slot + layout.topk_idx),
+                      reinterpret_cast<float*>(slot + layout.topk_weights),
+                      reinterpret_cast<int64_t*>(slot + layout.src_idx)};
+  }
+  __syncthreads();
+  const DestinationRows(&dests)[kMaxRanks] = dest_rows;
+
+  for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
+    const bool goes_to_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];
+    const uint32_t mask = __ballot_sync(0xffffffffu, goes_to_lane_rank);
+    const int lane_position =
+        lane < num_ranks ? args.send_base[lane] + args.send_pos[static_cast<int64_t>(token) * num_ranks + lane] : 0;
+    int positions[kMaxRanks];
+#pragma unroll
+    for (int i = 0; i < kMaxRanks; ++i) positions[i] = __shfl_sync(0xffffffffu, lane_position, i);
+
+    const uint8_t* source = static_cast<const uint8_t*>(args.x) + token * source_row_bytes;
+    if constexpr (kQuantize) {
+      quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(reinterpret_cast<const int4*>(source), args.hidden, mask,
+                                                        positions, dests, lane);
+    } else {
+      copy_row(reinterpret_cast<const int4*>(source), static_cast<int>(source_row_bytes / 16), mask, positions, dests,
+               recv_row_bytes, lane);
+      if constexpr (kPayload == Payload::kFp8) {
+        for (int col = lane; col < scale_cols; col += 32) {
+          const float scale = args.x_scales[static_cast<int64_t>(token) * scale_cols + col];
+          for (uint32_t m = mask; m; m &= m - 1) {
+            const int dst = __ffs(m) - 1;
+            dests[dst].scales[static_cast<int64_t>(positions[dst]) * scale_cols + col] = scale;
+          }
+        }
+      }
+    }
+
+    // Routing metadata, rewritten for each destination: local expert ids, -1 and weight 0 elsewhere.
+    if (lane < args.num_topk) {
+      const int64_t expert = args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane];
+      const float weight = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane];
+      for (uint32_t m = mask; m; m &= m - 1) {
+        const int dst = __ffs(m) - 1;
+        const bool local = expert >= 0 && expert / args.experts_per_rank == dst;
+        const int64_t row = static_cast<int64_t>(positions[dst]) * args.num_topk + lane;
+        dests[dst].topk_idx[row] = local ? expert - static_cast<int64_t>(dst) * args.experts_per_rank : -1;
+        dests[dst].topk_weights[row] = local ? weight : 0.0f;
+      }
+    }
+    if (lane == 0) {
+      for (uint32_t m = mask; m; m &= m - 1) {
+        const int dst = __ffs(m) - 1;
+        dests[dst].src_idx[positions[dst]] = token;
+      }
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int peer = 0; peer < num_ranks; ++peer)
+      ptx::add_release_sys(&signals_of(ctx, peer)->dispatch_arrived[ctx.rank], 1);
+    if (blockIdx.x == 0)
+      wait_for_peers(signals_of(ctx, ctx.rank)->dispatch_arrived, num_ranks, args.arrivals_expected, ctx.timeout_ns,
+                     ctx.mailbox, kStageDispatch);
+  }
+}
+
+// --------------------------------------------------------------- combine
+
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args) {
+  __shared__ const uint8_t* source_rows[kMaxRanks];
+  __shared__ bool peers_ready;
+  const int parity = static_cast<int>(args.call & 1);
+  const int num_ranks = ctx.num_ranks;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  SignalRegion* own = signals_of(ctx, ctx.rank);
+
+  if (threadIdx.x == 0) {
+    if (blockIdx.x == 0) {
+      own->combine_source_offset[parity] = args.source_offset;
+      __threadfence_system();
+      for (int peer = 0; peer < num_ranks; ++peer)
+        ptx::store_release_sys(&signals_of(ctx, peer)->combine_ready[ctx.rank], args.call);
+    }
+    peers_ready =
+        wait_for_peers(own->combine_ready, num_ranks, args.call, ctx.timeout_ns, ctx.mailbox, kStageCombineReady);
+    for (int peer = 0; peer < num_ranks; ++peer) {
+      const int64_t offset =
+          *reinterpret_cast<volatile int64_t*>(&signals_of(ctx, peer)->combine_source_offset[parity]);
+      source_rows[peer] = ctx.regions[peer] + offset;
+    }
+  }
+  __syncthreads();
+  if (!peers_ready) return;
+
+  const int64_t row_bytes = 2LL * args.hidden;
+  const int num_units = static_cast<int>(row_bytes / 16);
+  for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
+    const bool from_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];
+    const uint32_t mask = __ballot_sync(0xffffffffu, from_lane_rank);
+    const int lane_position =
+        lane < num_ranks ? args.send_base[lane] + args.send_pos[static_cast<int64_t>(token) * num_ranks + lane] : 0;
+    int positions[kMaxRanks];
+#pragma unroll
+    for (int i = 0; i < kMaxRanks; ++i) positions[i] = __shfl_sync(0xffffffffu, lane_position, i);
+    int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + token * row_bytes);
+
+    for (int base = lane; base < num_units; base += 32 * kCombineUnroll) {
+      float sums[kCombineUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sums[u][i] = 0.0f;
+      bool first = true;
+      // Fixed order: ascending source rank, float32, starting from the first row.
+      for (uint32_t m = mask; m; m &= m - 1) {
+        const int src = __ffs(m) - 1;
+        const int4* row = reinterpret_cast<const int4*>(source_rows[src] + positions[src] * row_bytes);
+#pragma unroll
+        for (int u = 0; u < kCombineUnroll; ++u) {
+          const int unit = base + u * 32;
+          if (unit >= num_units) continue;
+          float values[8];
+          unpack_bf16x8(ptx::load_cg(row + unit), values);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) sums[u][i] = first ? values[i] : sums[u][i] + values[i];
+        }
+        first = false;
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int unit = base + u * 32;
+        if (unit >= num_units) continue;
+        uint32_t words[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __nv_bfloat162 pair = __floats2bfloat162_rn(sums[u][2 * i], sums[u][2 * i + 1]);
+          words[i] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        out[unit] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                              static_cast<int>(words[3]));
+      }
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int peer = 0; peer < num_ranks; ++peer)
+      ptx::add_release_sys(&signals_of(ctx, peer)->combine_done[ctx.rank], 1);
+    if (blockIdx.x == 0)
+      wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, ctx.mailbox, kStageCombineDone);
+  }
+}
+
+void check_context(const Context& ctx) {
+  DC_CHECK_ARG(ctx.num_ranks >= 1 && ctx.num_ranks <= kMaxRanks,
+               "num_ranks: the intranode path supports 1 to " + std::to_string(kMaxRanks) + " ranks");
+  DC_CHECK_ARG(ctx.rank >= 0 && ctx.rank < ctx.num_ranks, "rank: out of range");
+  for (int r = 0; r < ctx.num_ranks; ++r) DC_CHECK_ARG(ctx.regions[r] != nullptr, "regions: a peer buffer is missing");
+  DC_CHECK_ARG(ctx.mailbox != nullptr, "mailbox: null");
+}
+
+}  // namespace
+
+void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream) {
+  check_context(ctx);
+  DC_CHECK_ARG(args.num_experts > 0 && args.num_experts <= kMaxExperts && args.num_experts % ctx.num_ranks == 0,
+               "num_experts: the intranode path supports up to " + std::to_string(kMaxExperts) +
+                   " experts, a multiple of the rank count");
+  notify_kernel<<<1, kThreads, 0, stream>>>(ctx, args);
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t stream) {
+  check_context(ctx);
+  DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= 32, "num_topk: the intranode path supports 1 to 32");
+  DC_CHECK_ARG(args.slot >= 0 && args.slot < ctx.num_slots, "slot: out of range");
+  switch (args.payload) {
+    case Payload::kBf16: dispatch_kernel<Payload::kBf16><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
+    case Payload::kFp8: dispatch_kernel<Payload::kFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
+    case Payload::kBf16ToFp8:
+      dispatch_kernel<Payload::kBf16ToFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+      break;
+    case Payload::kBf16ToFp8Pow2:
+      dispatch_kernel<Payload::kBf16ToFp8Pow2><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+      break;
+  }
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+  check_context(ctx);
+  DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+  combine_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace deepcomm::intranode

@@ -1,0 +1,74 @@
+// Intranode dispatch/combine among the ranks of one node (NVLink, or ranks
+// sharing one GPU under MPS): launch-side declarations.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "runtime/intranode_layout.h"
+
+namespace deepcomm::intranode {
+
+// What every kernel needs to reach the node's buffers and report errors.
+struct Context {
+  uint8_t* regions[kMaxRanks];  // each rank's registered buffer as mapped here (own included)
+  int rank;
+  int num_ranks;
+  int num_slots;
+  int64_t slot_bytes;
+  int64_t combine_offset;       // byte offset of the combine slot in every region
+  HostMailbox* mailbox;         // pinned, mapped
+  int64_t timeout_ns;           // bounded wait on any peer
+};
+
+struct NotifyArgs {
+  uint64_t call;                      // 1, 2, ... the same on every rank
+  const int32_t* tokens_per_rank;     // [num_ranks] from the layout
+  const int32_t* tokens_per_expert;   // [num_experts] from the layout
+  int num_experts;
+  int32_t* send_base;                 // out [num_ranks]: first row of this rank's tokens in each rank's slot
+  int32_t* recv_totals;               // out [num_ranks]: rows each rank receives
+  int32_t* recv_tokens_per_expert;    // out [num_experts / num_ranks]
+};
+
+enum class Payload : int { kBf16 = 0, kFp8 = 1, kBf16ToFp8 = 2, kBf16ToFp8Pow2 = 3 };
+
+struct DispatchArgs {
+  uint64_t call;
+  int slot;
+  Payload payload;
+  const void* x;                 // [T, H] bf16 or fp8
+  const float* x_scales;         // [T, H/128] for kFp8, else null
+  int hidden;
+  const int64_t* topk_idx;       // [T, K]
+  const float* topk_weights;     // [T, K]
+  int num_tokens;
+  int num_topk;
+  int experts_per_rank;
+  const bool* is_token_in_rank;  // [T, num_ranks]
+  const int32_t* send_pos;       // [T, num_ranks]: token's row among this rank's rows for each rank
+  const int32_t* send_base;      // [num_ranks] from notify
+  const int32_t* recv_totals;    // [num_ranks] from notify
+  uint64_t arrivals_expected;    // cumulative dispatch blocks expected from each peer after this call
+  int num_blocks;
+};
+
+struct CombineArgs {
+  uint64_t call;
+  int64_t source_offset;         // byte offset of this rank's [R, H] bf16 rows in its own region
+  void* y;                       // out [T, H] bf16
+  int hidden;
+  int num_tokens;
+  const bool* is_token_in_rank;  // from the dispatch
+  const int32_t* send_pos;
+  const int32_t* send_base;
+  uint64_t done_expected;        // cumulative combine blocks expected from each peer after this call
+  int num_blocks;
+};
+
+void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream);
+void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t stream);
+void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream);
+
+}  // namespace deepcomm::intranode

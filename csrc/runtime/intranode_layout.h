@@ -1,0 +1,78 @@
+// Memory shared by the ranks of one node for the intranode kernels; included
+// by host and device code (and mirrored to Python through the bindings).
+//
+// Each rank owns one registered buffer, mapped into every peer by CUDA IPC:
+//
+//   [ SignalRegion | pad to 4 KiB | recv slot 0 | ... | recv slot S-1 | combine slot ]
+//
+// SignalRegion holds flags that *peers* write (arrived/ready/done, indexed by
+// the writing rank) and values that *this* rank publishes for peers to read
+// (counts, combine source offset), double-buffered by call parity: a rank can
+// be at most one call ahead of any peer, because every call ends in a barrier.
+//
+// A recv slot receives one dispatch: R rows laid out by recv_layout(). Rows
+// are written once, by their senders, at their final positions; DispatchResult
+// views them in place. Slots rotate per dispatch. The combine slot takes
+// expert outputs that do not already live in this buffer.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define DC_HOST_DEVICE __host__ __device__
+#else
+#define DC_HOST_DEVICE
+#endif
+
+namespace deepcomm::intranode {
+
+constexpr int kMaxRanks = 8;       // one NVLink domain; more ranks take the internode path
+constexpr int kMaxExperts = 2048;  // experts in the whole model
+
+// Written by the kernels to pinned, mapped host memory; read by the host.
+struct HostMailbox {
+  int64_t error_code;   // 0 = none, 1 = a peer did not answer in time
+  int64_t error_stage;  // Stage
+  int64_t error_peer;   // the rank that did not answer
+  int64_t notify_done;  // sequence number of the last finished notify
+  int64_t tokens_matrix[kMaxRanks][kMaxRanks];  // [src][dst] tokens of the last notify
+};
+
+enum Stage : int64_t { kStageNotify = 1, kStageDispatch = 2, kStageCombineReady = 3, kStageCombineDone = 4 };
+
+struct SignalRegion {
+  // Written by peer s into this rank's region:
+  uint64_t notify_arrived[kMaxRanks];    // last call at which s published its counts
+  uint64_t dispatch_arrived[kMaxRanks];  // blocks of s that finished writing rows here (cumulative)
+  uint64_t combine_ready[kMaxRanks];     // last call at which s's combine rows were ready
+  uint64_t combine_done[kMaxRanks];      // blocks of s that finished reading all peers (cumulative)
+  // Published by this rank, read by peers, by call parity:
+  int64_t combine_source_offset[2];               // byte offset of this rank's combine rows in its buffer
+  int32_t tokens_to_rank[2][kMaxRanks];           // tokens this rank sends to each rank
+  int32_t tokens_to_expert[2][kMaxExperts];       // (token, k) entries this rank sends to each expert
+};
+
+constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
+
+DC_HOST_DEVICE inline int64_t align_up(int64_t value, int64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
+// Where each field of R received rows lives inside a recv slot.
+struct RecvLayout {
+  int64_t x, scales, topk_idx, topk_weights, src_idx, total_bytes;
+};
+
+DC_HOST_DEVICE inline RecvLayout recv_layout(int64_t rows, int64_t x_row_bytes, int64_t scale_cols,
+                                                  int64_t num_topk) {
+  RecvLayout layout;
+  layout.x = 0;
+  layout.scales = align_up(rows * x_row_bytes, 256);
+  layout.topk_idx = align_up(layout.scales + rows * scale_cols * 4, 256);
+  layout.topk_weights = align_up(layout.topk_idx + rows * num_topk * 8, 256);
+  layout.src_idx = align_up(layout.topk_weights + rows * num_topk * 4, 256);
+  layout.total_bytes = align_up(layout.src_idx + rows * 8, 256);
+  return layout;
+}
+
+}  // namespace deepcomm::intranode

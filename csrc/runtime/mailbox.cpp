@@ -1,0 +1,28 @@
+#include "runtime/mailbox.h"
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "runtime/intranode_layout.h"
+
+namespace deepcomm {
+
+MailboxWait wait_notify(uintptr_t mailbox_address, int64_t call, double timeout_s) {
+  auto* mailbox = reinterpret_cast<intranode::HostMailbox*>(mailbox_address);
+  volatile int64_t* done = &mailbox->notify_done;
+  volatile int64_t* error = &mailbox->error_code;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  for (uint64_t spins = 0;; ++spins) {
+    if (*done >= call) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return MailboxWait::kDone;
+    }
+    if (*error != 0) return MailboxWait::kKernelError;
+    // Notify takes microseconds; after a while, stop burning the core.
+    if (spins > (1u << 20)) std::this_thread::yield();
+    if ((spins & 1023) == 0 && std::chrono::steady_clock::now() > deadline) return MailboxWait::kHostTimeout;
+  }
+}
+
+}  // namespace deepcomm

@@ -1,0 +1,322 @@
+"""Intranode dispatch/combine on reserved SMs (csrc/kernels/intranode.cu).
+
+For the ranks of one node: GPUs joined by NVLink, or ranks sharing one GPU
+under CUDA MPS. Each rank allocates one buffer, shares it with its peers by
+CUDA IPC, and the kernels write every received row once, at its final place.
+
+A call: the layout kernel counts tokens per rank and expert; notify exchanges
+the counts on the GPU and the host waits once (pinned mailbox) to learn how
+many rows arrive; dispatch then runs as a persistent grid of ``num_sms`` blocks
+on the communication stream. Combine pulls each token's rows from the ranks
+that hold them and reduces them in ascending rank order.
+
+Received tensors are views into a ring of ``num_recv_slots`` receive slots:
+a DispatchResult stays valid until ``num_recv_slots`` further dispatches on the
+same communicator (two, by default: enough for two micro-batches in flight).
+Clone what must live longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from deepcomm import _ext, fp8
+from deepcomm.errors import CommunicationError
+from deepcomm.events import EventHandle
+from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.results import DispatchResult
+from deepcomm.streams import CommStreamScope, hand_back
+from deepcomm.topology import Topology
+from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
+
+PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """Sizes the intranode buffers; one buffer per rank, allocated once.
+
+    max_tokens_per_rank: most tokens any rank passes to one dispatch.
+    hidden: the largest hidden size dispatched.
+    num_topk: the largest K.
+    num_recv_slots: dispatch results alive at once (2 covers two micro-batches).
+    """
+
+    max_tokens_per_rank: int
+    hidden: int
+    num_topk: int = 8
+    num_recv_slots: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_per_rank", "hidden", "num_topk", "num_recv_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+    def max_recv_rows(self, world_size: int) -> int:
+        # Every token of every rank may go to one rank.
+        return self.max_tokens_per_rank * world_size
+
+    def slot_bytes(self, world_size: int) -> int:
+        layout = _ext.extension().intranode.recv_layout
+        rows = self.max_recv_rows(world_size)
+        bf16 = layout(rows, 2 * self.hidden, 0, self.num_topk)["total_bytes"]
+        as_fp8 = layout(rows, self.hidden, -(-self.hidden // fp8.BLOCK_CHANNELS), self.num_topk)["total_bytes"]
+        return max(bf16, as_fp8)
+
+    def combine_bytes(self, world_size: int) -> int:
+        return self.max_recv_rows(world_size) * 2 * self.hidden
+
+    def total_bytes(self, world_size: int) -> int:
+        """Bytes of the one buffer each rank allocates."""
+        return (
+            _ext.extension().intranode.DATA_OFFSET
+            + self.num_recv_slots * self.slot_bytes(world_size)
+            + self.combine_bytes(world_size)
+        )
+
+
+@dataclass(frozen=True)
+class IntranodeHandle:
+    """What combine needs: where this rank's tokens sit in every rank's receive slot."""
+
+    num_tokens: int
+    hidden: int
+    num_recv_tokens: int
+    is_token_in_rank: torch.Tensor  # [T, W] bool
+    send_pos: torch.Tensor  # [T, W] int32
+    send_base: torch.Tensor  # [W] int32
+    dispatch_call: int
+    owner: int  # id() of the communicator that made it
+
+
+class IntranodeCommunicator:
+    """Dispatch/combine among ``topology.world_size`` ranks of one node through the CUDA kernels."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        topology: Topology,
+        config: BufferConfig,
+        num_sms: int,
+        timeout_s: float,
+    ) -> None:
+        core = _ext.extension()
+        self.kernels = core.intranode
+        if topology.is_multi_node:
+            raise ValueError(
+                f"ranks_per_node: the intranode path needs one node, got {topology.num_nodes} nodes "
+                "(the internode path is not built yet)"
+            )
+        if topology.world_size > self.kernels.MAX_RANKS:
+            raise ValueError(f"group: the intranode path supports at most {self.kernels.MAX_RANKS} ranks")
+        if not torch.cuda.is_available():
+            raise ValueError("backend: the intranode path needs a CUDA device")
+        self.group, self.topology, self.config, self.num_sms = group, topology, config, num_sms
+        self.timeout_s = timeout_s
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        world = topology.world_size
+        self.slot_bytes = config.slot_bytes(world)
+        self.combine_offset = self.kernels.DATA_OFFSET + config.num_recv_slots * self.slot_bytes
+
+        self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
+        self.buffer[: self.kernels.DATA_OFFSET].zero_()
+        self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
+        torch.cuda.synchronize(self.device)
+        handles: list = [None] * world
+        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
+        self._peers = [PeerTensor(h, self.device) if r != topology.rank else None for r, h in enumerate(handles)]
+        regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self.ctx = self.kernels.Context(
+            regions, topology.rank, config.num_recv_slots, self.slot_bytes, self.combine_offset,
+            self.mailbox.data_ptr(), int(timeout_s * 1e9),
+        )
+        # Every rank counts calls and blocks identically; the kernels compare against these.
+        self._dispatch_calls = 0
+        self._combine_calls = 0
+        self._dispatch_blocks = 0
+        self._combine_blocks = 0
+        self._failure: CommunicationError | None = None
+        self._stream = torch.cuda.Stream(self.device)
+        dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
+
+    # -- errors -------------------------------------------------------------
+
+    def check_errors(self) -> None:
+        """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
+        if self._failure is None and int(self.mailbox[0]) != 0:
+            stages = {v: k for k, v in self.kernels.STAGES.items()}
+            stage, peer = stages.get(int(self.mailbox[1]), "unknown"), int(self.mailbox[2])
+            self._failure = CommunicationError(
+                self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=peer
+            )
+        if self._failure is not None:
+            raise self._failure
+
+    def _wait_notify(self, call: int) -> None:
+        status = self.kernels.wait_notify(self.mailbox.data_ptr(), call, self.timeout_s + 5.0)
+        if status == 1:
+            self.check_errors()
+        if status != 0:
+            self._failure = CommunicationError(
+                self.topology.rank, "notify", f"the notify kernel did not finish within {self.timeout_s + 5:g}s"
+            )
+            raise self._failure
+
+    # -- dispatch -----------------------------------------------------------
+
+    def run_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        previous_event=None, async_finish=False, num_sms=None,
+    ) -> DispatchResult:
+        self.check_errors()
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device)
+        payload = self._payload(x, quantize_fp8, power_of_two_scales)
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        if num_tokens > self.config.max_tokens_per_rank:
+            raise ValueError(
+                f"x: {num_tokens} tokens exceed the buffer's max_tokens_per_rank={self.config.max_tokens_per_rank}"
+            )
+        if hidden > self.config.hidden or num_topk > self.config.num_topk:
+            raise ValueError(
+                f"x: hidden {hidden} / top-k {num_topk} exceed the buffer's {self.config.hidden} / {self.config.num_topk}"
+            )
+        num_blocks = self._num_blocks(num_sms)
+        world, rank = self.topology.world_size, self.topology.rank
+        experts_per_rank = num_experts // world
+        stream = self._stream
+
+        with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks=max(num_blocks, 1))
+            in_rank = layout.is_token_in_rank.to(torch.int32)
+            send_pos = (in_rank.cumsum(0, dtype=torch.int32) - in_rank).contiguous()
+            send_base = torch.empty(world, dtype=torch.int32, device=self.device)
+            recv_totals = torch.empty(world, dtype=torch.int32, device=self.device)
+            per_expert = torch.empty(experts_per_rank, dtype=torch.int32, device=self.device)
+
+            call = self._dispatch_calls + 1
+            self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_expert.data_ptr(),
+                            num_experts, send_base.data_ptr(), recv_totals.data_ptr(), per_expert.data_ptr(),
+                            stream.cuda_stream)
+            self._dispatch_calls = call
+            self._wait_notify(call)
+            matrix = self.mailbox[4 : 4 + self.kernels.MAX_RANKS**2].view(self.kernels.MAX_RANKS, -1)[:world, :world]
+            totals = matrix.sum(dim=0).tolist()
+            recv_row_bytes = 2 * hidden if payload == PAYLOAD_BF16 else hidden
+            scale_cols = 0 if payload == PAYLOAD_BF16 else hidden // fp8.BLOCK_CHANNELS
+            layouts = [self.kernels.recv_layout(t, recv_row_bytes, scale_cols, num_topk) for t in totals]
+            too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > self.slot_bytes]
+            if too_big:
+                # Every rank sees the same matrix, so every rank raises here and none dispatches.
+                raise ValueError(f"x: rank {too_big[0]} would receive {totals[too_big[0]]} rows, more than its receive "
+                                 f"slot holds ({self.slot_bytes} bytes); enlarge BufferConfig")
+
+            slot = call % self.config.num_recv_slots
+            self._dispatch_blocks += num_blocks
+            self.ctx.dispatch(
+                call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
+                topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
+                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
+                recv_totals.data_ptr(), self._dispatch_blocks, num_blocks, stream.cuda_stream,
+            )
+            result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
+            result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
+            result.handle = IntranodeHandle(num_tokens, hidden, totals[rank], layout.is_token_in_rank, send_pos,
+                                            send_base, call, id(self))
+            outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, per_expert)
+            result.event = hand_back(outputs, self.device, stream, caller, async_finish)
+            return result
+
+    def _payload(self, x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -> int:
+        hidden = x.shape[1]
+        if quantize_fp8:
+            if x.dtype != torch.bfloat16:
+                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            fp8.num_scale_blocks(hidden)
+            return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
+        if (hidden * x.element_size()) % 16 != 0:
+            raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")
+        return PAYLOAD_FP8 if x.dtype == fp8.FP8_DTYPE else PAYLOAD_BF16
+
+    def _num_blocks(self, num_sms: int | None) -> int:
+        blocks = self.num_sms if num_sms is None else num_sms
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
+            raise ValueError(f"num_sms: expected a positive int, got {blocks!r}")
+        return blocks
+
+    def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
+        start = self.kernels.DATA_OFFSET + slot * self.slot_bytes
+        region = self.buffer[start : start + self.slot_bytes]
+
+        def field(name: str, count: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            return region[layout[name] : layout[name] + nbytes].view(dtype).view(shape)
+
+        if payload == PAYLOAD_BF16:
+            x = field("x", rows * hidden, torch.bfloat16, (rows, hidden))
+            scales = None
+        else:
+            cols = hidden // fp8.BLOCK_CHANNELS
+            x = field("x", rows * hidden, fp8.FP8_DTYPE, (rows, hidden))
+            scales = field("scales", rows * cols, torch.float32, (rows, cols))
+        return DispatchResult(
+            x=x,
+            x_scales=scales,
+            topk_idx=field("topk_idx", rows * num_topk, torch.int64, (rows, num_topk)),
+            topk_weights=field("topk_weights", rows * num_topk, torch.float32, (rows, num_topk)),
+            num_tokens_per_expert=per_expert,
+            num_recv_tokens_per_rank=[],
+            handle=None,
+            event=EventHandle(None),
+        )
+
+    # -- combine ------------------------------------------------------------
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        self.check_errors()
+        if not isinstance(handle, IntranodeHandle) or handle.owner != id(self):
+            raise TypeError("handle: expected the handle of a dispatch on this communicator")
+        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
+        num_blocks = self._num_blocks(num_sms)
+        stream = self._stream
+        with CommStreamScope(stream, self.device, previous_event, (expert_out,)) as caller:
+            source_offset = self._offset_in_buffer(expert_out, handle)
+            if source_offset is None:
+                # Peers can only read registered memory: stage the rows in the combine slot.
+                nbytes = expert_out.numel() * 2
+                staged = self.buffer[self.combine_offset : self.combine_offset + nbytes].view(torch.bfloat16)
+                staged.view(expert_out.shape).copy_(expert_out)
+                source_offset = self.combine_offset
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+            call = self._combine_calls + 1
+            self._combine_calls = call
+            self._combine_blocks += num_blocks
+            self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
+                             handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
+                             handle.send_base.data_ptr(), self._combine_blocks, num_blocks, stream.cuda_stream)
+            return y, hand_back((y,), self.device, stream, caller, async_finish)
+
+    def _offset_in_buffer(self, expert_out: torch.Tensor, handle: IntranodeHandle) -> int | None:
+        """Byte offset of ``expert_out`` in this rank's buffer, or None when it lives elsewhere."""
+        start = expert_out.data_ptr() - self.buffer.data_ptr()
+        if not 0 <= start <= self.buffer.numel() - expert_out.numel() * 2:
+            return None
+        in_slots = start < self.combine_offset
+        if in_slots and self._dispatch_calls - handle.dispatch_call >= self.config.num_recv_slots:
+            raise ValueError(
+                "expert_out: it lives in a receive slot that a later dispatch has overwritten "
+                f"(results stay valid for {self.config.num_recv_slots} dispatches; clone to keep them)"
+            )
+        return start
+
+    def close(self) -> None:
+        """Unmap the peers' buffers (every rank should close together)."""
+        for peer in self._peers:
+            if peer is not None:
+                peer.close()
+        self._peers = []

@@ -1,0 +1,63 @@
+"""Running a call on the communication stream, ordered by events (shared by every backend)."""
+
+from __future__ import annotations
+
+import torch
+
+from deepcomm.events import EventHandle
+
+
+class CommStreamScope:
+    """Run a block on ``stream`` after ``previous_event`` (default: after the caller's stream).
+
+    ``with`` yields the caller's stream (None on the CPU, where everything is
+    synchronous). Inputs are marked as used on the communication stream so the
+    caching allocator does not recycle them while it still reads them.
+    """
+
+    def __init__(
+        self,
+        stream: torch.cuda.Stream | None,
+        device: torch.device,
+        previous_event: EventHandle | None,
+        inputs: tuple,
+    ) -> None:
+        self.stream, self.device, self.previous_event, self.inputs = stream, device, previous_event, inputs
+        self._context = None
+
+    def __enter__(self) -> torch.cuda.Stream | None:
+        if self.stream is None:
+            return None
+        caller = torch.cuda.current_stream(self.device)
+        if self.previous_event is not None:
+            self.previous_event.wait(self.stream)
+        else:
+            self.stream.wait_stream(caller)
+        for t in self.inputs:
+            if t is not None:
+                t.record_stream(self.stream)
+        self._context = torch.cuda.stream(self.stream)
+        self._context.__enter__()
+        return caller
+
+    def __exit__(self, *exc) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)
+
+
+def hand_back(
+    outputs: tuple, device: torch.device, stream: torch.cuda.Stream | None, caller: torch.cuda.Stream | None,
+    async_finish: bool,
+) -> EventHandle:
+    """Record the end of a call on ``stream``; outputs become usable on the caller's stream.
+
+    Unless ``async_finish``, the caller's stream waits for the event (the host never does).
+    """
+    event = EventHandle.record(device, stream)
+    if caller is not None:
+        for t in outputs:
+            if t is not None:
+                t.record_stream(caller)
+        if not async_finish:
+            event.wait(caller)
+    return event
