@@ -1,0 +1,182 @@
+"""``python -m deepcomm.launch``: torchrun plus what ranks sharing a GPU need.
+
+    python -m deepcomm.launch --nproc-per-node 4 [--sm-share 50] script.py [args]
+
+Every torchrun argument passes through (this is ``torch.distributed.run``).
+Ranks are placed on the visible GPUs round-robin (scripts call
+:func:`local_device`). When ranks outnumber GPUs, the CUDA MPS control daemon
+is started with private pipe and log folders and stopped again on exit, also
+on failure; ``--sm-share P`` gives each rank P % of the SMs
+(``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) so one GPU behaves like several
+smaller ones. If MPS cannot start, the launch fails: without MPS, ranks on one
+GPU are time-sliced and every spin-wait becomes thousands of times slower.
+
+With plain ``torchrun``, start MPS yourself first (docs/design.md, "Ranks on
+one GPU"); :func:`mps_running` tells whether one answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
+
+
+@dataclass
+class LaunchPlan:
+    """What the launcher will do before handing over to torchrun."""
+
+    nproc_per_node: int
+    num_gpus: int
+    start_mps: bool
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def mps_running(pipe_directory: str | None = None) -> bool:
+    """Whether an MPS control daemon listens in ``pipe_directory`` (default: the environment's)."""
+    directory = pipe_directory or os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_MPS_PIPE_DIRECTORY)
+    return os.path.exists(os.path.join(directory, "control"))
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without creating a CUDA context (nvidia-smi, else torch)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_already_running: bool) -> LaunchPlan:
+    """Decide MPS and environment; raises SystemExit with the reason when the launch cannot work."""
+    if nproc_per_node < 1:
+        raise SystemExit("--nproc-per-node: must be >= 1")
+    if sm_share is not None and not 1 <= sm_share <= 100:
+        raise SystemExit(f"--sm-share: a percentage in [1, 100], got {sm_share}")
+    shared = num_gpus > 0 and nproc_per_node > num_gpus
+    needs_mps = shared or sm_share is not None
+    plan = LaunchPlan(nproc_per_node, num_gpus, start_mps=needs_mps and not mps_already_running)
+    if sm_share is not None:
+        plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_share)
+    if plan.start_mps and shutil.which(MPS_CONTROL) is None:
+        raise SystemExit(
+            f"deepcomm.launch: {nproc_per_node} ranks on {num_gpus} GPU(s) need CUDA MPS, but {MPS_CONTROL} is not "
+            "on PATH. Without MPS the ranks would be time-sliced and spin-waits crawl; install the MPS binaries "
+            "(part of the CUDA driver package) or use at most one rank per GPU."
+        )
+    return plan
+
+
+class MpsDaemon:
+    """Starts the MPS control daemon with private folders; ``stop()`` (or the context exit) quits it."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="deepcomm-mps-")
+        self.env = {
+            "CUDA_MPS_PIPE_DIRECTORY": os.path.join(self.root, "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": os.path.join(self.root, "log"),
+        }
+        for path in self.env.values():
+            os.makedirs(path, exist_ok=True)
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        result = subprocess.run([MPS_CONTROL, "-d"], env=env, capture_output=True, text=True)
+        deadline = time.monotonic() + 10
+        while result.returncode == 0 and not mps_running(self.env["CUDA_MPS_PIPE_DIRECTORY"]):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if result.returncode != 0 or not mps_running(self.env["CUDA_MPS_PIPE_DIRECTORY"]):
+            log = os.path.join(self.env["CUDA_MPS_LOG_DIRECTORY"], "control.log")
+            detail = open(log).read()[-2000:] if os.path.exists(log) else result.stderr.strip()
+            raise SystemExit(
+                "deepcomm.launch: could not start CUDA MPS (it needs permission to run the daemon, usually root, "
+                f"and a GPU in a compute mode that allows it): {detail or 'no output'}"
+            )
+
+    def stop(self) -> None:
+        env = {**os.environ, **self.env}
+        subprocess.run([MPS_CONTROL], input="quit\n", env=env, capture_output=True, text=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "MpsDaemon":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Separate deepcomm's own options from torchrun's (which pass through untouched)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--sm-share", type=int, default=None)
+    ours, rest = parser.parse_known_args(argv)
+    nproc = 1
+    for i, arg in enumerate(rest):
+        if arg in ("--nproc-per-node", "--nproc_per_node") and i + 1 < len(rest):
+            nproc = int(rest[i + 1])
+        elif arg.startswith(("--nproc-per-node=", "--nproc_per_node=")):
+            nproc = int(arg.split("=", 1)[1])
+    ours.nproc_per_node = nproc
+    return ours, rest
+
+
+def local_device():
+    """Pick and set this rank's GPU: local rank round-robin over the visible GPUs."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(timeout_s: float = 300.0):
+    """Initialise the default group from torchrun's environment.
+
+    NCCL when every local rank has its own GPU, gloo when ranks share one
+    (NCCL wants one GPU per rank) or there is no GPU.
+    """
+    import torch
+    import torch.distributed as dist
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    one_gpu_each = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
+    if torch.cuda.is_available():
+        local_device()
+    dist.init_process_group("nccl" if one_gpu_each else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def main(argv: list[str] | None = None) -> None:
+    ours, torchrun_args = split_arguments(sys.argv[1:] if argv is None else argv)
+    plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running())
+    os.environ.update(plan.env)
+    from torch.distributed import run as torchrun
+
+    if not plan.start_mps:
+        torchrun.main(torchrun_args)
+        return
+    with MpsDaemon() as daemon:
+        os.environ.update(daemon.env)
+        torchrun.main(torchrun_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The launcher's decisions, environment and failure messages (no GPU needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepcomm import launch
+
+
+def test_one_rank_per_gpu_needs_no_mps():
+    plan = launch.plan_launch(8, 8, None, mps_already_running=False)
+    assert not plan.start_mps and plan.env == {}
+
+
+def test_ranks_outnumbering_gpus_start_mps(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
+    plan = launch.plan_launch(4, 1, None, mps_already_running=False)
+    assert plan.start_mps
+
+
+def test_running_mps_is_reused(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    assert not launch.plan_launch(4, 1, None, mps_already_running=True).start_mps
+
+
+def test_sm_share_sets_the_mps_thread_percentage(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
+    plan = launch.plan_launch(2, 1, 50, mps_already_running=False)
+    assert plan.env == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"} and plan.start_mps
+
+
+@pytest.mark.parametrize("share", [0, 101])
+def test_sm_share_out_of_range(share):
+    with pytest.raises(SystemExit, match="--sm-share"):
+        launch.plan_launch(2, 1, share, mps_already_running=False)
+
+
+def test_missing_mps_binary_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="need CUDA MPS.*time-sliced"):
+        launch.plan_launch(4, 1, None, mps_already_running=False)
+
+
+def test_daemon_that_fails_to_start_is_a_clear_error(monkeypatch, tmp_path):
+    fake = tmp_path / launch.MPS_CONTROL
+    fake.write_text("#!/bin/sh\necho 'permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(SystemExit, match="could not start CUDA MPS.*permission denied"):
+        launch.MpsDaemon().start()
+
+
+def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_path):
+    calls = tmp_path / "calls"
+    fake = tmp_path / launch.MPS_CONTROL
+    # A stand-in daemon: "-d" creates the control pipe, "quit" on stdin is recorded.
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; echo start >> {calls}; '
+        f"else cat >> {calls}; fi\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with launch.MpsDaemon() as daemon:
+        pipe = daemon.env["CUDA_MPS_PIPE_DIRECTORY"]
+        assert launch.mps_running(pipe) and pipe.startswith(daemon.root)
+    assert calls.read_text().split() == ["start", "quit"]
+    assert not os.path.exists(daemon.root)
+
+
+def test_arguments_pass_through_to_torchrun():
+    ours, rest = launch.split_arguments(["--sm-share", "25", "--nproc-per-node", "4", "--max-restarts", "0", "x.py", "-a"])
+    assert ours.sm_share == 25 and ours.nproc_per_node == 4
+    assert rest == ["--nproc-per-node", "4", "--max-restarts", "0", "x.py", "-a"]
+    assert launch.split_arguments(["--nproc_per_node=3", "y.py"])[0].nproc_per_node == 3
+
+
+def test_launch_runs_the_benchmark_on_cpu(tmp_path):
+    """End to end through torchrun on a machine without GPUs: 2 ranks, gloo, reference path."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "deepcomm.launch", "--standalone", "--nproc-per-node", "2",
+               "-m", "deepcomm.bench", "--device", "cpu", "--tokens", "32", "--hidden", "128", "--experts", "8",
+               "--topk", "2", "--iters", "1", "--warmup", "0", "--dtypes", "bf16"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ranks=2" in out.stdout and "FAILED" not in out.stdout
