@@ -26,9 +26,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from deepcomm import fp8
+from deepcomm import _ext, fp8
 from deepcomm.checks import expected_round_trip
 from deepcomm.communicator import Communicator
+from deepcomm.events import EventHandle
+from deepcomm.intranode import BufferConfig
+from deepcomm.launch import init_distributed
 from deepcomm.layout import get_dispatch_layout
 from deepcomm.routing import node_limited_topk
 
@@ -59,6 +62,7 @@ class Row:
     bytes_per_rank: int
     floor_us: float | None
     check: str
+    note: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-nodes", type=int, default=2, help="M for --routing node-limited")
     parser.add_argument("--dtypes", default="bf16,fp8", help="comma list of bf16, fp8")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--num-sms", type=int, default=24)
+    parser.add_argument("--backend", choices=("auto", "intranode", "reference"), default="auto",
+                        help="auto: the kernels and the reference path in the same run on GPU, reference on CPU")
+    parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
+    parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -147,22 +154,44 @@ def mean_over_ranks(value: float) -> float:
     return float(reduce_host(torch.tensor([value], dtype=torch.float64))) / dist.get_world_size()
 
 
+def choose_paths(args: argparse.Namespace, on_cuda: bool) -> list[str]:
+    if args.backend != "auto":
+        return [args.backend]
+    return ["intranode", "reference"] if on_cuda and _ext.available() else ["reference"]
+
+
+def copy_floor_us(timer: Timer, nbytes: int, num_sms: int, device: torch.device) -> float:
+    """The same bytes through a plain copy kernel on the same SMs, all ranks at once."""
+    nbytes = max(16, nbytes // 16 * 16)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    core = _ext.extension()
+    return timer(lambda: core.copy(dst.data_ptr(), src.data_ptr(), nbytes, num_sms,
+                                   torch.cuda.current_stream(device).cuda_stream))
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     shape = workload(args, on_cuda)
-    comm = Communicator(num_sms=args.num_sms, ranks_per_node=args.ranks_per_node, backend="reference")
-    topo = comm.topology
+    paths = choose_paths(args, on_cuda)
+    sms_values = [int(v) for v in str(args.sms).split(",")]
+    comms = {}
+    for path in paths:
+        buffer = BufferConfig(shape["tokens"], shape["hidden"], shape["topk"]) if path == "intranode" else None
+        comms[path] = Communicator(num_sms=sms_values[0], ranks_per_node=args.ranks_per_node, backend=path,
+                                   buffer=buffer, timeout_s=args.timeout)
+    topo = comms[paths[0]].topology
     generator = torch.Generator().manual_seed(args.seed * 1000 + topo.rank)
     x = torch.randn(shape["tokens"], shape["hidden"], generator=generator).to(device, torch.bfloat16)
     topk_idx, topk_weights = make_routing(args, shape, topo, generator, device)
     timer = Timer(device, args.warmup, args.iters)
     device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
 
-    def row(dtype: str, stage: str, us: float, bytes_per_rank: int, check: str) -> Row:
+    def row(path, dtype, stage, sms, us, bytes_per_rank, floor_us, check) -> Row:
         gbps = bytes_per_rank / (us * 1e-6) / 1e9 if us > 0 and bytes_per_rank else None
-        return Row(device_name, comm.backend, dtype, stage, shape["tokens"], shape["hidden"], shape["topk"],
-                   shape["experts"], topo.world_size, topo.ranks_per_node, None, us, gbps, bytes_per_rank, None, check)
+        return Row(device_name, path, dtype, stage, shape["tokens"], shape["hidden"], shape["topk"], shape["experts"],
+                   topo.world_size, topo.ranks_per_node, sms, us, gbps, bytes_per_rank, floor_us, check)
 
     rows: list[Row] = []
     layout = get_dispatch_layout(topk_idx, shape["experts"], topo)
@@ -171,7 +200,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     tokens_to_rank = reduce_host(layout.num_tokens_per_rank.to(torch.int64).cpu())
     expected_recv = int(tokens_to_rank[topo.rank])
     us = timer(lambda: get_dispatch_layout(topk_idx, shape["experts"], topo, validate=False))
-    rows.append(row("-", "layout", us, 0, all_ok(counts_ok)))
+    rows.append(row(paths[0] if on_cuda else "reference", "-", "layout", None, us, 0, None, all_ok(counts_ok)))
 
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         if dtype == "bf16":
@@ -181,37 +210,81 @@ def run(args: argparse.Namespace) -> list[Row]:
             reference_x = fp8.dequantize_fp8(payload, scales)
         else:
             raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (bf16, fp8)")
+        for path in paths:
+            comm = comms[path]
+            for sms in sms_values if path == "intranode" else [None]:
+                def dispatch():
+                    return comm.dispatch(payload, topk_idx, topk_weights, shape["experts"], x_scales=scales,
+                                         num_sms=sms)
 
-        def dispatch():
-            return comm.dispatch(payload, topk_idx, topk_weights, shape["experts"], x_scales=scales)
-
-        result = dispatch()
-        expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
-        combined = comm.combine(expert_out, result.handle)
-        expected = expected_round_trip(reference_x, topk_idx, shape["experts"], topo)
-        check = all_ok(torch.equal(combined, expected) and result.x.shape[0] == expected_recv)
-        row_bytes = payload.shape[1] * payload.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
-        dispatch_bytes = int(mean_over_ranks(result.x.shape[0] * row_bytes))
-        rows.append(row(dtype, "dispatch", timer(dispatch), dispatch_bytes, check))
-        combine_bytes = int(mean_over_ranks(expert_out.shape[0] * expert_out.shape[1] * 2))
-        rows.append(row("bf16", f"combine({dtype} dispatch)" if dtype != "bf16" else "combine",
-                        timer(lambda: comm.combine(expert_out, result.handle)), combine_bytes, check))
+                result = dispatch()
+                expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
+                combined = comm.combine(expert_out, result.handle, num_sms=sms)
+                expected = expected_round_trip(reference_x, topk_idx, shape["experts"], topo)
+                check = all_ok(torch.equal(combined, expected) and result.x.shape[0] == expected_recv)
+                row_bytes = payload.shape[1] * payload.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
+                recv_bytes = result.x.shape[0] * row_bytes
+                combine_bytes = expert_out.shape[0] * expert_out.shape[1] * 2
+                floor_sms = sms if sms is not None else sms_values[0]
+                dispatch_floor = copy_floor_us(timer, recv_bytes, floor_sms, device) if on_cuda else None
+                combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device) if on_cuda else None
+                rows.append(row(path, dtype, "dispatch", sms, timer(dispatch), int(mean_over_ranks(recv_bytes)),
+                                dispatch_floor, check))
+                rows.append(row(path, "bf16", "combine" if dtype == "bf16" else f"combine({dtype} dispatch)", sms,
+                                timer(lambda: comm.combine(expert_out, result.handle, num_sms=sms)),
+                                int(mean_over_ranks(combine_bytes)), combine_floor, check))
+    if on_cuda and "intranode" in comms and args.overlap:
+        rows += overlap_rows(comms["intranode"], x, topk_idx, topk_weights, shape, timer, row, device)
     return rows
 
 
+def overlap_rows(comm, x, topk_idx, topk_weights, shape, timer, row, device) -> list[Row]:
+    """A matmul on the caller's stream alongside dispatch + combine on the communication stream."""
+    size = 4096
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+
+    def matmuls():
+        for _ in range(4):
+            torch.matmul(a, b)
+
+    def communication():
+        result = comm.dispatch(x, topk_idx, topk_weights, shape["experts"])
+        comm.combine(result.x, result.handle)
+
+    def both():
+        start = EventHandle.record(device)
+        matmuls()  # queued on the caller's stream, running while the host goes on
+        result = comm.dispatch_async(x, topk_idx, topk_weights, shape["experts"], previous_event=start)
+        comm.combine_async(result.x, result.handle, previous_event=result.event)
+
+    t_mm, t_comm, t_both = timer(matmuls), timer(communication), timer(both)
+    hidden_share = (t_mm + t_comm - t_both) / min(t_mm, t_comm)
+    both_row = row("intranode", "bf16", "matmul || dispatch+combine", comm.num_sms, t_both, 0, None, "ok")
+    both_row.note = f"hides {100 * hidden_share:.0f}% of the shorter one"
+    return [row("intranode", "bf16", "matmul alone", comm.num_sms, t_mm, 0, None, "ok"),
+            row("intranode", "bf16", "dispatch+combine alone", comm.num_sms, t_comm, 0, None, "ok"),
+            both_row]
+
+
 def format_table(rows: list[Row]) -> str:
-    header = f"{'stage':<22}{'dtype':<7}{'µs':>12}{'GB/s':>10}{'MB/rank':>10}  check"
+    header = (f"{'path':<10}{'stage':<27}{'dtype':<6}{'SMs':>4}{'µs':>11}{'GB/s':>9}{'MB/rank':>9}"
+              f"{'floor µs':>10}{'x floor':>8}  check")
     lines = [header, "-" * len(header)]
     for r in rows:
-        gbps = f"{r.gbps:.2f}" if r.gbps is not None else "-"
-        lines.append(f"{r.stage:<22}{r.dtype:<7}{r.us:>12.1f}{gbps:>10}{r.bytes_per_rank / 1e6:>10.2f}  {r.check}")
+        gbps = f"{r.gbps:.1f}" if r.gbps is not None else "-"
+        floor = f"{r.floor_us:.1f}" if r.floor_us is not None else "-"
+        ratio = f"{r.us / r.floor_us:.2f}" if r.floor_us else "-"
+        sms = str(r.sms) if r.sms is not None else "-"
+        lines.append(f"{r.path:<10}{r.stage:<27}{r.dtype:<6}{sms:>4}{r.us:>11.1f}{gbps:>9}"
+                     f"{r.bytes_per_rank / 1e6:>9.2f}{floor:>10}{ratio:>8}  {r.check} {r.note}".rstrip())
     return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, rows: list[Row]) -> None:
     first = rows[0]
     print(
-        f"deepcomm bench: path={first.path} device={first.device} ranks={first.ranks} "
+        f"deepcomm bench: device={first.device} ranks={first.ranks} "
         f"ranks_per_node={first.ranks_per_node} tokens/rank={first.tokens} hidden={first.hidden} "
         f"topk={first.topk} experts={first.experts} routing={args.routing} "
         f"iters={args.iters} (median, slowest rank)"
@@ -225,6 +298,8 @@ def report(args: argparse.Namespace, rows: list[Row]) -> None:
 
 def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if args.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=args.timeout))
     try:
@@ -242,22 +317,13 @@ def _run_and_report(args: argparse.Namespace) -> None:
         raise SystemExit(f"correctness check failed: {[f'{r.stage}/{r.dtype}' for r in failed]}")
 
 
-def _init_under_torchrun(args: argparse.Namespace) -> None:
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    # NCCL wants one GPU per rank; ranks sharing a GPU (MPS) bootstrap over gloo.
-    one_gpu_per_rank = use_cuda and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    backend = "nccl" if one_gpu_per_rank else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        _init_under_torchrun(args)
+        if args.device == "cpu":
+            dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        else:
+            init_distributed(args.timeout)
         try:
             _run_and_report(args)
         finally:

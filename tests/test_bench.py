@@ -19,7 +19,7 @@ def test_bench_runs_on_cpu_processes_and_checks_itself(tmp_path):
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "deepcomm bench: path=reference device=cpu ranks=4 ranks_per_node=2" in out.stdout
+    assert "deepcomm bench: device=cpu ranks=4 ranks_per_node=2" in out.stdout
     rows = json.loads(json_path.read_text())
     stages = [(r["stage"], r["dtype"]) for r in rows]
     assert stages == [
@@ -27,7 +27,7 @@ def test_bench_runs_on_cpu_processes_and_checks_itself(tmp_path):
         ("combine(fp8 dispatch)", "bf16"),
     ]
     for row in rows:
-        assert row["check"] == "ok"
+        assert row["check"] == "ok" and row["path"] == "reference"
         assert row["us"] > 0
         assert {"device", "path", "tokens", "hidden", "topk", "experts", "ranks", "sms", "gbps", "floor_us"} <= row.keys()
     dispatch_bf16 = rows[1]

@@ -11,7 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 NRANKS=${NRANKS:-"2 4"}
-BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --iters 10 --warmup 2"}
+TESTS=${TESTS:-tests}
+BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --sms 8,16,24,32 --overlap --iters 20 --warmup 3"}
+DECODE_ARGS=${DECODE_ARGS:-"--preset decode --backend intranode --dtypes bf16,fp8 --sms 24 --iters 50 --warmup 5"}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 status=0
@@ -43,7 +45,7 @@ if [ "$max_ranks" -gt "$num_gpus" ] && ! pgrep -f nvidia-cuda-mps-control > /dev
   fi
 fi
 
-if python3 -m pytest tests -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
+if timeout 900 python3 -m pytest $TESTS -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
   note "tests: $(tail -1 "$OUT/tests.log")"
 else
   note "tests: FAILED: $(tail -1 "$OUT/tests.log")"; status=1
@@ -58,17 +60,23 @@ if [ "$num_gpus" -eq 1 ] && [ "$mps_started" -eq 1 ]; then
   fi
 fi
 
-for n in $NRANKS; do
-  if python3 -m deepcomm.bench --nproc "$n" $BENCH_ARGS --json "$OUT/bench_${n}ranks.json" > "$OUT/bench_${n}ranks.log" 2>&1; then
-    note "bench ${n} ranks: ok"
+bench() {  # name, ranks, args...
+  local name=$1 n=$2; shift 2
+  if timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" -m deepcomm.bench "$@" \
+      --json "$OUT/${name}.json" > "$OUT/${name}.log" 2>&1; then
+    note "bench ${name}: ok"
   else
-    note "bench ${n} ranks: FAILED (see bench_${n}ranks.log)"; status=1
+    note "bench ${name}: FAILED (see ${name}.log)"; status=1
   fi
+}
+for n in $NRANKS; do
+  bench "prefill_${n}ranks" "$n" $BENCH_ARGS
+  bench "decode_${n}ranks" "$n" $DECODE_ARGS
 done
 
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
-for n in $NRANKS; do
-  [ -f "$OUT/bench_${n}ranks.log" ] && { echo; tail -n +1 "$OUT/bench_${n}ranks.log" | grep -A20 '^deepcomm bench'; }
+for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log; do
+  [ -f "$log" ] && { echo; grep -A40 '^deepcomm bench' "$log" | grep -v '^rows written'; }
 done
 exit $status

@@ -1,0 +1,192 @@
+"""Intranode kernels against the reference path, bit for bit, with ranks sharing the GPU(s).
+
+Ranks outnumbering GPUs need CUDA MPS (python -m deepcomm.launch or
+tools/gpu_check.sh start it); without it these tests skip instead of crawling.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deepcomm
+from cases import ROUTINGS, make_inputs
+from deepcomm import _ext, fp8
+from deepcomm.launch import mps_running
+from dist import run_ranks
+
+pytestmark = pytest.mark.gpu
+
+HIDDEN = 512
+NUM_TOPK = 6
+MAX_TOKENS = 96
+
+
+def _require(world_size: int) -> None:
+    if not _ext.available():
+        pytest.skip("extension not built")
+    if world_size > torch.cuda.device_count() and not mps_running():
+        pytest.skip("ranks outnumber GPUs and no CUDA MPS daemon answers (use tools/gpu_check.sh)")
+
+
+def _same_bits(actual: torch.Tensor | None, expected: torch.Tensor | None, what: str) -> None:
+    if expected is None:
+        assert actual is None, what
+        return
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{what}: {actual.dtype}{tuple(actual.shape)} != {expected.dtype}{tuple(expected.shape)}")
+    same = torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+    assert same, f"{what}: differs in {int((actual.float() != expected.float()).sum())} elements"
+
+
+def _communicator(**kwargs) -> deepcomm.Communicator:
+    torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    config = deepcomm.BufferConfig(max_tokens_per_rank=MAX_TOKENS, hidden=HIDDEN, num_topk=8)
+    comm = deepcomm.Communicator(backend="intranode", buffer=config, **kwargs)
+    assert comm.backend == "intranode"
+    return comm
+
+
+def _poison_receive_slots(comm: deepcomm.Communicator) -> None:
+    """Fill this rank's slots with 0xFF, after every rank finished reading them."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    impl = comm._impl
+    impl.buffer[impl.kernels.DATA_OFFSET :].fill_(0xFF)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _dispatch_both(comm, inputs, mode: str, num_experts: int, num_sms: int):
+    kwargs = {}
+    x = inputs.x
+    if mode == "fp8":
+        x, kwargs["x_scales"] = fp8.quantize_fp8(inputs.x)
+    elif mode.startswith("quantize"):
+        kwargs.update(quantize_fp8=True, power_of_two_scales=mode.endswith("pow2"))
+    ours = comm.dispatch(x, inputs.topk_idx, inputs.topk_weights, num_experts, num_sms=num_sms, **kwargs)
+    theirs = comm.reference.dispatch(x, inputs.topk_idx, inputs.topk_weights, num_experts, **kwargs)
+    return ours, theirs
+
+
+def _agreement_worker(rank: int, world_size: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = 8 * world_size
+    for seed, routing in enumerate(ROUTINGS):
+        generator = torch.Generator().manual_seed(seed)
+        num_tokens = [int(v) for v in torch.randint(1, MAX_TOKENS + 1, (world_size,), generator=generator)]
+        num_tokens[seed % world_size] = 0  # a rank with no tokens
+        local = make_inputs(seed, rank, num_tokens[rank], HIDDEN, NUM_TOPK, num_experts, routing, 1)
+        local.x, local.topk_idx, local.topk_weights = (t.to(device) for t in (local.x, local.topk_idx, local.topk_weights))
+        for mode, num_sms in (("bf16", 24), ("bf16", 1), ("fp8", 3), ("quantize", 24), ("quantize_pow2", 5)):
+            where = f"{routing}/{mode}/sms{num_sms}/rank{rank}"
+            _poison_receive_slots(comm)
+            ours, theirs = _dispatch_both(comm, local, mode, num_experts, num_sms)
+            torch.cuda.synchronize()
+            for name in ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert"):
+                _same_bits(getattr(ours, name), getattr(theirs, name), f"{where}: {name}")
+            assert ours.num_recv_tokens_per_rank == theirs.num_recv_tokens_per_rank, where
+
+        # Combine of arbitrary rows, staged from outside the buffer, and in place (round trip).
+        ours, theirs = _dispatch_both(comm, local, "bf16", num_experts, 24)
+        expert_out = torch.randn(ours.x.shape, generator=generator).to(device, torch.bfloat16)
+        for num_sms in (24, 2):
+            _same_bits(comm.combine(expert_out, ours.handle, num_sms=num_sms),
+                       comm.reference.combine(expert_out, theirs.handle), f"{routing}: combine sms{num_sms}")
+        _same_bits(comm.combine(ours.x, ours.handle), comm.reference.combine(theirs.x, theirs.handle),
+                   f"{routing}: round trip from the receive slot")
+
+        # Async: chained by events, the caller's stream never waits on its own.
+        first = comm.dispatch_async(local.x, local.topk_idx, local.topk_weights, num_experts,
+                                    previous_event=deepcomm.EventHandle.record(device))
+        y, event = comm.combine_async(first.x, first.handle, previous_event=first.event)
+        event.wait()
+        _same_bits(y, comm.reference.combine(theirs.x, theirs.handle), f"{routing}: async round trip")
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_dispatch_and_combine_match_reference_bit_for_bit(world_size):
+    _require(world_size)
+    run_ranks(_agreement_worker, world_size)
+
+
+def _repeat_worker(rank: int, world_size: int, calls: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(5, rank, MAX_TOKENS, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    expected = None
+    for call in range(calls):
+        result = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+        y = comm.combine(result.x, result.handle)
+        if call == 10:
+            torch.cuda.synchronize()
+            memory = torch.cuda.memory_allocated()
+            expected = y.clone()
+        elif call > 10 and call % 100 == 0:
+            assert torch.equal(y, expected), f"call {call}: combine changed"
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= memory, "memory grew over repeated calls"
+    assert torch.equal(y, expected)
+    dist.barrier()
+
+
+def test_a_thousand_calls_keep_memory_flat_and_results_fixed():
+    _require(2)
+    run_ranks(_repeat_worker, 2, 1000)
+
+
+def _skipping_rank_worker(rank: int, world_size: int) -> None:
+    comm = _communicator(timeout_s=2.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(3, rank, 16, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)  # everyone takes part once
+    torch.cuda.synchronize()
+    if rank == world_size - 1:
+        time.sleep(8)  # alive, but skips the next call
+        return
+    start = time.monotonic()
+    with pytest.raises(deepcomm.CommunicationError) as info:
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    elapsed = time.monotonic() - start
+    assert info.value.stage == "notify" and info.value.peer == world_size - 1 and info.value.rank == rank
+    assert f"waiting for rank {world_size - 1}" in str(info.value)
+    assert elapsed < 6.0, f"gave up after {elapsed:.1f}s with a 2s timeout"
+    with pytest.raises(deepcomm.CommunicationError):  # the communicator stays failed
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+
+
+def test_a_rank_that_skips_a_call_makes_the_others_raise_naming_it():
+    _require(3)
+    run_ranks(_skipping_rank_worker, 3, timeout_s=60)
+
+
+def _bad_input_worker(rank: int, world_size: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(MAX_TOKENS + 1, HIDDEN, device=device).to(torch.bfloat16)
+    topk_idx = torch.zeros(MAX_TOKENS + 1, 2, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="^x: .*max_tokens_per_rank"):
+        comm.dispatch(x, topk_idx, torch.rand(MAX_TOKENS + 1, 2, device=device), 8 * world_size)
+    with pytest.raises(ValueError, match="^x: expected a tensor on cuda"):
+        comm.dispatch(x.cpu(), topk_idx, torch.rand(MAX_TOKENS + 1, 2, device=device), 8 * world_size)
+    small = x[:4].contiguous()
+    result = comm.dispatch(small, topk_idx[:4].contiguous(), torch.rand(4, 2, device=device), 8 * world_size)
+    with pytest.raises(TypeError, match="^handle:"):
+        comm.combine(result.x, object())
+    with pytest.raises(ValueError, match="^num_sms:"):
+        comm.dispatch(small, topk_idx[:4].contiguous(), torch.rand(4, 2, device=device), 8 * world_size, num_sms=0)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def test_intranode_bad_input():
+    _require(2)
+    run_ranks(_bad_input_worker, 2)
