@@ -230,6 +230,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                 combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device) if on_cuda else None
                 rows.append(row(path, dtype, "dispatch", sms, timer(dispatch), int(mean_over_ranks(recv_bytes)),
                                 dispatch_floor, check))
+                # Received rows live until the next dispatches reuse their slot: take a fresh result.
+                result = dispatch()
+                expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
                 rows.append(row(path, "bf16", "combine" if dtype == "bf16" else f"combine({dtype} dispatch)", sms,
                                 timer(lambda: comm.combine(expert_out, result.handle, num_sms=sms)),
                                 int(mean_over_ranks(combine_bytes)), combine_floor, check))

@@ -141,7 +141,8 @@ class IntranodeCommunicator:
         self._dispatch_blocks = 0
         self._combine_blocks = 0
         self._failure: CommunicationError | None = None
-        self._stream = torch.cuda.Stream(self.device)
+        # High priority: as compute blocks retire, the scheduler places communication blocks first.
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
         dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
 
     # -- errors -------------------------------------------------------------
@@ -193,17 +194,27 @@ class IntranodeCommunicator:
 
         with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks=max(num_blocks, 1))
-            in_rank = layout.is_token_in_rank.to(torch.int32)
-            send_pos = (in_rank.cumsum(0, dtype=torch.int32) - in_rank).contiguous()
+            # Exclusive prefix count: the token's row among this rank's rows for each destination.
+            send_pos = layout.is_token_in_rank.cumsum(0, dtype=torch.int32).sub_(layout.is_token_in_rank)
             send_base = torch.empty(world, dtype=torch.int32, device=self.device)
             recv_totals = torch.empty(world, dtype=torch.int32, device=self.device)
             per_expert = torch.empty(experts_per_rank, dtype=torch.int32, device=self.device)
 
             call = self._dispatch_calls + 1
+            slot = call % self.config.num_recv_slots
             self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_expert.data_ptr(),
                             num_experts, send_base.data_ptr(), recv_totals.data_ptr(), per_expert.data_ptr(),
                             stream.cuda_stream)
+            # Dispatch needs no host decision (it reads the counts on the device), so it is queued
+            # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
+            self._dispatch_blocks += num_blocks
+            self.ctx.dispatch(
+                call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
+                topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
+                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
+                recv_totals.data_ptr(), self._dispatch_blocks, num_blocks, stream.cuda_stream,
+            )
             self._wait_notify(call)
             matrix = self.mailbox[4 : 4 + self.kernels.MAX_RANKS**2].view(self.kernels.MAX_RANKS, -1)[:world, :world]
             totals = matrix.sum(dim=0).tolist()
@@ -212,18 +223,9 @@ class IntranodeCommunicator:
             layouts = [self.kernels.recv_layout(t, recv_row_bytes, scale_cols, num_topk) for t in totals]
             too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > self.slot_bytes]
             if too_big:
-                # Every rank sees the same matrix, so every rank raises here and none dispatches.
+                # Every rank sees the same counts: the kernels wrote nothing and every rank raises here.
                 raise ValueError(f"x: rank {too_big[0]} would receive {totals[too_big[0]]} rows, more than its receive "
                                  f"slot holds ({self.slot_bytes} bytes); enlarge BufferConfig")
-
-            slot = call % self.config.num_recv_slots
-            self._dispatch_blocks += num_blocks
-            self.ctx.dispatch(
-                call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
-                topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
-                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
-                recv_totals.data_ptr(), self._dispatch_blocks, num_blocks, stream.cuda_stream,
-            )
             result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.handle = IntranodeHandle(num_tokens, hidden, totals[rank], layout.is_token_in_rank, send_pos,

@@ -36,6 +36,7 @@ def _same_bits(actual: torch.Tensor | None, expected: torch.Tensor | None, what:
     if expected is None:
         assert actual is None, what
         return
+    actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
         f"{what}: {actual.dtype}{tuple(actual.shape)} != {expected.dtype}{tuple(expected.shape)}")
     same = torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
@@ -92,20 +93,25 @@ def _agreement_worker(rank: int, world_size: int) -> None:
             assert ours.num_recv_tokens_per_rank == theirs.num_recv_tokens_per_rank, where
 
         # Combine of arbitrary rows, staged from outside the buffer, and in place (round trip).
-        ours, theirs = _dispatch_both(comm, local, "bf16", num_experts, 24)
-        expert_out = torch.randn(ours.x.shape, generator=generator).to(device, torch.bfloat16)
+        # The oracle is the reference path on CPU tensors.
+        ours, _ = _dispatch_both(comm, local, "bf16", num_experts, 24)
+        cpu = comm.reference.dispatch(local.x.cpu(), local.topk_idx.cpu(), local.topk_weights.cpu(), num_experts)
+        expert_out = torch.randn(ours.x.shape, generator=generator).to(torch.bfloat16)
+        expected = comm.reference.combine(expert_out, cpu.handle)
+        expected_round_trip = comm.reference.combine(cpu.x, cpu.handle)
+        expert_out = expert_out.to(device)
         for num_sms in (24, 2):
-            _same_bits(comm.combine(expert_out, ours.handle, num_sms=num_sms),
-                       comm.reference.combine(expert_out, theirs.handle), f"{routing}: combine sms{num_sms}")
-        _same_bits(comm.combine(ours.x, ours.handle), comm.reference.combine(theirs.x, theirs.handle),
-                   f"{routing}: round trip from the receive slot")
+            y = comm.combine(expert_out, ours.handle, num_sms=num_sms)
+            comm.check_errors()
+            _same_bits(y, expected, f"{routing}: combine sms{num_sms}")
+        _same_bits(comm.combine(ours.x, ours.handle), expected_round_trip, f"{routing}: round trip from the slot")
 
         # Async: chained by events, the caller's stream never waits on its own.
         first = comm.dispatch_async(local.x, local.topk_idx, local.topk_weights, num_experts,
                                     previous_event=deepcomm.EventHandle.record(device))
         y, event = comm.combine_async(first.x, first.handle, previous_event=first.event)
         event.wait()
-        _same_bits(y, comm.reference.combine(theirs.x, theirs.handle), f"{routing}: async round trip")
+        _same_bits(y, expected_round_trip, f"{routing}: async round trip")
     torch.cuda.synchronize()
     dist.barrier()
 
@@ -126,9 +132,9 @@ def _repeat_worker(rank: int, world_size: int, calls: int) -> None:
         result = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
         y = comm.combine(result.x, result.handle)
         if call == 10:
+            expected = y.clone()
             torch.cuda.synchronize()
             memory = torch.cuda.memory_allocated()
-            expected = y.clone()
         elif call > 10 and call % 100 == 0:
             assert torch.equal(y, expected), f"call {call}: combine changed"
     torch.cuda.synchronize()

@@ -9,7 +9,7 @@ namespace deepcomm {
 
 namespace {
 
-constexpr int kCopyThreads = 256;
+constexpr int kCopyThreads = 512;  // as the dispatch kernel
 constexpr int kCopyUnroll = 4;
 
 __global__ void __launch_bounds__(kCopyThreads) copy_kernel(int4* dst, const int4* src, int64_t units) {

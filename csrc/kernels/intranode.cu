@@ -38,7 +38,7 @@ namespace deepcomm::intranode {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;  // 16 warps: enough loads in flight per SM to approach copy bandwidth
 constexpr int kWarps = kThreads / 32;
 constexpr int kDispatchUnroll = 4;  // 16-byte loads in flight per lane
 constexpr int kCombineUnroll = 2;
@@ -221,9 +221,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   const int scale_cols = kHasScales ? args.hidden / 128 : 0;
 
   // Where each destination's fields start in its recv slot (its layout depends on its row count).
+  // If any destination's rows would overflow its slot, nobody writes anything: every rank sees
+  // the same counts, skips the same way, and the host raises after reading them.
+  __shared__ int overflow;
+  if (threadIdx.x == 0) overflow = 0;
+  __syncthreads();
   for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
     uint8_t* slot = slot_of(ctx, dst, args.slot);
     const RecvLayout layout = recv_layout(args.recv_totals[dst], recv_row_bytes, scale_cols, args.num_topk);
+    if (layout.total_bytes > ctx.slot_bytes) atomicOr(&overflow, 1);
     dest_rows[dst] = {slot + layout.x, reinterpret_cast<float*>(slot + layout.scales),
                       reinterpret_cast<int64_t*>(slot + layout.topk_idx),
                       reinterpret_cast<float*>(slot + layout.topk_weights),
@@ -231,8 +237,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   }
   __syncthreads();
   const DestinationRows(&dests)[kMaxRanks] = dest_rows;
+  const int num_tokens = overflow ? 0 : args.num_tokens;
 
-  for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
+  for (int token = blockIdx.x * kWarps + warp; token < num_tokens; token += gridDim.x * kWarps) {
     const bool goes_to_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];
     const uint32_t mask = __ballot_sync(0xffffffffu, goes_to_lane_rank);
     const int lane_position =
