@@ -195,7 +195,7 @@ class IntranodeCommunicator:
         with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks=max(num_blocks, 1))
             # Exclusive prefix count: the token's row among this rank's rows for each destination.
-            send_pos = layout.is_token_in_rank.cumsum(0, dtype=torch.int32).sub_(layout.is_token_in_rank)
+            send_pos = layout.is_token_in_rank.cumsum(0, dtype=torch.int32).sub_(layout.is_token_in_rank.to(torch.int32))
             send_base = torch.empty(world, dtype=torch.int32, device=self.device)
             recv_totals = torch.empty(world, dtype=torch.int32, device=self.device)
             per_expert = torch.empty(experts_per_rank, dtype=torch.int32, device=self.device)
