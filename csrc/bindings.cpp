@@ -65,16 +65,17 @@ PYBIND11_MODULE(_C, m) {
       "dispatch_layout",
       [](uintptr_t topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks, int ranks_per_node,
          uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_node, uintptr_t num_tokens_per_expert,
-         uintptr_t is_token_in_rank, int num_blocks, uintptr_t stream) {
+         uintptr_t is_token_in_rank, int num_blocks, uintptr_t stream, uintptr_t num_invalid) {
         deepcomm::DispatchLayoutArgs args{as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts,
                                           num_ranks, ranks_per_node, as_ptr<int32_t>(num_tokens_per_rank),
                                           as_ptr<int32_t>(num_tokens_per_node), as_ptr<int32_t>(num_tokens_per_expert),
-                                          as_ptr<bool>(is_token_in_rank)};
+                                          as_ptr<bool>(is_token_in_rank), as_ptr<int32_t>(num_invalid)};
         deepcomm::launch_dispatch_layout(args, num_blocks, as_stream(stream));
       },
       py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"),
       py::arg("ranks_per_node"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_node"),
-      py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("num_blocks"), py::arg("stream"));
+      py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("num_blocks"), py::arg("stream"),
+      py::arg("num_invalid") = 0);
 
   m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
     deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
@@ -124,23 +125,25 @@ PYBIND11_MODULE(_C, m) {
            py::arg("regions"), py::arg("rank"), py::arg("num_slots"), py::arg("slot_bytes"), py::arg("combine_offset"),
            py::arg("mailbox"), py::arg("timeout_ns"))
       .def("notify", [](const in::Context& ctx, uint64_t call, uintptr_t tokens_per_rank, uintptr_t tokens_per_expert,
-                        int num_experts, uintptr_t send_base, uintptr_t recv_totals, uintptr_t recv_tokens_per_expert,
-                        uintptr_t stream) {
+                        uintptr_t num_invalid, int num_experts, uintptr_t send_base, uintptr_t recv_totals,
+                        uintptr_t recv_tokens_per_expert, uintptr_t abort_dispatch, uintptr_t stream) {
         in::NotifyArgs args{call, as_ptr<const int32_t>(tokens_per_rank), as_ptr<const int32_t>(tokens_per_expert),
-                            num_experts, as_ptr<int32_t>(send_base), as_ptr<int32_t>(recv_totals),
-                            as_ptr<int32_t>(recv_tokens_per_expert)};
+                            as_ptr<const int32_t>(num_invalid), num_experts, as_ptr<int32_t>(send_base),
+                            as_ptr<int32_t>(recv_totals), as_ptr<int32_t>(recv_tokens_per_expert),
+                            as_ptr<int32_t>(abort_dispatch)};
         in::launch_notify(ctx, args, as_stream(stream));
       })
       .def("dispatch", [](const in::Context& ctx, uint64_t call, int slot, int payload, uintptr_t x, uintptr_t x_scales,
                           int hidden, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk,
                           int experts_per_rank, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,
-                          uintptr_t recv_totals, uint64_t arrivals_expected, int num_blocks, uintptr_t stream) {
+                          uintptr_t recv_totals, uintptr_t abort_dispatch, uint64_t arrivals_expected, int num_blocks,
+                          uintptr_t stream) {
         in::DispatchArgs args{call, slot, static_cast<in::Payload>(payload), as_ptr<const void>(x),
                               as_ptr<const float>(x_scales), hidden, as_ptr<const int64_t>(topk_idx),
                               as_ptr<const float>(topk_weights), num_tokens, num_topk, experts_per_rank,
                               as_ptr<const bool>(is_token_in_rank), as_ptr<const int32_t>(send_pos),
-                              as_ptr<const int32_t>(send_base), as_ptr<const int32_t>(recv_totals), arrivals_expected,
-                              num_blocks};
+                              as_ptr<const int32_t>(send_base), as_ptr<const int32_t>(recv_totals),
+                              as_ptr<const int32_t>(abort_dispatch), arrivals_expected, num_blocks};
         in::launch_dispatch(ctx, args, as_stream(stream));
       })
       .def("combine", [](const in::Context& ctx, uint64_t call, int64_t source_offset, uintptr_t y, int hidden,

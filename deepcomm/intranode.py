@@ -126,6 +126,11 @@ class IntranodeCommunicator:
         self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
         self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
+        # numpy views of the mailbox: reading them costs no torch dispatch.
+        mailbox = self.mailbox.numpy()
+        max_ranks = self.kernels.MAX_RANKS
+        self._tokens_matrix = mailbox[4 : 4 + max_ranks * max_ranks].reshape(max_ranks, max_ranks)
+        self._invalid_ids = mailbox[4 + max_ranks * max_ranks : 4 + max_ranks * max_ranks + max_ranks]
         torch.cuda.synchronize(self.device)
         handles: list = [None] * world
         dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
@@ -175,7 +180,9 @@ class IntranodeCommunicator:
         previous_event=None, async_finish=False, num_sms=None,
     ) -> DispatchResult:
         self.check_errors()
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device)
+        # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
+                              check_values=False)
         payload = self._payload(x, quantize_fp8, power_of_two_scales)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
@@ -193,7 +200,9 @@ class IntranodeCommunicator:
         stream = self._stream
 
         with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks=max(num_blocks, 1))
+            num_invalid = torch.empty(1, dtype=torch.int32, device=self.device)
+            abort_dispatch = torch.empty(1, dtype=torch.int32, device=self.device)
+            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid)
             # Exclusive prefix count: the token's row among this rank's rows for each destination.
             send_pos = layout.is_token_in_rank.cumsum(0, dtype=torch.int32).sub_(layout.is_token_in_rank.to(torch.int32))
             send_base = torch.empty(world, dtype=torch.int32, device=self.device)
@@ -203,8 +212,8 @@ class IntranodeCommunicator:
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
             self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_expert.data_ptr(),
-                            num_experts, send_base.data_ptr(), recv_totals.data_ptr(), per_expert.data_ptr(),
-                            stream.cuda_stream)
+                            num_invalid.data_ptr(), num_experts, send_base.data_ptr(), recv_totals.data_ptr(),
+                            per_expert.data_ptr(), abort_dispatch.data_ptr(), stream.cuda_stream)
             # Dispatch needs no host decision (it reads the counts on the device), so it is queued
             # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
@@ -213,11 +222,18 @@ class IntranodeCommunicator:
                 call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
                 topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
                 layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
-                recv_totals.data_ptr(), self._dispatch_blocks, num_blocks, stream.cuda_stream,
+                recv_totals.data_ptr(), abort_dispatch.data_ptr(), self._dispatch_blocks, num_blocks,
+                stream.cuda_stream,
             )
             self._wait_notify(call)
-            matrix = self.mailbox[4 : 4 + self.kernels.MAX_RANKS**2].view(self.kernels.MAX_RANKS, -1)[:world, :world]
-            totals = matrix.sum(dim=0).tolist()
+            matrix = self._tokens_matrix[:world, :world]
+            invalid = self._invalid_ids[:world]
+            if invalid.any():
+                # Every rank sees every rank's count: all raise, none dispatched.
+                culprit = int(invalid.nonzero()[0][0])
+                raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
+                                 f"passed {int(invalid[culprit])} invalid ids")
+            totals = matrix.sum(axis=0).tolist()
             recv_row_bytes = 2 * hidden if payload == PAYLOAD_BF16 else hidden
             scale_cols = 0 if payload == PAYLOAD_BF16 else hidden // fp8.BLOCK_CHANNELS
             layouts = [self.kernels.recv_layout(t, recv_row_bytes, scale_cols, num_topk) for t in totals]

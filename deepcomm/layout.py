@@ -62,9 +62,17 @@ def dispatch_layout_torch(topk_idx: torch.Tensor, num_experts: int, topology: To
 
 
 def dispatch_layout_cuda(
-    topk_idx: torch.Tensor, num_experts: int, topology: Topology, num_blocks: int = 132
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    topology: Topology,
+    num_blocks: int = 132,
+    num_invalid: torch.Tensor | None = None,
 ) -> DispatchLayout:
-    """The layout from the CUDA kernel, launched on the current stream."""
+    """The layout from the CUDA kernel, launched on the current stream.
+
+    ``num_invalid`` (``[1]`` int32 on the device), if given, receives the count
+    of ids outside ``[-1, num_experts)``, which the kernel skips.
+    """
     core = _ext.extension()
     world_size, num_nodes = topology.world_size, topology.num_nodes
     device = topk_idx.device
@@ -85,6 +93,7 @@ def dispatch_layout_cuda(
         in_rank.data_ptr(),
         num_blocks,
         torch.cuda.current_stream(device).cuda_stream,
+        num_invalid.data_ptr() if num_invalid is not None else 0,
     )
     return DispatchLayout(per_rank, per_node, per_expert, in_rank)
 

@@ -157,3 +157,13 @@ def test_fp8_quantisation_is_bit_identical_on_cpu_and_gpu(power_of_two_scales):
     q_gpu, s_gpu = fp8.quantize_fp8(x.cuda(), power_of_two_scales)
     assert torch.equal(s_gpu.cpu(), s_cpu)
     assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8))
+
+
+def test_layout_kernel_counts_invalid_ids_without_routing_them():
+    _needs_extension()
+    topk_idx = torch.tensor([[0, 64, -1], [-2, 3, 63], [5, 6, 7]], device="cuda")
+    num_invalid = torch.full((1,), -9, dtype=torch.int32, device="cuda")
+    layout = dispatch_layout_cuda(topk_idx, 64, Topology(0, 2, 1), num_invalid=num_invalid)
+    assert int(num_invalid) == 2
+    assert layout.num_tokens_per_expert.sum().item() == 6
+    assert layout.is_token_in_rank.tolist() == [[True, False], [True, True], [True, False]]

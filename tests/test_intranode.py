@@ -189,6 +189,15 @@ def _bad_input_worker(rank: int, world_size: int) -> None:
         comm.combine(result.x, object())
     with pytest.raises(ValueError, match="^num_sms:"):
         comm.dispatch(small, topk_idx[:4].contiguous(), torch.rand(4, 2, device=device), 8 * world_size, num_sms=0)
+    # An out-of-range id on one rank is found on the GPU; every rank raises, nobody dispatches...
+    bad_idx = topk_idx[:4].clone()
+    if rank == 0:
+        bad_idx[2, 1] = 8 * world_size
+    with pytest.raises(ValueError, match="^topk_idx: .*rank 0 passed 1 invalid"):
+        comm.dispatch(small, bad_idx, torch.rand(4, 2, device=device), 8 * world_size)
+    # ... and the communicator stays usable.
+    good = comm.dispatch(small, topk_idx[:4].contiguous(), torch.ones(4, 2, device=device), 8 * world_size)
+    assert good.x.shape[0] == (4 * world_size if rank == 0 else 0)
     torch.cuda.synchronize()
     dist.barrier()
 

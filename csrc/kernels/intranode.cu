@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
   SignalRegion* own = signals_of(ctx, ctx.rank);
 
   for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) own->tokens_to_rank[parity][i] = args.tokens_per_rank[i];
+  if (threadIdx.x == 0) own->invalid_ids[parity] = *args.num_invalid;
   for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
     own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
   __syncthreads();
@@ -85,6 +86,15 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     const int32_t count = *reinterpret_cast<volatile int32_t*>(&signals_of(ctx, src)->tokens_to_rank[parity][dst]);
     matrix[src][dst] = count;
     ctx.mailbox->tokens_matrix[src][dst] = count;
+  }
+  if (threadIdx.x == 0) {
+    int32_t any_invalid = 0;
+    for (int src = 0; src < num_ranks; ++src) {
+      const int32_t invalid = *reinterpret_cast<volatile int32_t*>(&signals_of(ctx, src)->invalid_ids[parity]);
+      ctx.mailbox->invalid_ids[src] = invalid;
+      any_invalid |= invalid;
+    }
+    *args.abort_dispatch = any_invalid != 0;
   }
   __syncthreads();
   for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
@@ -237,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   }
   __syncthreads();
   const DestinationRows(&dests)[kMaxRanks] = dest_rows;
-  const int num_tokens = overflow ? 0 : args.num_tokens;
+  // Invalid expert ids on any rank: nobody dispatches and every rank raises (the host reads why).
+  const int num_tokens = overflow || *args.abort_dispatch ? 0 : args.num_tokens;
 
   for (int token = blockIdx.x * kWarps + warp; token < num_tokens; token += gridDim.x * kWarps) {
     const bool goes_to_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];

@@ -26,10 +26,12 @@ struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
   const int32_t* tokens_per_rank;     // [num_ranks] from the layout
   const int32_t* tokens_per_expert;   // [num_experts] from the layout
+  const int32_t* num_invalid;         // [1] invalid expert ids in this rank's topk_idx (layout kernel)
   int num_experts;
   int32_t* send_base;                 // out [num_ranks]: first row of this rank's tokens in each rank's slot
   int32_t* recv_totals;               // out [num_ranks]: rows each rank receives
   int32_t* recv_tokens_per_expert;    // out [num_experts / num_ranks]
+  int32_t* abort_dispatch;            // out [1]: 1 when any rank passed invalid ids (nobody dispatches)
 };
 
 enum class Payload : int { kBf16 = 0, kFp8 = 1, kBf16ToFp8 = 2, kBf16ToFp8Pow2 = 3 };
@@ -50,6 +52,7 @@ struct DispatchArgs {
   const int32_t* send_pos;       // [T, num_ranks]: token's row among this rank's rows for each rank
   const int32_t* send_base;      // [num_ranks] from notify
   const int32_t* recv_totals;    // [num_ranks] from notify
+  const int32_t* abort_dispatch; // [1] from notify
   uint64_t arrivals_expected;    // cumulative dispatch blocks expected from each peer after this call
   int num_blocks;
 };

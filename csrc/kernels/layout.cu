@@ -38,9 +38,12 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
 
     for (int k = 0; k < args.num_topk; ++k) {
       const int64_t expert = token_experts[k];
-      // The Python layer rejects ids >= num_experts; skipping them here keeps
-      // a bypassed check from writing out of bounds.
-      if (expert < 0 || expert >= args.num_experts) continue;
+      // Invalid ids are counted (the caller turns them into an error without a
+      // host sync) and never routed, so they cannot write out of bounds.
+      if (expert < 0 || expert >= args.num_experts) {
+        if (expert != -1 && args.num_invalid != nullptr) atomicAdd(args.num_invalid, 1);
+        continue;
+      }
       atomicAdd(&expert_counts[expert], 1);
       const int rank = static_cast<int>(expert / experts_per_rank);
       const int node = rank / args.ranks_per_node;
@@ -98,6 +101,7 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cuda
   DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int32_t) * args.num_ranks, stream));
   DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_node, 0, sizeof(int32_t) * num_nodes, stream));
   DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream));
+  if (args.num_invalid != nullptr) DC_CUDA_CHECK(cudaMemsetAsync(args.num_invalid, 0, sizeof(int32_t), stream));
   if (args.num_tokens == 0) return;
   const int blocks_needed = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
   const int blocks = blocks_needed < num_blocks ? blocks_needed : num_blocks;

@@ -20,6 +20,7 @@ struct DispatchLayoutArgs {
   int32_t* num_tokens_per_node;    // [num_ranks / ranks_per_node]: tokens with >= 1 expert on the node
   int32_t* num_tokens_per_expert;  // [num_experts]: (token, k) entries naming the expert
   bool* is_token_in_rank;          // [num_tokens, num_ranks]
+  int32_t* num_invalid;            // optional [1]: entries outside [-1, num_experts), counted, not routed
 };
 
 // Shared memory the kernel needs for its block-local counters.

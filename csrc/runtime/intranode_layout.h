@@ -36,6 +36,7 @@ struct HostMailbox {
   int64_t error_peer;   // the rank that did not answer
   int64_t notify_done;  // sequence number of the last finished notify
   int64_t tokens_matrix[kMaxRanks][kMaxRanks];  // [src][dst] tokens of the last notify
+  int64_t invalid_ids[kMaxRanks];               // [src] invalid expert ids rank src passed to the last notify
 };
 
 enum Stage : int64_t { kStageNotify = 1, kStageDispatch = 2, kStageCombineReady = 3, kStageCombineDone = 4 };
@@ -48,6 +49,7 @@ struct SignalRegion {
   uint64_t combine_done[kMaxRanks];      // blocks of s that finished reading all peers (cumulative)
   // Published by this rank, read by peers, by call parity:
   int64_t combine_source_offset[2];               // byte offset of this rank's combine rows in its buffer
+  int32_t invalid_ids[2];                         // invalid expert ids in this rank's input
   int32_t tokens_to_rank[2][kMaxRanks];           // tokens this rank sends to each rank
   int32_t tokens_to_expert[2][kMaxExperts];       // (token, k) entries this rank sends to each expert
 };
