@@ -78,7 +78,11 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
         wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, ctx.mailbox, kStageNotify);
   }
   __syncthreads();
-  if (!peers_arrived) return;
+  if (!peers_arrived) {
+    // Dispatch is already queued behind this kernel: make it write nothing.
+    if (threadIdx.x == 0) *args.abort_dispatch = 1;
+    return;
+  }
 
   // After this loop matrix[s][d] is the number of tokens rank s sends to rank d.
   for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {

@@ -10,6 +10,7 @@ namespace deepcomm {
 
 __device__ inline void report_timeout(intranode::HostMailbox* mailbox, int64_t stage, int64_t peer) {
   volatile int64_t* slots = reinterpret_cast<volatile int64_t*>(mailbox);
+  if (slots[0] != 0) return;  // keep the first failure: later stages time out because of it
   slots[1] = stage;
   slots[2] = peer;
   __threadfence_system();
