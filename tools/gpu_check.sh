@@ -74,9 +74,19 @@ for n in $NRANKS; do
   bench "decode_${n}ranks" "$n" $DECODE_ARGS
 done
 
+# Kernel times against wall clock for a decode-size call (torch profiler), and a trace.
+if timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
+    --tokens 128 --trace "$OUT/dispatch_trace.json" > "$OUT/profile_decode.log" 2>&1 && \
+   timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
+    --tokens 4096 --iters 10 > "$OUT/profile_prefill.log" 2>&1; then
+  note "profile: ok (profile_*.log, dispatch_trace.json)"
+else
+  note "profile: FAILED (see profile_*.log)"
+fi
+
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
-for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log; do
-  [ -f "$log" ] && { echo; grep -A40 '^deepcomm bench' "$log" | grep -v '^rows written'; }
+for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/profile_*.log; do
+  [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|backend=)' "$log" | grep -v '^rows written'; }
 done
 exit $status
