@@ -65,17 +65,18 @@ PYBIND11_MODULE(_C, m) {
       "dispatch_layout",
       [](uintptr_t topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks, int ranks_per_node,
          uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_node, uintptr_t num_tokens_per_expert,
-         uintptr_t is_token_in_rank, int num_blocks, uintptr_t stream, uintptr_t num_invalid) {
+         uintptr_t is_token_in_rank, int num_blocks, uintptr_t stream, uintptr_t num_invalid, uintptr_t send_pos) {
         deepcomm::DispatchLayoutArgs args{as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, num_experts,
                                           num_ranks, ranks_per_node, as_ptr<int32_t>(num_tokens_per_rank),
                                           as_ptr<int32_t>(num_tokens_per_node), as_ptr<int32_t>(num_tokens_per_expert),
-                                          as_ptr<bool>(is_token_in_rank), as_ptr<int32_t>(num_invalid)};
+                                          as_ptr<bool>(is_token_in_rank), as_ptr<int32_t>(num_invalid),
+                                          as_ptr<int32_t>(send_pos)};
         deepcomm::launch_dispatch_layout(args, num_blocks, as_stream(stream));
       },
       py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"),
       py::arg("ranks_per_node"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_node"),
       py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("num_blocks"), py::arg("stream"),
-      py::arg("num_invalid") = 0);
+      py::arg("num_invalid") = 0, py::arg("send_pos") = 0);
 
   m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
     deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));

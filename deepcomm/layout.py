@@ -67,11 +67,13 @@ def dispatch_layout_cuda(
     topology: Topology,
     num_blocks: int = 132,
     num_invalid: torch.Tensor | None = None,
+    send_pos: torch.Tensor | None = None,
 ) -> DispatchLayout:
     """The layout from the CUDA kernel, launched on the current stream.
 
     ``num_invalid`` (``[1]`` int32 on the device), if given, receives the count
-    of ids outside ``[-1, num_experts)``, which the kernel skips.
+    of ids outside ``[-1, num_experts)``, which the kernel skips. ``send_pos``
+    (``[T, world_size]`` int32), if given, receives :func:`send_positions`.
     """
     core = _ext.extension()
     world_size, num_nodes = topology.world_size, topology.num_nodes
@@ -94,8 +96,19 @@ def dispatch_layout_cuda(
         num_blocks,
         torch.cuda.current_stream(device).cuda_stream,
         num_invalid.data_ptr() if num_invalid is not None else 0,
+        send_pos.data_ptr() if send_pos is not None else 0,
     )
     return DispatchLayout(per_rank, per_node, per_expert, in_rank)
+
+
+def send_positions(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """``[T, W]`` int32: for each token and rank, how many earlier tokens go to that rank.
+
+    Token t's row for rank r lands at this index among this rank's rows at r
+    (received order: by source rank, then token).
+    """
+    as_int = is_token_in_rank.to(torch.int32)
+    return as_int.cumsum(0, dtype=torch.int32).sub_(as_int)
 
 
 def get_dispatch_layout(

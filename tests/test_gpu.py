@@ -10,7 +10,7 @@ import torch.distributed as dist
 import deepcomm
 from cases import make_inputs
 from deepcomm import _ext
-from deepcomm.layout import dispatch_layout_cuda, dispatch_layout_torch
+from deepcomm.layout import dispatch_layout_cuda, dispatch_layout_torch, send_positions
 from deepcomm.topology import Topology
 from dist import run_ranks
 
@@ -32,9 +32,11 @@ def test_layout_kernel_matches_torch(world_size, ranks_per_node, routing, num_to
     inputs = make_inputs(num_tokens + world_size, 0, num_tokens, 8, 8, num_experts, routing, topology.num_nodes)
     topk_idx = inputs.topk_idx.cuda()
     expected = dispatch_layout_torch(topk_idx, num_experts, topology)
-    actual = dispatch_layout_cuda(topk_idx, num_experts, topology)
+    send_pos = torch.full((num_tokens, world_size), -5, dtype=torch.int32, device="cuda")
+    actual = dispatch_layout_cuda(topk_idx, num_experts, topology, send_pos=send_pos)
     for field in ("num_tokens_per_rank", "num_tokens_per_node", "num_tokens_per_expert", "is_token_in_rank"):
         assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+    assert torch.equal(send_pos, send_positions(expected.is_token_in_rank))
 
 
 def test_layout_kernel_overwrites_poisoned_outputs():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cases import ROUTINGS, random_topk
-from deepcomm.layout import get_dispatch_layout
+from deepcomm.layout import get_dispatch_layout, send_positions
 from deepcomm.topology import Topology
 
 
@@ -55,3 +55,10 @@ def test_layout_rejects_out_of_range_experts():
         get_dispatch_layout(torch.tensor([[0, 1]]), 7, Topology(0, 2, 1))
     with pytest.raises(TypeError, match="topk_idx"):
         get_dispatch_layout(torch.tensor([[0, 1]], dtype=torch.int32), 8, Topology(0, 2, 1))
+
+
+def test_send_positions_count_earlier_tokens_per_rank():
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    expected = [[0, 0, 0], [1, 0, 1], [2, 1, 1], [2, 2, 2]]
+    assert send_positions(mask).tolist() == expected
+    assert send_positions(mask).dtype == torch.int32

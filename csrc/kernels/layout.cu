@@ -10,7 +10,14 @@
 // added to the global outputs once per block at the end, so global atomics
 // scale with blocks, not tokens. Integer atomics make the counts exact and
 // independent of scheduling.
+//
+// Send positions (optional): one block per destination rank scans that
+// column of is_token_in_rank with a block-wide exclusive sum, chunk by chunk,
+// so send_pos[t][r] = tokens before t that go to r. Dispatch writes token t's
+// row for r at that index (plus where this rank's rows start at r).
 #include "kernels/layout.h"
+
+#include <cub/block/block_scan.cuh>
 
 #include "runtime/error.h"
 
@@ -77,6 +84,42 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
   }
 }
 
+constexpr int kScanThreads = 512;
+constexpr int kScanItems = 8;  // consecutive tokens per thread per chunk
+
+__global__ void __launch_bounds__(kScanThreads) send_positions_kernel(const bool* is_token_in_rank, int num_tokens,
+                                                                      int num_ranks, int32_t* send_pos) {
+  using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int32_t chunk_total;
+  const int rank = blockIdx.x;
+  int32_t running = 0;
+  for (int chunk = 0; chunk < num_tokens; chunk += kScanThreads * kScanItems) {
+    const int first = chunk + threadIdx.x * kScanItems;
+    int32_t flags[kScanItems];
+    int32_t count = 0;
+#pragma unroll
+    for (int i = 0; i < kScanItems; ++i) {
+      const int token = first + i;
+      flags[i] = token < num_tokens && is_token_in_rank[static_cast<int64_t>(token) * num_ranks + rank];
+      count += flags[i];
+    }
+    int32_t before = 0, total = 0;
+    BlockScan(scan_storage).ExclusiveSum(count, before, total);
+    before += running;
+#pragma unroll
+    for (int i = 0; i < kScanItems; ++i) {
+      const int token = first + i;
+      if (token < num_tokens) send_pos[static_cast<int64_t>(token) * num_ranks + rank] = before;
+      before += flags[i];
+    }
+    if (threadIdx.x == 0) chunk_total = total;
+    __syncthreads();
+    running += chunk_total;
+    __syncthreads();
+  }
+}
+
 }  // namespace
 
 size_t dispatch_layout_shared_bytes(int num_experts, int num_ranks, int ranks_per_node) {
@@ -107,6 +150,11 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cuda
   const int blocks = blocks_needed < num_blocks ? blocks_needed : num_blocks;
   dispatch_layout_kernel<<<blocks, kLayoutThreads, shared_bytes, stream>>>(args);
   DC_CUDA_CHECK(cudaGetLastError());
+  if (args.send_pos != nullptr) {
+    send_positions_kernel<<<args.num_ranks, kScanThreads, 0, stream>>>(args.is_token_in_rank, args.num_tokens,
+                                                                      args.num_ranks, args.send_pos);
+    DC_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace deepcomm

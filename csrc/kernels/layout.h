@@ -21,6 +21,8 @@ struct DispatchLayoutArgs {
   int32_t* num_tokens_per_expert;  // [num_experts]: (token, k) entries naming the expert
   bool* is_token_in_rank;          // [num_tokens, num_ranks]
   int32_t* num_invalid;            // optional [1]: entries outside [-1, num_experts), counted, not routed
+  int32_t* send_pos;               // optional [num_tokens, num_ranks]: the token's index among this rank's
+                                   // tokens for that rank (exclusive prefix count down each column)
 };
 
 // Shared memory the kernel needs for its block-local counters.
