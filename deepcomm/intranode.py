@@ -160,6 +160,9 @@ class IntranodeCommunicator:
             self._failure = CommunicationError(
                 self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=peer
             )
+            # Let this rank's kernels finish giving up (their waits are bounded) before anyone
+            # tears down buffers that peers still map.
+            self._stream.synchronize()
         if self._failure is not None:
             raise self._failure
 

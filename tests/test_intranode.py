@@ -156,7 +156,7 @@ def _skipping_rank_worker(rank: int, world_size: int) -> None:
     comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)  # everyone takes part once
     torch.cuda.synchronize()
     if rank == world_size - 1:
-        time.sleep(8)  # alive, but skips the next call
+        time.sleep(12)  # alive, but skips the next call; leaves last
         return
     start = time.monotonic()
     with pytest.raises(deepcomm.CommunicationError) as info:
@@ -167,6 +167,10 @@ def _skipping_rank_worker(rank: int, world_size: int) -> None:
     assert elapsed < 6.0, f"gave up after {elapsed:.1f}s with a 2s timeout"
     with pytest.raises(deepcomm.CommunicationError):  # the communicator stays failed
         comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    # Peers' kernels still give up on their own waits; stay until they have, so no kernel
+    # writes into a buffer whose process is gone.
+    torch.cuda.synchronize()
+    time.sleep(4)
 
 
 def test_a_rank_that_skips_a_call_makes_the_others_raise_naming_it():
