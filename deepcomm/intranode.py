@@ -203,13 +203,13 @@ class IntranodeCommunicator:
         stream = self._stream
 
         with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
-            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid, send_pos)
             # One allocation for the small per-call outputs of the kernels.
             counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
             send_base, recv_totals = counters[:world], counters[world : 2 * world]
             per_expert = counters[2 * world : 2 * world + experts_per_rank]
             num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
+            send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
+            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid, send_pos)
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
