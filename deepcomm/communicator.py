@@ -19,7 +19,7 @@ from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
 from deepcomm.reference import ReferenceCommunicator
 from deepcomm.results import DispatchResult
-from deepcomm.topology import Topology, detect_topology
+from deepcomm.topology import Topology
 
 BACKENDS = ("auto", "intranode", "reference")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)

@@ -128,6 +128,20 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
 
 // -------------------------------------------------------------- dispatch
 
+// The ranks a token goes to (bit r of the result) and, for each, the row it
+// occupies in that rank's slot: send_base[r] + send_pos[token][r]. Every lane
+// of the warp gets both; lanes < num_ranks do the loads.
+__device__ __forceinline__ uint32_t token_rows(const bool* is_token_in_rank, const int32_t* send_pos,
+                                               const int32_t* send_base, int token, int num_ranks, int lane,
+                                               int (&positions)[kMaxRanks]) {
+  const int64_t entry = static_cast<int64_t>(token) * num_ranks + lane;
+  const uint32_t mask = __ballot_sync(0xffffffffu, lane < num_ranks && is_token_in_rank[entry]);
+  const int lane_position = lane < num_ranks ? send_base[lane] + send_pos[entry] : 0;
+#pragma unroll
+  for (int i = 0; i < kMaxRanks; ++i) positions[i] = __shfl_sync(0xffffffffu, lane_position, i);
+  return mask;
+}
+
 struct DestinationRows {
   uint8_t* x;
   float* scales;
@@ -255,13 +269,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   const int num_tokens = overflow || *args.abort_dispatch ? 0 : args.num_tokens;
 
   for (int token = blockIdx.x * kWarps + warp; token < num_tokens; token += gridDim.x * kWarps) {
-    const bool goes_to_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];
-    const uint32_t mask = __ballot_sync(0xffffffffu, goes_to_lane_rank);
-    const int lane_position =
-        lane < num_ranks ? args.send_base[lane] + args.send_pos[static_cast<int64_t>(token) * num_ranks + lane] : 0;
     int positions[kMaxRanks];
-#pragma unroll
-    for (int i = 0; i < kMaxRanks; ++i) positions[i] = __shfl_sync(0xffffffffu, lane_position, i);
+    const uint32_t mask = token_rows(args.is_token_in_rank, args.send_pos, args.send_base, token, num_ranks, lane,
+                                     positions);
 
     const uint8_t* source = static_cast<const uint8_t*>(args.x) + token * source_row_bytes;
     if constexpr (kQuantize) {
@@ -344,13 +354,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
   const int64_t row_bytes = 2LL * args.hidden;
   const int num_units = static_cast<int>(row_bytes / 16);
   for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
-    const bool from_lane_rank = lane < num_ranks && args.is_token_in_rank[static_cast<int64_t>(token) * num_ranks + lane];
-    const uint32_t mask = __ballot_sync(0xffffffffu, from_lane_rank);
-    const int lane_position =
-        lane < num_ranks ? args.send_base[lane] + args.send_pos[static_cast<int64_t>(token) * num_ranks + lane] : 0;
     int positions[kMaxRanks];
-#pragma unroll
-    for (int i = 0; i < kMaxRanks; ++i) positions[i] = __shfl_sync(0xffffffffu, lane_position, i);
+    const uint32_t mask = token_rows(args.is_token_in_rank, args.send_pos, args.send_base, token, num_ranks, lane,
+                                     positions);
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + token * row_bytes);
 
     for (int base = lane; base < num_units; base += 32 * kCombineUnroll) {
