@@ -88,6 +88,9 @@ PYBIND11_MODULE(_C, m) {
   intra.attr("MAX_EXPERTS") = in::kMaxExperts;
   intra.attr("DATA_OFFSET") = in::kDataOffset;
   intra.attr("MAILBOX_BYTES") = sizeof(in::HostMailbox);
+  intra.attr("ERRORS") = py::dict(py::arg("timeout") = static_cast<int>(in::kErrorTimeout),
+                                  py::arg("size_mismatch") = static_cast<int>(in::kErrorSizeMismatch),
+                                  py::arg("invalid_ids") = static_cast<int>(in::kErrorInvalidIds));
   intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(in::kStageNotify),
                                   py::arg("dispatch") = static_cast<int>(in::kStageDispatch),
                                   py::arg("combine_ready") = static_cast<int>(in::kStageCombineReady),
@@ -137,14 +140,14 @@ PYBIND11_MODULE(_C, m) {
       .def("dispatch", [](const in::Context& ctx, uint64_t call, int slot, int payload, uintptr_t x, uintptr_t x_scales,
                           int hidden, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk,
                           int experts_per_rank, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,
-                          uintptr_t recv_totals, uintptr_t abort_dispatch, uint64_t arrivals_expected, int num_blocks,
-                          uintptr_t stream) {
+                          uintptr_t recv_totals, uintptr_t abort_dispatch, int64_t expected_recv,
+                          uint64_t arrivals_expected, int num_blocks, uintptr_t stream) {
         in::DispatchArgs args{call, slot, static_cast<in::Payload>(payload), as_ptr<const void>(x),
                               as_ptr<const float>(x_scales), hidden, as_ptr<const int64_t>(topk_idx),
                               as_ptr<const float>(topk_weights), num_tokens, num_topk, experts_per_rank,
                               as_ptr<const bool>(is_token_in_rank), as_ptr<const int32_t>(send_pos),
                               as_ptr<const int32_t>(send_base), as_ptr<const int32_t>(recv_totals),
-                              as_ptr<const int32_t>(abort_dispatch), arrivals_expected, num_blocks};
+                              as_ptr<const int32_t>(abort_dispatch), expected_recv, arrivals_expected, num_blocks};
         in::launch_dispatch(ctx, args, as_stream(stream));
       })
       .def("combine", [](const in::Context& ctx, uint64_t call, int64_t source_offset, uintptr_t y, int hidden,

@@ -109,14 +109,18 @@ class Communicator:
         power_of_two_scales: bool = False,
         previous_event: EventHandle | None = None,
         num_sms: int | None = None,
+        num_recv_tokens: int | None = None,
     ) -> DispatchResult:
         """Send each token once to each rank holding one of its experts (docs/api.md).
 
         The caller's stream waits for the result (the host does not, except for
-        the one small wait that sizes the output).
+        the one small wait that sizes the output). ``num_recv_tokens``: rows this
+        rank will receive, when the caller knows it; the intranode backend then
+        skips the wait, checks the number on the GPU, and reports a wrong one
+        at the next call (``num_recv_tokens_per_rank`` is then None).
         """
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, False, num_sms)
+                                       power_of_two_scales, previous_event, False, num_sms, num_recv_tokens)
 
     def dispatch_async(
         self,
@@ -129,10 +133,11 @@ class Communicator:
         power_of_two_scales: bool = False,
         previous_event: EventHandle | None = None,
         num_sms: int | None = None,
+        num_recv_tokens: int | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, True, num_sms)
+                                       power_of_two_scales, previous_event, True, num_sms, num_recv_tokens)
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""

@@ -154,12 +154,23 @@ class IntranodeCommunicator:
 
     def check_errors(self) -> None:
         """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
-        if self._failure is None and int(self.mailbox[0]) != 0:
+        code = int(self.mailbox[0])
+        if self._failure is None and code != 0:
             stages = {v: k for k, v in self.kernels.STAGES.items()}
-            stage, peer = stages.get(int(self.mailbox[1]), "unknown"), int(self.mailbox[2])
-            self._failure = CommunicationError(
-                self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=peer
-            )
+            stage, detail = stages.get(int(self.mailbox[1]), "unknown"), int(self.mailbox[2])
+            if code == self.kernels.ERRORS["timeout"]:
+                self._failure = CommunicationError(
+                    self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=detail
+                )
+            elif code == self.kernels.ERRORS["size_mismatch"]:
+                self._failure = CommunicationError(
+                    self.topology.rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived"
+                )
+            else:
+                invalid = {r: int(n) for r, n in enumerate(self._invalid_ids[: self.topology.world_size]) if n}
+                self._failure = CommunicationError(
+                    self.topology.rank, stage, f"topk_idx had invalid expert ids (rank: count) {invalid}"
+                )
             # Let this rank's kernels finish giving up (their waits are bounded) before anyone
             # tears down buffers that peers still map.
             self._stream.synchronize()
@@ -180,7 +191,7 @@ class IntranodeCommunicator:
 
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
     ) -> DispatchResult:
         self.check_errors()
         # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
@@ -224,9 +235,19 @@ class IntranodeCommunicator:
                 call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
                 topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
                 layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
-                recv_totals.data_ptr(), abort_dispatch.data_ptr(), self._dispatch_blocks, num_blocks,
+                recv_totals.data_ptr(), abort_dispatch.data_ptr(),
+                -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks,
                 stream.cuda_stream,
             )
+            recv_row_bytes = 2 * hidden if payload == PAYLOAD_BF16 else hidden
+            scale_cols = 0 if payload == PAYLOAD_BF16 else hidden // fp8.BLOCK_CHANNELS
+            if num_recv_tokens is not None:
+                # The caller knows the size: no host wait. The kernel checks the size (and the ids)
+                # and a mismatch surfaces at the next call or check_errors().
+                own_layout = self.kernels.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols, num_topk)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result.num_recv_tokens_per_rank = None
+                return self._finish(result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish)
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
             invalid = self._invalid_ids[:world]
@@ -236,8 +257,6 @@ class IntranodeCommunicator:
                 raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
                                  f"passed {int(invalid[culprit])} invalid ids")
             totals = matrix.sum(axis=0).tolist()
-            recv_row_bytes = 2 * hidden if payload == PAYLOAD_BF16 else hidden
-            scale_cols = 0 if payload == PAYLOAD_BF16 else hidden // fp8.BLOCK_CHANNELS
             layouts = [self.kernels.recv_layout(t, recv_row_bytes, scale_cols, num_topk) for t in totals]
             too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > self.slot_bytes]
             if too_big:
@@ -246,11 +265,15 @@ class IntranodeCommunicator:
                                  f"slot holds ({self.slot_bytes} bytes); enlarge BufferConfig")
             result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
-            result.handle = IntranodeHandle(num_tokens, hidden, totals[rank], layout.is_token_in_rank, send_pos,
-                                            send_base, call, id(self))
-            outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, per_expert)
-            result.event = hand_back(outputs, self.device, stream, caller, async_finish)
-            return result
+            return self._finish(result, layout, send_pos, send_base, totals[rank], call, caller, async_finish)
+
+    def _finish(self, result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish):
+        num_tokens, hidden = layout.is_token_in_rank.shape[0], result.x.shape[1]
+        result.handle = IntranodeHandle(num_tokens, hidden, num_recv_tokens, layout.is_token_in_rank, send_pos,
+                                        send_base, call, id(self))
+        outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
+        result.event = hand_back(outputs, self.device, self._stream, caller, async_finish)
+        return result
 
     def _payload(self, x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -> int:
         hidden = x.shape[1]

@@ -177,9 +177,10 @@ class ReferenceCommunicator:
 
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
     ) -> DispatchResult:
-        """The backend interface Communicator drives (``num_sms`` does not apply here)."""
+        """The backend interface Communicator drives (``num_sms`` does not apply here;
+        a given ``num_recv_tokens`` is checked against what arrives)."""
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
         if quantize_fp8:
             if x.dtype != torch.bfloat16:
@@ -187,6 +188,8 @@ class ReferenceCommunicator:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts)
+            if num_recv_tokens is not None and num_recv_tokens != result.x.shape[0]:
+                raise ValueError(f"num_recv_tokens: given {num_recv_tokens}, but {result.x.shape[0]} rows arrived")
             return self._finish(result, caller, async_finish)
 
     def _dispatch(

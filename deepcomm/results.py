@@ -19,7 +19,8 @@ class DispatchResult:
     topk_idx:              ``[R, K]`` int64, local expert ids (``e - rank * E/world``), -1 where not local
     topk_weights:          ``[R, K]`` float32, 0 where ``topk_idx`` is -1
     num_tokens_per_expert: ``[E/world]`` int32, received (token, k) entries per local expert
-    num_recv_tokens_per_rank: received rows from each source rank (host list)
+    num_recv_tokens_per_rank: received rows from each source rank (host list); None when the
+                           caller passed num_recv_tokens and the host skipped its wait
     handle:                what :meth:`combine` needs to send results back
     event:                 reached when the outputs are ready on the communication stream
     """
@@ -29,6 +30,6 @@ class DispatchResult:
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
     num_tokens_per_expert: torch.Tensor
-    num_recv_tokens_per_rank: list[int]
+    num_recv_tokens_per_rank: list[int] | None
     handle: Any
     event: EventHandle

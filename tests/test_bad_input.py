@@ -110,3 +110,11 @@ def test_one_rank_world_round_trips(comm):
     touched = (inputs["topk_idx"] >= 0).any(dim=1)
     assert result.x.shape[0] == int(touched.sum())
     assert torch.equal(comm.combine(result.x, result.handle), inputs["x"])
+
+
+def test_caller_given_receive_size_is_checked(comm):
+    inputs = good_inputs()
+    rows = comm.dispatch(**inputs).x.shape[0]
+    assert comm.dispatch(**inputs, num_recv_tokens=rows).x.shape[0] == rows
+    with pytest.raises(ValueError, match="^num_recv_tokens:"):
+        comm.dispatch(**inputs, num_recv_tokens=rows + 1)

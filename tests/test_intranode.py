@@ -206,6 +206,32 @@ def _bad_input_worker(rank: int, world_size: int) -> None:
     dist.barrier()
 
 
+def _caller_known_sizes_worker(rank: int, world_size: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(9, rank, 40, HIDDEN, NUM_TOPK, 8 * world_size, "skewed", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    waited = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    rows = waited.x.shape[0]
+    expected_x, expected_y = waited.x.clone(), comm.combine(waited.x, waited.handle)
+    known = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, num_recv_tokens=rows)
+    assert known.num_recv_tokens_per_rank is None
+    _same_bits(known.x, expected_x, "x with caller-known size")
+    _same_bits(comm.combine(known.x, known.handle), expected_y, "combine with caller-known size")
+    torch.cuda.synchronize()
+    comm.check_errors()
+    comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, num_recv_tokens=rows + 1)  # wrong: found on the GPU
+    torch.cuda.synchronize()
+    with pytest.raises(deepcomm.CommunicationError, match=f"num_recv_tokens was wrong: {rows} rows arrived"):
+        comm.check_errors()
+    dist.barrier()
+
+
+def test_caller_known_sizes_skip_the_wait_and_are_checked_on_the_gpu():
+    _require(2)
+    run_ranks(_caller_known_sizes_worker, 2)
+
+
 def test_intranode_bad_input():
     _require(2)
     run_ranks(_bad_input_worker, 2)

@@ -52,10 +52,6 @@ __device__ __forceinline__ uint8_t* slot_of(const Context& ctx, int rank, int sl
   return ctx.regions[rank] + kDataOffset + static_cast<int64_t>(slot) * ctx.slot_bytes;
 }
 
-__device__ __forceinline__ bool mailbox_has_error(const Context& ctx) {
-  return *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->error_code) != 0;
-}
-
 // ---------------------------------------------------------------- notify
 
 __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, NotifyArgs args) {
@@ -266,7 +262,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   __syncthreads();
   const DestinationRows(&dests)[kMaxRanks] = dest_rows;
   // Invalid expert ids on any rank: nobody dispatches and every rank raises (the host reads why).
-  const int num_tokens = overflow || *args.abort_dispatch ? 0 : args.num_tokens;
+  const bool aborted = overflow || *args.abort_dispatch;
+  const int num_tokens = aborted ? 0 : args.num_tokens;
+  // The host skipped its wait and trusted a caller-given row count: if it is wrong (or the call
+  // aborted), say so in the mailbox; the host raises at its next check.
+  if (blockIdx.x == 0 && threadIdx.x == 0 && args.expected_recv >= 0) {
+    if (*args.abort_dispatch) report_error(ctx.mailbox, kErrorInvalidIds, kStageDispatch, ctx.rank);
+    else if (args.recv_totals[ctx.rank] != args.expected_recv)
+      report_error(ctx.mailbox, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
+  }
 
   for (int token = blockIdx.x * kWarps + warp; token < num_tokens; token += gridDim.x * kWarps) {
     int positions[kMaxRanks];

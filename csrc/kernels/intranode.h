@@ -53,6 +53,7 @@ struct DispatchArgs {
   const int32_t* send_base;      // [num_ranks] from notify
   const int32_t* recv_totals;    // [num_ranks] from notify
   const int32_t* abort_dispatch; // [1] from notify
+  int64_t expected_recv;         // rows the caller said this rank receives (host skipped its wait), or -1
   uint64_t arrivals_expected;    // cumulative dispatch blocks expected from each peer after this call
   int num_blocks;
 };

@@ -8,13 +8,13 @@
 
 namespace deepcomm {
 
-__device__ inline void report_timeout(intranode::HostMailbox* mailbox, int64_t stage, int64_t peer) {
+__device__ inline void report_error(intranode::HostMailbox* mailbox, int64_t code, int64_t stage, int64_t detail) {
   volatile int64_t* slots = reinterpret_cast<volatile int64_t*>(mailbox);
-  if (slots[0] != 0) return;  // keep the first failure: later stages time out because of it
+  if (slots[0] != 0) return;  // keep the first failure: later stages fail because of it
   slots[1] = stage;
-  slots[2] = peer;
+  slots[2] = detail;
   __threadfence_system();
-  slots[0] = 1;
+  slots[0] = code;
   __threadfence_system();
 }
 
@@ -26,7 +26,7 @@ __device__ inline bool wait_for_peers(const uint64_t* flags, int num_ranks, uint
   for (int peer = 0; peer < num_ranks; ++peer) {
     while (ptx::load_acquire_sys(flags + peer) < target) {
       if (static_cast<int64_t>(ptx::global_timer_ns() - start) > timeout_ns) {
-        report_timeout(mailbox, stage, peer);
+        report_error(mailbox, intranode::kErrorTimeout, stage, peer);
         return false;
       }
     }
