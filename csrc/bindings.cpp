@@ -112,7 +112,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<in::Context>(intra, "Context")
       .def(py::init([](const std::vector<uintptr_t>& regions, int rank, int num_slots, int64_t slot_bytes,
-                       int64_t combine_offset, uintptr_t mailbox, int64_t timeout_ns) {
+                       uintptr_t mailbox, int64_t timeout_ns) {
              DC_CHECK_ARG(!regions.empty() && regions.size() <= static_cast<size_t>(in::kMaxRanks),
                           "regions: one buffer per rank, at most " + std::to_string(in::kMaxRanks));
              in::Context ctx{};
@@ -121,12 +121,11 @@ PYBIND11_MODULE(_C, m) {
              ctx.num_ranks = static_cast<int>(regions.size());
              ctx.num_slots = num_slots;
              ctx.slot_bytes = slot_bytes;
-             ctx.combine_offset = combine_offset;
              ctx.mailbox = as_ptr<in::HostMailbox>(mailbox);
              ctx.timeout_ns = timeout_ns;
              return ctx;
            }),
-           py::arg("regions"), py::arg("rank"), py::arg("num_slots"), py::arg("slot_bytes"), py::arg("combine_offset"),
+           py::arg("regions"), py::arg("rank"), py::arg("num_slots"), py::arg("slot_bytes"),
            py::arg("mailbox"), py::arg("timeout_ns"))
       .def("notify", [](const in::Context& ctx, uint64_t call, uintptr_t tokens_per_rank, uintptr_t tokens_per_expert,
                         uintptr_t num_invalid, int num_experts, uintptr_t send_base, uintptr_t recv_totals,

@@ -137,7 +137,7 @@ class IntranodeCommunicator:
         self._peers = [PeerTensor(h, self.device) if r != topology.rank else None for r, h in enumerate(handles)]
         regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
         self.ctx = self.kernels.Context(
-            regions, topology.rank, config.num_recv_slots, self.slot_bytes, self.combine_offset,
+            regions, topology.rank, config.num_recv_slots, self.slot_bytes,
             self.mailbox.data_ptr(), int(timeout_s * 1e9),
         )
         # Every rank counts calls and blocks identically; the kernels compare against these.

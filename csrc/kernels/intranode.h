@@ -17,7 +17,6 @@ struct Context {
   int num_ranks;
   int num_slots;
   int64_t slot_bytes;
-  int64_t combine_offset;       // byte offset of the combine slot in every region
   HostMailbox* mailbox;         // pinned, mapped
   int64_t timeout_ns;           // bounded wait on any peer
 };
