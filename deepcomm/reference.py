@@ -291,23 +291,36 @@ class ReferenceCommunicator:
             return combined, hand_back((combined,), device, self.comm_stream(device), caller, async_finish)
 
     def _combine(self, expert_out: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
+        return self.reduce_rows(expert_out, handle)
+
+    def reduce_rows(self, rows: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
+        """Combine's data movement and reduction for any float rows ``[R, C]`` → ``[T, C]``.
+
+        Sums in float32 in the contract's order; node partials are rounded to
+        ``rows.dtype`` (bf16 for combine). Used by combine and by autograd.
+        """
         topo = handle.topology
-        returned = self._all_to_all("combine/rows", expert_out, list(handle.recv_counts), list(handle.send_counts))
+        returned = self._all_to_all("combine/rows", rows, list(handle.recv_counts), list(handle.send_counts))
         offsets = [0]
         for count in handle.send_counts:
             offsets.append(offsets[-1] + count)
-
+        width = rows.shape[1]
         node_segments = []
         for node in range(topo.num_nodes):
             rank_segments = [
                 (handle.send_token_idx[offsets[r] : offsets[r + 1]], returned[offsets[r] : offsets[r + 1]].float())
                 for r in topo.ranks_of_node(node)
             ]
-            partial, touched = ordered_sum(rank_segments, handle.num_tokens, handle.hidden, expert_out.device)
+            partial, touched = ordered_sum(rank_segments, handle.num_tokens, width, rows.device)
             tokens = touched.nonzero().squeeze(1)
-            node_segments.append((tokens, partial[tokens].to(torch.bfloat16).float()))
-        total, _ = ordered_sum(node_segments, handle.num_tokens, handle.hidden, expert_out.device)
-        return total.to(torch.bfloat16)
+            node_segments.append((tokens, partial[tokens].to(rows.dtype).float()))
+        total, _ = ordered_sum(node_segments, handle.num_tokens, width, rows.device)
+        return total.to(rows.dtype)
+
+    def scatter_rows(self, values: torch.Tensor, handle: ReferenceHandle) -> torch.Tensor:
+        """Dispatch's data movement with a known handle: ``[T, C]`` → ``[R, C]`` in received order."""
+        return self._all_to_all("dispatch/rows", values[handle.send_token_idx].contiguous(),
+                                list(handle.send_counts), list(handle.recv_counts))
 
     # -- streams ----------------------------------------------------------
 
