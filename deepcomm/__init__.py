@@ -1,6 +1,6 @@
 """deepcomm: expert-parallel dispatch and combine for Mixture-of-Experts models."""
 
-from deepcomm import fp8, layout, reference, routing, topology
+from deepcomm import autograd, fp8, layout, reference, routing, topology
 from deepcomm._ext import FeatureUnavailable, features
 from deepcomm._version import __version__
 from deepcomm.communicator import Communicator
@@ -17,6 +17,7 @@ __all__ = [
     "EventHandle",
     "FeatureUnavailable",
     "__version__",
+    "autograd",
     "features",
     "fp8",
     "layout",
