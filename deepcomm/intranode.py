@@ -127,7 +127,7 @@ class IntranodeCommunicator:
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
         self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
         # numpy views of the mailbox: reading them costs no torch dispatch.
-        mailbox = self.mailbox.numpy()
+        mailbox = self._mailbox_words = self.mailbox.numpy()
         max_ranks = self.kernels.MAX_RANKS
         self._tokens_matrix = mailbox[4 : 4 + max_ranks * max_ranks].reshape(max_ranks, max_ranks)
         self._invalid_ids = mailbox[4 + max_ranks * max_ranks : 4 + max_ranks * max_ranks + max_ranks]
@@ -154,10 +154,10 @@ class IntranodeCommunicator:
 
     def check_errors(self) -> None:
         """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
-        code = int(self.mailbox[0])
+        code = int(self._mailbox_words[0])
         if self._failure is None and code != 0:
             stages = {v: k for k, v in self.kernels.STAGES.items()}
-            stage, detail = stages.get(int(self.mailbox[1]), "unknown"), int(self.mailbox[2])
+            stage, detail = stages.get(int(self._mailbox_words[1]), "unknown"), int(self._mailbox_words[2])
             if code == self.kernels.ERRORS["timeout"]:
                 self._failure = CommunicationError(
                     self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=detail
@@ -297,7 +297,7 @@ class IntranodeCommunicator:
         region = self.buffer[start : start + self.slot_bytes]
 
         def field(name: str, count: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-            nbytes = count * torch.empty((), dtype=dtype).element_size()
+            nbytes = count * dtype.itemsize
             return region[layout[name] : layout[name] + nbytes].view(dtype).view(shape)
 
         if payload == PAYLOAD_BF16:

@@ -130,7 +130,6 @@ def _nvshmem_worker(rank: int, world_size: int) -> None:
         core.nvshmem.ring_exchange(slot, torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         value = torch.empty(1, dtype=torch.int32, device="cuda")
-        torch.cuda.current_stream().synchronize()
         from deepcomm.ipc import _CudaArray
 
         value.copy_(torch.as_tensor(_CudaArray(slot, 4), device="cuda").view(torch.int32))
