@@ -88,13 +88,13 @@ PYBIND11_MODULE(_C, m) {
   intra.attr("MAX_EXPERTS") = in::kMaxExperts;
   intra.attr("DATA_OFFSET") = in::kDataOffset;
   intra.attr("MAILBOX_BYTES") = sizeof(in::HostMailbox);
-  intra.attr("ERRORS") = py::dict(py::arg("timeout") = static_cast<int>(in::kErrorTimeout),
-                                  py::arg("size_mismatch") = static_cast<int>(in::kErrorSizeMismatch),
-                                  py::arg("invalid_ids") = static_cast<int>(in::kErrorInvalidIds));
-  intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(in::kStageNotify),
-                                  py::arg("dispatch") = static_cast<int>(in::kStageDispatch),
-                                  py::arg("combine_ready") = static_cast<int>(in::kStageCombineReady),
-                                  py::arg("combine_done") = static_cast<int>(in::kStageCombineDone));
+  intra.attr("ERRORS") = py::dict(py::arg("timeout") = static_cast<int>(deepcomm::kErrorTimeout),
+                                  py::arg("size_mismatch") = static_cast<int>(deepcomm::kErrorSizeMismatch),
+                                  py::arg("invalid_ids") = static_cast<int>(deepcomm::kErrorInvalidIds));
+  intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(deepcomm::kStageNotify),
+                                  py::arg("dispatch") = static_cast<int>(deepcomm::kStageDispatch),
+                                  py::arg("combine_ready") = static_cast<int>(deepcomm::kStageCombineReady),
+                                  py::arg("combine_done") = static_cast<int>(deepcomm::kStageCombineDone));
   intra.def("recv_layout", [](int64_t rows, int64_t x_row_bytes, int64_t scale_cols, int64_t num_topk) {
     const in::RecvLayout l = in::recv_layout(rows, x_row_bytes, scale_cols, num_topk);
     py::dict d;

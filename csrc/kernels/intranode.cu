@@ -26,11 +26,9 @@
 // rank order, sums in float32 starting from the first row, and writes the bf16
 // result once. Blocks finish with a "combine_done" count in every peer; block 0
 // waits for all peers, so no rank reuses a buffer another is still reading.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
+#include "kernels/common/rows.cuh"
 #include "kernels/intranode.h"
 #include "runtime/error.h"
 
@@ -40,9 +38,7 @@ namespace {
 
 constexpr int kThreads = 512;  // 16 warps: enough loads in flight per SM to approach copy bandwidth
 constexpr int kWarps = kThreads / 32;
-constexpr int kDispatchUnroll = 4;  // 16-byte loads in flight per lane
 constexpr int kCombineUnroll = 2;
-constexpr float kFp8Max = 448.0f;
 
 __device__ __forceinline__ SignalRegion* signals_of(const Context& ctx, int rank) {
   return reinterpret_cast<SignalRegion*>(ctx.regions[rank]);
@@ -71,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     for (int peer = 0; peer < num_ranks; ++peer)
       ptx::store_release_sys(&signals_of(ctx, peer)->notify_arrived[ctx.rank], args.call);
     peers_arrived =
-        wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, ctx.mailbox, kStageNotify);
+        wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageNotify);
   }
   __syncthreads();
   if (!peers_arrived) {
@@ -117,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
-    *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->notify_done) = static_cast<int64_t>(args.call);
+    *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->header.notify_done) = static_cast<int64_t>(args.call);
     __threadfence_system();
   }
 }
@@ -145,92 +141,6 @@ struct DestinationRows {
   float* topk_weights;
   int64_t* src_idx;
 };
-
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-
-// Eight bf16 in an int4 → eight floats (exact).
-__device__ __forceinline__ void unpack_bf16x8(const int4& v, float (&out)[8]) {
-  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                             static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
-    out[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
-  }
-}
-
-// deepcomm/fp8.py: scale = max(amax, 1e-4) * float32(1/448), optionally rounded
-// up to a power of two by its exponent bits.
-template <bool kPow2>
-__device__ __forceinline__ float fp8_scale(float amax) {
-  const float scale = fmaxf(amax, static_cast<float>(1e-4)) * static_cast<float>(1.0 / 448.0);
-  if (!kPow2) return scale;
-  uint32_t bits = __float_as_uint(scale);
-  if (bits & 0x7fffffu) bits = (bits & 0xff800000u) + 0x800000u;
-  return __uint_as_float(bits);
-}
-
-__device__ __forceinline__ uint2 quantize_fp8x8(const float (&values)[8], float scale) {
-  uint8_t bytes[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float scaled = fminf(fmaxf(__fdiv_rn(values[i], scale), -kFp8Max), kFp8Max);
-    bytes[i] = __nv_cvt_float_to_fp8(scaled, __NV_SATFINITE, __NV_E4M3);
-  }
-  uint2 packed;
-  packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (static_cast<uint32_t>(bytes[3]) << 24);
-  packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (static_cast<uint32_t>(bytes[7]) << 24);
-  return packed;
-}
-
-// Copies one row (bf16 or fp8, 16-byte units) to every destination in `mask`.
-__device__ __forceinline__ void copy_row(const int4* source, int num_units, uint32_t mask, const int (&positions)[kMaxRanks],
-                                         const DestinationRows (&dests)[kMaxRanks], int64_t row_bytes, int lane) {
-  for (int base = lane; base < num_units; base += 32 * kDispatchUnroll) {
-    int4 values[kDispatchUnroll];
-#pragma unroll
-    for (int u = 0; u < kDispatchUnroll; ++u) {
-      const int unit = base + u * 32;
-      if (unit < num_units) values[u] = ptx::load_nc(source + unit);
-    }
-    for (uint32_t m = mask; m; m &= m - 1) {
-      const int dst = __ffs(m) - 1;
-      int4* row = reinterpret_cast<int4*>(dests[dst].x + positions[dst] * row_bytes);
-#pragma unroll
-      for (int u = 0; u < kDispatchUnroll; ++u) {
-        const int unit = base + u * 32;
-        if (unit < num_units) row[unit] = values[u];
-      }
-    }
-  }
-}
-
-// Quantises one bf16 row to fp8 + per-128 scales and writes both to every destination.
-template <bool kPow2>
-__device__ __forceinline__ void quantize_row(const int4* source, int hidden, uint32_t mask,
-                                             const int (&positions)[kMaxRanks], const DestinationRows (&dests)[kMaxRanks],
-                                             int lane) {
-  const int scale_cols = hidden / 128;
-  // A pass covers 256 channels: lanes 0-15 one 128-channel block, lanes 16-31 the next.
-  for (int channel = lane * 8; channel - lane * 8 < hidden; channel += 256) {
-    const bool active = channel < hidden;
-    float values[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (active) unpack_bf16x8(ptx::load_nc(source + channel / 8), values);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(values[i]));
-#pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    if (!active) continue;
-    const float scale = fp8_scale<kPow2>(amax);
-    const uint2 packed = quantize_fp8x8(values, scale);
-    for (uint32_t m = mask; m; m &= m - 1) {
-      const int dst = __ffs(m) - 1;
-      *reinterpret_cast<uint2*>(dests[dst].x + static_cast<int64_t>(positions[dst]) * hidden + channel) = packed;
-      if ((lane & 15) == 0) dests[dst].scales[static_cast<int64_t>(positions[dst]) * scale_cols + channel / 128] = scale;
-    }
-  }
-}
 
 template <Payload kPayload>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args) {
@@ -267,9 +177,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   // The host skipped its wait and trusted a caller-given row count: if it is wrong (or the call
   // aborted), say so in the mailbox; the host raises at its next check.
   if (blockIdx.x == 0 && threadIdx.x == 0 && args.expected_recv >= 0) {
-    if (*args.abort_dispatch) report_error(ctx.mailbox, kErrorInvalidIds, kStageDispatch, ctx.rank);
+    if (*args.abort_dispatch) report_error(&ctx.mailbox->header, kErrorInvalidIds, kStageDispatch, ctx.rank);
     else if (args.recv_totals[ctx.rank] != args.expected_recv)
-      report_error(ctx.mailbox, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
+      report_error(&ctx.mailbox->header, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
   }
 
   for (int token = blockIdx.x * kWarps + warp; token < num_tokens; token += gridDim.x * kWarps) {
@@ -277,22 +187,21 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
     const uint32_t mask = token_rows(args.is_token_in_rank, args.send_pos, args.send_base, token, num_ranks, lane,
                                      positions);
 
-    const uint8_t* source = static_cast<const uint8_t*>(args.x) + token * source_row_bytes;
+    uint8_t* x_targets[kMaxRanks];
+    float* scale_targets[kMaxRanks];
+#pragma unroll
+    for (int dst = 0; dst < kMaxRanks; ++dst) {
+      const bool to_dst = (mask >> dst) & 1u;
+      x_targets[dst] = to_dst ? dests[dst].x + positions[dst] * recv_row_bytes : nullptr;
+      scale_targets[dst] = to_dst ? dests[dst].scales + static_cast<int64_t>(positions[dst]) * scale_cols : nullptr;
+    }
+    const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
     if constexpr (kQuantize) {
-      quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(reinterpret_cast<const int4*>(source), args.hidden, mask,
-                                                        positions, dests, lane);
+      rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
     } else {
-      copy_row(reinterpret_cast<const int4*>(source), static_cast<int>(source_row_bytes / 16), mask, positions, dests,
-               recv_row_bytes, lane);
-      if constexpr (kPayload == Payload::kFp8) {
-        for (int col = lane; col < scale_cols; col += 32) {
-          const float scale = args.x_scales[static_cast<int64_t>(token) * scale_cols + col];
-          for (uint32_t m = mask; m; m &= m - 1) {
-            const int dst = __ffs(m) - 1;
-            dests[dst].scales[static_cast<int64_t>(positions[dst]) * scale_cols + col] = scale;
-          }
-        }
-      }
+      rows::copy_row(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
+      if constexpr (kPayload == Payload::kFp8)
+        rows::copy_floats(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, scale_targets, lane);
     }
 
     // Routing metadata, rewritten for each destination: local expert ids, -1 and weight 0 elsewhere.
@@ -322,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
       ptx::add_release_sys(&signals_of(ctx, peer)->dispatch_arrived[ctx.rank], 1);
     if (blockIdx.x == 0)
       wait_for_peers(signals_of(ctx, ctx.rank)->dispatch_arrived, num_ranks, args.arrivals_expected, ctx.timeout_ns,
-                     ctx.mailbox, kStageDispatch);
+                     &ctx.mailbox->header, kStageDispatch);
   }
 }
 
@@ -345,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
         ptx::store_release_sys(&signals_of(ctx, peer)->combine_ready[ctx.rank], args.call);
     }
     peers_ready =
-        wait_for_peers(own->combine_ready, num_ranks, args.call, ctx.timeout_ns, ctx.mailbox, kStageCombineReady);
+        wait_for_peers(own->combine_ready, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageCombineReady);
     for (int peer = 0; peer < num_ranks; ++peer) {
       const int64_t offset =
           *reinterpret_cast<volatile int64_t*>(&signals_of(ctx, peer)->combine_source_offset[parity]);
@@ -379,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
           const int unit = base + u * 32;
           if (unit >= num_units) continue;
           float values[8];
-          unpack_bf16x8(ptx::load_cg(row + unit), values);
+          rows::unpack_bf16x8(ptx::load_cg(row + unit), values);
 #pragma unroll
           for (int i = 0; i < 8; ++i) sums[u][i] = first ? values[i] : sums[u][i] + values[i];
         }
@@ -389,14 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
       for (int u = 0; u < kCombineUnroll; ++u) {
         const int unit = base + u * 32;
         if (unit >= num_units) continue;
-        uint32_t words[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const __nv_bfloat162 pair = __floats2bfloat162_rn(sums[u][2 * i], sums[u][2 * i + 1]);
-          words[i] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
-        out[unit] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
-                              static_cast<int>(words[3]));
+        out[unit] = rows::pack_bf16x8(sums[u]);
       }
     }
   }
@@ -407,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
     for (int peer = 0; peer < num_ranks; ++peer)
       ptx::add_release_sys(&signals_of(ctx, peer)->combine_done[ctx.rank], 1);
     if (blockIdx.x == 0)
-      wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, ctx.mailbox, kStageCombineDone);
+      wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, &ctx.mailbox->header, kStageCombineDone);
   }
 }
 

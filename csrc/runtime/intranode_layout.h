@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "runtime/mailbox_layout.h"
+
 #ifdef __CUDACC__
 #define DC_HOST_DEVICE __host__ __device__
 #else
@@ -31,17 +33,10 @@ constexpr int kMaxExperts = 2048;  // experts in the whole model
 
 // Written by the kernels to pinned, mapped host memory; read by the host.
 struct HostMailbox {
-  int64_t error_code;   // ErrorCode
-  int64_t error_stage;  // Stage
-  int64_t error_peer;   // timeout: the rank that did not answer; size mismatch: the actual row count
-  int64_t notify_done;  // sequence number of the last finished notify
+  MailboxHeader header;
   int64_t tokens_matrix[kMaxRanks][kMaxRanks];  // [src][dst] tokens of the last notify
   int64_t invalid_ids[kMaxRanks];               // [src] invalid expert ids rank src passed to the last notify
 };
-
-enum ErrorCode : int64_t { kErrorNone = 0, kErrorTimeout = 1, kErrorSizeMismatch = 2, kErrorInvalidIds = 3 };
-
-enum Stage : int64_t { kStageNotify = 1, kStageDispatch = 2, kStageCombineReady = 3, kStageCombineDone = 4 };
 
 struct SignalRegion {
   // Written by peer s into this rank's region:

@@ -4,12 +4,12 @@
 #include <chrono>
 #include <thread>
 
-#include "runtime/intranode_layout.h"
+#include "runtime/mailbox_layout.h"
 
 namespace deepcomm {
 
 MailboxWait wait_notify(uintptr_t mailbox_address, int64_t call, double timeout_s) {
-  auto* mailbox = reinterpret_cast<intranode::HostMailbox*>(mailbox_address);
+  auto* mailbox = reinterpret_cast<MailboxHeader*>(mailbox_address);
   volatile int64_t* done = &mailbox->notify_done;
   volatile int64_t* error = &mailbox->error_code;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);

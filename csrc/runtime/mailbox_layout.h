@@ -1,0 +1,30 @@
+// The head of every host mailbox (pinned, mapped memory the kernels write and
+// the host reads), and the error vocabulary shared by all kernel families.
+// Python reads these words by index (deepcomm/kernel_backend.py).
+#pragma once
+
+#include <cstdint>
+
+namespace deepcomm {
+
+struct MailboxHeader {
+  int64_t error_code;   // ErrorCode; the first failure wins
+  int64_t error_stage;  // Stage
+  int64_t error_peer;   // timeout: the rank that did not answer; size mismatch: the actual row count
+  int64_t notify_done;  // sequence number of the last finished notify
+};
+
+enum ErrorCode : int64_t { kErrorNone = 0, kErrorTimeout = 1, kErrorSizeMismatch = 2, kErrorInvalidIds = 3 };
+
+// Where a kernel was waiting when it gave up.
+enum Stage : int64_t {
+  kStageNotify = 1,         // counts from every rank
+  kStageDispatch = 2,       // node peers finishing the rows they write here
+  kStageCombineReady = 3,   // node peers publishing their expert outputs
+  kStageCombineDone = 4,    // node peers finishing reads of this rank's outputs
+  kStageForward = 5,        // rows from the inter-node partner (internode dispatch)
+  kStageCombineCredit = 6,  // the home rank freeing its partial-sum area (internode combine)
+  kStageCombineRecv = 7,    // partial sums from another node's gateway (internode combine)
+};
+
+}  // namespace deepcomm
