@@ -20,6 +20,8 @@
 
 namespace py = pybind11;
 
+void bind_internode(py::module_& m);  // bindings_internode.cpp
+
 namespace {
 
 template <typename T>
@@ -157,6 +159,7 @@ PYBIND11_MODULE(_C, m) {
                              as_ptr<const int32_t>(send_base), done_expected, num_blocks};
         in::launch_combine(ctx, args, as_stream(stream));
       });
+  bind_internode(m);
 
 #ifdef DEEPCOMM_WITH_NVSHMEM
   py::module_ nv = m.def_submodule("nvshmem", "NVSHMEM host runtime (bootstrap by unique id)");

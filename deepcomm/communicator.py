@@ -3,25 +3,34 @@
 Backends:
 - ``"intranode"``: the reserved-SM CUDA kernels among the ranks of one node
   (deepcomm.intranode); needs CUDA tensors, the extension and a BufferConfig.
+- ``"internode"``: the hierarchical kernels across nodes (deepcomm.internode):
+  one copy per (token, destination node) through the transport, NVLink
+  forwarding inside the node; needs CUDA tensors, the extension, a BufferConfig.
 - ``"reference"``: the pure-torch path (deepcomm.reference) over any
   torch.distributed backend; the oracle and the CPU path.
-- ``"auto"``: ``"intranode"`` when it can run (a CUDA device, the extension,
-  one node of at most 8 ranks, a BufferConfig), else ``"reference"``.
+- ``"auto"``: ``"intranode"`` on one node of at most 8 ranks, ``"internode"``
+  across nodes, when the kernels can run (a CUDA device, the extension, a
+  BufferConfig); else ``"reference"``.
 """
 
 from __future__ import annotations
+
+import socket
 
 import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
 from deepcomm.events import EventHandle
+from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
 from deepcomm.reference import ReferenceCommunicator
 from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
 
-BACKENDS = ("auto", "intranode", "reference")
+BACKENDS = ("auto", "intranode", "internode", "reference")
+# "ipc_staged": CUDA IPC through local staging, the access pattern of a NIC (tests that path on one host).
+TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -38,6 +47,9 @@ class Communicator:
         buffer: sizes of the kernels' buffers (required by ``"intranode"``).
         timeout_s: how long a kernel waits for a silent peer before it reports
             the rank and stage (raised as CommunicationError).
+        transport: the inter-node leg of ``"internode"``: ``"nvshmem"``, or
+            CUDA IPC (``"ipc"``) when every rank shares one host; ``"auto"``
+            picks ``"ipc"`` on one host and ``"nvshmem"`` across hosts.
     """
 
     def __init__(
@@ -48,6 +60,7 @@ class Communicator:
         backend: str = "auto",
         buffer: BufferConfig | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: str = "auto",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -57,29 +70,42 @@ class Communicator:
             raise TypeError(f"buffer: expected a deepcomm.BufferConfig, got {type(buffer).__name__}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: expected a positive number, got {timeout_s!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
         self.num_sms = num_sms
         self._reference = ReferenceCommunicator(group, ranks_per_node)
         topology = self._reference.topology
         self.backend = self._choose(backend, topology, buffer)
         if self.backend == "intranode":
             self._impl = IntranodeCommunicator(group, topology, buffer, num_sms, timeout_s)
+        elif self.backend == "internode":
+            if transport == "auto":
+                transport = "ipc" if self._single_host(group) else "nvshmem"
+            self._impl = InternodeCommunicator(group, topology, buffer, num_sms, timeout_s,
+                                               transport.removesuffix("_staged"), transport.endswith("_staged"))
         else:
             self._impl = self._reference
 
     @staticmethod
     def _choose(backend: str, topology: Topology, buffer: BufferConfig | None) -> str:
-        if backend == "intranode" and buffer is None:
-            raise ValueError("buffer: the intranode backend needs a BufferConfig")
+        if backend in ("intranode", "internode") and buffer is None:
+            raise ValueError(f"buffer: the {backend} backend needs a BufferConfig")
         if backend != "auto":
             return backend
-        usable = (
-            buffer is not None
-            and torch.cuda.is_available()
-            and _ext.available()
-            and not topology.is_multi_node
-            and topology.world_size <= _ext.extension().intranode.MAX_RANKS
-        )
-        return "intranode" if usable else "reference"
+        if buffer is None or not torch.cuda.is_available() or not _ext.available():
+            return "reference"
+        core = _ext.extension()
+        if not topology.is_multi_node:
+            return "intranode" if topology.world_size <= core.intranode.MAX_RANKS else "reference"
+        fits = (topology.ranks_per_node <= core.internode.MAX_LOCAL_RANKS
+                and topology.num_nodes <= core.internode.MAX_NODES)
+        return "internode" if fits else "reference"
+
+    @staticmethod
+    def _single_host(group) -> bool:
+        hosts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        return len(set(hosts)) == 1
 
     @property
     def topology(self) -> Topology:
@@ -153,6 +179,19 @@ class Communicator:
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes this rank's kernels moved so far on each leg (internode backend; waits for them).
+
+        ``dispatch_boundary``: rows across the node boundary, one per (token,
+        destination node); ``dispatch_nvlink_direct`` / ``dispatch_nvlink_forward``:
+        rows written into receive slots by their sender / by the forwarder;
+        ``combine_boundary``: partial sums back across the boundary;
+        ``combine_nvlink``: expert-output rows read over NVLink.
+        """
+        if not hasattr(self._impl, "traffic"):
+            raise ValueError(f"backend: byte counters come from the internode kernels, not {self.backend!r}")
+        return self._impl.traffic()
 
     def check_errors(self) -> None:
         """Raise a CommunicationError that a kernel reported since the last call, if any."""

@@ -25,15 +25,16 @@ import torch.distributed as dist
 
 from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
-from deepcomm.events import EventHandle
 from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.kernel_common import (
+    blocks_of, check_capacity, combine_source_offset, check_invalid_ids, check_slot_sizes, mailbox_failure, payload_of,
+    recv_row_shape, slot_views,
+)
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
-
-PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -154,23 +155,9 @@ class IntranodeCommunicator:
 
     def check_errors(self) -> None:
         """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
-        code = int(self._mailbox_words[0])
-        if self._failure is None and code != 0:
-            stages = {v: k for k, v in self.kernels.STAGES.items()}
-            stage, detail = stages.get(int(self._mailbox_words[1]), "unknown"), int(self._mailbox_words[2])
-            if code == self.kernels.ERRORS["timeout"]:
-                self._failure = CommunicationError(
-                    self.topology.rank, stage, f"no answer within {self.timeout_s:g}s", peer=detail
-                )
-            elif code == self.kernels.ERRORS["size_mismatch"]:
-                self._failure = CommunicationError(
-                    self.topology.rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived"
-                )
-            else:
-                invalid = {r: int(n) for r, n in enumerate(self._invalid_ids[: self.topology.world_size]) if n}
-                self._failure = CommunicationError(
-                    self.topology.rank, stage, f"topk_idx had invalid expert ids (rank: count) {invalid}"
-                )
+        if self._failure is None and self._mailbox_words[0] != 0:
+            self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
+                                            self._invalid_ids[: self.topology.world_size])
             # Let this rank's kernels finish giving up (their waits are bounded) before anyone
             # tears down buffers that peers still map.
             self._stream.synchronize()
@@ -197,18 +184,11 @@ class IntranodeCommunicator:
         # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
                               check_values=False)
-        payload = self._payload(x, quantize_fp8, power_of_two_scales)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
-        if num_tokens > self.config.max_tokens_per_rank:
-            raise ValueError(
-                f"x: {num_tokens} tokens exceed the buffer's max_tokens_per_rank={self.config.max_tokens_per_rank}"
-            )
-        if hidden > self.config.hidden or num_topk > self.config.num_topk:
-            raise ValueError(
-                f"x: hidden {hidden} / top-k {num_topk} exceed the buffer's {self.config.hidden} / {self.config.num_topk}"
-            )
-        num_blocks = self._num_blocks(num_sms)
+        check_capacity(num_tokens, hidden, num_topk, self.config)
+        num_blocks = blocks_of(self.num_sms, num_sms)
         world, rank = self.topology.world_size, self.topology.rank
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -239,8 +219,7 @@ class IntranodeCommunicator:
                 -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks,
                 stream.cuda_stream,
             )
-            recv_row_bytes = 2 * hidden if payload == PAYLOAD_BF16 else hidden
-            scale_cols = 0 if payload == PAYLOAD_BF16 else hidden // fp8.BLOCK_CHANNELS
+            recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
             if num_recv_tokens is not None:
                 # The caller knows the size: no host wait. The kernel checks the size (and the ids)
                 # and a mismatch surfaces at the next call or check_errors().
@@ -250,19 +229,10 @@ class IntranodeCommunicator:
                 return self._finish(result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish)
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
-            invalid = self._invalid_ids[:world]
-            if invalid.any():
-                # Every rank sees every rank's count: all raise, none dispatched.
-                culprit = int(invalid.nonzero()[0][0])
-                raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
-                                 f"passed {int(invalid[culprit])} invalid ids")
+            check_invalid_ids(self._invalid_ids[:world], num_experts)
             totals = matrix.sum(axis=0).tolist()
-            layouts = [self.kernels.recv_layout(t, recv_row_bytes, scale_cols, num_topk) for t in totals]
-            too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > self.slot_bytes]
-            if too_big:
-                # Every rank sees the same counts: the kernels wrote nothing and every rank raises here.
-                raise ValueError(f"x: rank {too_big[0]} would receive {totals[too_big[0]]} rows, more than its receive "
-                                 f"slot holds ({self.slot_bytes} bytes); enlarge BufferConfig")
+            # Every rank sees the same counts: on overflow the kernels wrote nothing and every rank raises.
+            layouts = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes)
             result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             return self._finish(result, layout, send_pos, send_base, totals[rank], call, caller, async_finish)
@@ -275,48 +245,10 @@ class IntranodeCommunicator:
         result.event = hand_back(outputs, self.device, self._stream, caller, async_finish)
         return result
 
-    def _payload(self, x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -> int:
-        hidden = x.shape[1]
-        if quantize_fp8:
-            if x.dtype != torch.bfloat16:
-                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
-            fp8.num_scale_blocks(hidden)
-            return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
-        if (hidden * x.element_size()) % 16 != 0:
-            raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")
-        return PAYLOAD_FP8 if x.dtype == fp8.FP8_DTYPE else PAYLOAD_BF16
-
-    def _num_blocks(self, num_sms: int | None) -> int:
-        blocks = self.num_sms if num_sms is None else num_sms
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
-            raise ValueError(f"num_sms: expected a positive int, got {blocks!r}")
-        return blocks
-
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
         start = self.kernels.DATA_OFFSET + slot * self.slot_bytes
-        region = self.buffer[start : start + self.slot_bytes]
-
-        def field(name: str, count: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-            nbytes = count * dtype.itemsize
-            return region[layout[name] : layout[name] + nbytes].view(dtype).view(shape)
-
-        if payload == PAYLOAD_BF16:
-            x = field("x", rows * hidden, torch.bfloat16, (rows, hidden))
-            scales = None
-        else:
-            cols = hidden // fp8.BLOCK_CHANNELS
-            x = field("x", rows * hidden, fp8.FP8_DTYPE, (rows, hidden))
-            scales = field("scales", rows * cols, torch.float32, (rows, cols))
-        return DispatchResult(
-            x=x,
-            x_scales=scales,
-            topk_idx=field("topk_idx", rows * num_topk, torch.int64, (rows, num_topk)),
-            topk_weights=field("topk_weights", rows * num_topk, torch.float32, (rows, num_topk)),
-            num_tokens_per_expert=per_expert,
-            num_recv_tokens_per_rank=[],
-            handle=None,
-            event=EventHandle(None),
-        )
+        return slot_views(self.buffer[start : start + self.slot_bytes], layout, rows, hidden, num_topk, payload,
+                          per_expert)
 
     # -- combine ------------------------------------------------------------
 
@@ -325,16 +257,12 @@ class IntranodeCommunicator:
         if not isinstance(handle, IntranodeHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        num_blocks = self._num_blocks(num_sms)
+        num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream
         with CommStreamScope(stream, self.device, previous_event, (expert_out,)) as caller:
-            source_offset = self._offset_in_buffer(expert_out, handle)
-            if source_offset is None:
-                # Peers can only read registered memory: stage the rows in the combine slot.
-                nbytes = expert_out.numel() * 2
-                staged = self.buffer[self.combine_offset : self.combine_offset + nbytes].view(torch.bfloat16)
-                staged.view(expert_out.shape).copy_(expert_out)
-                source_offset = self.combine_offset
+            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
+                                                  self._dispatch_calls - handle.dispatch_call,
+                                                  self.config.num_recv_slots)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
             self._combine_calls = call
@@ -343,19 +271,6 @@ class IntranodeCommunicator:
                              handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
                              handle.send_base.data_ptr(), self._combine_blocks, num_blocks, stream.cuda_stream)
             return y, hand_back((y,), self.device, stream, caller, async_finish)
-
-    def _offset_in_buffer(self, expert_out: torch.Tensor, handle: IntranodeHandle) -> int | None:
-        """Byte offset of ``expert_out`` in this rank's buffer, or None when it lives elsewhere."""
-        start = expert_out.data_ptr() - self.buffer.data_ptr()
-        if not 0 <= start <= self.buffer.numel() - expert_out.numel() * 2:
-            return None
-        in_slots = start < self.combine_offset
-        if in_slots and self._dispatch_calls - handle.dispatch_call >= self.config.num_recv_slots:
-            raise ValueError(
-                "expert_out: it lives in a receive slot that a later dispatch has overwritten "
-                f"(results stay valid for {self.config.num_recv_slots} dispatches; clone to keep them)"
-            )
-        return start
 
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""

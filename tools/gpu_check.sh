@@ -14,6 +14,7 @@ NRANKS=${NRANKS:-"2 4"}
 TESTS=${TESTS:-tests}
 BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --sms 8,16,24,32 --overlap --iters 20 --warmup 3"}
 DECODE_ARGS=${DECODE_ARGS:-"--preset decode --backend intranode --dtypes bf16,fp8 --sms 24 --iters 50 --warmup 5"}
+BENCH=${BENCH:-1}  # 0: tests only
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 status=0
@@ -51,14 +52,23 @@ else
   note "tests: FAILED: $(tail -1 "$OUT/tests.log")"; status=1
 fi
 
-# NVSHMEM with two PEs sharing one GPU (under MPS): informative, not a gate.
+# NVSHMEM with two PEs sharing one GPU (under MPS): informative, not a gate; last among the
+# tests because a failing NVSHMEM client can leave MPS unusable for later ones.
 if [ "$num_gpus" -eq 1 ] && [ "$mps_started" -eq 1 ]; then
+  if DEEPCOMM_NVSHMEM_SHARED_GPU=1 timeout 300 python3 -m pytest tests/test_internode.py -q -rs -p no:cacheprovider \
+      -k one_gpu > "$OUT/nvshmem_internode_one_gpu.log" 2>&1; then
+    note "nvshmem internode, 2 PEs on one GPU: $(tail -1 "$OUT/nvshmem_internode_one_gpu.log")"
+  else
+    note "nvshmem internode, 2 PEs on one GPU: FAILED (informative): $(tail -1 "$OUT/nvshmem_internode_one_gpu.log")"
+  fi
   if timeout 120 python3 -c 'import sys; sys.path.insert(0, "tests"); from dist import run_ranks; from test_gpu import _nvshmem_worker; run_ranks(_nvshmem_worker, 2)' > "$OUT/nvshmem_one_gpu.log" 2>&1; then
     note "nvshmem, 2 PEs on one GPU: ring put ok"
   else
     note "nvshmem, 2 PEs on one GPU: failed or timed out (see nvshmem_one_gpu.log)"
   fi
 fi
+
+[ "$BENCH" = 1 ] || { echo "== deepcomm gpu_check =="; for line in "${summary[@]}"; do echo "  $line"; done; exit $status; }
 
 bench() {  # name, ranks, args...
   local name=$1 n=$2; shift 2

@@ -75,6 +75,10 @@ uintptr_t symmetric_malloc(size_t bytes) {
     throw std::runtime_error("symmetric_malloc: nvshmem_malloc of " + std::to_string(bytes) +
                              " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE?)");
   }
+  // Zeroed, so that signal words start at 0 on every PE before anyone writes them.
+  DC_CUDA_CHECK(cudaMemset(ptr, 0, bytes));
+  DC_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_barrier_all();
   return reinterpret_cast<uintptr_t>(ptr);
 }
 

@@ -18,7 +18,7 @@ void finalize();
 bool initialized();
 int my_pe();
 int n_pes();
-uintptr_t symmetric_malloc(size_t bytes);
+uintptr_t symmetric_malloc(size_t bytes);  // collective; zeroed
 void symmetric_free(uintptr_t ptr);
 void barrier_all();
 // Each PE writes its own PE id into `slot` (a symmetric int32) of the next PE,

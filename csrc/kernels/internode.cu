@@ -1,0 +1,843 @@
+// Internode (hierarchical) dispatch and combine, written once against the
+// transport interface (transport.cuh) and instantiated per transport.
+//
+// Ranks: rank = node * L + local (L = ranks_per_node, N nodes). The partner of
+// a rank on node n is the rank of n with the same local index.
+//
+// Notify (one block): every rank sends every rank, through the transport, its
+// token counts per rank and node, its invalid-id count and its counts for the
+// receiver's experts; waits for all W messages; derives where its rows start
+// in every rank's recv slot (send_base), every rank's row total, and its
+// per-expert counts. Messages are double-buffered by call parity.
+//
+// Dispatch, ceil(B/2) sender blocks and the rest forwarders, concurrently:
+// - sender block c owns channel c, a contiguous token range. A warp per token
+//   reads the row once and writes it (a) straight to its final row in the
+//   recv slot of every rank of this node that holds one of its experts
+//   (NVLink), and (b) once per other destination node, with its routing and
+//   the final rows it takes on that node, into the area of the partner there
+//   (the transport). After each chunk of 16 tokens the block puts the new
+//   rows and adds their count to the partner's tail for (node, channel); the
+//   final signal carries the channel's total.
+// - forwarder blocks poll the tails of (source node, channel) pairs, and as
+//   rows land copy each to its final rows in this node's recv slots (NVLink),
+//   recording those rows for combine (the forward map).
+// Every block then counts itself done at every node peer; the kernel ends when
+// all node peers' blocks are done: this rank's slot is complete.
+//
+// Combine, ceil(B/2) home blocks and the rest gateways, concurrently:
+// - gateway blocks: for every row forwarded in the dispatch, sum the expert
+//   outputs of this node's ranks that received it (ascending rank, float32,
+//   from the first row), round to bf16, and send the partial back to the
+//   token's home rank (the partner on the source node), chunk by chunk, with
+//   tails as in dispatch. They first wait for the home rank's credit: it has
+//   finished reading the previous combine's partials.
+// - home blocks: per token, in ascending node order, take this node's partial
+//   (computed from node peers' rows over NVLink, rounded to bf16) or the
+//   partial that arrived from the node's gateway, sum in float32 from the first
+//   and round to bf16: the reference path's order, bit for bit.
+#include "kernels/common/peer_wait.cuh"
+#include "kernels/common/ptx.cuh"
+#include "kernels/common/rows.cuh"
+#include "kernels/internode.h"
+#include "kernels/transport.cuh"
+#include "runtime/error.h"
+
+namespace deepcomm::internode {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTargets = kMaxLocalRanks + kMaxNodes;  // a sender's row goes to local ranks and remote nodes
+
+template <typename Transport>
+struct Context {
+  Transport transport;
+  TransportLayout layout;
+  uint8_t* node_regions[kMaxLocalRanks];
+  int rank, num_ranks, ranks_per_node, num_nodes, node, local;
+  int num_slots;
+  int64_t slot_bytes;
+  int64_t max_tokens;
+  int32_t* forward_rows;
+  int32_t* forward_counts;
+  int64_t* traffic;
+  MailboxHeader* mailbox;
+  HostMailbox* host;
+  int64_t timeout_ns;
+};
+
+template <typename T>
+__device__ __forceinline__ NodeSignals* node_signals(const Context<T>& ctx, int local) {
+  return reinterpret_cast<NodeSignals*>(ctx.node_regions[local]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint8_t* slot_of(const Context<T>& ctx, int local, int slot) {
+  return ctx.node_regions[local] + kNodeDataOffset + static_cast<int64_t>(slot) * ctx.slot_bytes;
+}
+
+template <typename T>
+__device__ __forceinline__ uint64_t* local_signal(const Context<T>& ctx, int64_t offset) {
+  return reinterpret_cast<uint64_t*>(ctx.transport.local(offset));
+}
+
+// Rows a channel may use in an area; channel c owns [c * rows, (c + 1) * rows).
+__device__ __forceinline__ int64_t channel_rows(int64_t max_tokens, int channels) {
+  return (max_tokens + channels - 1) / channels;
+}
+
+__device__ __forceinline__ int tokens_per_channel(int num_tokens, int channels) {
+  const int per = (num_tokens + channels - 1) / channels;
+  return per > 0 ? per : 1;
+}
+
+constexpr int64_t dispatch_tail_offset(int node, int channel) {
+  return offsetof(TransportSignals, dispatch_tail) + (static_cast<int64_t>(node) * kMaxChannels + channel) * 8;
+}
+constexpr int64_t combine_tail_offset(int node, int channel) {
+  return offsetof(TransportSignals, combine_tail) + (static_cast<int64_t>(node) * kMaxChannels + channel) * 8;
+}
+constexpr int64_t credit_offset(int node) { return offsetof(TransportSignals, combine_credit) + node * 8; }
+constexpr int64_t notify_signal_offset(int rank) { return offsetof(TransportSignals, notify) + rank * 8; }
+
+// The token's destination ranks as a 64-bit mask, and for any rank d the row
+// the token takes in d's slot: lane j holds it for ranks j and j + 32.
+struct TokenRoute {
+  uint64_t ranks;
+  int position_lo, position_hi;
+
+  __device__ __forceinline__ int position(int dst) const {  // warp-uniform dst
+    const int lo = __shfl_sync(0xffffffffu, position_lo, dst & 31);
+    const int hi = __shfl_sync(0xffffffffu, position_hi, dst & 31);
+    return dst < 32 ? lo : hi;
+  }
+  __device__ __forceinline__ int position_per_lane(int dst) const {  // dst may differ per lane
+    const int lo = __shfl_sync(0xffffffffu, position_lo, dst & 31);
+    const int hi = __shfl_sync(0xffffffffu, position_hi, dst & 31);
+    return dst < 32 ? lo : hi;
+  }
+  __device__ __forceinline__ bool goes_to(int dst) const { return (ranks >> dst) & 1ull; }
+};
+
+__device__ __forceinline__ TokenRoute route_of(const bool* is_token_in_rank, const int32_t* send_pos,
+                                               const int32_t* send_base, int token, int num_ranks, int lane,
+                                               bool active) {
+  TokenRoute route;
+  const int64_t row = static_cast<int64_t>(token) * num_ranks;
+  const bool lo = active && lane < num_ranks && is_token_in_rank[row + lane];
+  const bool hi = active && lane + 32 < num_ranks && is_token_in_rank[row + lane + 32];
+  route.ranks = static_cast<uint64_t>(__ballot_sync(0xffffffffu, lo)) |
+                (static_cast<uint64_t>(__ballot_sync(0xffffffffu, hi)) << 32);
+  route.position_lo = lo ? send_base[lane] + send_pos[row + lane] : -1;
+  route.position_hi = hi ? send_base[lane + 32] + send_pos[row + lane + 32] : -1;
+  return route;
+}
+
+__device__ __forceinline__ uint32_t nodes_of(uint64_t ranks, int num_nodes, int ranks_per_node) {
+  const uint64_t node_mask = (1ull << ranks_per_node) - 1;  // ranks_per_node <= 8
+  uint32_t nodes = 0;
+  for (int n = 0; n < num_nodes; ++n)
+    if ((ranks >> (n * ranks_per_node)) & node_mask) nodes |= 1u << n;
+  return nodes;
+}
+
+// Per-block byte counts, added to ctx.traffic once per block.
+struct BlockTraffic {
+  unsigned long long bytes[kNumTrafficCounters];
+};
+
+template <typename T>
+__device__ __forceinline__ void flush_traffic(const Context<T>& ctx, BlockTraffic* traffic) {
+  for (int i = threadIdx.x; i < kNumTrafficCounters; i += blockDim.x)
+    if (traffic->bytes[i]) atomicAdd(reinterpret_cast<unsigned long long*>(ctx.traffic + i), traffic->bytes[i]);
+}
+
+// Every block counts itself done at each node peer; block 0 then waits for all
+// node peers' blocks (cumulative counts, so no reset is needed).
+template <typename T>
+__device__ __forceinline__ void node_barrier(const Context<T>& ctx, size_t counter_offset, uint64_t expected,
+                                             int64_t stage) {
+  if (threadIdx.x != 0) return;
+  __threadfence_system();
+  for (int l = 0; l < ctx.ranks_per_node; ++l) {
+    auto* counters = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(node_signals(ctx, l)) + counter_offset);
+    ptx::add_release_sys(counters + ctx.local, 1);
+  }
+  if (blockIdx.x == 0) {
+    auto* own = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(node_signals(ctx, ctx.local)) + counter_offset);
+    wait_for_peers(own, ctx.ranks_per_node, expected, ctx.timeout_ns, ctx.mailbox, stage,
+                   ctx.node * ctx.ranks_per_node);
+  }
+}
+
+// ---------------------------------------------------------------- notify
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, NotifyArgs args) {
+  __shared__ bool peers_arrived;
+  const TransportLayout& tl = ctx.layout;
+  const int W = ctx.num_ranks, N = ctx.num_nodes;
+  const int parity = static_cast<int>(args.call & 1);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int experts_per_rank = args.num_experts / W;
+  const int message_ints = W + N + 1 + experts_per_rank;
+  const int64_t message_bytes = tl.notify_ints * 4;
+  auto received = [&](int src) {
+    return reinterpret_cast<const volatile int32_t*>(
+        ctx.transport.local(tl.notify_recv + (static_cast<int64_t>(parity) * W + src) * message_bytes));
+  };
+
+  for (int dst = warp; dst < W; dst += kWarps) {
+    const int64_t remote = tl.notify_recv + (static_cast<int64_t>(parity) * W + ctx.rank) * message_bytes;
+    const int64_t staging = tl.notify_staging + dst * message_bytes;
+    int32_t* message = reinterpret_cast<int32_t*>(ctx.transport.window(dst, remote, staging));
+    for (int i = lane; i < message_ints; i += 32) {
+      int32_t value;
+      if (i < W) value = args.tokens_per_rank[i];
+      else if (i < W + N) value = args.tokens_per_node[i - W];
+      else if (i == W + N) value = *args.num_invalid;
+      else value = args.tokens_per_expert[dst * experts_per_rank + (i - W - N - 1)];
+      message[i] = value;
+    }
+    __syncwarp();
+    ctx.transport.put_signal_warp(dst, remote, staging, message_bytes, notify_signal_offset(ctx.rank),
+                                  args.call, SignalOp::kSet, lane);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ctx.transport.quiet();
+    peers_arrived = wait_for_peers(local_signal(ctx, notify_signal_offset(0)), W, args.call, ctx.timeout_ns,
+                                   ctx.mailbox, kStageNotify);
+  }
+  __syncthreads();
+  if (!peers_arrived) {
+    if (threadIdx.x == 0) *args.abort_dispatch = 1;
+    return;
+  }
+
+  for (int dst = threadIdx.x; dst < W; dst += blockDim.x) {
+    int32_t before = 0, total = 0;
+    for (int src = 0; src < W; ++src) {
+      const int32_t count = received(src)[dst];
+      if (src < ctx.rank) before += count;
+      total += count;
+    }
+    args.send_base[dst] = before;
+    args.recv_totals[dst] = total;
+    ctx.host->recv_totals[dst] = total;
+    ctx.host->recv_from_rank[dst] = received(dst)[ctx.rank];
+    ctx.host->invalid_ids[dst] = received(dst)[W + N];
+  }
+  for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+    int32_t total = 0;
+    for (int src = 0; src < W; ++src) total += received(src)[W + N + 1 + e];
+    args.recv_tokens_per_expert[e] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t any_invalid = 0;
+    for (int src = 0; src < W; ++src) any_invalid |= received(src)[W + N];
+    *args.abort_dispatch = any_invalid != 0;
+    __threadfence_system();
+    *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->notify_done) = static_cast<int64_t>(args.call);
+    __threadfence_system();
+  }
+}
+
+// -------------------------------------------------------------- dispatch
+
+struct SlotRows {
+  uint8_t* x;
+  float* scales;
+  int64_t* topk_idx;
+  float* topk_weights;
+  int64_t* src_idx;
+};
+
+// Writes a token's routing metadata into a recv slot row: its expert ids made
+// local to rank dst (-1 elsewhere, weight 0) and its source index. Lanes < K.
+__device__ __forceinline__ void write_slot_meta(const SlotRows& dest, int64_t row, int dst, int64_t expert,
+                                                float weight, int token, int num_topk, int experts_per_rank,
+                                                int lane) {
+  if (lane < num_topk) {
+    const bool local = expert >= 0 && expert / experts_per_rank == dst;
+    dest.topk_idx[row * num_topk + lane] = local ? expert - static_cast<int64_t>(dst) * experts_per_rank : -1;
+    dest.topk_weights[row * num_topk + lane] = local ? weight : 0.0f;
+  }
+  if (lane == 0) dest.src_idx[row] = token;
+}
+
+template <typename T, Payload kPayload>
+__device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
+                             const RowFormat& fmt, int channel, int channels, BlockTraffic* traffic) {
+  constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
+  __shared__ int32_t running[kMaxNodes];           // rows of this channel already sent to each node
+  __shared__ uint32_t chunk_nodes[2][kWarps];      // destination nodes of each warp's token, by chunk parity
+  const TransportLayout& tl = ctx.layout;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int L = ctx.ranks_per_node, N = ctx.num_nodes, W = ctx.num_ranks;
+  const int64_t source_row_bytes = kPayload == Payload::kFp8 ? args.hidden : 2LL * args.hidden;
+  const int64_t slot_x_bytes = kPayload == Payload::kBf16 ? 2LL * args.hidden : args.hidden;
+  const int scale_cols = kPayload == Payload::kBf16 ? 0 : args.hidden / 128;
+  const int64_t rows_per_channel = channel_rows(ctx.max_tokens, channels);
+  const int per_channel = tokens_per_channel(args.num_tokens, channels);
+  const int first = channel * per_channel;
+  const int last = min(args.num_tokens, first + per_channel);
+  const int64_t slot_row = slot_row_bytes(slot_x_bytes, scale_cols, args.num_topk);
+
+  for (int n = threadIdx.x; n < kMaxNodes; n += blockDim.x) running[n] = 0;
+  __syncthreads();
+  unsigned long long direct_rows = 0;
+
+  int parity = 0;
+  for (int chunk = first; chunk < last; chunk += kWarps, parity ^= 1) {
+    const int token = chunk + warp;
+    const bool active = token < last;
+    const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, W, lane, active);
+    const uint32_t nodes = nodes_of(route.ranks, N, L) & ~(1u << ctx.node);
+    if (lane == 0) chunk_nodes[parity][warp] = nodes;
+    __syncthreads();
+
+    if (active) {
+      // This token's row in each remote node's area: the rows earlier warps' tokens took first.
+      int lane_row = -1;
+      if (lane < N && ((nodes >> lane) & 1u)) {
+        int before = running[lane];
+        for (int w = 0; w < warp; ++w) before += (chunk_nodes[parity][w] >> lane) & 1u;
+        lane_row = static_cast<int>(channel * rows_per_channel) + before;
+      }
+      if (lane < N) args.node_rows[static_cast<int64_t>(token) * N + lane] = lane_row;
+
+      uint8_t* x_targets[kMaxTargets];
+      float* scale_targets[kMaxTargets];
+      uint8_t* remote_rows[kMaxNodes];
+#pragma unroll
+      for (int l = 0; l < kMaxLocalRanks; ++l) {
+        const int dst = ctx.node * L + l;
+        const bool to_dst = l < L && route.goes_to(dst);
+        const int position = l < L ? route.position(dst) : -1;
+        x_targets[l] = to_dst ? dests[l].x + position * slot_x_bytes : nullptr;
+        scale_targets[l] = to_dst ? dests[l].scales + static_cast<int64_t>(position) * scale_cols : nullptr;
+      }
+#pragma unroll
+      for (int n = 0; n < kMaxNodes; ++n) {
+        const int area_row = __shfl_sync(0xffffffffu, lane_row, n);
+        remote_rows[n] = nullptr;
+        if (n < N && ((nodes >> n) & 1u)) {
+          const int pe = n * L + ctx.local;
+          const int64_t remote = tl.dispatch_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * fmt.stride;
+          const int64_t staging = tl.dispatch_staging + (static_cast<int64_t>(n) * tl.area_rows + area_row) * fmt.stride;
+          remote_rows[n] = ctx.transport.window(pe, remote, staging);
+        }
+        x_targets[kMaxLocalRanks + n] = remote_rows[n];
+        scale_targets[kMaxLocalRanks + n] =
+            remote_rows[n] ? reinterpret_cast<float*>(remote_rows[n] + fmt.scales) : nullptr;
+      }
+
+      const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
+      if constexpr (kQuantize) {
+        rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
+      } else {
+        rows::copy_row(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
+        if constexpr (kPayload == Payload::kFp8)
+          rows::copy_floats(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, scale_targets, lane);
+      }
+
+      const int64_t expert = lane < args.num_topk ? args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane] : -1;
+      const float weight = lane < args.num_topk ? args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] : 0.f;
+      for (int l = 0; l < L; ++l) {
+        const int dst = ctx.node * L + l;
+        if (!route.goes_to(dst)) continue;
+        write_slot_meta(dests[l], route.position(dst), dst, expert, weight, token, args.num_topk,
+                        args.experts_per_rank, lane);
+        ++direct_rows;
+      }
+      // Remote rows carry global expert ids and the final rows on their node.
+#pragma unroll
+      for (int n = 0; n < kMaxNodes; ++n) {
+        uint8_t* row = remote_rows[n];
+        if (row == nullptr) continue;
+        if (lane == 0) *reinterpret_cast<int32_t*>(row + fmt.meta) = token;
+        const int dst = n * L + (lane < L ? lane : 0);
+        const int position = route.position_per_lane(dst);
+        if (lane < L) reinterpret_cast<int32_t*>(row + fmt.dst_rows)[lane] = route.goes_to(dst) ? position : -1;
+        if (lane < args.num_topk) {
+          reinterpret_cast<int32_t*>(row + fmt.expert_ids)[lane] = static_cast<int32_t>(expert);
+          reinterpret_cast<float*>(row + fmt.weights)[lane] = weight;
+        }
+      }
+    }
+    __syncthreads();
+
+    // Warp 0 ships this chunk's rows to each node and advances the partner's tail.
+    if (warp == 0) {
+      for (int n = 0; n < N; ++n) {
+        const bool took = lane < kWarps && ((chunk_nodes[parity][lane] >> n) & 1u);
+        const int added = __popc(__ballot_sync(0xffffffffu, took));
+        if (added == 0) continue;
+        const int64_t area_row = channel * rows_per_channel + running[n];
+        ctx.transport.put_signal_warp(
+            n * L + ctx.local, tl.dispatch_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * fmt.stride,
+            tl.dispatch_staging + (static_cast<int64_t>(n) * tl.area_rows + area_row) * fmt.stride, added * fmt.stride,
+            dispatch_tail_offset(ctx.node, channel), static_cast<uint64_t>(added), SignalOp::kAdd, lane);
+        if (lane == 0) {
+          running[n] += added;
+          traffic->bytes[kDispatchBoundary] += static_cast<unsigned long long>(added) * fmt.stride;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int n = 0; n < N; ++n)
+      if (n != ctx.node)
+        ctx.transport.signal(n * L + ctx.local, dispatch_tail_offset(ctx.node, channel), tail_final(running[n]),
+                             SignalOp::kAdd);
+    ctx.transport.quiet();
+  }
+  if (lane == 0 && direct_rows) atomicAdd(&traffic->bytes[kDispatchDirect], direct_rows * slot_row);
+}
+
+// Copies rows that arrive from (source node, channel) to their final rows on this node.
+template <typename T>
+__device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
+                             const RowFormat& fmt, int source_node, int channel, int channels,
+                             BlockTraffic* traffic, bool* failed) {
+  __shared__ int64_t available, total;
+  const TransportLayout& tl = ctx.layout;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int L = ctx.ranks_per_node;
+  const bool has_scales = args.payload != Payload::kBf16;
+  const int64_t slot_x_bytes = has_scales ? args.hidden : 2LL * args.hidden;
+  const int scale_cols = has_scales ? args.hidden / 128 : 0;
+  const int64_t rows_per_channel = channel_rows(ctx.max_tokens, channels);
+  const int64_t slot_row = slot_row_bytes(slot_x_bytes, scale_cols, args.num_topk);
+  uint64_t* tail = local_signal(ctx, dispatch_tail_offset(source_node, channel));
+  int32_t* forward_rows = ctx.forward_rows +
+      ((static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * tl.area_rows) * L;
+  unsigned long long forwarded = 0;
+
+  int64_t head = 0;
+  while (true) {
+    if (threadIdx.x == 0) {
+      const int64_t seen = head;
+      const bool ok = wait_until(
+          tail,
+          [seen](uint64_t v) {
+            const int64_t count = static_cast<int64_t>(v & kTailCountMask), final_total = static_cast<int64_t>(v >> 32) - 1;
+            return count > seen || count == final_total;
+          },
+          ctx.timeout_ns, ctx.mailbox, kStageForward, source_node * L + ctx.local);
+      const uint64_t v = ptx::load_acquire_sys(tail);
+      available = static_cast<int64_t>(v & kTailCountMask);
+      total = static_cast<int64_t>(v >> 32) - 1;
+      if (!ok) *failed = true;
+    }
+    __syncthreads();
+    if (*failed) return;
+    // Copies: thread 0 rewrites the shared values once every thread is past the barrier below.
+    const int64_t rows_in = available, rows_total = total;
+    for (int64_t i = head + warp; i < rows_in; i += kWarps) {
+      const int64_t area_row = channel * rows_per_channel + i;
+      const uint8_t* row =
+          ctx.transport.local(tl.dispatch_recv + (static_cast<int64_t>(source_node) * tl.area_rows + area_row) * fmt.stride);
+      const int lane_dst_row = lane < L ? *reinterpret_cast<const volatile int32_t*>(row + fmt.dst_rows + 4 * lane) : -1;
+      if (lane < L) forward_rows[area_row * L + lane] = lane_dst_row;
+      uint8_t* x_targets[kMaxLocalRanks];
+      float* scale_targets[kMaxLocalRanks];
+#pragma unroll
+      for (int l = 0; l < kMaxLocalRanks; ++l) {
+        const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
+        x_targets[l] = dst_row >= 0 ? dests[l].x + dst_row * slot_x_bytes : nullptr;
+        scale_targets[l] = dst_row >= 0 ? dests[l].scales + static_cast<int64_t>(dst_row) * scale_cols : nullptr;
+      }
+      rows::copy_row<kMaxLocalRanks, true>(reinterpret_cast<const int4*>(row), static_cast<int>(slot_x_bytes / 16),
+                                           x_targets, lane);
+      if (has_scales)
+        rows::copy_floats<kMaxLocalRanks, true>(reinterpret_cast<const float*>(row + fmt.scales), scale_cols,
+                                                scale_targets, lane);
+      const int token = *reinterpret_cast<const volatile int32_t*>(row + fmt.meta);
+      const int64_t expert =
+          lane < args.num_topk ? *reinterpret_cast<const volatile int32_t*>(row + fmt.expert_ids + 4 * lane) : -1;
+      const float weight =
+          lane < args.num_topk ? *reinterpret_cast<const volatile float*>(row + fmt.weights + 4 * lane) : 0.f;
+      for (int l = 0; l < L; ++l) {
+        const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
+        if (dst_row < 0) continue;
+        write_slot_meta(dests[l], dst_row, ctx.node * L + l, expert, weight, token, args.num_topk,
+                        args.experts_per_rank, lane);
+        ++forwarded;
+      }
+    }
+    __syncthreads();
+    head = rows_in;
+    if (head == rows_total) break;
+  }
+  if (threadIdx.x == 0) {
+    ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * kMaxChannels + channel] =
+        static_cast<int32_t>(head);
+    *tail = 0;  // every row is in: the partner writes this word again only after the next notify
+  }
+  if (lane == 0 && forwarded) atomicAdd(&traffic->bytes[kDispatchForward], forwarded * slot_row);
+}
+
+template <typename T, Payload kPayload>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, DispatchArgs args) {
+  __shared__ SlotRows dests[kMaxLocalRanks];
+  __shared__ BlockTraffic traffic;
+  __shared__ int overflow;
+  __shared__ bool failed;
+  const int L = ctx.ranks_per_node;
+  const int channels = num_channels(args.num_blocks);
+  const bool has_scales = kPayload != Payload::kBf16;
+  const int64_t slot_x_bytes = kPayload == Payload::kBf16 ? 2LL * args.hidden : args.hidden;
+  const int scale_cols = has_scales ? args.hidden / 128 : 0;
+  const RowFormat fmt = row_format(slot_x_bytes, scale_cols, L, args.num_topk);
+
+  if (threadIdx.x == 0) overflow = 0, failed = false;
+  for (int i = threadIdx.x; i < kNumTrafficCounters; i += blockDim.x) traffic.bytes[i] = 0;
+  __syncthreads();
+  // Any rank's slot too small for its rows: nobody writes (every rank sees the same totals).
+  for (int dst = threadIdx.x; dst < ctx.num_ranks; dst += blockDim.x) {
+    const auto layout = intranode::recv_layout(args.recv_totals[dst], slot_x_bytes, scale_cols, args.num_topk);
+    if (layout.total_bytes > ctx.slot_bytes) atomicOr(&overflow, 1);
+  }
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    uint8_t* slot = slot_of(ctx, l, args.slot);
+    const auto layout =
+        intranode::recv_layout(args.recv_totals[ctx.node * L + l], slot_x_bytes, scale_cols, args.num_topk);
+    dests[l] = {slot + layout.x, reinterpret_cast<float*>(slot + layout.scales),
+                reinterpret_cast<int64_t*>(slot + layout.topk_idx), reinterpret_cast<float*>(slot + layout.topk_weights),
+                reinterpret_cast<int64_t*>(slot + layout.src_idx)};
+  }
+  __syncthreads();
+  const bool aborted = overflow || *args.abort_dispatch;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && args.expected_recv >= 0) {
+    if (*args.abort_dispatch) report_error(ctx.mailbox, kErrorInvalidIds, kStageDispatch, ctx.rank);
+    else if (args.recv_totals[ctx.rank] != args.expected_recv)
+      report_error(ctx.mailbox, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
+  }
+
+  if (!aborted) {
+    if (static_cast<int>(blockIdx.x) < channels) {
+      send_channel<T, kPayload>(ctx, args, dests, fmt, blockIdx.x, channels, &traffic);
+    } else {
+      const int forwarder = blockIdx.x - channels, forwarders = args.num_blocks - channels;
+      const int pairs = (ctx.num_nodes - 1) * channels;
+      for (int pair = forwarder; pair < pairs && !failed; pair += forwarders) {
+        const int other = pair / channels;
+        const int source_node = other < ctx.node ? other : other + 1;
+        forward_pair(ctx, args, dests, fmt, source_node, pair % channels, channels, &traffic, &failed);
+      }
+    }
+  }
+  __syncthreads();
+  flush_traffic(ctx, &traffic);
+  node_barrier(ctx, offsetof(NodeSignals, dispatch_arrived), args.arrivals_expected, kStageDispatch);
+}
+
+// --------------------------------------------------------------- combine
+
+// Sums (float32, ascending local rank, from the first row) 16-byte unit `unit`
+// of this node's expert rows for one token, rounded to bf16.
+__device__ __forceinline__ bool node_partial(const uint8_t* const* sources, const int (&rows)[kMaxLocalRanks],
+                                             int64_t row_bytes, int unit, float (&sum)[8]) {
+  bool any = false;
+#pragma unroll
+  for (int l = 0; l < kMaxLocalRanks; ++l) {
+    if (rows[l] < 0) continue;
+    float values[8];
+    rows::unpack_bf16x8(ptx::load_cg(reinterpret_cast<const int4*>(sources[l] + rows[l] * row_bytes) + unit), values);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] = any ? sum[i] + values[i] : values[i];
+    any = true;
+  }
+  if (any) rows::round_to_bf16x8(sum);
+  return any;
+}
+
+template <typename T>
+__device__ void gateway_pair(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                             int home_node, int channel, BlockTraffic* traffic, bool* failed) {
+  const TransportLayout& tl = ctx.layout;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int L = ctx.ranks_per_node;
+  const int home = home_node * L + ctx.local;
+  const int64_t row_bytes = 2LL * args.hidden;
+  const int num_units = static_cast<int>(row_bytes / 16);
+  const int64_t rows_per_channel = channel_rows(ctx.max_tokens, args.dispatch_channels);
+  const int32_t count = ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + home_node) * kMaxChannels + channel];
+  const int32_t* forward_rows =
+      ctx.forward_rows + ((static_cast<int64_t>(args.slot) * ctx.num_nodes + home_node) * tl.area_rows) * L;
+  unsigned long long nvlink_rows = 0;
+
+  if (threadIdx.x == 0) {
+    const uint64_t expected = args.credit_expected;
+    if (!wait_until(local_signal(ctx, credit_offset(home_node)), [expected](uint64_t v) { return v >= expected; },
+                    ctx.timeout_ns, ctx.mailbox, kStageCombineCredit, home))
+      *failed = true;
+  }
+  __syncthreads();
+  if (*failed) return;
+
+  for (int chunk = 0; chunk < count; chunk += kWarps) {
+    const int i = chunk + warp;
+    if (i < count) {
+      const int64_t area_row = channel * rows_per_channel + i;
+      const int lane_row = lane < L ? forward_rows[area_row * L + lane] : -1;
+      int rows_of[kMaxLocalRanks];
+#pragma unroll
+      for (int l = 0; l < kMaxLocalRanks; ++l) rows_of[l] = __shfl_sync(0xffffffffu, lane_row, l);
+      int4* out = reinterpret_cast<int4*>(ctx.transport.window(
+          home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
+          tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes));
+      for (int unit = lane; unit < num_units; unit += 32) {
+        float sum[8];
+        node_partial(sources, rows_of, row_bytes, unit, sum);
+        out[unit] = rows::pack_bf16x8(sum);
+      }
+      nvlink_rows += __popc(__ballot_sync(0xffffffffu, lane_row >= 0));
+    }
+    __syncthreads();
+    if (warp == 0) {
+      const int added = min(kWarps, count - chunk);
+      const int64_t area_row = channel * rows_per_channel + chunk;
+      ctx.transport.put_signal_warp(
+          home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
+          tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes,
+          added * row_bytes, combine_tail_offset(ctx.node, channel), static_cast<uint64_t>(added), SignalOp::kAdd, lane);
+      if (lane == 0) traffic->bytes[kCombineBoundary] += static_cast<unsigned long long>(added) * row_bytes;
+    }
+  }
+  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
+}
+
+template <typename T>
+__device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                                    int channel, BlockTraffic* traffic, bool* failed) {
+  const TransportLayout& tl = ctx.layout;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int L = ctx.ranks_per_node, N = ctx.num_nodes, W = ctx.num_ranks;
+  const int64_t row_bytes = 2LL * args.hidden;
+  const int num_units = static_cast<int>(row_bytes / 16);
+  const int64_t rows_per_channel = channel_rows(ctx.max_tokens, args.dispatch_channels);
+  const int per_channel = tokens_per_channel(args.num_tokens, args.dispatch_channels);
+  const int first = channel * per_channel;
+  const int last = min(args.num_tokens, first + per_channel);
+  unsigned long long nvlink_rows = 0;
+
+  for (int token = first + warp; token < last; token += kWarps) {
+    const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, W, lane, true);
+    const uint32_t nodes = nodes_of(route.ranks, N, L);
+    const int lane_row = lane < N ? args.node_rows[static_cast<int64_t>(token) * N + lane] : -1;
+    int local_rows[kMaxLocalRanks];
+#pragma unroll
+    for (int l = 0; l < kMaxLocalRanks; ++l) {
+      const int dst = ctx.node * L + l;
+      local_rows[l] = l < L && route.goes_to(dst) ? route.position(dst) : -1;
+    }
+    nvlink_rows += __popcll((route.ranks >> (ctx.node * L)) & ((1ull << L) - 1));
+    // The partials of other nodes for this token must have arrived (tails count rows in order).
+    bool ok = true;
+    int area_rows[kMaxNodes];
+#pragma unroll
+    for (int n = 0; n < kMaxNodes; ++n) area_rows[n] = __shfl_sync(0xffffffffu, lane_row, n);
+    if (lane == 0) {
+      for (int n = 0; n < N && ok; ++n) {
+        if (n == ctx.node || !((nodes >> n) & 1u)) continue;
+        const int64_t needed = area_rows[n] - channel * rows_per_channel + 1;
+        ok = wait_until(local_signal(ctx, combine_tail_offset(n, channel)),
+                        [needed](uint64_t v) { return static_cast<int64_t>(v & kTailCountMask) >= needed; },
+                        ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, n * L + ctx.local);
+      }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) {
+      *failed = true;
+      break;
+    }
+
+    int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
+    for (int unit = lane; unit < num_units; unit += 32) {
+      float total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      bool any = false;
+      for (int n = 0; n < N; ++n) {
+        if (!((nodes >> n) & 1u)) continue;
+        float partial[8];
+        if (n == ctx.node) {
+          node_partial(sources, local_rows, row_bytes, unit, partial);
+        } else {
+          const int4* row = reinterpret_cast<const int4*>(ctx.transport.local(
+              tl.combine_recv + (static_cast<int64_t>(n) * tl.area_rows + area_rows[n]) * row_bytes));
+          rows::unpack_bf16x8(ptx::load_cg(row + unit), partial);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) total[i] = any ? total[i] + partial[i] : partial[i];
+        any = true;
+      }
+      out[unit] = rows::pack_bf16x8(total);  // +0 for a token that went nowhere
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int n = 0; n < N; ++n)
+      if (n != ctx.node) *local_signal(ctx, combine_tail_offset(n, channel)) = 0;  // every partial is in
+  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context<T> ctx, CombineArgs args) {
+  __shared__ const uint8_t* sources[kMaxLocalRanks];
+  __shared__ BlockTraffic traffic;
+  __shared__ bool failed;
+  const int parity = static_cast<int>(args.call & 1);
+  const int L = ctx.ranks_per_node;
+  const int home_blocks = num_channels(args.num_blocks);
+
+  for (int i = threadIdx.x; i < kNumTrafficCounters; i += blockDim.x) traffic.bytes[i] = 0;
+  if (threadIdx.x == 0) {
+    failed = false;
+    NodeSignals* own = node_signals(ctx, ctx.local);
+    if (blockIdx.x == 0) {
+      own->combine_source_offset[parity] = args.source_offset;
+      __threadfence_system();
+      for (int l = 0; l < L; ++l) ptx::store_release_sys(&node_signals(ctx, l)->combine_ready[ctx.local], args.call);
+    }
+    failed = !wait_for_peers(own->combine_ready, L, args.call, ctx.timeout_ns, ctx.mailbox, kStageCombineReady,
+                             ctx.node * L);
+    for (int l = 0; l < L; ++l)
+      sources[l] = ctx.node_regions[l] +
+                   *reinterpret_cast<volatile int64_t*>(&node_signals(ctx, l)->combine_source_offset[parity]);
+  }
+  __syncthreads();
+
+  if (!failed) {
+    if (static_cast<int>(blockIdx.x) < home_blocks) {
+      for (int c = blockIdx.x; c < args.dispatch_channels && !failed; c += home_blocks)
+        reduce_home_channel(ctx, args, sources, c, &traffic, &failed);
+      __syncthreads();
+      if (threadIdx.x == 0 && !failed) {
+        __threadfence_system();
+        for (int n = 0; n < ctx.num_nodes; ++n)
+          if (n != ctx.node) ctx.transport.signal(n * L + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
+      }
+    } else {
+      const int gateway = blockIdx.x - home_blocks, gateways = args.num_blocks - home_blocks;
+      const int pairs = (ctx.num_nodes - 1) * args.dispatch_channels;
+      for (int pair = gateway; pair < pairs && !failed; pair += gateways) {
+        const int other = pair / args.dispatch_channels;
+        gateway_pair(ctx, args, sources, other < ctx.node ? other : other + 1, pair % args.dispatch_channels,
+                     &traffic, &failed);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) ctx.transport.quiet();
+    }
+  }
+  __syncthreads();
+  flush_traffic(ctx, &traffic);
+  node_barrier(ctx, offsetof(NodeSignals, combine_done), args.done_expected, kStageCombineDone);
+}
+
+// ------------------------------------------------------------------ launch
+
+template <typename T>
+Context<T> make_context(const ContextDesc& d, const T& transport) {
+  Context<T> ctx{};
+  ctx.transport = transport;
+  ctx.layout = transport_layout(d.num_ranks, d.ranks_per_node, d.max_tokens, d.hidden, d.num_topk);
+  for (int l = 0; l < d.ranks_per_node; ++l) ctx.node_regions[l] = d.node_regions[l];
+  ctx.rank = d.rank;
+  ctx.num_ranks = d.num_ranks;
+  ctx.ranks_per_node = d.ranks_per_node;
+  ctx.num_nodes = d.num_ranks / d.ranks_per_node;
+  ctx.node = d.rank / d.ranks_per_node;
+  ctx.local = d.rank % d.ranks_per_node;
+  ctx.num_slots = d.num_slots;
+  ctx.slot_bytes = d.slot_bytes;
+  ctx.max_tokens = d.max_tokens;
+  ctx.forward_rows = d.forward_rows;
+  ctx.forward_counts = d.forward_counts;
+  ctx.traffic = d.traffic;
+  ctx.mailbox = &d.mailbox->header;
+  ctx.host = d.mailbox;
+  ctx.timeout_ns = d.timeout_ns;
+  return ctx;
+}
+
+// Calls fn(context) with the context of the transport `d` names.
+template <typename Fn>
+void with_transport(const ContextDesc& d, Fn&& fn) {
+  DC_CHECK_ARG(d.ranks_per_node >= 1 && d.ranks_per_node <= kMaxLocalRanks,
+               "ranks_per_node: the internode path supports 1 to " + std::to_string(kMaxLocalRanks));
+  DC_CHECK_ARG(d.num_ranks % d.ranks_per_node == 0 && d.num_ranks / d.ranks_per_node >= 2 &&
+                   d.num_ranks / d.ranks_per_node <= kMaxNodes,
+               "ranks_per_node: the internode path needs 2 to " + std::to_string(kMaxNodes) + " nodes");
+  DC_CHECK_ARG(d.rank >= 0 && d.rank < d.num_ranks, "rank: out of range");
+  DC_CHECK_ARG(d.mailbox != nullptr && d.traffic != nullptr && d.forward_rows != nullptr && d.forward_counts != nullptr,
+               "context: a buffer is missing");
+  if (d.transport == TransportKind::kIpc) {
+    IpcTransport transport{};
+    for (int r = 0; r < d.num_ranks; ++r) {
+      DC_CHECK_ARG(d.transport_regions[r] != nullptr, "transport_regions: a peer region is missing");
+      transport.regions[r] = d.transport_regions[r];
+    }
+    transport.rank = d.rank;
+    transport.staged = d.staged;
+    fn(make_context(d, transport));
+    return;
+  }
+#ifdef DEEPCOMM_WITH_NVSHMEM
+  NvshmemTransport transport{d.transport_regions[0], d.rank};
+  fn(make_context(d, transport));
+#else
+  throw std::invalid_argument("transport: this build has no NVSHMEM (build with the nvidia-nvshmem-cu13 wheel installed)");
+#endif
+}
+
+}  // namespace
+
+void launch_notify(const ContextDesc& d, const NotifyArgs& args, cudaStream_t stream) {
+  DC_CHECK_ARG(args.num_experts > 0 && args.num_experts <= kMaxExperts && args.num_experts % d.num_ranks == 0,
+               "num_experts: the internode path supports up to " + std::to_string(kMaxExperts) +
+                   " experts, a multiple of the rank count");
+  with_transport(d, [&](auto ctx) {
+    notify_kernel<<<1, kThreads, 0, stream>>>(ctx, args);
+    DC_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void launch_dispatch(const ContextDesc& d, const DispatchArgs& args, cudaStream_t stream) {
+  DC_CHECK_ARG(args.num_blocks >= 2 && num_channels(args.num_blocks) <= kMaxChannels,
+               "num_sms: the internode path needs 2 to " + std::to_string(2 * kMaxChannels) +
+                   " (half send, half forward)");
+  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= 32, "num_topk: the internode path supports 1 to 32");
+  DC_CHECK_ARG(args.slot >= 0 && args.slot < d.num_slots, "slot: out of range");
+  DC_CHECK_ARG(args.num_tokens <= d.max_tokens, "x: more tokens than the buffer's max_tokens_per_rank");
+  with_transport(d, [&](auto ctx) {
+    using T = decltype(ctx.transport);
+    switch (args.payload) {
+      case Payload::kBf16: dispatch_kernel<T, Payload::kBf16><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
+      case Payload::kFp8: dispatch_kernel<T, Payload::kFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
+      case Payload::kBf16ToFp8:
+        dispatch_kernel<T, Payload::kBf16ToFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+        break;
+      case Payload::kBf16ToFp8Pow2:
+        dispatch_kernel<T, Payload::kBf16ToFp8Pow2><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+        break;
+    }
+    DC_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void launch_combine(const ContextDesc& d, const CombineArgs& args, cudaStream_t stream) {
+  DC_CHECK_ARG(args.num_blocks >= 2, "num_sms: the internode path needs at least 2 (half reduce, half gateway)");
+  DC_CHECK_ARG(args.dispatch_channels >= 1 && args.dispatch_channels <= kMaxChannels, "handle: bad channel count");
+  with_transport(d, [&](auto ctx) {
+    combine_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+    DC_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace deepcomm::internode

@@ -1,0 +1,277 @@
+"""Internode (hierarchical) dispatch/combine (csrc/kernels/internode.cu).
+
+When the communicator spans several nodes, each token crosses the node
+boundary once per destination node, through the transport, to the rank of
+that node with the same local index, which forwards it over NVLink to every
+rank of its node that holds one of the token's experts. Combine runs the
+other way: each node reduces its ranks' expert outputs for a token first and
+sends one partial sum per (token, node) back across the boundary; the home
+rank adds the node partials in ascending node order (the reference order).
+
+Memory per rank: an NVLink region shared by CUDA IPC with the ranks of its
+node (receive slots, as intranode), a transport region (deepcomm.transport),
+and local forward maps that remember, per receive slot, where forwarded rows
+went (combine retraces them). Results are views into the receive slots and
+stay valid for ``num_recv_slots`` dispatches, as on the intranode path.
+
+All ranks must pass the same ``num_sms`` to a call. Ranks sharing one GPU
+must leave room for every rank's blocks at once (ranks × num_sms ≤ SMs):
+forwarders wait for senders of other ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from deepcomm import _ext
+from deepcomm.errors import CommunicationError
+from deepcomm.intranode import BufferConfig
+from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.kernel_common import (
+    blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_source_offset, mailbox_failure,
+    payload_of, recv_row_shape, slot_views,
+)
+from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.results import DispatchResult
+from deepcomm.streams import CommStreamScope, hand_back
+from deepcomm.topology import Topology
+from deepcomm.transport import make_transport
+from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
+
+
+@dataclass(frozen=True)
+class InternodeHandle:
+    """What combine needs: where this rank's tokens went, and which dispatch forwarded them."""
+
+    num_tokens: int
+    hidden: int
+    num_recv_tokens: int
+    is_token_in_rank: torch.Tensor  # [T, W] bool
+    send_pos: torch.Tensor  # [T, W] int32
+    send_base: torch.Tensor  # [W] int32
+    node_rows: torch.Tensor  # [T, N] int32: the token's row in each node's area, -1 if not sent there
+    slot: int
+    channels: int
+    dispatch_call: int
+    owner: int
+
+
+class InternodeCommunicator:
+    """Dispatch/combine across ``topology.num_nodes`` nodes through the hierarchical kernels."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        topology: Topology,
+        config: BufferConfig,
+        num_sms: int,
+        timeout_s: float,
+        transport: str = "ipc",
+        staged: bool = False,
+    ) -> None:
+        core = _ext.extension()
+        self.kernels = core.internode
+        if not topology.is_multi_node:
+            raise ValueError("ranks_per_node: the internode path needs at least two nodes")
+        if topology.ranks_per_node > self.kernels.MAX_LOCAL_RANKS or topology.num_nodes > self.kernels.MAX_NODES:
+            raise ValueError(f"ranks_per_node: the internode path supports up to {self.kernels.MAX_LOCAL_RANKS} ranks "
+                             f"per node and {self.kernels.MAX_NODES} nodes, got {topology.ranks_per_node} x "
+                             f"{topology.num_nodes}")
+        if not torch.cuda.is_available():
+            raise ValueError("backend: the internode path needs a CUDA device")
+        self.group, self.topology, self.config, self.num_sms = group, topology, config, num_sms
+        self.timeout_s = timeout_s
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        world, per_node, num_nodes = topology.world_size, topology.ranks_per_node, topology.num_nodes
+        slots = config.num_recv_slots
+
+        # NVLink region, shared with the ranks of this node.
+        self.slot_bytes = config.slot_bytes(world)
+        data_offset = self.kernels.NODE_DATA_OFFSET
+        self.combine_offset = data_offset + slots * self.slot_bytes
+        self.buffer = torch.empty(self.combine_offset + config.combine_bytes(world), dtype=torch.uint8,
+                                  device=self.device)
+        self.buffer[:data_offset].zero_()
+        torch.cuda.synchronize(self.device)
+        handles: list = [None] * world
+        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
+        node_ranks = topology.ranks_of_node(topology.node)
+        self._peers = [PeerTensor(handles[r], self.device) if r != topology.rank else None for r in node_ranks]
+        node_regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+
+        self.layout = self.kernels.transport_layout(world, per_node, config.max_tokens_per_rank, config.hidden,
+                                                    config.num_topk)
+        self.transport = make_transport(transport, group, topology, self.layout["total_bytes"], self.device, staged)
+        area_rows = self.layout["area_rows"]
+        self.forward_rows = torch.empty(slots * num_nodes * area_rows * per_node, dtype=torch.int32, device=self.device)
+        self.forward_counts = torch.zeros(slots * num_nodes * self.kernels.MAX_CHANNELS, dtype=torch.int32,
+                                          device=self.device)
+        self.traffic_bytes = torch.zeros(len(self.kernels.TRAFFIC_COUNTERS), dtype=torch.int64, device=self.device)
+        self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
+        self._mailbox_words = words = self.mailbox.numpy()
+        max_ranks = self.kernels.MAX_RANKS
+        self._recv_from_rank = words[self.kernels.MAILBOX_RECV_FROM_RANK :][:max_ranks]
+        self._recv_totals = words[self.kernels.MAILBOX_RECV_TOTALS :][:max_ranks]
+        self._invalid_ids = words[self.kernels.MAILBOX_INVALID_IDS :][:max_ranks]
+        self.ctx = self.kernels.Context(
+            self.kernels.TRANSPORTS[self.transport.name], self.transport.regions, bool(staged), node_regions,
+            topology.rank, world, per_node, slots, self.slot_bytes, config.max_tokens_per_rank, config.hidden,
+            config.num_topk, self.forward_rows.data_ptr(), self.forward_counts.data_ptr(),
+            self.traffic_bytes.data_ptr(), self.mailbox.data_ptr(), int(timeout_s * 1e9),
+        )
+        # Every rank counts calls and blocks identically; the kernels compare against these.
+        self._dispatch_calls = 0
+        self._combine_calls = 0
+        self._dispatch_blocks = 0
+        self._combine_blocks = 0
+        self._home_blocks = 0
+        self._failure: CommunicationError | None = None
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=group)  # every peer has mapped every region before any kernel writes
+
+    # -- errors -------------------------------------------------------------
+
+    def check_errors(self) -> None:
+        """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
+        if self._failure is None and self._mailbox_words[0] != 0:
+            self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
+                                            self._invalid_ids[: self.topology.world_size])
+            # Let this rank's kernels finish giving up (their waits are bounded) before anyone
+            # tears down buffers that peers still map.
+            self._stream.synchronize()
+        if self._failure is not None:
+            raise self._failure
+
+    def _wait_notify(self, call: int) -> None:
+        status = _ext.extension().intranode.wait_notify(self.mailbox.data_ptr(), call, self.timeout_s + 5.0)
+        if status == 1:
+            self.check_errors()
+        if status != 0:
+            self._failure = CommunicationError(
+                self.topology.rank, "notify", f"the notify kernel did not finish within {self.timeout_s + 5:g}s"
+            )
+            raise self._failure
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes moved so far on each leg by this rank's kernels (waits for them)."""
+        self._stream.synchronize()
+        return dict(zip(self.kernels.TRAFFIC_COUNTERS, self.traffic_bytes.tolist()))
+
+    # -- dispatch -----------------------------------------------------------
+
+    def run_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
+    ) -> DispatchResult:
+        self.check_errors()
+        topo = self.topology
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, topo.world_size, self.device,
+                              check_values=False)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        check_capacity(num_tokens, hidden, num_topk, self.config)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        self._check_blocks(num_blocks)
+        world, num_nodes = topo.world_size, topo.num_nodes
+        experts_per_rank = num_experts // world
+        stream = self._stream
+
+        with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+            counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
+            send_base, recv_totals = counters[:world], counters[world : 2 * world]
+            per_expert = counters[2 * world : 2 * world + experts_per_rank]
+            num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
+            send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
+            node_rows = torch.empty(num_tokens, num_nodes, dtype=torch.int32, device=self.device)
+            layout = dispatch_layout_cuda(topk_idx, num_experts, topo, num_blocks, num_invalid, send_pos)
+
+            call = self._dispatch_calls + 1
+            slot = call % self.config.num_recv_slots
+            self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_node.data_ptr(),
+                            layout.num_tokens_per_expert.data_ptr(), num_invalid.data_ptr(), num_experts,
+                            send_base.data_ptr(), recv_totals.data_ptr(), per_expert.data_ptr(),
+                            abort_dispatch.data_ptr(), stream.cuda_stream)
+            # Queued before the host waits: the GPU runs layout → notify → dispatch without a bubble.
+            self._dispatch_calls = call
+            self._dispatch_blocks += num_blocks
+            self.ctx.dispatch(
+                call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
+                topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
+                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
+                recv_totals.data_ptr(), abort_dispatch.data_ptr(),
+                -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks,
+                node_rows.data_ptr(), stream.cuda_stream,
+            )
+            recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
+            if num_recv_tokens is not None:
+                own_layout = _ext.extension().intranode.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols,
+                                                                     num_topk)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result.num_recv_tokens_per_rank = None
+            else:
+                self._wait_notify(call)
+                check_invalid_ids(self._invalid_ids[:world], num_experts)
+                totals = self._recv_totals[:world].tolist()
+                layouts = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes)
+                num_recv_tokens = totals[topo.rank]
+                result = self._views(slot, layouts[topo.rank], num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
+            result.handle = InternodeHandle(
+                num_tokens, hidden, num_recv_tokens, layout.is_token_in_rank, send_pos, send_base, node_rows, slot,
+                self.kernels.num_channels(num_blocks), call, id(self),
+            )
+            outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
+            result.event = hand_back(outputs, self.device, stream, caller, async_finish)
+            return result
+
+    def _check_blocks(self, num_blocks: int) -> None:
+        if num_blocks < 2 or self.kernels.num_channels(num_blocks) > self.kernels.MAX_CHANNELS:
+            raise ValueError(f"num_sms: the internode path needs 2 to {2 * self.kernels.MAX_CHANNELS} blocks "
+                             f"(half send, half forward), got {num_blocks}")
+
+    def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
+        start = self.kernels.NODE_DATA_OFFSET + slot * self.slot_bytes
+        return slot_views(self.buffer[start : start + self.slot_bytes], layout, rows, hidden, num_topk, payload,
+                          per_expert)
+
+    # -- combine ------------------------------------------------------------
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        self.check_errors()
+        if not isinstance(handle, InternodeHandle) or handle.owner != id(self):
+            raise TypeError("handle: expected the handle of a dispatch on this communicator")
+        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
+        dispatches_since = self._dispatch_calls - handle.dispatch_call
+        if dispatches_since >= self.config.num_recv_slots:
+            raise ValueError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
+                             f"(combine within {self.config.num_recv_slots} dispatches)")
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        self._check_blocks(num_blocks)
+        stream = self._stream
+        with CommStreamScope(stream, self.device, previous_event, (expert_out,)) as caller:
+            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset, dispatches_since,
+                                                  self.config.num_recv_slots)
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+            call = self._combine_calls + 1
+            credit_expected = self._home_blocks
+            self._combine_calls = call
+            self._combine_blocks += num_blocks
+            self._home_blocks += self.kernels.num_channels(num_blocks)
+            self.ctx.combine(call, handle.slot, handle.channels, source_offset, y.data_ptr(), handle.hidden,
+                             handle.num_tokens, handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
+                             handle.send_base.data_ptr(), handle.node_rows.data_ptr(), credit_expected,
+                             self._combine_blocks, num_blocks, stream.cuda_stream)
+            return y, hand_back((y,), self.device, stream, caller, async_finish)
+
+    def close(self) -> None:
+        """Unmap the peers' regions (every rank should close together)."""
+        for peer in self._peers:
+            if peer is not None:
+                peer.close()
+        self._peers = []
+        self.transport.close()

@@ -1,0 +1,144 @@
+"""Pieces shared by the kernel backends (deepcomm.intranode, deepcomm.internode).
+
+Both run the same protocol around their kernels: validate, pick the payload,
+launch on the communication stream, read counts and errors from a pinned host
+mailbox whose first words are ``csrc/runtime/mailbox_layout.h``'s header, and
+hand out received rows as views into a receive slot laid out by
+``intranode.recv_layout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deepcomm import _ext, fp8
+from deepcomm.errors import CommunicationError
+from deepcomm.events import EventHandle
+from deepcomm.results import DispatchResult
+
+PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
+
+# csrc/runtime/mailbox_layout.h
+ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS = 1, 2, 3
+STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
+               6: "combine_credit", 7: "combine_recv"}
+NOTIFY_DONE_WORD = 3
+
+
+def payload_of(x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -> int:
+    hidden = x.shape[1]
+    if quantize_fp8:
+        if x.dtype != torch.bfloat16:
+            raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+        fp8.num_scale_blocks(hidden)
+        return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
+    if (hidden * x.element_size()) % 16 != 0:
+        raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")
+    return PAYLOAD_FP8 if x.dtype == fp8.FP8_DTYPE else PAYLOAD_BF16
+
+
+def recv_row_shape(payload: int, hidden: int) -> tuple[int, int]:
+    """(bytes of x per received row, fp8 scale columns) for a payload."""
+    if payload == PAYLOAD_BF16:
+        return 2 * hidden, 0
+    return hidden, hidden // fp8.BLOCK_CHANNELS
+
+
+def blocks_of(default: int, num_sms: int | None) -> int:
+    blocks = default if num_sms is None else num_sms
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
+        raise ValueError(f"num_sms: expected a positive int, got {blocks!r}")
+    return blocks
+
+
+def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
+    if num_tokens > config.max_tokens_per_rank:
+        raise ValueError(f"x: {num_tokens} tokens exceed the buffer's max_tokens_per_rank={config.max_tokens_per_rank}")
+    if hidden > config.hidden or num_topk > config.num_topk:
+        raise ValueError(f"x: hidden {hidden} / top-k {num_topk} exceed the buffer's {config.hidden} / {config.num_topk}")
+
+
+def slot_views(region: torch.Tensor, layout: dict, rows: int, hidden: int, num_topk: int, payload: int,
+               per_expert: torch.Tensor) -> DispatchResult:
+    """A DispatchResult whose tensors are views of one receive slot (``region``, uint8)."""
+
+    def field(name: str, count: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        nbytes = count * dtype.itemsize
+        return region[layout[name] : layout[name] + nbytes].view(dtype).view(shape)
+
+    if payload == PAYLOAD_BF16:
+        x = field("x", rows * hidden, torch.bfloat16, (rows, hidden))
+        scales = None
+    else:
+        cols = hidden // fp8.BLOCK_CHANNELS
+        x = field("x", rows * hidden, fp8.FP8_DTYPE, (rows, hidden))
+        scales = field("scales", rows * cols, torch.float32, (rows, cols))
+    return DispatchResult(
+        x=x,
+        x_scales=scales,
+        topk_idx=field("topk_idx", rows * num_topk, torch.int64, (rows, num_topk)),
+        topk_weights=field("topk_weights", rows * num_topk, torch.float32, (rows, num_topk)),
+        num_tokens_per_expert=per_expert,
+        num_recv_tokens_per_rank=[],
+        handle=None,
+        event=EventHandle(None),
+    )
+
+
+def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int, slot_bytes: int) -> list[dict]:
+    """Receive-slot layouts for every rank's row total; raises (on every rank alike) when one overflows."""
+    layout = _ext.extension().intranode.recv_layout
+    row_bytes, scale_cols = recv_row_shape(payload, hidden)
+    layouts = [layout(t, row_bytes, scale_cols, num_topk) for t in totals]
+    too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > slot_bytes]
+    if too_big:
+        raise ValueError(f"x: rank {too_big[0]} would receive {totals[too_big[0]]} rows, more than its receive "
+                         f"slot holds ({slot_bytes} bytes); enlarge BufferConfig")
+    return layouts
+
+
+def check_invalid_ids(invalid: np.ndarray, num_experts: int) -> None:
+    if invalid.any():
+        # Every rank sees every rank's count: all raise, none dispatched.
+        culprit = int(invalid.nonzero()[0][0])
+        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
+                         f"passed {int(invalid[culprit])} invalid ids")
+
+
+def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.ndarray) -> CommunicationError | None:
+    """The CommunicationError a kernel recorded in the mailbox header, if any."""
+    code = int(words[0])
+    if code == 0:
+        return None
+    stage, detail = STAGE_NAMES.get(int(words[1]), "unknown"), int(words[2])
+    if code == ERROR_TIMEOUT:
+        return CommunicationError(rank, stage, f"no answer within {timeout_s:g}s", peer=detail)
+    if code == ERROR_SIZE_MISMATCH:
+        return CommunicationError(rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived")
+    culprits = {r: int(n) for r, n in enumerate(invalid) if n}
+    return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")
+
+
+
+def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int,
+                          dispatches_since: int, num_slots: int) -> int:
+    """Byte offset in ``buffer`` (this rank's registered memory) of the rows combine sends.
+
+    Rows already in the buffer (e.g. computed in place in the receive slot) are
+    read where they are; anything else is copied to the combine area at
+    ``combine_offset`` first, because peers can only read registered memory.
+    ``dispatches_since``: dispatches after the one whose handle combine uses.
+    """
+    nbytes = expert_out.numel() * 2
+    start = expert_out.data_ptr() - buffer.data_ptr()
+    if 0 <= start <= buffer.numel() - nbytes:
+        if start < combine_offset and dispatches_since >= num_slots:
+            raise ValueError(
+                "expert_out: it lives in a receive slot that a later dispatch has overwritten "
+                f"(results stay valid for {num_slots} dispatches; clone to keep them)"
+            )
+        return start
+    staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
+    staged.view(expert_out.shape).copy_(expert_out)
+    return combine_offset
