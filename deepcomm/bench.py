@@ -34,6 +34,7 @@ from deepcomm.intranode import BufferConfig
 from deepcomm.launch import init_distributed
 from deepcomm.layout import get_dispatch_layout
 from deepcomm.routing import node_limited_topk
+from deepcomm.traffic import boundary_rows
 
 PRESETS = {
     # ../shared/BENCHMARKS.md: the prefill and decode workloads.
@@ -79,8 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-nodes", type=int, default=2, help="M for --routing node-limited")
     parser.add_argument("--dtypes", default="bf16,fp8", help="comma list of bf16, fp8")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--backend", choices=("auto", "intranode", "reference"), default="auto",
-                        help="auto: the kernels and the reference path in the same run on GPU, reference on CPU")
+    parser.add_argument("--backend", choices=("auto", "intranode", "internode", "reference"), default="auto",
+                        help="auto: the kernels and the reference path in the same run on GPU, reference on CPU; "
+                             "with --ranks-per-node below the world size: internode, the flat intranode path on "
+                             "the same ranks, and the reference path")
+    parser.add_argument("--transport", choices=("auto", "ipc", "ipc_staged", "nvshmem"), default="auto",
+                        help="inter-node leg of the internode path")
     parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")
     parser.add_argument("--warmup", type=int, default=3)
@@ -157,7 +162,34 @@ def mean_over_ranks(value: float) -> float:
 def choose_paths(args: argparse.Namespace, on_cuda: bool) -> list[str]:
     if args.backend != "auto":
         return [args.backend]
-    return ["intranode", "reference"] if on_cuda and _ext.available() else ["reference"]
+    if not (on_cuda and _ext.available()):
+        return ["reference"]
+    multi_node = args.ranks_per_node is not None and args.ranks_per_node < dist.get_world_size()
+    return ["internode", "intranode", "reference"] if multi_node else ["intranode", "reference"]
+
+
+KERNEL_PATHS = ("intranode", "internode")
+
+
+def make_communicator(path: str, args: argparse.Namespace, shape: dict, num_sms: int) -> Communicator:
+    """The communicator of one path; the flat intranode path treats all ranks as one node."""
+    buffer = BufferConfig(shape["tokens"], shape["hidden"], shape["topk"]) if path in KERNEL_PATHS else None
+    ranks_per_node = dist.get_world_size() if path == "intranode" else args.ranks_per_node
+    return Communicator(num_sms=num_sms, ranks_per_node=ranks_per_node, backend=path, buffer=buffer,
+                        timeout_s=args.timeout, transport=args.transport if path == "internode" else "auto")
+
+
+def leg_note(moved: dict[str, int], stage: str, flat_boundary: dict[str, int] | None) -> str:
+    """Bytes per leg of one internode call (MB), and what a path without the hierarchy would send across."""
+    mb = {k: v / 1e6 for k, v in moved.items()}
+    if stage == "dispatch":
+        note = (f"boundary {mb['dispatch_boundary']:.2f} MB, nvlink {mb['dispatch_nvlink_direct']:.2f} direct + "
+                f"{mb['dispatch_nvlink_forward']:.2f} forwarded MB")
+        if flat_boundary:
+            note += (f"; flat boundary rows/node-limited rows: per rank {flat_boundary['per_rank_ratio']:.2f}x, "
+                     f"per expert {flat_boundary['per_expert_ratio']:.2f}x")
+        return note
+    return f"boundary {mb['combine_boundary']:.2f} MB, nvlink {mb['combine_nvlink']:.2f} MB"
 
 
 def copy_floor_us(timer: Timer, nbytes: int, num_sms: int, device: torch.device) -> float:
@@ -176,22 +208,19 @@ def run(args: argparse.Namespace) -> list[Row]:
     shape = workload(args, on_cuda)
     paths = choose_paths(args, on_cuda)
     sms_values = [int(v) for v in str(args.sms).split(",")]
-    comms = {}
-    for path in paths:
-        buffer = BufferConfig(shape["tokens"], shape["hidden"], shape["topk"]) if path == "intranode" else None
-        comms[path] = Communicator(num_sms=sms_values[0], ranks_per_node=args.ranks_per_node, backend=path,
-                                   buffer=buffer, timeout_s=args.timeout)
-    topo = comms[paths[0]].topology
+    comms = {path: make_communicator(path, args, shape, sms_values[0]) for path in paths}
+    topo = comms["reference"].topology if "reference" in comms else comms[paths[0]].topology
     generator = torch.Generator().manual_seed(args.seed * 1000 + topo.rank)
     x = torch.randn(shape["tokens"], shape["hidden"], generator=generator).to(device, torch.bfloat16)
     topk_idx, topk_weights = make_routing(args, shape, topo, generator, device)
     timer = Timer(device, args.warmup, args.iters)
     device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
 
-    def row(path, dtype, stage, sms, us, bytes_per_rank, floor_us, check) -> Row:
+    def row(path, dtype, stage, sms, us, bytes_per_rank, floor_us, check, note="") -> Row:
         gbps = bytes_per_rank / (us * 1e-6) / 1e9 if us > 0 and bytes_per_rank else None
+        ranks_per_node = topo.world_size if path == "intranode" else topo.ranks_per_node
         return Row(device_name, path, dtype, stage, shape["tokens"], shape["hidden"], shape["topk"], shape["experts"],
-                   topo.world_size, topo.ranks_per_node, sms, us, gbps, bytes_per_rank, floor_us, check)
+                   topo.world_size, ranks_per_node, sms, us, gbps, bytes_per_rank, floor_us, check, note)
 
     rows: list[Row] = []
     layout = get_dispatch_layout(topk_idx, shape["experts"], topo)
@@ -201,6 +230,13 @@ def run(args: argparse.Namespace) -> list[Row]:
     expected_recv = int(tokens_to_rank[topo.rank])
     us = timer(lambda: get_dispatch_layout(topk_idx, shape["experts"], topo, validate=False))
     rows.append(row(paths[0] if on_cuda else "reference", "-", "layout", None, us, 0, None, all_ok(counts_ok)))
+    flat = None
+    if topo.is_multi_node:
+        saved = boundary_rows(topk_idx, shape["experts"], topo)
+        totals = reduce_host(torch.tensor([saved["per_node"], saved["per_rank"], saved["per_expert"]],
+                                          dtype=torch.float64))
+        flat = {"per_rank_ratio": float(totals[1] / max(totals[0], 1)),
+                "per_expert_ratio": float(totals[2] / max(totals[0], 1))}
 
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         if dtype == "bf16":
@@ -212,7 +248,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (bf16, fp8)")
         for path in paths:
             comm = comms[path]
-            for sms in sms_values if path == "intranode" else [None]:
+            for sms in sms_values if path in KERNEL_PATHS else [None]:
                 def dispatch():
                     return comm.dispatch(payload, topk_idx, topk_weights, shape["experts"], x_scales=scales,
                                          num_sms=sms)
@@ -220,22 +256,37 @@ def run(args: argparse.Namespace) -> list[Row]:
                 result = dispatch()
                 expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
                 combined = comm.combine(expert_out, result.handle, num_sms=sms)
-                expected = expected_round_trip(reference_x, topk_idx, shape["experts"], topo)
+                expected = expected_round_trip(reference_x, topk_idx, shape["experts"], comm.topology)
                 check = all_ok(torch.equal(combined, expected) and result.x.shape[0] == expected_recv)
                 row_bytes = payload.shape[1] * payload.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
                 recv_bytes = result.x.shape[0] * row_bytes
                 combine_bytes = expert_out.shape[0] * expert_out.shape[1] * 2
                 floor_sms = sms if sms is not None else sms_values[0]
+                dispatch_note = combine_note = ""
+                if path == "internode":
+                    # The floor is a copy of every byte the hierarchy moves, on both legs.
+                    before = comm.traffic()
+                    result = dispatch()
+                    expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
+                    middle = comm.traffic()
+                    comm.combine(expert_out, result.handle, num_sms=sms)
+                    after = comm.traffic()
+                    dispatch_moved = {k: middle[k] - before[k] for k in before}
+                    combine_moved = {k: after[k] - middle[k] for k in before}
+                    recv_bytes = sum(v for k, v in dispatch_moved.items() if k.startswith("dispatch"))
+                    combine_bytes = sum(v for k, v in combine_moved.items() if k.startswith("combine"))
+                    dispatch_note = leg_note(dispatch_moved, "dispatch", flat)
+                    combine_note = leg_note(combine_moved, "combine", None)
                 dispatch_floor = copy_floor_us(timer, recv_bytes, floor_sms, device) if on_cuda else None
                 combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device) if on_cuda else None
                 rows.append(row(path, dtype, "dispatch", sms, timer(dispatch), int(mean_over_ranks(recv_bytes)),
-                                dispatch_floor, check))
+                                dispatch_floor, check, dispatch_note))
                 # Received rows live until the next dispatches reuse their slot: take a fresh result.
                 result = dispatch()
                 expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
                 rows.append(row(path, "bf16", "combine" if dtype == "bf16" else f"combine({dtype} dispatch)", sms,
                                 timer(lambda: comm.combine(expert_out, result.handle, num_sms=sms)),
-                                int(mean_over_ranks(combine_bytes)), combine_floor, check))
+                                int(mean_over_ranks(combine_bytes)), combine_floor, check, combine_note))
     if on_cuda and "intranode" in comms and args.overlap:
         rows += overlap_rows(comms["intranode"], x, topk_idx, topk_weights, shape, timer, row, device)
     return rows

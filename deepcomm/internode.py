@@ -21,6 +21,7 @@ forwarders wait for senders of other ranks.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,12 @@ class InternodeCommunicator:
 
         self.layout = self.kernels.transport_layout(world, per_node, config.max_tokens_per_rank, config.hidden,
                                                     config.num_topk)
+        # Forwarders spin on other ranks' senders: ranks sharing a GPU must fit their blocks at once.
+        props = torch.cuda.get_device_properties(self.device)
+        gpus: list = [None] * world
+        dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
+        self._ranks_on_gpu = gpus.count(gpus[topology.rank])
+        self._num_device_sms = props.multi_processor_count
         self.transport = make_transport(transport, group, topology, self.layout["total_bytes"], self.device, staged)
         area_rows = self.layout["area_rows"]
         self.forward_rows = torch.empty(slots * num_nodes * area_rows * per_node, dtype=torch.int32, device=self.device)
@@ -233,6 +240,9 @@ class InternodeCommunicator:
         if num_blocks < 2 or self.kernels.num_channels(num_blocks) > self.kernels.MAX_CHANNELS:
             raise ValueError(f"num_sms: the internode path needs 2 to {2 * self.kernels.MAX_CHANNELS} blocks "
                              f"(half send, half forward), got {num_blocks}")
+        if self._ranks_on_gpu > 1 and num_blocks * self._ranks_on_gpu > self._num_device_sms:
+            raise ValueError(f"num_sms: {self._ranks_on_gpu} ranks share this GPU and every rank's blocks must run at "
+                             f"once: ranks x num_sms <= {self._num_device_sms}, got {num_blocks}")
 
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
         start = self.kernels.NODE_DATA_OFFSET + slot * self.slot_bytes

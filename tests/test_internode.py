@@ -30,11 +30,11 @@ MAX_TOKENS = 96
 ROUTINGS = ("uniform", "skewed", "minus_one", "empty_experts", "node_limited_1", "node_limited_2")
 
 
-def _communicator(ranks_per_node: int, transport: str, **kwargs) -> deepcomm.Communicator:
+def _communicator(ranks_per_node: int, transport: str, num_sms: int = 4, **kwargs) -> deepcomm.Communicator:
     torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
     config = deepcomm.BufferConfig(max_tokens_per_rank=MAX_TOKENS, hidden=HIDDEN, num_topk=8)
     comm = deepcomm.Communicator(backend="internode", buffer=config, ranks_per_node=ranks_per_node,
-                                 transport=transport, **kwargs)
+                                 transport=transport, num_sms=num_sms, **kwargs)
     assert comm.backend == "internode" and comm.topology.num_nodes > 1
     return comm
 
@@ -64,7 +64,7 @@ def _expected_bytes(comm, all_topk, num_experts, hidden, mode) -> dict[str, int]
 
 
 def _agreement_worker(rank: int, world_size: int, ranks_per_node: int, transport: str, sms: tuple) -> None:
-    comm = _communicator(ranks_per_node, transport)
+    comm = _communicator(ranks_per_node, transport, num_sms=sms[0])
     device = torch.device("cuda", torch.cuda.current_device())
     num_experts = 8 * world_size
     num_nodes = world_size // ranks_per_node
@@ -220,6 +220,10 @@ def _bad_input_worker(rank: int, world_size: int) -> None:
     topk_idx = torch.zeros(4, 2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="^num_sms:"):
         comm.dispatch(small, topk_idx, torch.rand(4, 2, device=device), 8 * world_size, num_sms=1)
+    if torch.cuda.device_count() == 1:  # both ranks on one GPU: their blocks must fit at once
+        too_many = torch.cuda.get_device_properties(device).multi_processor_count // 2 + 1
+        with pytest.raises(ValueError, match="^num_sms: 2 ranks share this GPU"):
+            comm.dispatch(small, topk_idx, torch.rand(4, 2, device=device), 8 * world_size, num_sms=too_many)
     bad_idx = topk_idx.clone()
     if rank == 0:
         bad_idx[2, 1] = 8 * world_size
