@@ -53,3 +53,31 @@ def test_receive_layout_fields_are_aligned_and_disjoint():
     starts = [layout[k] for k in ("x", "scales", "topk_idx", "topk_weights", "src_idx")]
     assert starts == sorted(starts) and all(s % 256 == 0 for s in starts)
     assert layout["scales"] >= 1000 * 7168 and layout["total_bytes"] >= layout["src_idx"] + 1000 * 8
+
+
+def test_internode_needs_a_buffer_and_a_known_transport(single_rank_group):
+    with pytest.raises(ValueError, match="^buffer: the internode backend"):
+        deepcomm.Communicator(single_rank_group, backend="internode")
+    with pytest.raises(ValueError, match="^transport:"):
+        deepcomm.Communicator(single_rank_group, transport="rdma")
+    with pytest.raises(ValueError, match="^backend: byte counters"):
+        deepcomm.Communicator(single_rank_group).traffic()
+
+
+@needs_extension
+def test_internode_rows_and_areas_hold_what_the_kernels_write():
+    kernels = _ext.extension().internode
+    hidden, topk, per_node = 7168, 8, 4
+    bf16 = kernels.row_stride(2 * hidden, 0, per_node, topk)
+    fp8_row = kernels.row_stride(hidden, hidden // 128, per_node, topk)
+    # x, then source token, a destination row per rank of the node, expert ids and weights; 16-byte units.
+    assert bf16 == -(-(2 * hidden + 4 + 4 * per_node + 8 * topk) // 16) * 16
+    assert fp8_row >= hidden + 4 * (hidden // 128) + 4 + 4 * per_node + 8 * topk and fp8_row % 16 == 0
+    layout = kernels.transport_layout(8, per_node, 4096, hidden, topk)
+    assert layout["area_rows"] >= 4096 + kernels.MAX_CHANNELS - 1  # channels round their share up
+    assert layout["dispatch_stride"] == max(bf16, fp8_row)
+    two_nodes = 2 * layout["area_rows"]
+    assert layout["combine_recv"] - layout["dispatch_recv"] >= 2 * two_nodes * layout["dispatch_stride"]
+    assert layout["total_bytes"] >= layout["combine_recv"] + 2 * two_nodes * 2 * hidden
+    assert kernels.num_channels(24) == 12 and kernels.num_channels(3) == 2
+    assert kernels.slot_row_bytes(2 * hidden, 0, topk) == 2 * hidden + topk * 12 + 8
