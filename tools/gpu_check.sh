@@ -79,9 +79,14 @@ bench() {  # name, ranks, args...
     note "bench ${name}: FAILED (see ${name}.log)"; status=1
   fi
 }
+INTER_ARGS=${INTER_ARGS:-"--preset prefill --routing node-limited --max-nodes 2 --iters 8 --warmup 2"}
 for n in $NRANKS; do
   bench "prefill_${n}ranks" "$n" $BENCH_ARGS
   bench "decode_${n}ranks" "$n" $DECODE_ARGS
+  # Internode: the ranks split into 2 nodes, beside the flat intranode path on the same ranks.
+  if [ "$n" -ge 2 ] && [ $(( n % 2 )) -eq 0 ]; then
+    bench "internode_2x$(( n / 2 ))" "$n" $INTER_ARGS --ranks-per-node $(( n / 2 )) --sms $(( n > 4 ? 16 : 24 ))
+  fi
 done
 
 # Kernel times against wall clock for a decode-size call (torch profiler), and a trace.
@@ -96,7 +101,7 @@ fi
 
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
-for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/profile_*.log; do
+for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/internode_*.log "$OUT"/profile_*.log; do
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|backend=)' "$log" | grep -v '^rows written'; }
 done
 exit $status
