@@ -32,7 +32,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_source_offset, mailbox_failure,
+    MailboxErrors, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_source_offset,
     payload_of, recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
@@ -60,7 +60,7 @@ class InternodeHandle:
     owner: int
 
 
-class InternodeCommunicator:
+class InternodeCommunicator(MailboxErrors):
     """Dispatch/combine across ``topology.num_nodes`` nodes through the hierarchical kernels."""
 
     def __init__(
@@ -139,29 +139,6 @@ class InternodeCommunicator:
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         torch.cuda.synchronize(self.device)
         dist.barrier(group=group)  # every peer has mapped every region before any kernel writes
-
-    # -- errors -------------------------------------------------------------
-
-    def check_errors(self) -> None:
-        """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
-        if self._failure is None and self._mailbox_words[0] != 0:
-            self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
-                                            self._invalid_ids[: self.topology.world_size])
-            # Let this rank's kernels finish giving up (their waits are bounded) before anyone
-            # tears down buffers that peers still map.
-            self._stream.synchronize()
-        if self._failure is not None:
-            raise self._failure
-
-    def _wait_notify(self, call: int) -> None:
-        status = _ext.extension().intranode.wait_notify(self.mailbox.data_ptr(), call, self.timeout_s + 5.0)
-        if status == 1:
-            self.check_errors()
-        if status != 0:
-            self._failure = CommunicationError(
-                self.topology.rank, "notify", f"the notify kernel did not finish within {self.timeout_s + 5:g}s"
-            )
-            raise self._failure
 
     def traffic(self) -> dict[str, int]:
         """Bytes moved so far on each leg by this rank's kernels (waits for them)."""

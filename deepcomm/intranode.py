@@ -27,7 +27,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    blocks_of, check_capacity, combine_source_offset, check_invalid_ids, check_slot_sizes, mailbox_failure, payload_of,
+    MailboxErrors, blocks_of, check_capacity, combine_source_offset, check_invalid_ids, check_slot_sizes, payload_of,
     recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
@@ -95,7 +95,7 @@ class IntranodeHandle:
     owner: int  # id() of the communicator that made it
 
 
-class IntranodeCommunicator:
+class IntranodeCommunicator(MailboxErrors):
     """Dispatch/combine among ``topology.world_size`` ranks of one node through the CUDA kernels."""
 
     def __init__(
@@ -151,28 +151,6 @@ class IntranodeCommunicator:
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
 
-    # -- errors -------------------------------------------------------------
-
-    def check_errors(self) -> None:
-        """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
-        if self._failure is None and self._mailbox_words[0] != 0:
-            self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
-                                            self._invalid_ids[: self.topology.world_size])
-            # Let this rank's kernels finish giving up (their waits are bounded) before anyone
-            # tears down buffers that peers still map.
-            self._stream.synchronize()
-        if self._failure is not None:
-            raise self._failure
-
-    def _wait_notify(self, call: int) -> None:
-        status = self.kernels.wait_notify(self.mailbox.data_ptr(), call, self.timeout_s + 5.0)
-        if status == 1:
-            self.check_errors()
-        if status != 0:
-            self._failure = CommunicationError(
-                self.topology.rank, "notify", f"the notify kernel did not finish within {self.timeout_s + 5:g}s"
-            )
-            raise self._failure
 
     # -- dispatch -----------------------------------------------------------
 

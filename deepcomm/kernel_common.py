@@ -142,3 +142,32 @@ def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combin
     staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
     staged.view(expert_out.shape).copy_(expert_out)
     return combine_offset
+
+
+class MailboxErrors:
+    """check_errors and the notify wait, shared by the kernel communicators.
+
+    Needs: mailbox (pinned int64 tensor), _mailbox_words and _invalid_ids
+    (its numpy views), topology, timeout_s, _stream, _failure.
+    """
+
+    def check_errors(self) -> None:
+        """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
+        if self._failure is None and self._mailbox_words[0] != 0:
+            self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
+                                            self._invalid_ids[: self.topology.world_size])
+            # Let this rank's kernels finish giving up (their waits are bounded) before anyone
+            # tears down buffers that peers still map.
+            self._stream.synchronize()
+        if self._failure is not None:
+            raise self._failure
+
+    def _wait_notify(self, call: int) -> None:
+        status = _ext.extension().intranode.wait_notify(self.mailbox.data_ptr(), call, self.timeout_s + 5.0)
+        if status == 1:
+            self.check_errors()
+        if status != 0:
+            self._failure = CommunicationError(
+                self.topology.rank, "notify", f"the notify kernel did not finish within {self.timeout_s + 5:g}s"
+            )
+            raise self._failure

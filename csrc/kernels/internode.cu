@@ -108,12 +108,8 @@ struct TokenRoute {
   uint64_t ranks;
   int position_lo, position_hi;
 
-  __device__ __forceinline__ int position(int dst) const {  // warp-uniform dst
-    const int lo = __shfl_sync(0xffffffffu, position_lo, dst & 31);
-    const int hi = __shfl_sync(0xffffffffu, position_hi, dst & 31);
-    return dst < 32 ? lo : hi;
-  }
-  __device__ __forceinline__ int position_per_lane(int dst) const {  // dst may differ per lane
+  // Warp-collective; dst may differ per lane.
+  __device__ __forceinline__ int position(int dst) const {
     const int lo = __shfl_sync(0xffffffffu, position_lo, dst & 31);
     const int hi = __shfl_sync(0xffffffffu, position_hi, dst & 31);
     return dst < 32 ? lo : hi;
@@ -361,7 +357,7 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
         if (row == nullptr) continue;
         if (lane == 0) *reinterpret_cast<int32_t*>(row + fmt.meta) = token;
         const int dst = n * L + (lane < L ? lane : 0);
-        const int position = route.position_per_lane(dst);
+        const int position = route.position(dst);
         if (lane < L) reinterpret_cast<int32_t*>(row + fmt.dst_rows)[lane] = route.goes_to(dst) ? position : -1;
         if (lane < args.num_topk) {
           reinterpret_cast<int32_t*>(row + fmt.expert_ids)[lane] = static_cast<int32_t>(expert);
