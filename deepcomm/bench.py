@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext, fp8
+from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us, ranks_have_own_gpu, rows_kept_local
 from deepcomm.checks import expected_round_trip
 from deepcomm.communicator import Communicator
 from deepcomm.events import EventHandle
@@ -150,6 +151,14 @@ def reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return values.cpu()
 
 
+def gather_host(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's copy of a small CPU tensor, stacked in rank order."""
+    on = values.cuda() if dist.get_backend() == "nccl" else values
+    parts = [torch.empty_like(on) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, on)
+    return torch.stack(parts).cpu()
+
+
 def all_ok(ok: bool) -> str:
     failed = int(reduce_host(torch.tensor([0 if ok else 1])))
     return "ok" if failed == 0 else f"FAILED on {failed} rank(s)"
@@ -192,16 +201,6 @@ def leg_note(moved: dict[str, int], stage: str, flat_boundary: dict[str, int] | 
     return f"boundary {mb['combine_boundary']:.2f} MB, nvlink {mb['combine_nvlink']:.2f} MB"
 
 
-def copy_floor_us(timer: Timer, nbytes: int, num_sms: int, device: torch.device) -> float:
-    """The same bytes through a plain copy kernel on the same SMs, all ranks at once."""
-    nbytes = max(16, nbytes // 16 * 16)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    core = _ext.extension()
-    return timer(lambda: core.copy(dst.data_ptr(), src.data_ptr(), nbytes, num_sms,
-                                   torch.cuda.current_stream(device).cuda_stream))
-
-
 def run(args: argparse.Namespace) -> list[Row]:
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
@@ -225,9 +224,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     layout = get_dispatch_layout(topk_idx, shape["experts"], topo)
     counts_ok = int(layout.num_tokens_per_rank.sum()) == int(layout.is_token_in_rank.sum())
-    # Rows this rank must receive: what every rank's layout sends it.
-    tokens_to_rank = reduce_host(layout.num_tokens_per_rank.to(torch.int64).cpu())
-    expected_recv = int(tokens_to_rank[topo.rank])
+    # tokens_to_rank[s, d]: rows rank s sends rank d; a rank receives its column.
+    tokens_to_rank = gather_host(layout.num_tokens_per_rank.to(torch.int64).cpu())
+    expected_recv = int(tokens_to_rank[:, topo.rank].sum())
+    own_gpu = on_cuda and topo.world_size > 1 and ranks_have_own_gpu(topo.world_size)
     us = timer(lambda: get_dispatch_layout(topk_idx, shape["experts"], topo, validate=False))
     rows.append(row(paths[0] if on_cuda else "reference", "-", "layout", None, us, 0, None, all_ok(counts_ok)))
     flat = None
@@ -277,8 +277,15 @@ def run(args: argparse.Namespace) -> list[Row]:
                     combine_bytes = sum(v for k, v in combine_moved.items() if k.startswith("combine"))
                     dispatch_note = leg_note(dispatch_moved, "dispatch", flat)
                     combine_note = leg_note(combine_moved, "combine", None)
-                dispatch_floor = copy_floor_us(timer, recv_bytes, floor_sms, device) if on_cuda else None
-                combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device) if on_cuda else None
+                dispatch_floor = combine_floor = None
+                if own_gpu:  # only the bytes bound for other GPUs count, stored over NVLink
+                    kept = rows_kept_local(tokens_to_rank, comm.topology, path == "internode")
+                    dispatch_floor = peer_copy_floor_us(timer, recv_bytes - kept * row_bytes, floor_sms, device)
+                    combine_floor = peer_copy_floor_us(timer, combine_bytes - kept * payload.shape[1] * 2,
+                                                       floor_sms, device)
+                elif on_cuda:
+                    dispatch_floor = copy_floor_us(timer, recv_bytes, floor_sms, device)
+                    combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device)
                 rows.append(row(path, dtype, "dispatch", sms, timer(dispatch), int(mean_over_ranks(recv_bytes)),
                                 dispatch_floor, check, dispatch_note))
                 # Received rows live until the next dispatches reuse their slot: take a fresh result.

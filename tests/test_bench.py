@@ -41,3 +41,19 @@ def test_bench_rejects_unknown_dtype(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode != 0
     assert "--dtypes" in out.stderr
+
+
+def test_rows_kept_local_counts_own_rows_and_rows_forwarded_to_self():
+    import torch
+
+    from deepcomm.bench_floor import rows_kept_local
+    from deepcomm.topology import Topology
+
+    # 4 ranks as 2 nodes x 2; tokens_to_rank[s, d] = 10 * s + d + 1 (all distinct).
+    matrix = torch.tensor([[10 * s + d + 1 for d in range(4)] for s in range(4)])
+    topo = Topology(rank=1, world_size=4, ranks_per_node=2)
+    assert rows_kept_local(matrix, topo, hierarchical=False) == matrix[1, 1]
+    # Rank 1's partner on node 1 is rank 3: its rows for rank 1 arrive across and stay with rank 1.
+    assert rows_kept_local(matrix, topo, hierarchical=True) == matrix[1, 1] + matrix[3, 1]
+    two_by_one = Topology(rank=0, world_size=2, ranks_per_node=1)
+    assert rows_kept_local(matrix[:2, :2], two_by_one, hierarchical=True) == matrix[0, 0] + matrix[1, 0]
