@@ -536,21 +536,37 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
 
 // --------------------------------------------------------------- combine
 
-// Sums (float32, ascending local rank, from the first row) 16-byte unit `unit`
-// of this node's expert rows for one token, rounded to bf16.
+// 16-byte units a lane reduces per step: independent loads in flight hide the
+// NVLink / HBM latency that one unit at a time would wait out.
+constexpr int kCombineUnroll = 4;
+
+// Sums (float32, ascending local rank, from the first row) the 16-byte units
+// unit0 + 32 u (u < kCombineUnroll, those below num_units) of this node's expert
+// rows for one token, rounded to bf16. The rows are the same for the whole warp.
 __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, const int (&rows)[kMaxLocalRanks],
-                                             int64_t row_bytes, int unit, float (&sum)[8]) {
+                                             int64_t row_bytes, int unit0, int num_units,
+                                             float (&sum)[kCombineUnroll][8]) {
   bool any = false;
 #pragma unroll
   for (int l = 0; l < kMaxLocalRanks; ++l) {
     if (rows[l] < 0) continue;
-    float values[8];
-    rows::unpack_bf16x8(ptx::load_cg(reinterpret_cast<const int4*>(sources[l] + rows[l] * row_bytes) + unit), values);
+    const int4* row = reinterpret_cast<const int4*>(sources[l] + rows[l] * row_bytes);
+    int4 raw[kCombineUnroll];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sum[i] = any ? sum[i] + values[i] : values[i];
+    for (int u = 0; u < kCombineUnroll; ++u)
+      if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) {
+      float values[8];
+      rows::unpack_bf16x8(raw[u], values);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum[u][i] = any ? sum[u][i] + values[i] : values[i];
+    }
     any = true;
   }
-  if (any) rows::round_to_bf16x8(sum);
+  if (any)
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) rows::round_to_bf16x8(sum[u]);
   return any;
 }
 
@@ -589,10 +605,12 @@ __device__ void gateway_pair(const Context<T>& ctx, const CombineArgs& args, con
       int4* out = reinterpret_cast<int4*>(ctx.transport.window(
           home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
           tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes));
-      for (int unit = lane; unit < num_units; unit += 32) {
-        float sum[8];
-        node_partial(sources, rows_of, row_bytes, unit, sum);
-        out[unit] = rows::pack_bf16x8(sum);
+      for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
+        float sum[kCombineUnroll][8];
+        node_partial(sources, rows_of, row_bytes, unit0, num_units, sum);
+#pragma unroll
+        for (int u = 0; u < kCombineUnroll; ++u)
+          if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(sum[u]);
       }
       nvlink_rows += __popc(__ballot_sync(0xffffffffu, lane_row >= 0));
     }
@@ -623,6 +641,7 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
   const int first = channel * per_channel;
   const int last = min(args.num_tokens, first + per_channel);
   unsigned long long nvlink_rows = 0;
+  int64_t arrived[kMaxNodes] = {};  // lane 0: rows seen on each node's tail so far
 
   for (int token = first + warp; token < last; token += kWarps) {
     const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, W, lane, true);
@@ -636,6 +655,7 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
     }
     nvlink_rows += __popcll((route.ranks >> (ctx.node * L)) & ((1ull << L) - 1));
     // The partials of other nodes for this token must have arrived (tails count rows in order).
+    // Lane 0 remembers the last count it saw per node, so it polls once per chunk, not per token.
     bool ok = true;
     int area_rows[kMaxNodes];
 #pragma unroll
@@ -644,9 +664,15 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
       for (int n = 0; n < N && ok; ++n) {
         if (n == ctx.node || !((nodes >> n) & 1u)) continue;
         const int64_t needed = area_rows[n] - channel * rows_per_channel + 1;
+        if (arrived[n] >= needed) continue;
+        int64_t seen = 0;
         ok = wait_until(local_signal(ctx, combine_tail_offset(n, channel)),
-                        [needed](uint64_t v) { return static_cast<int64_t>(v & kTailCountMask) >= needed; },
+                        [needed, &seen](uint64_t v) {
+                          seen = static_cast<int64_t>(v & kTailCountMask);
+                          return seen >= needed;
+                        },
                         ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, n * L + ctx.local);
+        arrived[n] = seen;
       }
     }
     ok = __shfl_sync(0xffffffffu, ok, 0);
@@ -656,24 +682,33 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
     }
 
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
-    for (int unit = lane; unit < num_units; unit += 32) {
-      float total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
+      float total[kCombineUnroll][8] = {};
       bool any = false;
       for (int n = 0; n < N; ++n) {
         if (!((nodes >> n) & 1u)) continue;
-        float partial[8];
+        float partial[kCombineUnroll][8];
         if (n == ctx.node) {
-          node_partial(sources, local_rows, row_bytes, unit, partial);
+          node_partial(sources, local_rows, row_bytes, unit0, num_units, partial);
         } else {
           const int4* row = reinterpret_cast<const int4*>(ctx.transport.local(
               tl.combine_recv + (static_cast<int64_t>(n) * tl.area_rows + area_rows[n]) * row_bytes));
-          rows::unpack_bf16x8(ptx::load_cg(row + unit), partial);
+          int4 raw[kCombineUnroll];
+#pragma unroll
+          for (int u = 0; u < kCombineUnroll; ++u)
+            if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
+#pragma unroll
+          for (int u = 0; u < kCombineUnroll; ++u) rows::unpack_bf16x8(raw[u], partial[u]);
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) total[i] = any ? total[i] + partial[i] : partial[i];
+        for (int u = 0; u < kCombineUnroll; ++u)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) total[u][i] = any ? total[u][i] + partial[u][i] : partial[u][i];
         any = true;
       }
-      out[unit] = rows::pack_bf16x8(total);  // +0 for a token that went nowhere
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u)  // +0 for a token that went nowhere
+        if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(total[u]);
     }
   }
   __syncthreads();
