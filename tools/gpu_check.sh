@@ -136,9 +136,16 @@ if step deepep; then
   if [ -f .peer/site/BUILT ]; then
     for n in $NRANKS; do
       for preset in prefill decode; do
+        # DeepEP's normal mode takes at most 128 experts a rank: with fewer ranks than 288/128,
+        # decode runs with 128 a rank, and so does a deepcomm run beside it.
+        extra=""
+        if [ "$preset" = decode ] && [ $(( 288 / n )) -gt 128 ]; then
+          extra="--experts $(( 128 * n ))"
+          step bench && bench "decode_${n}ranks_e$(( 128 * n ))" "$n" $DECODE_ARGS $extra
+        fi
         if PYTHONPATH="$PWD/.peer/site${PYTHONPATH:+:$PYTHONPATH}" timeout 600 python3 -m deepcomm.launch --standalone \
-            --nproc-per-node "$n" tools/bench_deepep.py --preset "$preset" --json "$OUT/deepep_${preset}_${n}ranks.json" \
-            > "$OUT/deepep_${preset}_${n}ranks.log" 2>&1; then
+            --nproc-per-node "$n" tools/bench_deepep.py --preset "$preset" $extra \
+            --json "$OUT/deepep_${preset}_${n}ranks.json" > "$OUT/deepep_${preset}_${n}ranks.log" 2>&1; then
           note "deepep ${preset} ${n} ranks: ok"
         else
           note "deepep ${preset} ${n} ranks: FAILED (see deepep_${preset}_${n}ranks.log)"
