@@ -12,6 +12,7 @@
 #include "runtime/build_info.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
+#include "runtime/nvtx_names.h"
 #include "runtime/ipc.h"
 #include "runtime/mailbox.h"
 #ifdef DEEPCOMM_WITH_NVSHMEM
@@ -52,6 +53,9 @@ PYBIND11_MODULE(_C, m) {
     d["can_map_host_memory"] = info.can_map_host_memory;
     return d;
   });
+
+  m.def("name_stream", &deepcomm::name_stream, py::arg("stream"), py::arg("name"),
+        "Name a CUDA stream for Nsight Systems (NVTX).");
 
   m.attr("IPC_HANDLE_BYTES") = deepcomm::kIpcHandleBytes;
   m.def("ipc_export", [](uintptr_t ptr) {

@@ -36,6 +36,7 @@ from deepcomm.kernel_common import (
     payload_of, recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
@@ -137,6 +138,7 @@ class InternodeCommunicator(MailboxErrors):
         self._home_blocks = 0
         self._failure: CommunicationError | None = None
         self._stream = torch.cuda.Stream(self.device, priority=-1)
+        name_stream(self._stream, "deepcomm communication")
         torch.cuda.synchronize(self.device)
         dist.barrier(group=group)  # every peer has mapped every region before any kernel writes
 

@@ -31,6 +31,7 @@ from deepcomm.kernel_common import (
     recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
@@ -149,6 +150,7 @@ class IntranodeCommunicator(MailboxErrors):
         self._failure: CommunicationError | None = None
         # High priority: as compute blocks retire, the scheduler places communication blocks first.
         self._stream = torch.cuda.Stream(self.device, priority=-1)
+        name_stream(self._stream, "deepcomm communication")
         dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
 
 

@@ -28,6 +28,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.events import EventHandle
 from deepcomm import fp8
 from deepcomm.layout import token_rank_mask
+from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology, detect_topology
@@ -120,6 +121,7 @@ class ReferenceCommunicator:
             return None
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
+            name_stream(self._streams[device], "deepcomm communication (reference)")
         return self._streams[device]
 
     def _all_to_all(self, stage: str, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:

@@ -1,0 +1,272 @@
+"""Two-micro-batch overlap: while one micro-batch communicates, the other computes.
+
+A model is a flat list of :class:`Stage` s, each ``compute`` or ``comm``
+(a communication point: dispatch, combine). The scheduler splits a batch into
+micro-batches and issues their stages in an interleaved order in which micro-batch
+``m`` trails ``m - 1`` by one stage, compute first on a tie::
+
+    attention A, attention B, dispatch A, experts A, dispatch B, experts B, combine A, finish A, ...
+
+so on the GPU each communication runs on the communication stream (reserved
+SMs) while the other micro-batch's attention or experts run on the compute
+stream: dispatch A under attention B, dispatch B under experts A, combine A under
+experts B, combine B under finish A and the next layer's attention A. Order
+between the streams comes from events only: a comm stage starts after the
+compute already issued for its micro-batch and leaves an event; the next compute
+stage of that micro-batch makes the compute stream wait on it. The host never
+waits in the steady state, except for the one small wait in dispatch that sizes
+its output, which this order places where the GPU still has the other
+micro-batch's compute queued.
+
+Training: each stage runs on detached copies of the tensors it may read, so
+the backward pass can be issued stage by stage in the same interleaved order
+(reversed) instead of autograd's own order — the comm stages' backward (combine
+for dispatch, dispatch for combine) then sits between compute stages of the other
+micro-batch too, and every rank issues its collectives in the same order.
+
+Every stage runs inside a ``L{layer}/mb{m}/{stage}`` range (torch profiler and
+NVTX) for tools/overlap_report.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from deepcomm.profiling import stage_name, stage_range
+
+COMPUTE, COMM = "compute", "comm"
+PENDING = "pending_event"  # state key: the event a comm stage left for its micro-batch's next compute
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of one layer for one micro-batch: ``run(state)`` reads and writes the micro-batch's state dict."""
+
+    layer: int
+    name: str
+    kind: str
+    run: Callable[[dict], None]
+
+    def __post_init__(self) -> None:
+        if self.kind not in (COMPUTE, COMM):
+            raise ValueError(f"kind: expected {COMPUTE!r} or {COMM!r}, got {self.kind!r}")
+
+
+def interleaved_order(kinds: list[str], num_micro_batches: int = 2) -> list[tuple[int, int]]:
+    """Issue order ``[(micro_batch, stage_index)]``: micro-batch m trails m - 1 by one stage;
+    on the same step compute stages go first, then lower micro-batches."""
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches: must be >= 1, got {num_micro_batches}")
+    keys = [(s + m, 0 if kind == COMPUTE else 1, m, s)
+            for m in range(num_micro_batches) for s, kind in enumerate(kinds)]
+    return [(m, s) for _, _, m, s in sorted(keys)]
+
+
+def split_sizes(batch: int, num_micro_batches: int = 2) -> list[int]:
+    """As even as possible, larger first; some are 0 when the batch is smaller than the count."""
+    base, extra = divmod(batch, num_micro_batches)
+    return [base + (1 if m < extra else 0) for m in range(num_micro_batches)]
+
+
+def _grad_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+@dataclass
+class _StageRecord:
+    """What the backward of one executed stage needs: its input leaves (with the tensors they
+    were cut from) and the tensors it left in the state."""
+
+    stage: int
+    inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    outputs: list[torch.Tensor]
+
+
+class OverlapScheduler:
+    """Runs ``stages`` over micro-batches in :func:`interleaved_order`.
+
+    ``forward(states, output=key)`` runs every stage of every micro-batch and
+    returns ``states[m][key]`` per micro-batch. With autograd enabled those
+    outputs are leaves: compute a loss from them, call ``loss.backward()``, then
+    :meth:`backward` carries their gradients back through the stages (and into
+    the inputs the states started with).
+    """
+
+    def __init__(self, stages: list[Stage], num_micro_batches: int = 2) -> None:
+        if not stages:
+            raise ValueError("stages: expected at least one stage")
+        self.stages = list(stages)
+        self.num_micro_batches = num_micro_batches
+        self.order = interleaved_order([s.kind for s in self.stages], num_micro_batches)
+        self._records: list[list[_StageRecord]] | None = None
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, states: list[dict], output: str) -> list[torch.Tensor]:
+        if len(states) != self.num_micro_batches:
+            raise ValueError(f"states: expected {self.num_micro_batches} micro-batch states, got {len(states)}")
+        training = torch.is_grad_enabled()
+        records: list[list[_StageRecord]] = [[] for _ in states]
+        for m, s in self.order:
+            stage, state = self.stages[s], states[m]
+            with stage_range(stage_name(stage.layer, m, stage.name)):
+                if stage.kind == COMPUTE:
+                    _wait_pending(state)
+                inputs = _cut(state) if training else []
+                stage.run(state)
+                if training:
+                    records[m].append(_StageRecord(s, inputs, [v for v in state.values() if _grad_tensor(v)]))
+        outputs = []
+        for state in states:
+            _wait_pending(state)
+            outputs.append(state[output])
+        if not training:
+            return outputs
+        self._records = records
+        self._outputs = [(out.detach().requires_grad_(), out) for out in outputs]
+        return [leaf for leaf, _ in self._outputs]
+
+    def backward(self) -> None:
+        """Stage-wise backward from the gradients the returned outputs received."""
+        if self._records is None or self._outputs is None:
+            raise RuntimeError("backward: call forward with autograd enabled first")
+        grads: list[dict[int, torch.Tensor]] = [{} for _ in self._records]
+        for m, (leaf, out) in enumerate(self._outputs):
+            if leaf.grad is not None:
+                grads[m][id(out)] = leaf.grad
+        position = [len(r) for r in self._records]
+        reversed_kinds = [s.kind for s in reversed(self.stages)]
+        for m, _ in interleaved_order(reversed_kinds, self.num_micro_batches):
+            position[m] -= 1
+            record = self._records[m][position[m]]
+            stage = self.stages[record.stage]
+            with stage_range(stage_name(stage.layer, m, stage.name, backward=True)):
+                _stage_backward(record, grads[m])
+        for m, state_grads in enumerate(grads):
+            _leftover_to_inputs(state_grads, self._records[m])
+        self._records = self._outputs = None
+
+
+def _wait_pending(state: dict) -> None:
+    event = state.pop(PENDING, None)
+    if event is not None:
+        event.wait()
+
+
+def _cut(state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Replace every tensor that carries gradients with a fresh leaf; return (leaf, original) pairs."""
+    pairs = []
+    for key, value in list(state.items()):
+        if _grad_tensor(value):
+            leaf = value.detach().requires_grad_()
+            state[key] = leaf
+            pairs.append((leaf, value))
+    return pairs
+
+
+def _stage_backward(record: _StageRecord, grads: dict[int, torch.Tensor]) -> None:
+    # Every output made inside the stage gets a gradient (zeros when nothing downstream used it)
+    # so that comm stages run their collectives on every rank, whatever the data.
+    made = [t for t in record.outputs if t.grad_fn is not None]
+    if made:
+        torch.autograd.backward(made, [grads.pop(id(t), None) if id(t) in grads else torch.zeros_like(t)
+                                       for t in made])
+    for leaf, original in record.inputs:
+        passed_through = grads.pop(id(leaf), None)
+        total = leaf.grad if passed_through is None else (
+            passed_through if leaf.grad is None else leaf.grad + passed_through)
+        if total is not None:
+            grads[id(original)] = grads[id(original)] + total if id(original) in grads else total
+
+
+def _leftover_to_inputs(grads: dict[int, torch.Tensor], records: list[_StageRecord]) -> None:
+    """Gradients left after the first stage belong to the tensors the micro-batch started with."""
+    if not records or not grads:
+        return
+    for _, original in records[0].inputs:
+        grad = grads.pop(id(original), None)
+        if grad is not None:
+            torch.autograd.backward(original, grad)
+
+
+# ------------------------------------------------------------- the MoE block as stages
+
+
+def block_stages(block, layer: int) -> list[Stage]:
+    """A :class:`deepcomm.moe.TransformerBlock` as five stages over a micro-batch state holding ``x``.
+
+    attention (compute): attention, the MoE input norm, routing and the shared experts;
+    dispatch (comm); experts (compute); combine (comm); finish (compute): the residual sum.
+    """
+    moe = block.moe
+
+    def attention(state: dict) -> None:
+        h = block.attend(state.pop("x"))
+        moe_in = block.moe_input(h)
+        state["topk_idx"], state["topk_weights"] = moe.route(moe_in)
+        state.update(h=h, moe_in=moe_in, shared=moe.shared(moe_in))
+
+    def dispatch(state: dict) -> None:
+        received = moe.dispatch(state.pop("moe_in"), state.pop("topk_idx"), state.pop("topk_weights"),
+                                async_finish=True)
+        state.update(received=received, recv_x=received.x, recv_weights=received.topk_weights)
+        state[PENDING] = received.event
+
+    def experts(state: dict) -> None:
+        received = dataclasses.replace(state["received"], x=state.pop("recv_x"),
+                                       topk_weights=state.pop("recv_weights"))
+        state["expert_out"] = moe.experts(received)
+
+    def combine(state: dict) -> None:
+        routed, event = moe.combine(state.pop("expert_out"), state.pop("received").handle, async_finish=True)
+        state["routed"], state[PENDING] = routed, event
+
+    def finish(state: dict) -> None:
+        state["x"] = block.finish(state.pop("h"), state.pop("routed"), state.pop("shared"))
+
+    return [Stage(layer, "attention", COMPUTE, attention), Stage(layer, "dispatch", COMM, dispatch),
+            Stage(layer, "experts", COMPUTE, experts), Stage(layer, "combine", COMM, combine),
+            Stage(layer, "finish", COMPUTE, finish)]
+
+
+def model_stages(blocks) -> list[Stage]:
+    """Blocks stacked into one stage list: micro-batch B's finish of layer l overlaps A's next layer."""
+    return [stage for layer, block in enumerate(blocks) for stage in block_stages(block, layer)]
+
+
+def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2,
+                   sizes: list[int] | None = None) -> tuple[torch.Tensor, OverlapScheduler]:
+    """``x [B, S, H]`` through ``blocks`` as micro-batches split along B (uneven or empty allowed).
+
+    Returns the output ``[B, S, H]`` and the scheduler (call ``.backward()`` on it after
+    ``loss.backward()`` when training; the output is then a leaf that collects the loss gradient).
+    """
+    sizes = split_sizes(x.shape[0], num_micro_batches) if sizes is None else list(sizes)
+    if len(sizes) != num_micro_batches or sum(sizes) != x.shape[0] or min(sizes) < 0:
+        raise ValueError(f"sizes: expected {num_micro_batches} non-negative sizes summing to {x.shape[0]}, "
+                         f"got {sizes}")
+    scheduler = OverlapScheduler(model_stages(blocks), num_micro_batches)
+    outputs = scheduler.forward([{"x": part} for part in torch.split(x, sizes, dim=0)], output="x")
+    if torch.is_grad_enabled():
+        # One leaf over the whole batch, so the caller's loss is over [B, S, H] as for the plain model.
+        whole = torch.cat([o.detach() for o in outputs], dim=0).requires_grad_()
+        return whole, _WholeBatchBackward(scheduler, outputs, whole, sizes)
+    return torch.cat(outputs, dim=0), scheduler
+
+
+class _WholeBatchBackward:
+    """Hands the gradient of the concatenated output to the per-micro-batch leaves, then runs the scheduler's backward."""
+
+    def __init__(self, scheduler: OverlapScheduler, leaves: list[torch.Tensor], whole: torch.Tensor,
+                 sizes: list[int]) -> None:
+        self.scheduler, self.leaves, self.whole, self.sizes = scheduler, leaves, whole, sizes
+
+    def backward(self) -> None:
+        if self.whole.grad is None:
+            raise RuntimeError("backward: the output received no gradient (call loss.backward() first)")
+        for leaf, grad in zip(self.leaves, torch.split(self.whole.grad, self.sizes, dim=0)):
+            leaf.grad = grad.contiguous()
+        self.scheduler.backward()

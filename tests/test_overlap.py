@@ -1,0 +1,148 @@
+"""The two-micro-batch scheduler: issue order, outputs and gradients equal to the plain run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepcomm import overlap
+from deepcomm.overlap import COMM, COMPUTE, OverlapScheduler, Stage, interleaved_order, split_sizes
+
+BLOCK_KINDS = [COMPUTE, COMM, COMPUTE, COMM, COMPUTE]  # attention, dispatch, experts, combine, finish
+
+
+def test_interleaved_order_hides_each_communication_under_the_other_micro_batch():
+    names = "attention dispatch experts combine finish".split()
+    order = [f"{names[s]} {'AB'[m]}" for m, s in interleaved_order(BLOCK_KINDS)]
+    assert order == ["attention A", "attention B", "dispatch A", "experts A", "dispatch B", "experts B",
+                     "combine A", "finish A", "combine B", "finish B"]
+
+
+def test_interleaved_order_keeps_each_micro_batch_in_stage_order_for_any_count():
+    kinds = [COMPUTE, COMM, COMM, COMPUTE, COMM, COMPUTE, COMPUTE]
+    for count in (1, 2, 3):
+        order = interleaved_order(kinds, count)
+        assert sorted(order) == [(m, s) for m in range(count) for s in range(len(kinds))]
+        for m in range(count):
+            assert [s for mb, s in order if mb == m] == list(range(len(kinds)))
+    assert interleaved_order(kinds, 1) == [(0, s) for s in range(len(kinds))]
+    with pytest.raises(ValueError, match="num_micro_batches"):
+        interleaved_order(kinds, 0)
+
+
+def test_stacked_layers_overlap_across_the_layer_boundary():
+    order = interleaved_order(BLOCK_KINDS * 2)
+    # B's combine of layer 0 (stage 3) runs under A's attention of layer 1 (stage 5), issued before B's finish.
+    assert order.index((0, 4)) < order.index((1, 3)) < order.index((0, 5)) < order.index((1, 4))
+
+
+def test_split_sizes_are_even_then_larger_first():
+    assert split_sizes(5) == [3, 2]
+    assert split_sizes(1) == [1, 0]
+    assert split_sizes(0) == [0, 0]
+    assert split_sizes(7, 3) == [3, 2, 2]
+
+
+def test_stage_kind_is_checked():
+    with pytest.raises(ValueError, match="kind"):
+        Stage(0, "x", "io", lambda state: None)
+    with pytest.raises(ValueError, match="stages"):
+        OverlapScheduler([])
+
+
+class ToyBlock(torch.nn.Module):
+    """Stages shaped like the MoE block; 'communication' is a row reversal, which mixes tokens."""
+
+    def __init__(self, hidden: int, seed: int, log: list) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(torch.randn(hidden, hidden, generator=g) / hidden ** 0.5)
+        self.b = torch.nn.Parameter(torch.randn(hidden, hidden, generator=g) / hidden ** 0.5)
+        self.log = log
+
+    def stages(self, layer: int) -> list[Stage]:
+        def attention(state):
+            state["h"] = torch.tanh(state.pop("x") @ self.a)
+            self.log.append(("attention", layer, state["h"].shape[0]))
+
+        def send(state):
+            state["r"] = state["h"].flip(0) * 2
+            self.log.append(("send", layer, state["r"].shape[0]))
+
+        def experts(state):
+            state["e"] = torch.relu(state.pop("r") @ self.b)
+
+        def back(state):
+            state["y"] = state.pop("e").flip(0)
+
+        def finish(state):
+            state["x"] = state.pop("h") + state.pop("y")
+
+        return [Stage(layer, "attention", COMPUTE, attention), Stage(layer, "send", COMM, send),
+                Stage(layer, "experts", COMPUTE, experts), Stage(layer, "back", COMM, back),
+                Stage(layer, "finish", COMPUTE, finish)]
+
+
+def _plain(blocks, x):
+    state = {"x": x}
+    for layer, block in enumerate(blocks):
+        for stage in block.stages(layer):
+            stage.run(state)
+    return state["x"]
+
+
+@pytest.mark.parametrize("sizes", [[4, 3], [1, 6], [7, 0], [0, 7]])
+def test_overlapped_forward_and_backward_equal_the_plain_run(sizes):
+    log: list = []
+    blocks = [ToyBlock(16, seed, log) for seed in (1, 2, 3)]
+    x = torch.randn(7, 16, requires_grad=True)
+
+    # Plain: the whole batch per micro-batch, one after the other (tokens only mix inside a micro-batch).
+    expected = torch.cat([_plain(blocks, part) for part in torch.split(x, sizes)])
+    expected.square().sum().backward()
+    want = {name: p.grad.clone() for name, p in blocks[0].named_parameters()} | {"x": x.grad.clone()}
+    for block in blocks:
+        block.zero_grad()
+    x.grad = None
+
+    log.clear()
+    scheduler = OverlapScheduler([s for layer, b in enumerate(blocks) for s in b.stages(layer)])
+    outputs = scheduler.forward([{"x": part} for part in torch.split(x, sizes)], output="x")
+    assert torch.equal(torch.cat([o.detach() for o in outputs]), expected.detach())
+    torch.cat(outputs).square().sum().backward()
+    scheduler.backward()
+    for name, p in blocks[0].named_parameters():
+        assert torch.allclose(p.grad, want[name], atol=1e-6), name
+    assert torch.allclose(x.grad, want["x"], atol=1e-6)
+    # Both micro-batches ran every stage, the empty one included (collectives need every rank).
+    attention = [entry for entry in log if entry[0] == "attention"]
+    assert [(layer, rows) for _, layer, rows in attention] == [
+        (layer, rows) for layer in range(3) for rows in sizes]
+
+
+def test_backward_before_forward_is_an_error():
+    log: list = []
+    scheduler = OverlapScheduler(ToyBlock(4, 0, log).stages(0))
+    with pytest.raises(RuntimeError, match="backward"):
+        scheduler.backward()
+
+
+def test_inference_keeps_no_graph():
+    log: list = []
+    block = ToyBlock(8, 0, log)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        outputs = OverlapScheduler(block.stages(0)).forward([{"x": x[:3]}, {"x": x[3:]}], output="x")
+    assert not outputs[0].requires_grad
+    assert torch.equal(torch.cat(outputs), torch.cat([_plain([block], x[:3]), _plain([block], x[3:])]))
+
+
+def test_stages_run_inside_named_ranges():
+    log: list = []
+    block = ToyBlock(8, 0, log)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            OverlapScheduler(block.stages(4)).forward([{"x": torch.randn(2, 8)}, {"x": torch.randn(2, 8)}], "x")
+    names = {e.name for e in prof.events()}
+    assert {"L4/mb0/attention", "L4/mb1/send", "L4/mb1/finish"} <= names
+    assert overlap.stage_name(4, 1, "send", backward=True) == "L4/mb1/send.backward"
