@@ -66,7 +66,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def _split_columns(rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     parts, start = [], 0
     for width in widths:
-        parts.append(rows[:, start : start + width].contiguous())
+        # A copy, never a view: with one row the slice is already contiguous, and its byte
+        # offset (e.g. 132 after fp8 x and a scale) could not be viewed as int64.
+        parts.append(rows[:, start : start + width].clone(memory_format=torch.contiguous_format))
         start += width
     return parts
 

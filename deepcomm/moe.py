@@ -1,0 +1,419 @@
+"""A DeepSeek-V3-like MoE layer and transformer block on deepcomm's dispatch and combine.
+
+The layer is cut into the stages an overlap scheduler interleaves between two
+micro-batches: compute (``route``, ``experts``, ``shared``) and communication
+(``dispatch``, ``combine``, which accept ``previous_event`` and ``async_finish``).
+``forward`` runs them one after another. Gradients flow through every stage
+(deepcomm.autograd), on every backend.
+
+Experts are placed as dispatch places them: global expert ``e`` lives on rank
+``e // (E / world)``. Parameters are drawn from generators seeded by the
+layer's ``seed`` and the parameter's place, routed experts by their global id,
+so an expert has the same weights whatever the world size: a one-rank layer
+holding every expert is the oracle for an N-rank one. The rows one rank
+receives go through its experts as a grouped GEMM.
+
+Every rank must run every stage, in the same order, even with zero tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepcomm import autograd
+from deepcomm.events import EventHandle
+from deepcomm.fp8 import BLOCK_CHANNELS
+from deepcomm.results import DispatchResult
+from deepcomm.routing import node_limited_topk
+
+DISPATCH_DTYPES = ("bf16", "fp8")
+# Names of the routed experts' parameters: each rank holds different experts, so data-parallel
+# training must not average these across ranks (everything else is replicated).
+EXPERT_PARAMETERS = ("w_gate_up", "w_down")
+
+# Places of the parameters, for their seeds.
+_ROUTER, _SHARED, _EXPERT, _ATTENTION, _HEAD, _BLOCK = range(6)
+
+
+# -- configuration --------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shapes of an MoE layer.
+
+    hidden: H. expert_hidden: F, the width of one expert's SwiGLU.
+    num_experts: E routed experts, a multiple of the world size.
+    num_topk: K experts per token.
+    num_shared_experts: width of the shared SwiGLU in experts (its width is
+        ``num_shared_experts * expert_hidden``; 0 = none).
+    max_nodes: the most nodes a token's experts may span (None: all nodes).
+    routed_scaling_factor: multiplies the routing weights.
+    dispatch_dtype: ``"bf16"`` sends rows in the layer's dtype; ``"fp8"`` sends
+        e4m3 with per-128-channel scales (dequantised on arrival).
+    """
+
+    hidden: int
+    expert_hidden: int
+    num_experts: int
+    num_topk: int
+    num_shared_experts: int = 1
+    max_nodes: int | None = None
+    routed_scaling_factor: float = 1.0
+    dispatch_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "expert_hidden", "num_experts", "num_topk"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        if self.num_topk > self.num_experts:
+            raise ValueError(f"num_topk: at most num_experts={self.num_experts}, got {self.num_topk}")
+        if self.max_nodes is not None:
+            _positive_int("max_nodes", self.max_nodes)
+        factor = self.routed_scaling_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"routed_scaling_factor: expected a positive number, got {factor!r}")
+        if self.dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(f"dispatch_dtype: expected one of {DISPATCH_DTYPES}, got {self.dispatch_dtype!r}")
+        if self.dispatch_dtype == "fp8" and self.hidden % BLOCK_CHANNELS != 0:
+            raise ValueError(f"dispatch_dtype: fp8 needs hidden to be a multiple of {BLOCK_CHANNELS}, "
+                             f"got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """A transformer block: attention of ``num_heads`` × ``head_dim``, then the MoE layer."""
+
+    moe: MoEConfig
+    num_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe: expected a MoEConfig, got {type(self.moe).__name__}")
+        _positive_int("num_heads", self.num_heads)
+        _positive_int("head_dim", self.head_dim)
+
+
+def deepseek_v3(**moe_overrides) -> BlockConfig:
+    """DeepSeek-V3's MoE: hidden 7168, 256 routed experts of width 2048, top-8 on at most 4
+    nodes, one shared expert, weights scaled by 2.5. Attention is plain multi-head attention
+    of 128 heads × 128 (not MLA): it only stands for the compute between the collectives."""
+    moe = dict(hidden=7168, expert_hidden=2048, num_experts=256, num_topk=8, num_shared_experts=1, max_nodes=4,
+               routed_scaling_factor=2.5)
+    return BlockConfig(MoEConfig(**{**moe, **moe_overrides}), num_heads=128, head_dim=128)
+
+
+def tiny(**moe_overrides) -> BlockConfig:
+    """A test-size block (hidden 128, so fp8 dispatch works; 8 experts, top-3)."""
+    moe = dict(hidden=128, expert_hidden=32, num_experts=8, num_topk=3, num_shared_experts=1)
+    return BlockConfig(MoEConfig(**{**moe, **moe_overrides}), num_heads=2, head_dim=16)
+
+
+# -- parameters ---------------------------------------------------------------------
+
+
+def _derive_seed(seed: int, *place: int) -> int:
+    """A seed for one parameter or sub-module: the same in every process (no Python hash)."""
+    for part in place:
+        seed = (seed * 1_000_003 + part + 1) % 2**63
+    return seed
+
+
+def _weights(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
+    # Drawn on the CPU in float32, so every device and dtype starts from the same numbers.
+    values = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+    return values.to(device=device, dtype=dtype)
+
+
+def _parameter(shape: tuple[int, ...], fan_in: int, seed: int, dtype, device) -> nn.Parameter:
+    return nn.Parameter(_weights(shape, fan_in, torch.Generator().manual_seed(seed), dtype, device))
+
+
+# -- experts ------------------------------------------------------------------------
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# device -> whether torch._grouped_mm runs there (probed once).
+_GROUPED_MM_WORKS: dict[torch.device, bool] = {}
+
+
+def _probe_grouped_mm(device: torch.device) -> bool:
+    """Whether torch._grouped_mm runs forward and backward on ``device`` (CUDA bf16, sm90 builds)."""
+    try:
+        with torch.enable_grad():  # the first call may come under no_grad
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+            b = torch.ones(2, 16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+            out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+            out.backward(torch.ones_like(out))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _use_grouped_mm(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    if not (x.is_cuda and x.dtype == weights.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if x.shape[0] == 0 or x.shape[1] % 8 != 0 or weights.shape[2] % 8 != 0:  # rows of 16-byte multiples
+        return False
+    if x.device not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[x.device] = _probe_grouped_mm(x.device)
+    return _GROUPED_MM_WORKS[x.device]
+
+
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[P, A]`` in groups of ``counts[g]`` consecutive rows, group g times ``weights[g]`` ``[A, B]``.
+
+    ``torch._grouped_mm`` where it runs (CUDA bf16 on sm90), else one matmul per
+    group (empty groups allowed). Returns ``[P, B]``.
+    """
+    if _use_grouped_mm(x, weights):
+        return torch._grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
+    groups = x.split(counts.tolist())
+    return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts on rows grouped by expert: ``silu(gate) * up`` then down, per group."""
+    return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, counts)), w_down, counts)
+
+
+def sum_in_k_order(values: torch.Tensor, rows: torch.Tensor, ks: torch.Tensor, num_rows: int,
+                   num_topk: int) -> torch.Tensor:
+    """``[num_rows, C]``: row r sums the ``values`` of its pairs ``(r, k)`` in ascending k (a fixed order).
+
+    ``values`` ``[P, C]`` belongs to pairs ``(rows[p], ks[p])``, each at most once, in any order.
+    """
+    # slot[r, k]: the pair's index in values, or P, a zero row, where (r, k) has none.
+    num_pairs = values.shape[0]
+    slot = torch.full((num_rows, num_topk), num_pairs, dtype=torch.int64, device=values.device)
+    slot[rows, ks] = torch.arange(num_pairs, device=values.device)
+    padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    total = padded[slot[:, 0]]
+    for k in range(1, num_topk):
+        total = total + padded[slot[:, k]]
+    return total
+
+
+# -- the layer ----------------------------------------------------------------------
+
+
+class MoELayer(nn.Module):
+    """Router, routed experts (``E / world`` on this rank) and shared experts.
+
+    Args:
+        config: the shapes.
+        comm: a deepcomm.Communicator (any backend).
+        dtype: of parameters and activations: bf16, or float32 on the reference
+            backend (for tight CPU tests).
+        device: of the parameters.
+        seed: parameters are drawn from it (module docstring).
+
+    ``num_nodes``: the nodes routing spreads a token over (the communicator's);
+    a one-rank oracle of an N-node run sets it to N.
+    """
+
+    def __init__(self, config: MoEConfig, comm, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if dtype not in autograd.row_dtypes(comm):
+            raise TypeError(f"dtype: expected one of {autograd.row_dtypes(comm)} on this backend, got {dtype}")
+        topology = comm.topology
+        if config.num_experts % topology.world_size != 0:
+            raise ValueError(f"num_experts: {config.num_experts} is not a multiple of the world size "
+                             f"{topology.world_size}")
+        experts_per_node = config.num_experts // topology.num_nodes
+        max_nodes = min(config.max_nodes or topology.num_nodes, topology.num_nodes)
+        if config.num_topk > max_nodes * experts_per_node:
+            raise ValueError(f"num_topk: {config.num_topk} exceeds the {max_nodes * experts_per_node} experts on "
+                             f"the {max_nodes} nodes a token may reach")
+        self.config, self.comm, self.dtype = config, comm, dtype
+        self.num_nodes = topology.num_nodes
+        self.num_local_experts = config.num_experts // topology.world_size
+        hidden, width = config.hidden, config.expert_hidden
+
+        # Built on "meta" so that its default initialisation draws nothing from the global generator.
+        self.gate = nn.Linear(hidden, config.num_experts, bias=False, device="meta")
+        self.gate.weight = _parameter((config.num_experts, hidden), hidden, _derive_seed(seed, _ROUTER), dtype, device)
+        # Selection-only bias for auxiliary-loss-free balancing (deepcomm.routing.update_expert_bias).
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32, device=device))
+
+        first = topology.rank * self.num_local_experts
+        gate_up, down = [], []
+        for expert in range(first, first + self.num_local_experts):
+            generator = torch.Generator().manual_seed(_derive_seed(seed, _EXPERT, expert))
+            gate_up.append(_weights((hidden, 2 * width), hidden, generator, dtype, device))
+            down.append(_weights((width, hidden), width, generator, dtype, device))
+        self.w_gate_up = nn.Parameter(torch.stack(gate_up))  # [E_local, H, 2F]: gate | up
+        self.w_down = nn.Parameter(torch.stack(down))  # [E_local, F, H]
+
+        shared = config.num_shared_experts * width
+        self.shared_gate_up = _parameter((hidden, 2 * shared), hidden, _derive_seed(seed, _SHARED, 0), dtype, device)
+        self.shared_down = _parameter((shared, hidden), max(shared, 1), _derive_seed(seed, _SHARED, 1), dtype, device)
+
+    def _check_tokens(self, x2d: object) -> None:
+        if not isinstance(x2d, torch.Tensor):
+            raise TypeError(f"x2d: expected a torch.Tensor, got {type(x2d).__name__}")
+        if x2d.dtype != self.dtype:
+            raise TypeError(f"x2d: expected the layer's dtype {self.dtype}, got {x2d.dtype}")
+        if x2d.dim() != 2 or x2d.shape[1] != self.config.hidden:
+            raise ValueError(f"x2d: expected [tokens, {self.config.hidden}], got {list(x2d.shape)}")
+
+    # -- stages ---------------------------------------------------------------
+
+    def route(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node-limited top-K routing: ``(topk_idx [T, K] int64, topk_weights [T, K] float32)``."""
+        self._check_tokens(x2d)
+        max_nodes = min(self.config.max_nodes or self.num_nodes, self.num_nodes)
+        return node_limited_topk(self.gate(x2d), self.config.num_topk, self.num_nodes, max_nodes,
+                                 expert_bias=self.expert_bias,
+                                 routed_scaling_factor=self.config.routed_scaling_factor)
+
+    def dispatch(self, x2d: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 previous_event: EventHandle | None = None, async_finish: bool = False) -> DispatchResult:
+        """Send the tokens to their experts' ranks (``config.dispatch_dtype`` on the wire)."""
+        quantize = self.config.dispatch_dtype == "fp8"
+        rows = x2d.to(torch.bfloat16) if quantize else x2d  # fp8 is quantised from bf16
+        return autograd.dispatch(self.comm, rows.contiguous(), topk_idx, topk_weights, self.config.num_experts,
+                                 previous_event=previous_event, async_finish=async_finish, quantize_fp8=quantize)
+
+    def experts(self, received: DispatchResult) -> torch.Tensor:
+        """This rank's experts on the received rows: ``[R, H]``, each row the sum over its local
+        experts of weight × expert output, in float32 in k order, then in the layer's dtype.
+
+        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM; learning how
+        many there are costs one host sync.
+        """
+        x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
+        local_idx, weights = received.topk_idx, received.topk_weights
+        num_rows, num_topk = local_idx.shape
+        rows, ks = (local_idx >= 0).nonzero(as_tuple=True)
+        order = torch.argsort(local_idx[rows, ks], stable=True)
+        rows, ks = rows[order], ks[order]
+        experts = local_idx[rows, ks]
+        counts = torch.bincount(experts, minlength=self.num_local_experts)
+        out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
+        weighted = out.float() * weights[rows, ks].unsqueeze(1)
+        return sum_in_k_order(weighted, rows, ks, num_rows, num_topk).to(self.dtype)
+
+    def combine(self, expert_out: torch.Tensor, handle, previous_event: EventHandle | None = None,
+                async_finish: bool = False) -> tuple[torch.Tensor, EventHandle]:
+        """Bring the expert outputs back to their tokens: ``(y [T, H], event)``."""
+        return autograd.combine(self.comm, expert_out, handle, previous_event=previous_event,
+                                async_finish=async_finish)
+
+    def shared(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The shared experts on this rank's tokens: ``[T, H]``."""
+        self._check_tokens(x2d)
+        return _swiglu(x2d @ self.shared_gate_up) @ self.shared_down
+
+    def routed(self, x2d: torch.Tensor) -> torch.Tensor:
+        """route → dispatch → experts → combine, one after another: ``[T, H]``."""
+        topk_idx, topk_weights = self.route(x2d)
+        received = self.dispatch(x2d, topk_idx, topk_weights)
+        y, _ = self.combine(self.experts(received), received.handle)
+        return y
+
+    def forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The plain (not overlapped) layer: routed experts plus shared experts."""
+        return self.routed(x2d) + self.shared(x2d)
+
+
+# -- the block and the model ----------------------------------------------------------
+
+
+def _rms_norm(hidden: int, dtype, device) -> nn.RMSNorm:
+    return nn.RMSNorm(hidden, eps=1e-6, device=device, dtype=dtype)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm causal self-attention and pre-norm MoE, each with a residual, on ``[B, S, H]``.
+
+    Stages for a scheduler: ``attend`` (x + attention), ``moe_input`` (the
+    normalised tokens, flattened), the MoE layer's stages (``self.moe``), and
+    ``finish`` (adds the MoE output back).
+    """
+
+    def __init__(self, config: BlockConfig, comm, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(config, BlockConfig):
+            raise TypeError(f"config: expected a BlockConfig, got {type(config).__name__}")
+        self.config, self.dtype = config, dtype
+        hidden, width = config.moe.hidden, config.num_heads * config.head_dim
+        self.moe = MoELayer(config.moe, comm, dtype, device, seed)
+        self.attention_norm = _rms_norm(hidden, dtype, device)
+        self.w_qkv = _parameter((hidden, 3 * width), hidden, _derive_seed(seed, _ATTENTION, 0), dtype, device)
+        self.w_out = _parameter((width, hidden), width, _derive_seed(seed, _ATTENTION, 1), dtype, device)
+        self.moe_norm = _rms_norm(hidden, dtype, device)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + attention(norm(x))``, causal: ``[B, S, H]``."""
+        hidden = self.config.moe.hidden
+        if not isinstance(x, torch.Tensor) or x.dtype != self.dtype:
+            raise TypeError(f"x: expected a {self.dtype} torch.Tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 3 or x.shape[2] != hidden:
+            raise ValueError(f"x: expected [batch, sequence, {hidden}], got {list(x.shape)}")
+        batch, seq, _ = x.shape
+        heads, head_dim = self.config.num_heads, self.config.head_dim
+        qkv = (self.attention_norm(x) @ self.w_qkv).view(batch, seq, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, S, head_dim]
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + attended.transpose(1, 2).reshape(batch, seq, heads * head_dim) @ self.w_out
+
+    def moe_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The MoE layer's tokens: ``norm(h)`` as ``[B*S, H]``."""
+        return self.moe_norm(h).reshape(-1, self.config.moe.hidden)
+
+    def finish(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """``h`` plus the MoE output (routed + shared experts): ``[B, S, H]``."""
+        return h + (routed + shared).view(h.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attend(x)
+        x2d = self.moe_input(h)
+        return self.finish(h, self.moe.routed(x2d), self.moe.shared(x2d))
+
+
+class MoEModel(nn.Module):
+    """``num_layers`` blocks, a final norm and a linear head: ``[B, S, H]`` → ``[B, S, H]``.
+
+    No embedding: inputs are hidden states, for a toy regression or LM-like loss.
+    Block ``i`` is seeded from ``seed`` and ``i``.
+    """
+
+    def __init__(self, config: BlockConfig, num_layers: int, comm, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        _positive_int("num_layers", num_layers)
+        if not isinstance(config, BlockConfig):
+            raise TypeError(f"config: expected a BlockConfig, got {type(config).__name__}")
+        hidden = config.moe.hidden
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, comm, dtype, device, _derive_seed(seed, _BLOCK, layer))
+            for layer in range(num_layers)
+        )
+        self.norm = _rms_norm(hidden, dtype, device)
+        self.head = _parameter((hidden, hidden), hidden, _derive_seed(seed, _HEAD), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.head
