@@ -7,7 +7,8 @@
 #   OUT=/tmp/out NRANKS="2 4" tools/gpu_check.sh
 #   OUT=/tmp/out STEPS="tests" tools/gpu_check.sh          # a subset, in this order:
 #   STEPS: tests (one GPU per rank; several GPUs only) shared (ranks share GPUs, MPS)
-#          nvshmem (PEs sharing one GPU) bench deepep (deepep_build: build only) profile
+#          nvshmem (PEs sharing one GPU) bench deepep (deepep_build: build only)
+#          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
 #   BUILD=0 reuses the extension an earlier call built.
 #
 # NVLink multicast stays off (shared machines): NCCL_NVLS_ENABLE=0,
@@ -17,10 +18,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 NRANKS=${NRANKS:-"2 4"}
 TESTS=${TESTS:-tests}
-STEPS=${STEPS:-"tests shared nvshmem bench deepep profile"}
+STEPS=${STEPS:-"tests shared nvshmem bench deepep overlap profile"}
 BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --sms 8,16,24,32 --overlap --iters 20 --warmup 3"}
 DECODE_ARGS=${DECODE_ARGS:-"--preset decode --backend intranode --dtypes bf16,fp8 --sms 24 --iters 50 --warmup 5"}
-[ "${BENCH:-1}" = 0 ] && STEPS=${STEPS//bench/} && STEPS=${STEPS//deepep/} && STEPS=${STEPS//profile/}
+[ "${BENCH:-1}" = 0 ] && STEPS=${STEPS//bench/} && STEPS=${STEPS//deepep/} && STEPS=${STEPS//overlap/} && STEPS=${STEPS//profile/}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -157,6 +158,26 @@ if step deepep; then
   fi
 fi
 
+# Two-micro-batch overlap: a DeepSeek-V3-width block on 2 ranks with half the SMs each, and
+# the small model trained plain and overlapped on the same ranks.
+if step overlap; then
+  mkdir -p "$OUT/overlap_traces"
+  if timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 tools/bench_overlap.py \
+      ${OVERLAP_ARGS:-} --trace-dir "$OUT/overlap_traces" --json "$OUT/overlap_block.json" > "$OUT/overlap_block.log" 2>&1; then
+    note "overlap block: ok"
+    python3 tools/overlap_report.py "$OUT"/overlap_traces/*.json --png "$OUT/overlap_timeline.png" \
+      > "$OUT/overlap_report.log" 2>&1 || note "overlap report: FAILED (see overlap_report.log)"
+  else
+    note "overlap block: FAILED (see overlap_block.log)"; status=1
+  fi
+  if timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/train_moe.py \
+      --steps ${TRAIN_STEPS:-200} --json "$OUT/train_moe_gpu.json" --png "$OUT/train_moe_gpu.png" > "$OUT/train_moe.log" 2>&1; then
+    note "train_moe: $(grep '^train_moe' "$OUT/train_moe.log")"
+  else
+    note "train_moe: FAILED (see train_moe.log)"; status=1
+  fi
+fi
+
 # Kernel times against wall clock for a decode-size call (torch profiler), and a trace.
 if step profile; then
   if timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
@@ -172,7 +193,7 @@ fi
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
 for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
-           "$OUT"/profile_*.log; do
-  [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|backend=)' "$log" | grep -v '^rows written'; }
+           "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/profile_*.log; do
+  [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=)' "$log" | grep -v '^rows written'; }
 done
 exit $status

@@ -1,0 +1,163 @@
+"""Step time of one MoE transformer block, plain against two overlapped micro-batches.
+
+    python -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 tools/bench_overlap.py \
+        --json block.json --trace-dir traces/
+
+Each rank runs a DeepSeek-V3-width block (hidden 7168, 256 experts top-8, expert width 2048,
+one shared expert; attention is plain multi-head attention, not MLA) on a prefill batch. Rows,
+all timed the same way (slowest rank's median, deepcomm.bench.Timer):
+
+- plain: ``block.forward`` on the whole batch (communication waits for compute and back);
+- overlapped: two micro-batches through deepcomm.overlap's scheduler;
+- compute only: the same two micro-batches' attention, routing, shared and routed experts and
+  residuals, with the dispatched rows and combined outputs taken from an earlier run;
+- communication only: the same two micro-batches' dispatch and combine, nothing else.
+
+Then one overlapped step is recorded with the torch profiler and deepcomm.trace_analysis says
+which share of the communication kernels' time ran under compute kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from deepcomm import moe, overlap, trace_analysis
+from deepcomm.bench import Timer
+from deepcomm.communicator import Communicator
+from deepcomm.intranode import BufferConfig
+from deepcomm.launch import init_distributed
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (batch x sequence)")
+    parser.add_argument("--seq", type=int, default=1024, help="sequence length; batch = tokens / seq")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--small", action="store_true", help="test-size widths instead of DeepSeek-V3's")
+    parser.add_argument("--dispatch-dtype", choices=("bf16", "fp8"), default="bf16")
+    parser.add_argument("--sms", type=int, default=24, help="SMs of each communication kernel")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--trace-dir", default=None, help="write each rank's torch profiler trace here")
+    parser.add_argument("--json", dest="json_path", default=None)
+    return parser.parse_args()
+
+
+def block_config(args) -> moe.BlockConfig:
+    config = moe.tiny() if args.small else moe.deepseek_v3()
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, dispatch_dtype=args.dispatch_dtype))
+
+
+def main() -> None:
+    args = parse_args()
+    init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = block_config(args)
+    hidden = config.moe.hidden
+    comm = Communicator(num_sms=args.sms, backend=args.backend,
+                        buffer=BufferConfig(args.tokens, hidden, config.moe.num_topk))
+    blocks = [moe.TransformerBlock(config, comm, dtype=torch.bfloat16, device=device, seed=layer)
+              for layer in range(args.layers)]
+    batch = args.tokens // args.seq
+    generator = torch.Generator(device=device).manual_seed(dist.get_rank())
+    x = torch.randn(batch, args.seq, hidden, device=device, dtype=torch.bfloat16, generator=generator)
+    sizes = overlap.split_sizes(batch)
+    parts = torch.split(x, sizes)
+    timer = Timer(device, args.warmup, args.iters)
+
+    def plain():
+        y = x
+        for block in blocks:
+            y = block(y)
+        return y
+
+    def overlapped():
+        return overlap.run_overlapped(blocks, x, sizes=sizes)[0]
+
+    with torch.no_grad():
+        assert torch.allclose(plain().float(), overlapped().float(), atol=0.1, rtol=0.05), "overlapped != plain"
+        # What the compute-only and communication-only rows replay: one block's inputs per micro-batch.
+        block = blocks[0]
+        cached = []
+        for part in parts:
+            h = block.attend(part)
+            moe_in = block.moe_input(h)
+            topk_idx, topk_weights = block.moe.route(moe_in)
+            received = block.moe.dispatch(moe_in, topk_idx, topk_weights)
+            expert_out = block.moe.experts(received)
+            routed, _ = block.moe.combine(expert_out, received.handle)
+            # The received rows live in a receive slot that later dispatches reuse: keep copies.
+            received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone())
+            cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
+                               expert_out=expert_out, routed=routed))
+
+        def compute_only():
+            for _ in blocks:
+                for part, c in zip(parts, cached):
+                    h = block.attend(part)
+                    moe_in = block.moe_input(h)
+                    block.moe.route(moe_in)
+                    shared = block.moe.shared(moe_in)
+                    block.moe.experts(c["received"])
+                    block.finish(h, c["routed"], shared)
+
+        def communication_only():
+            for _ in blocks:
+                for c in cached:
+                    received = block.moe.dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
+                    block.moe.combine(c["expert_out"], received.handle)
+
+        rows = {name: timer(fn) for name, fn in [("plain", plain), ("overlapped", overlapped),
+                                                 ("compute only", compute_only),
+                                                 ("communication only", communication_only)]}
+        share = traced_share(overlapped, args.trace_dir)
+
+    if dist.get_rank() == 0:
+        report(args, comm, rows, share, sizes)
+    dist.destroy_process_group()
+
+
+def traced_share(step, trace_dir: str | None) -> dict:
+    """The hidden share of one overlapped step, from this rank's own torch profiler trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    path = os.path.join(trace_dir or "/tmp", f"overlap_rank{dist.get_rank()}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prof.export_chrome_trace(path)
+    total = trace_analysis.analyze(trace_analysis.load_torch_trace(path)).total
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share))
+    return {"per_rank": shares, "min_share": min(s[2] for s in shares if s[2] is not None) if any(
+        s[2] is not None for s in shares) else None, "trace": path}
+
+
+def report(args, comm, rows: dict, share: dict, sizes: list[int]) -> None:
+    compute = rows["compute only"]
+    print(f"deepcomm block bench: device={torch.cuda.get_device_name()} ranks={dist.get_world_size()} "
+          f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
+          f"layers={args.layers} sms={args.sms} dispatch={args.dispatch_dtype} "
+          f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}%")
+    print(f"{'step':<22}{'ms':>10}{'x compute only':>16}")
+    for name, us in rows.items():
+        print(f"{name:<22}{us / 1e3:>10.2f}{us / compute:>16.2f}")
+    hidden = share["min_share"]
+    print(f"communication kernel time under compute kernels (trace, lowest rank): "
+          f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}; per rank (comm µs, hidden µs, share): "
+          f"{share['per_rank']}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"rows_us": rows, "share": share, "sizes": sizes, "args": vars(args),
+                       "device": torch.cuda.get_device_name()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
