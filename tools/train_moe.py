@@ -155,6 +155,7 @@ def _worker(rank: int, world_size: int, port: int, args) -> None:
         result = run(args)
         if rank == 0:
             report(args, result)
+        dist.barrier()  # nobody tears the group down while a peer still reports
     finally:
         dist.destroy_process_group()
 
