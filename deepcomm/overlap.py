@@ -11,9 +11,9 @@ so on the GPU each communication runs on the communication stream (reserved
 SMs) while the other micro-batch's attention or experts run on the compute
 stream: dispatch A under attention B, dispatch B under experts A, combine A under
 experts B, combine B under finish A and the next layer's attention A. Order
-between the streams comes from events only: a comm stage starts after the
-compute already issued for its micro-batch and leaves an event; the next compute
-stage of that micro-batch makes the compute stream wait on it. The host never
+between the streams comes from events only: each compute stage leaves an event
+(``READY``) after which its micro-batch's next comm stage starts, and each comm
+stage leaves one (``PENDING``) that the micro-batch's next compute stage waits for. The host never
 waits in the steady state, except for the one small wait in dispatch that sizes
 its output, which this order places where the GPU still has the other
 micro-batch's compute queued.
@@ -36,10 +36,15 @@ from typing import Callable
 
 import torch
 
+from deepcomm.events import EventHandle
 from deepcomm.profiling import stage_name, stage_range
 
 COMPUTE, COMM = "compute", "comm"
 PENDING = "pending_event"  # state key: the event a comm stage left for its micro-batch's next compute
+# State key: the compute stream's position right after the micro-batch's last compute stage. A comm stage
+# starts after it, not after everything queued on the compute stream (which by then holds the other
+# micro-batch's compute too: waiting for that would serialise the two).
+READY = "ready_event"
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,14 @@ class OverlapScheduler:
                     _wait_pending(state)
                 inputs = _cut(state) if training else []
                 stage.run(state)
+                if stage.kind == COMPUTE:
+                    state[READY] = _compute_point()
                 if training:
                     records[m].append(_StageRecord(s, inputs, [v for v in state.values() if _grad_tensor(v)]))
         outputs = []
         for state in states:
             _wait_pending(state)
+            state.pop(READY, None)
             outputs.append(state[output])
         if not training:
             return outputs
@@ -148,6 +156,12 @@ class OverlapScheduler:
         for m, state_grads in enumerate(grads):
             _leftover_to_inputs(state_grads, self._records[m])
         self._records = self._outputs = None
+
+
+def _compute_point() -> EventHandle | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return EventHandle.record(torch.device("cuda", torch.cuda.current_device()))
+    return None
 
 
 def _wait_pending(state: dict) -> None:
@@ -211,7 +225,7 @@ def block_stages(block, layer: int) -> list[Stage]:
 
     def dispatch(state: dict) -> None:
         received = moe.dispatch(state.pop("moe_in"), state.pop("topk_idx"), state.pop("topk_weights"),
-                                async_finish=True)
+                                previous_event=state.pop(READY, None), async_finish=True)
         state.update(received=received, recv_x=received.x, recv_weights=received.topk_weights)
         state[PENDING] = received.event
 
@@ -221,7 +235,8 @@ def block_stages(block, layer: int) -> list[Stage]:
         state["expert_out"] = moe.experts(received)
 
     def combine(state: dict) -> None:
-        routed, event = moe.combine(state.pop("expert_out"), state.pop("received").handle, async_finish=True)
+        routed, event = moe.combine(state.pop("expert_out"), state.pop("received").handle,
+                                    previous_event=state.pop(READY, None), async_finish=True)
         state["routed"], state[PENDING] = routed, event
 
     def finish(state: dict) -> None:

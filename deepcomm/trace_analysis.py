@@ -28,8 +28,12 @@ from pathlib import Path
 
 # deepcomm's kernels live in (anonymous namespaces inside) deepcomm::intranode / deepcomm::internode;
 # matching the namespace keeps other libraries' "combine_kernel"s out. NCCL kernels are extern names.
+# Profilers show them demangled ("deepcomm::intranode::(anonymous namespace)::combine_kernel(...)") or,
+# for kernels in anonymous namespaces, as nvcc's static mangled names ("__nv_static_..._ZN8deepcomm9intranode
+# ..._GLOBAL__N__...14combine_kernelE..."): both forms count.
 COMM_PATTERN = (
     r"deepcomm::(?:intra|inter)node::.*?\b(?:notify|dispatch|combine)_kernel\b"
+    r"|_ZN8deepcomm9(?:intra|inter)node.*?\d(?:notify|dispatch|combine)_kernel"
     r"|^(?:void )?nccl(?:Dev)?Kernel"
 )
 

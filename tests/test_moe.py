@@ -346,6 +346,7 @@ def _kernel_worker(rank: int, world_size: int, backend: str, ranks_per_node: int
             runs.append([y, z] + grads)
         for i, (ours, reference) in enumerate(zip(*runs)):
             _close(ours, reference, 2e-2, f"{backend}/{dispatch_dtype}: tensor {i}")
+    del runs, y, z, grads  # their autograd nodes hold the handles
     _check_old_handle_in_backward(comm, device)
     comm.check_errors()
     gc.collect()

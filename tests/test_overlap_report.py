@@ -383,3 +383,26 @@ def test_cuda_trace_kernel_on_a_second_stream_overlaps_matmuls(tmp_path):
     assert any(r.kind == COMPUTE and r.stage == "attention" for r in records)
     report = analyze(records)
     assert report.layers[0].share > 0
+
+
+def test_comm_pattern_matches_demangled_and_nvcc_static_names_only():
+    import re
+
+    from deepcomm.trace_analysis import COMM_PATTERN
+
+    comm = [
+        COMBINE, INTERNODE_COMBINE,
+        "__nv_static_34__91b1375f_12_intranode_cu_d0a16e5b__ZN8deepcomm9intranode45_GLOBAL__N__91b1375f_12_"
+        "intranode_cu_d0a16e5b15dispatch_kernelILNS0_7PayloadE0EEEvNS0_7ContextENS0_12DispatchArgsE",
+        "__nv_static_34__91b1375f_12_internode_cu_d0a16e5b__ZN8deepcomm9internode45_GLOBAL__N__91b1375f_12_"
+        "internode_cu_d0a16e5b13notify_kernelENS0_7ContextENS0_10NotifyArgsE",
+        "ncclDevKernel_AllToAll_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+    ]
+    compute = [
+        "__nv_static_30__7f6c90fb_9_layout_cu_10cbbe38__ZN8deepcomm41_GLOBAL__N__7f6c90fb_9_layout_cu_10cbbe38"
+        "22dispatch_layout_kernelENS_18DispatchLayoutArgsE",
+        "nvjet_sm90_tst_128x256_64x4_4x2_h_bz_coopA_NNN",
+        "void other::combine_kernel(int)",
+    ]
+    assert all(re.search(COMM_PATTERN, name) for name in comm)
+    assert not any(re.search(COMM_PATTERN, name) for name in compute)
