@@ -94,6 +94,10 @@ PYBIND11_MODULE(_C, m) {
   intra.attr("MAX_EXPERTS") = in::kMaxExperts;
   intra.attr("DATA_OFFSET") = in::kDataOffset;
   intra.attr("MAILBOX_BYTES") = sizeof(in::HostMailbox);
+  // int64 word index of each mailbox array
+  intra.attr("MAILBOX_TOKENS_MATRIX") = offsetof(in::HostMailbox, tokens_matrix) / 8;
+  intra.attr("MAILBOX_INVALID_IDS") = offsetof(in::HostMailbox, invalid_ids) / 8;
+  intra.attr("MAILBOX_RECV_PER_EXPERT") = offsetof(in::HostMailbox, recv_tokens_per_expert) / 8;
   intra.attr("ERRORS") = py::dict(py::arg("timeout") = static_cast<int>(deepcomm::kErrorTimeout),
                                   py::arg("size_mismatch") = static_cast<int>(deepcomm::kErrorSizeMismatch),
                                   py::arg("invalid_ids") = static_cast<int>(deepcomm::kErrorInvalidIds));

@@ -41,12 +41,14 @@ void bind_internode(py::module_& m) {
   mod.attr("MAX_NODES") = inter::kMaxNodes;
   mod.attr("MAX_RANKS") = inter::kMaxRanks;
   mod.attr("MAX_CHANNELS") = inter::kMaxChannels;
+  mod.attr("MAX_EXPERTS") = inter::kMaxExperts;
   mod.attr("NODE_DATA_OFFSET") = inter::kNodeDataOffset;
   mod.attr("MAILBOX_BYTES") = sizeof(inter::HostMailbox);
   // int64 word index of each mailbox array
   mod.attr("MAILBOX_RECV_FROM_RANK") = offsetof(inter::HostMailbox, recv_from_rank) / 8;
   mod.attr("MAILBOX_RECV_TOTALS") = offsetof(inter::HostMailbox, recv_totals) / 8;
   mod.attr("MAILBOX_INVALID_IDS") = offsetof(inter::HostMailbox, invalid_ids) / 8;
+  mod.attr("MAILBOX_RECV_PER_EXPERT") = offsetof(inter::HostMailbox, recv_tokens_per_expert) / 8;
   mod.attr("TRAFFIC_COUNTERS") = std::vector<std::string>{"dispatch_boundary", "dispatch_nvlink_direct",
                                                           "dispatch_nvlink_forward", "combine_boundary",
                                                           "combine_nvlink"};

@@ -120,6 +120,20 @@ class Communicator:
     def rank(self) -> int:
         return self.topology.rank
 
+    def close(self) -> None:
+        """Wait for this rank's communication, then unmap the peers' buffers, all ranks together.
+
+        Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
+        that a peer's kernels may still touch. The communicator is unusable afterwards.
+        """
+        close = getattr(self._impl, "close", None)
+        if close is None:  # the reference path maps nothing
+            return
+        torch.cuda.synchronize()
+        dist.barrier(group=self._impl.group)
+        close()
+        dist.barrier(group=self._impl.group)
+
     @property
     def world_size(self) -> int:
         return self.topology.world_size

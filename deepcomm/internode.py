@@ -124,6 +124,7 @@ class InternodeCommunicator(MailboxErrors):
         self._recv_from_rank = words[self.kernels.MAILBOX_RECV_FROM_RANK :][:max_ranks]
         self._recv_totals = words[self.kernels.MAILBOX_RECV_TOTALS :][:max_ranks]
         self._invalid_ids = words[self.kernels.MAILBOX_INVALID_IDS :][:max_ranks]
+        self._recv_per_expert = words[self.kernels.MAILBOX_RECV_PER_EXPERT :][: self.kernels.MAX_EXPERTS]
         self.ctx = self.kernels.Context(
             self.kernels.TRANSPORTS[self.transport.name], self.transport.regions, bool(staged), node_regions,
             topology.rank, world, per_node, slots, self.slot_bytes, config.max_tokens_per_rank, config.hidden,
@@ -207,6 +208,7 @@ class InternodeCommunicator(MailboxErrors):
                 num_recv_tokens = totals[topo.rank]
                 result = self._views(slot, layouts[topo.rank], num_recv_tokens, hidden, num_topk, payload, per_expert)
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
+                result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             result.handle = InternodeHandle(
                 num_tokens, hidden, num_recv_tokens, layout.is_token_in_rank, send_pos, send_base, node_rows, slot,
                 self.kernels.num_channels(num_blocks), call, id(self),

@@ -130,9 +130,11 @@ class IntranodeCommunicator(MailboxErrors):
         self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
         # numpy views of the mailbox: reading them costs no torch dispatch.
         mailbox = self._mailbox_words = self.mailbox.numpy()
-        max_ranks = self.kernels.MAX_RANKS
-        self._tokens_matrix = mailbox[4 : 4 + max_ranks * max_ranks].reshape(max_ranks, max_ranks)
-        self._invalid_ids = mailbox[4 + max_ranks * max_ranks : 4 + max_ranks * max_ranks + max_ranks]
+        max_ranks, kernels = self.kernels.MAX_RANKS, self.kernels
+        self._tokens_matrix = mailbox[kernels.MAILBOX_TOKENS_MATRIX :][: max_ranks * max_ranks].reshape(max_ranks,
+                                                                                                    max_ranks)
+        self._invalid_ids = mailbox[kernels.MAILBOX_INVALID_IDS :][:max_ranks]
+        self._recv_per_expert = mailbox[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
         torch.cuda.synchronize(self.device)
         handles: list = [None] * world
         dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
@@ -215,6 +217,7 @@ class IntranodeCommunicator(MailboxErrors):
             layouts = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes)
             result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
+            result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             return self._finish(result, layout, send_pos, send_base, totals[rank], call, caller, async_finish)
 
     def _finish(self, result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish):

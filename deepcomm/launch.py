@@ -109,9 +109,17 @@ class MpsDaemon:
                 f"and a GPU in a compute mode that allows it): {detail or 'no output'}"
             )
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
         env = {**os.environ, **self.env}
-        subprocess.run([MPS_CONTROL], input="quit\n", env=env, capture_output=True, text=True)
+        try:
+            subprocess.run([MPS_CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # Seen on H100 after profiled runs: "quit" never returns although every client has exited.
+            # The ranks' results are in; leave the daemon (and its folders) for the user rather than hang.
+            print(f"deepcomm.launch: the MPS daemon did not quit within {timeout_s:g}s; it is left running "
+                  f"(quit it with: CUDA_MPS_PIPE_DIRECTORY={self.env['CUDA_MPS_PIPE_DIRECTORY']} "
+                  f"{MPS_CONTROL} <<< quit)", file=sys.stderr)
+            return
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "MpsDaemon":

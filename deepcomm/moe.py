@@ -298,17 +298,21 @@ class MoELayer(nn.Module):
         """This rank's experts on the received rows: ``[R, H]``, each row the sum over its local
         experts of weight × expert output, in float32 in k order, then in the layer's dtype.
 
-        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM; learning how
-        many there are costs one host sync.
+        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM. How many there
+        are comes from dispatch's host wait (``num_recv_tokens_per_expert_list``), so this
+        issues its kernels without waiting for the GPU; only when dispatch skipped that wait
+        does counting them cost a host sync.
         """
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights
         num_rows, num_topk = local_idx.shape
-        rows, ks = (local_idx >= 0).nonzero(as_tuple=True)
-        order = torch.argsort(local_idx[rows, ks], stable=True)
-        rows, ks = rows[order], ks[order]
-        experts = local_idx[rows, ks]
-        counts = torch.bincount(experts, minlength=self.num_local_experts)
+        per_expert = received.num_recv_tokens_per_expert_list
+        num_pairs = int((local_idx >= 0).sum()) if per_expert is None else sum(per_expert)
+        # Entries of no local expert sort last, as expert E_local, and are cut off.
+        keys = torch.where(local_idx >= 0, local_idx, self.num_local_experts).flatten()
+        order = torch.argsort(keys, stable=True)[:num_pairs]  # by expert, then (row, k) as laid out
+        rows, ks = order // num_topk, order % num_topk
+        counts = torch.bincount(keys, minlength=self.num_local_experts + 1)[: self.num_local_experts]
         out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
         weighted = out.float() * weights[rows, ks].unsqueeze(1)
         return sum_in_k_order(weighted, rows, ks, num_rows, num_topk).to(self.dtype)

@@ -5,18 +5,25 @@ A model is a flat list of :class:`Stage` s, each ``compute`` or ``comm``
 micro-batches and issues their stages in an interleaved order in which micro-batch
 ``m`` trails ``m - 1`` by one stage, compute first on a tie::
 
-    attention A, attention B, dispatch A, experts A, dispatch B, experts B, combine A, finish A, ...
+    attention A, attention B, dispatch A, experts A, dispatch B, experts B, combine A, shared A,
+    combine B, finish A, shared B, finish B, ...
 
 so on the GPU each communication runs on the communication stream (reserved
 SMs) while the other micro-batch's attention or experts run on the compute
 stream: dispatch A under attention B, dispatch B under experts A, combine A under
-experts B, combine B under finish A and the next layer's attention A. Order
+experts B, combine B under both shared-expert stages (which need no
+communication, hence placed after combine) and the next layer's attention A. Order
 between the streams comes from events only: each compute stage leaves an event
 (``READY``) after which its micro-batch's next comm stage starts, and each comm
-stage leaves one (``PENDING``) that the micro-batch's next compute stage waits for. The host never
-waits in the steady state, except for the one small wait in dispatch that sizes
-its output, which this order places where the GPU still has the other
-micro-batch's compute queued.
+stage leaves one (``PENDING``) that the micro-batch's next compute stage that
+``waits_for_comm`` waits for. The host never waits in the steady state, except
+for the one small wait in dispatch that sizes its output, which this order
+places where the GPU still has the other micro-batch's compute queued.
+
+Compute kernels must leave the communication kernels their SMs: a persistent
+GEMM holds one block on every SM until it ends, so a dispatch queued behind it
+would start only then. ``compute_sms`` caps cuBLASLt matmuls and torch's grouped
+GEMM at that many SMs while the scheduler runs (:func:`compute_sm_limit`).
 
 Training: each stage runs on detached copies of the tensors it may read, so
 the backward pass can be issued stage by stage in the same interleaved order
@@ -31,6 +38,7 @@ NVTX) for tools/overlap_report.py.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,16 +57,23 @@ READY = "ready_event"
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of one layer for one micro-batch: ``run(state)`` reads and writes the micro-batch's state dict."""
+    """One step of one layer for one micro-batch: ``run(state)`` reads and writes the micro-batch's state dict.
+
+    ``waits_for_comm`` (compute stages): whether the stage reads what the micro-batch's
+    previous communication produced. A stage that does not can run while it is in flight.
+    """
 
     layer: int
     name: str
     kind: str
     run: Callable[[dict], None]
+    waits_for_comm: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in (COMPUTE, COMM):
             raise ValueError(f"kind: expected {COMPUTE!r} or {COMM!r}, got {self.kind!r}")
+        if self.kind == COMM and not self.waits_for_comm:
+            raise ValueError("waits_for_comm: only compute stages may run beside their micro-batch's communication")
 
 
 def interleaved_order(kinds: list[str], num_micro_batches: int = 2) -> list[tuple[int, int]]:
@@ -99,13 +114,17 @@ class OverlapScheduler:
     outputs are leaves: compute a loss from them, call ``loss.backward()``, then
     :meth:`backward` carries their gradients back through the stages (and into
     the inputs the states started with).
+
+    ``compute_sms``: SMs that matmuls may use while the scheduler runs (None: all);
+    see :func:`compute_sm_limit`.
     """
 
-    def __init__(self, stages: list[Stage], num_micro_batches: int = 2) -> None:
+    def __init__(self, stages: list[Stage], num_micro_batches: int = 2, compute_sms: int | None = None) -> None:
         if not stages:
             raise ValueError("stages: expected at least one stage")
         self.stages = list(stages)
         self.num_micro_batches = num_micro_batches
+        self.compute_sms = compute_sms
         self.order = interleaved_order([s.kind for s in self.stages], num_micro_batches)
         self._records: list[list[_StageRecord]] | None = None
         self._outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -115,17 +134,18 @@ class OverlapScheduler:
             raise ValueError(f"states: expected {self.num_micro_batches} micro-batch states, got {len(states)}")
         training = torch.is_grad_enabled()
         records: list[list[_StageRecord]] = [[] for _ in states]
-        for m, s in self.order:
-            stage, state = self.stages[s], states[m]
-            with stage_range(stage_name(stage.layer, m, stage.name)):
-                if stage.kind == COMPUTE:
-                    _wait_pending(state)
-                inputs = _cut(state) if training else []
-                stage.run(state)
-                if stage.kind == COMPUTE:
-                    state[READY] = _compute_point()
-                if training:
-                    records[m].append(_StageRecord(s, inputs, [v for v in state.values() if _grad_tensor(v)]))
+        with compute_sm_limit(self.compute_sms):
+            for m, s in self.order:
+                stage, state = self.stages[s], states[m]
+                with stage_range(stage_name(stage.layer, m, stage.name)):
+                    if stage.kind == COMPUTE and stage.waits_for_comm:
+                        _wait_pending(state)
+                    inputs = _cut(state) if training else []
+                    stage.run(state)
+                    if stage.kind == COMPUTE:
+                        state[READY] = _compute_point()
+                    if training:
+                        records[m].append(_StageRecord(s, inputs, [v for v in state.values() if _grad_tensor(v)]))
         outputs = []
         for state in states:
             _wait_pending(state)
@@ -147,15 +167,43 @@ class OverlapScheduler:
                 grads[m][id(out)] = leaf.grad
         position = [len(r) for r in self._records]
         reversed_kinds = [s.kind for s in reversed(self.stages)]
-        for m, _ in interleaved_order(reversed_kinds, self.num_micro_batches):
-            position[m] -= 1
-            record = self._records[m][position[m]]
-            stage = self.stages[record.stage]
-            with stage_range(stage_name(stage.layer, m, stage.name, backward=True)):
-                _stage_backward(record, grads[m])
+        with compute_sm_limit(self.compute_sms):
+            for m, _ in interleaved_order(reversed_kinds, self.num_micro_batches):
+                position[m] -= 1
+                record = self._records[m][position[m]]
+                stage = self.stages[record.stage]
+                with stage_range(stage_name(stage.layer, m, stage.name, backward=True)):
+                    _stage_backward(record, grads[m])
         for m, state_grads in enumerate(grads):
             _leftover_to_inputs(state_grads, self._records[m])
         self._records = self._outputs = None
+
+
+@contextmanager
+def compute_sm_limit(num_sms: int | None):
+    """Inside, cuBLASLt matmuls and torch's grouped GEMM target at most ``num_sms`` SMs.
+
+    Through torch's SM carve-out (relative to the SM count the device reports, which
+    under CUDA MPS is the client's share) and with cuBLASLt as torch's BLAS backend
+    (the carve-out reaches matmuls only through it). Persistent GEMMs launch a block
+    per SM they target and hold it to the end: with the cap, communication kernels
+    queued beside them find free SMs at once. None: no cap (nothing changes). No-op
+    without CUDA.
+    """
+    if num_sms is None or not torch.cuda.is_available():
+        yield
+        return
+    reported = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or not 1 <= num_sms <= reported:
+        raise ValueError(f"compute_sms: expected an int in [1, {reported}] (the device's SMs), got {num_sms!r}")
+    carveout, backend = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+    torch._C._set_sm_carveout_experimental(reported - num_sms)
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(carveout)
+        torch.backends.cuda.preferred_blas_library(backend)
 
 
 def _compute_point() -> EventHandle | None:
@@ -210,10 +258,12 @@ def _leftover_to_inputs(grads: dict[int, torch.Tensor], records: list[_StageReco
 
 
 def block_stages(block, layer: int) -> list[Stage]:
-    """A :class:`deepcomm.moe.TransformerBlock` as five stages over a micro-batch state holding ``x``.
+    """A :class:`deepcomm.moe.TransformerBlock` as six stages over a micro-batch state holding ``x``.
 
-    attention (compute): attention, the MoE input norm, routing and the shared experts;
-    dispatch (comm); experts (compute); combine (comm); finish (compute): the residual sum.
+    attention (compute): attention, the MoE input norm and routing; dispatch (comm);
+    experts (compute); combine (comm); shared (compute, the shared experts: they need
+    no communication, so they run while combine is in flight); finish (compute): the
+    residual sum.
     """
     moe = block.moe
 
@@ -221,10 +271,10 @@ def block_stages(block, layer: int) -> list[Stage]:
         h = block.attend(state.pop("x"))
         moe_in = block.moe_input(h)
         state["topk_idx"], state["topk_weights"] = moe.route(moe_in)
-        state.update(h=h, moe_in=moe_in, shared=moe.shared(moe_in))
+        state.update(h=h, moe_in=moe_in)
 
     def dispatch(state: dict) -> None:
-        received = moe.dispatch(state.pop("moe_in"), state.pop("topk_idx"), state.pop("topk_weights"),
+        received = moe.dispatch(state["moe_in"], state.pop("topk_idx"), state.pop("topk_weights"),
                                 previous_event=state.pop(READY, None), async_finish=True)
         state.update(received=received, recv_x=received.x, recv_weights=received.topk_weights)
         state[PENDING] = received.event
@@ -239,12 +289,15 @@ def block_stages(block, layer: int) -> list[Stage]:
                                     previous_event=state.pop(READY, None), async_finish=True)
         state["routed"], state[PENDING] = routed, event
 
+    def shared(state: dict) -> None:
+        state["shared"] = moe.shared(state.pop("moe_in"))
+
     def finish(state: dict) -> None:
         state["x"] = block.finish(state.pop("h"), state.pop("routed"), state.pop("shared"))
 
     return [Stage(layer, "attention", COMPUTE, attention), Stage(layer, "dispatch", COMM, dispatch),
             Stage(layer, "experts", COMPUTE, experts), Stage(layer, "combine", COMM, combine),
-            Stage(layer, "finish", COMPUTE, finish)]
+            Stage(layer, "shared", COMPUTE, shared, waits_for_comm=False), Stage(layer, "finish", COMPUTE, finish)]
 
 
 def model_stages(blocks) -> list[Stage]:
@@ -252,9 +305,12 @@ def model_stages(blocks) -> list[Stage]:
     return [stage for layer, block in enumerate(blocks) for stage in block_stages(block, layer)]
 
 
-def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2,
-                   sizes: list[int] | None = None) -> tuple[torch.Tensor, OverlapScheduler]:
+def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2, sizes: list[int] | None = None,
+                   compute_sms: int | None = None) -> tuple[torch.Tensor, OverlapScheduler]:
     """``x [B, S, H]`` through ``blocks`` as micro-batches split along B (uneven or empty allowed).
+
+    ``compute_sms``: cap on the SMs matmuls use meanwhile (:func:`compute_sm_limit`); give
+    them what the communication kernels (``Communicator.num_sms``) leave.
 
     Returns the output ``[B, S, H]`` and the scheduler (call ``.backward()`` on it after
     ``loss.backward()`` when training; the output is then a leaf that collects the loss gradient).
@@ -263,7 +319,7 @@ def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2,
     if len(sizes) != num_micro_batches or sum(sizes) != x.shape[0] or min(sizes) < 0:
         raise ValueError(f"sizes: expected {num_micro_batches} non-negative sizes summing to {x.shape[0]}, "
                          f"got {sizes}")
-    scheduler = OverlapScheduler(model_stages(blocks), num_micro_batches)
+    scheduler = OverlapScheduler(model_stages(blocks), num_micro_batches, compute_sms)
     outputs = scheduler.forward([{"x": part} for part in torch.split(x, sizes, dim=0)], output="x")
     if torch.is_grad_enabled():
         # One leaf over the whole batch, so the caller's loss is over [B, S, H] as for the plain model.

@@ -262,6 +262,7 @@ class ReferenceCommunicator:
             num_recv_tokens_per_rank=list(recv_counts),
             handle=handle,
             event=EventHandle(None),
+            num_recv_tokens_per_expert_list=per_expert.tolist(),  # the reference path syncs anyway
         )
 
     # -- combine ----------------------------------------------------------

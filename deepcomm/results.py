@@ -23,6 +23,9 @@ class DispatchResult:
                            caller passed num_recv_tokens and the host skipped its wait
     handle:                what :meth:`combine` needs to send results back
     event:                 reached when the outputs are ready on the communication stream
+    num_recv_tokens_per_expert_list: ``num_tokens_per_expert`` as a host list, learnt in the same
+                           host wait as ``num_recv_tokens_per_rank`` (sizes a grouped GEMM with no
+                           further sync); None when that wait was skipped
     """
 
     x: torch.Tensor
@@ -33,3 +36,4 @@ class DispatchResult:
     num_recv_tokens_per_rank: list[int] | None
     handle: Any
     event: EventHandle
+    num_recv_tokens_per_expert_list: list[int] | None = None

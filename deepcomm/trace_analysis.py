@@ -32,8 +32,8 @@ from pathlib import Path
 # for kernels in anonymous namespaces, as nvcc's static mangled names ("__nv_static_..._ZN8deepcomm9intranode
 # ..._GLOBAL__N__...14combine_kernelE..."): both forms count.
 COMM_PATTERN = (
-    r"deepcomm::(?:intra|inter)node::.*?\b(?:notify|dispatch|combine)_kernel\b"
-    r"|_ZN8deepcomm9(?:intra|inter)node.*?\d(?:notify|dispatch|combine)_kernel"
+    r"deepcomm::(?:intra|inter)node::.*?\b(?:notify|dispatch|combine(?:_ready)?)_kernel\b"
+    r"|_ZN8deepcomm9(?:intra|inter)node.*?\d(?:notify|dispatch|combine(?:_ready)?)_kernel"
     r"|^(?:void )?nccl(?:Dev)?Kernel"
 )
 

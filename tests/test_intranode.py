@@ -60,6 +60,8 @@ def _agreement_worker(rank: int, world_size: int) -> None:
             for name in ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert"):
                 _same_bits(getattr(ours, name), getattr(theirs, name), f"{where}: {name}")
             assert ours.num_recv_tokens_per_rank == theirs.num_recv_tokens_per_rank, where
+            # The host's copy of the per-expert counts, read in the same wait as the row counts.
+            assert ours.num_recv_tokens_per_expert_list == theirs.num_tokens_per_expert.tolist(), where
 
         # Combine of arbitrary rows, staged from outside the buffer, and in place (round trip).
         # The oracle is the reference path on CPU tensors.

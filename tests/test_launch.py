@@ -72,6 +72,18 @@ def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_pat
     assert not os.path.exists(daemon.root)
 
 
+def test_daemon_that_does_not_quit_is_left_running_instead_of_hanging(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / launch.MPS_CONTROL
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; else sleep 30; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    daemon = launch.MpsDaemon()
+    daemon.start()
+    daemon.stop(timeout_s=0.5)
+    assert "did not quit within 0.5s" in capsys.readouterr().err
+    assert os.path.exists(daemon.env["CUDA_MPS_PIPE_DIRECTORY"])  # its pipes stay for a later quit
+
+
 def test_arguments_pass_through_to_torchrun():
     ours, rest = launch.split_arguments(["--sm-share", "25", "--nproc-per-node", "4", "--max-restarts", "0", "x.py", "-a"])
     assert ours.sm_share == 25 and ours.nproc_per_node == 4

@@ -225,9 +225,13 @@ def test_grouped_experts_equal_a_loop_over_pairs(comm, num_rows):
     layer = MoELayer(config, comm, torch.float32, seed=1)
     received = _received(num_rows, config.hidden, config.num_topk, config.num_experts, seed=num_rows)
     expected = _naive_experts(layer, received)
-    actual = layer.experts(received)
+    actual = layer.experts(received)  # counts its (row, k) pairs itself
     assert actual.shape == (num_rows, config.hidden)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # With dispatch's host-side per-expert counts (no sync): the same bits.
+    per_expert = torch.bincount(received.topk_idx[received.topk_idx >= 0], minlength=config.num_experts)
+    received.num_recv_tokens_per_expert_list = per_expert.tolist()
+    assert torch.equal(layer.experts(received), actual)
 
 
 def test_grouped_matmul_fallback_matches_torch_grouped_mm():

@@ -43,11 +43,72 @@ def test_split_sizes_are_even_then_larger_first():
     assert split_sizes(7, 3) == [3, 2, 2]
 
 
+def test_moe_block_order_puts_both_shared_expert_stages_under_the_last_combine():
+    kinds = [COMPUTE, COMM, COMPUTE, COMM, COMPUTE, COMPUTE]  # overlap.block_stages
+    names = "attention dispatch experts combine shared finish".split()
+    order = [f"{names[s]} {'AB'[m]}" for m, s in interleaved_order(kinds)]
+    assert order == ["attention A", "attention B", "dispatch A", "experts A", "dispatch B", "experts B",
+                     "combine A", "shared A", "combine B", "finish A", "shared B", "finish B"]
+
+
 def test_stage_kind_is_checked():
     with pytest.raises(ValueError, match="kind"):
         Stage(0, "x", "io", lambda state: None)
+    with pytest.raises(ValueError, match="waits_for_comm"):
+        Stage(0, "x", COMM, lambda state: None, waits_for_comm=False)
     with pytest.raises(ValueError, match="stages"):
         OverlapScheduler([])
+
+
+class _Event:
+    """Stands in for a communication event: records when a compute stage waits for it."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def wait(self) -> None:
+        self.log.append(f"wait {self.name}")
+
+
+def test_a_stage_that_does_not_wait_for_comm_leaves_the_event_to_the_next_one():
+    log: list = []
+
+    def comm(state):
+        log.append("comm")
+        state[overlap.PENDING] = _Event(log, "comm")
+
+    def compute(name):
+        return lambda state: log.append(name)
+
+    stages = [Stage(0, "a", COMPUTE, compute("a")), Stage(0, "c", COMM, comm),
+              Stage(0, "free", COMPUTE, compute("free"), waits_for_comm=False), Stage(0, "b", COMPUTE, compute("b"))]
+    OverlapScheduler(stages, num_micro_batches=1).forward([{"x": torch.zeros(1)}], output="x")
+    assert log == ["a", "comm", "free", "wait comm", "b"]
+
+
+def test_compute_sm_limit_sets_and_restores_the_carveout_and_blas_backend(monkeypatch):
+    carveouts, backends = [None], ["cublas"]
+
+    class Properties:
+        multi_processor_count = 66
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    monkeypatch.setattr(torch._C, "_get_sm_carveout_experimental", lambda: carveouts[-1])
+    monkeypatch.setattr(torch._C, "_set_sm_carveout_experimental", carveouts.append)
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
+                        lambda backend=None: backends[-1] if backend is None else backends.append(backend))
+    with overlap.compute_sm_limit(42):
+        assert (carveouts[-1], backends[-1]) == (24, "cublaslt")
+    assert (carveouts[-1], backends[-1]) == (None, "cublas")
+    with overlap.compute_sm_limit(None):
+        assert carveouts[-1] is None
+    for bad in (0, 67, True, 4.0):
+        with pytest.raises(ValueError, match="compute_sms"):
+            with overlap.compute_sm_limit(bad):
+                pass
+    assert (carveouts[-1], backends[-1]) == (None, "cublas")
 
 
 class ToyBlock(torch.nn.Module):

@@ -77,6 +77,7 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: to
             _same_bits(result.topk_idx, expected.topk_idx, f"{where}: local topk_idx")
             _same_bits(result.topk_weights, expected.topk_weights, f"{where}: topk_weights")
             _same_bits(result.num_tokens_per_expert, expected.num_tokens_per_expert, f"{where}: per-expert counts")
+            assert result.num_recv_tokens_per_expert_list == expected.num_tokens_per_expert.tolist(), where
             assert result.num_recv_tokens_per_rank == [
                 sum(1 for src, _ in expected.sources if src == r) for r in range(world_size)
             ], where

@@ -8,9 +8,10 @@ one shared expert; attention is plain multi-head attention, not MLA) on a prefil
 all timed the same way (slowest rank's median, deepcomm.bench.Timer):
 
 - plain: ``block.forward`` on the whole batch (communication waits for compute and back);
-- overlapped: two micro-batches through deepcomm.overlap's scheduler;
+- overlapped: two micro-batches through deepcomm.overlap's scheduler, matmuls capped at
+  --compute-sms SMs so the communication kernels find theirs;
 - compute only: the same two micro-batches' attention, routing, shared and routed experts and
-  residuals, with the dispatched rows and combined outputs taken from an earlier run;
+  residuals, with the dispatched rows and combined outputs taken from an earlier run, on every SM;
 - communication only: the same two micro-batches' dispatch and combine, nothing else.
 
 Then one overlapped step is recorded with the torch profiler and deepcomm.trace_analysis says
@@ -42,10 +43,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="test-size widths instead of DeepSeek-V3's")
     parser.add_argument("--dispatch-dtype", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--sms", type=int, default=24, help="SMs of each communication kernel")
+    parser.add_argument("--compute-sms", type=int, default=None,
+                        help="SMs matmuls may use in the overlapped step (default: the device's SMs, under MPS "
+                             "the client's share, minus --sms; 0: no cap)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--trace-dir", default=None, help="write each rank's torch profiler trace here")
+    parser.add_argument("--trace-rows", action="store_true",
+                        help="also trace one run of every row and write per-kernel totals (trace-dir/kernels_rank*.txt)")
     parser.add_argument("--json", dest="json_path", default=None)
     return parser.parse_args()
 
@@ -70,6 +76,8 @@ def main() -> None:
     x = torch.randn(batch, args.seq, hidden, device=device, dtype=torch.bfloat16, generator=generator)
     sizes = overlap.split_sizes(batch)
     parts = torch.split(x, sizes)
+    device_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    compute_sms = device_sms - args.sms if args.compute_sms is None else (args.compute_sms or None)
     timer = Timer(device, args.warmup, args.iters)
 
     def plain():
@@ -79,7 +87,7 @@ def main() -> None:
         return y
 
     def overlapped():
-        return overlap.run_overlapped(blocks, x, sizes=sizes)[0]
+        return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms)[0]
 
     with torch.no_grad():
         assert torch.allclose(plain().float(), overlapped().float(), atol=0.1, rtol=0.05), "overlapped != plain"
@@ -118,21 +126,35 @@ def main() -> None:
                                                  ("compute only", compute_only),
                                                  ("communication only", communication_only)]}
         share = traced_share(overlapped, args.trace_dir)
+        if args.trace_rows:
+            write_kernel_totals({"plain": plain, "overlapped": overlapped, "compute only": compute_only,
+                                 "communication only": communication_only}, args.trace_dir or "/tmp")
 
     if dist.get_rank() == 0:
-        report(args, comm, rows, share, sizes)
+        report(args, comm, rows, share, sizes, device_sms, compute_sms)
+    comm.close()
     dist.destroy_process_group()
+
+
+def trace_step(step, path: str) -> None:
+    """One run of ``step`` under the torch profiler, every rank starting together, exported to ``path``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        # Profiler start-up takes each rank a different time: without this, the first collective
+        # of the early rank spins until the late one arrives, and the trace counts that as communication.
+        torch.cuda.synchronize()
+        dist.barrier()
+        step()
+        torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
 
 
 def traced_share(step, trace_dir: str | None) -> dict:
     """The hidden share of one overlapped step, from this rank's own torch profiler trace."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        torch.cuda.synchronize()
     path = os.path.join(trace_dir or "/tmp", f"overlap_rank{dist.get_rank()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    prof.export_chrome_trace(path)
+    trace_step(step, path)  # the first profiled run also pays the profiler's own initialisation
+    trace_step(step, path)
     total = trace_analysis.analyze(trace_analysis.load_torch_trace(path)).total
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, (total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share))
@@ -140,12 +162,35 @@ def traced_share(step, trace_dir: str | None) -> dict:
         s[2] is not None for s in shares) else None, "trace": path}
 
 
-def report(args, comm, rows: dict, share: dict, sizes: list[int]) -> None:
+def write_kernel_totals(rows: dict, trace_dir: str) -> None:
+    """Per row, this rank's kernels by total time: where a row's step time goes."""
+    lines = []
+    for name, fn in rows.items():
+        path = os.path.join(trace_dir, "rows", f"{name.replace(' ', '_')}_rank{dist.get_rank()}.json")
+        trace_step(fn, path)
+        records = trace_analysis.load_torch_trace(path)
+        if not records:
+            continue
+        span_us = (max(r.end_ns for r in records) - min(r.start_ns for r in records)) / 1e3
+        totals: dict[str, list[float]] = {}
+        for record in records:
+            entry = totals.setdefault(f"{record.kind}: {record.name[:90]}", [0.0, 0])
+            entry[0] += (record.end_ns - record.start_ns) / 1e3
+            entry[1] += 1
+        lines.append(f"== {name}: {len(records)} kernels, span {span_us:.0f} µs")
+        for kernel, (us, count) in sorted(totals.items(), key=lambda item: -item[1][0])[:15]:
+            lines.append(f"{us:12.0f} µs {count:5d}x  {kernel}")
+    with open(os.path.join(trace_dir, f"kernels_rank{dist.get_rank()}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: int, compute_sms: int | None) -> None:
     compute = rows["compute only"]
     print(f"deepcomm block bench: device={torch.cuda.get_device_name()} ranks={dist.get_world_size()} "
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
           f"layers={args.layers} sms={args.sms} dispatch={args.dispatch_dtype} "
-          f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}%")
+          f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
+          f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
     print(f"{'step':<22}{'ms':>10}{'x compute only':>16}")
     for name, us in rows.items():
         print(f"{name:<22}{us / 1e3:>10.2f}{us / compute:>16.2f}")
@@ -156,7 +201,8 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int]) -> None:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"rows_us": rows, "share": share, "sizes": sizes, "args": vars(args),
-                       "device": torch.cuda.get_device_name()}, f, indent=1)
+                       "device": torch.cuda.get_device_name(), "device_sms": device_sms,
+                       "compute_sms": compute_sms}, f, indent=1)
 
 
 if __name__ == "__main__":

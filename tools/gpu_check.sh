@@ -162,7 +162,7 @@ fi
 # the small model trained plain and overlapped on the same ranks.
 if step overlap; then
   mkdir -p "$OUT/overlap_traces"
-  if timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 tools/bench_overlap.py \
+  if timeout ${OVERLAP_TIMEOUT:-420} python3 -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 tools/bench_overlap.py \
       ${OVERLAP_ARGS:-} --trace-dir "$OUT/overlap_traces" --json "$OUT/overlap_block.json" > "$OUT/overlap_block.log" 2>&1; then
     note "overlap block: ok"
     python3 tools/overlap_report.py "$OUT"/overlap_traces/*.json --png "$OUT/overlap_timeline.png" \
@@ -170,7 +170,9 @@ if step overlap; then
   else
     note "overlap block: FAILED (see overlap_block.log)"; status=1
   fi
-  if timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/train_moe.py \
+  if [ "${TRAIN_STEPS:-200}" = 0 ]; then
+    note "train_moe: skipped (TRAIN_STEPS=0)"
+  elif timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/train_moe.py \
       --steps ${TRAIN_STEPS:-200} --json "$OUT/train_moe_gpu.json" --png "$OUT/train_moe_gpu.png" > "$OUT/train_moe.log" 2>&1; then
     note "train_moe: $(grep '^train_moe' "$OUT/train_moe.log")"
   else

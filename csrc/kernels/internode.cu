@@ -230,6 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
     int32_t total = 0;
     for (int src = 0; src < W; ++src) total += received(src)[W + N + 1 + e];
     args.recv_tokens_per_expert[e] = total;
+    ctx.host->recv_tokens_per_expert[e] = total;
   }
   __syncthreads();
   if (threadIdx.x == 0) {

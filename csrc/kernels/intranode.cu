@@ -20,8 +20,9 @@
 // peer; block 0 then waits until every peer's blocks have arrived here, so the
 // kernel ends only when this rank's slot is complete.
 //
-// Combine (pull): every rank publishes where its [R, H] bf16 expert rows are
-// and raises "combine_ready" in all peers. Then one warp per token of this
+// Combine (pull): a one-thread kernel publishes where this rank's [R, H] bf16
+// expert rows are, raises "combine_ready" in all peers and waits for theirs;
+// then, in the copy kernel, one warp per token of this
 // rank reads the token's row from each rank that received it, in ascending
 // rank order, sums in float32 starting from the first row, and writes the bf16
 // result once. Blocks finish with a "combine_done" count in every peer; block 0
@@ -109,6 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
       total += *reinterpret_cast<volatile int32_t*>(
           &signals_of(ctx, src)->tokens_to_expert[parity][ctx.rank * experts_per_rank + e]);
     args.recv_tokens_per_expert[e] = total;
+    ctx.mailbox->recv_tokens_per_expert[e] = total;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -237,30 +239,36 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
 
 // --------------------------------------------------------------- combine
 
+// One thread: publish where this rank's expert rows are, raise "combine_ready" in every peer, wait
+// for every peer, and note their row offsets for combine_kernel. A kernel of its own so that while
+// a peer is late one thread waits, not num_blocks blocks holding SMs that compute kernels could use.
+__global__ void combine_ready_kernel(Context ctx, CombineArgs args) {
+  const int parity = static_cast<int>(args.call & 1);
+  SignalRegion* own = signals_of(ctx, ctx.rank);
+  own->combine_source_offset[parity] = args.source_offset;
+  __threadfence_system();
+  for (int peer = 0; peer < ctx.num_ranks; ++peer)
+    ptx::store_release_sys(&signals_of(ctx, peer)->combine_ready[ctx.rank], args.call);
+  const bool ready =
+      wait_for_peers(own->combine_ready, ctx.num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header,
+                     kStageCombineReady);
+  for (int peer = 0; peer < ctx.num_ranks; ++peer)
+    own->combine_peer_offset[peer] =
+        ready ? *reinterpret_cast<volatile int64_t*>(&signals_of(ctx, peer)->combine_source_offset[parity]) : 0;
+  own->combine_peers_ready = ready;
+}
+
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args) {
   __shared__ const uint8_t* source_rows[kMaxRanks];
   __shared__ bool peers_ready;
-  const int parity = static_cast<int>(args.call & 1);
   const int num_ranks = ctx.num_ranks;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   SignalRegion* own = signals_of(ctx, ctx.rank);
 
-  if (threadIdx.x == 0) {
-    if (blockIdx.x == 0) {
-      own->combine_source_offset[parity] = args.source_offset;
-      __threadfence_system();
-      for (int peer = 0; peer < num_ranks; ++peer)
-        ptx::store_release_sys(&signals_of(ctx, peer)->combine_ready[ctx.rank], args.call);
-    }
-    peers_ready =
-        wait_for_peers(own->combine_ready, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageCombineReady);
-    for (int peer = 0; peer < num_ranks; ++peer) {
-      const int64_t offset =
-          *reinterpret_cast<volatile int64_t*>(&signals_of(ctx, peer)->combine_source_offset[parity]);
-      source_rows[peer] = ctx.regions[peer] + offset;
-    }
-  }
+  // combine_ready_kernel ran just before on this stream: every peer is here (or one timed out).
+  if (threadIdx.x < num_ranks) source_rows[threadIdx.x] = ctx.regions[threadIdx.x] + own->combine_peer_offset[threadIdx.x];
+  if (threadIdx.x == 0) peers_ready = own->combine_peers_ready != 0;
   __syncthreads();
   if (!peers_ready) return;
 
@@ -353,6 +361,8 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t 
 void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
   check_context(ctx);
   DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+  combine_ready_kernel<<<1, 1, 0, stream>>>(ctx, args);
+  DC_CUDA_CHECK(cudaGetLastError());
   combine_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
   DC_CUDA_CHECK(cudaGetLastError());
 }

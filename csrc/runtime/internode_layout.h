@@ -42,6 +42,7 @@ struct HostMailbox {
   int64_t recv_from_rank[kMaxRanks];  // rows this rank receives from each rank (last notify)
   int64_t recv_totals[kMaxRanks];     // rows each rank receives
   int64_t invalid_ids[kMaxRanks];     // invalid expert ids each rank passed
+  int64_t recv_tokens_per_expert[kMaxExperts];  // [local expert] (token, k) entries this rank receives
 };
 
 // Written by node peers into this rank's NVLink region.

@@ -36,6 +36,7 @@ struct HostMailbox {
   MailboxHeader header;
   int64_t tokens_matrix[kMaxRanks][kMaxRanks];  // [src][dst] tokens of the last notify
   int64_t invalid_ids[kMaxRanks];               // [src] invalid expert ids rank src passed to the last notify
+  int64_t recv_tokens_per_expert[kMaxExperts];  // [local expert] (token, k) entries this rank receives
 };
 
 struct SignalRegion {
@@ -49,6 +50,9 @@ struct SignalRegion {
   int32_t invalid_ids[2];                         // invalid expert ids in this rank's input
   int32_t tokens_to_rank[2][kMaxRanks];           // tokens this rank sends to each rank
   int32_t tokens_to_expert[2][kMaxExperts];       // (token, k) entries this rank sends to each expert
+  // Written and read by this rank only: what the combine rendezvous learnt, for the combine copy.
+  int64_t combine_peer_offset[kMaxRanks];         // each peer's combine_source_offset of the current call
+  int32_t combine_peers_ready;                    // 0 when a peer did not arrive in time (copy nothing)
 };
 
 constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
