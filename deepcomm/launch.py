@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,9 +44,25 @@ class LaunchPlan:
 
 
 def mps_running(pipe_directory: str | None = None) -> bool:
-    """Whether an MPS control daemon listens in ``pipe_directory`` (default: the environment's)."""
+    """Whether an MPS control daemon listens in ``pipe_directory`` (default: the environment's).
+
+    The daemon's control socket file outlives it (seen on H100 after ``quit``): a stale one
+    would make the ranks start without MPS, time-sliced. So the socket counts only while
+    it accepts a connection.
+    """
     directory = pipe_directory or os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_MPS_PIPE_DIRECTORY)
-    return os.path.exists(os.path.join(directory, "control"))
+    control = os.path.join(directory, "control")
+    if not os.path.exists(control):
+        return False
+    if not stat.S_ISSOCK(os.stat(control).st_mode):
+        return True  # not the layout we know: trust its presence
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(control)
+        except OSError:  # ECONNREFUSED: nobody listens any more
+            return False
+    return True
 
 
 def visible_gpu_count() -> int:

@@ -84,6 +84,20 @@ def test_daemon_that_does_not_quit_is_left_running_instead_of_hanging(monkeypatc
     assert os.path.exists(daemon.env["CUDA_MPS_PIPE_DIRECTORY"])  # its pipes stay for a later quit
 
 
+def test_a_control_socket_nobody_listens_on_is_not_a_running_daemon(tmp_path):
+    import socket
+
+    assert not launch.mps_running(str(tmp_path))  # no socket
+    control = str(tmp_path / "control")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(control)
+    server.listen(1)
+    assert launch.mps_running(str(tmp_path))
+    server.close()  # the daemon quit; its socket file stays behind
+    assert os.path.exists(control)
+    assert not launch.mps_running(str(tmp_path))
+
+
 def test_arguments_pass_through_to_torchrun():
     ours, rest = launch.split_arguments(["--sm-share", "25", "--nproc-per-node", "4", "--max-restarts", "0", "x.py", "-a"])
     assert ours.sm_share == 25 and ours.nproc_per_node == 4

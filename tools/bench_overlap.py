@@ -32,7 +32,7 @@ from deepcomm import moe, overlap, trace_analysis
 from deepcomm.bench import Timer
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
-from deepcomm.launch import init_distributed
+from deepcomm.launch import init_distributed, mps_running
 
 
 def parse_args() -> argparse.Namespace:
@@ -190,6 +190,7 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
           f"layers={args.layers} sms={args.sms} dispatch={args.dispatch_dtype} "
           f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
+          f"MPS daemon={'yes' if mps_running() else 'NO (ranks sharing a GPU are time-sliced)'} "
           f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
     print(f"{'step':<22}{'ms':>10}{'x compute only':>16}")
     for name, us in rows.items():

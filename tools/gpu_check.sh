@@ -76,7 +76,11 @@ start_mps() {
     note "mps: could not start; ranks sharing a GPU will be time-sliced"
   fi
 }
-stop_mps() { [ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control && mps_started=0; sleep 1; }
+# After quitting, forget the daemon's folders: the launcher then starts (and checks) its own.
+stop_mps() {
+  [ "$mps_started" = 1 ] && echo quit | timeout 30 nvidia-cuda-mps-control && mps_started=0
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; sleep 1
+}
 
 # Several ranks per GPU under MPS (everything on a one-GPU machine; on several GPUs
 # the tests that need more ranks than GPUs, the NVSHMEM ones having run above).
