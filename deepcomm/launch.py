@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PID_FILE = MPS_CONTROL + ".pid"  # the control daemon's, in its pipe folder while it runs
 DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
 
@@ -46,22 +45,19 @@ class LaunchPlan:
 def mps_running(pipe_directory: str | None = None) -> bool:
     """Whether an MPS control daemon listens in ``pipe_directory`` (default: the environment's).
 
-    The daemon's control socket file outlives it (seen on H100 after ``quit``): a stale one
-    would make the ranks start without MPS, time-sliced. So the socket counts only while
-    it accepts a connection.
+    The daemon's control socket outlives it (seen on H100 after ``quit``): a stale one
+    would make the ranks start without MPS, time-sliced. The daemon's pid file goes
+    with it, so the socket counts only beside the pid file of a live process.
     """
     directory = pipe_directory or os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_MPS_PIPE_DIRECTORY)
-    control = os.path.join(directory, "control")
-    if not os.path.exists(control):
+    if not os.path.exists(os.path.join(directory, "control")):
         return False
-    if not stat.S_ISSOCK(os.stat(control).st_mode):
-        return True  # not the layout we know: trust its presence
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(control)
-        except OSError:  # ECONNREFUSED: nobody listens any more
-            return False
+    try:
+        with open(os.path.join(directory, MPS_PID_FILE)) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (OSError, ValueError):  # no pid file, no such process, or not a pid
+        return False
     return True
 
 

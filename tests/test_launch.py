@@ -57,10 +57,12 @@ def test_daemon_that_fails_to_start_is_a_clear_error(monkeypatch, tmp_path):
 def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_path):
     calls = tmp_path / "calls"
     fake = tmp_path / launch.MPS_CONTROL
-    # A stand-in daemon: "-d" creates the control pipe, "quit" on stdin is recorded.
+    # A stand-in daemon: "-d" creates the control socket and a pid file (of a live process: this
+    # one), "quit" on stdin is recorded.
     fake.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; echo start >> {calls}; '
+        f'if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
+        f'echo {os.getpid()} > "$CUDA_MPS_PIPE_DIRECTORY/{launch.MPS_PID_FILE}"; echo start >> {calls}; '
         f"else cat >> {calls}; fi\n"
     )
     fake.chmod(0o755)
@@ -74,7 +76,8 @@ def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_pat
 
 def test_daemon_that_does_not_quit_is_left_running_instead_of_hanging(monkeypatch, tmp_path, capsys):
     fake = tmp_path / launch.MPS_CONTROL
-    fake.write_text('#!/bin/sh\nif [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; else sleep 30; fi\n')
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
+                    f'echo {os.getpid()} > "$CUDA_MPS_PIPE_DIRECTORY/{launch.MPS_PID_FILE}"; else sleep 30; fi\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     daemon = launch.MpsDaemon()
@@ -84,17 +87,16 @@ def test_daemon_that_does_not_quit_is_left_running_instead_of_hanging(monkeypatc
     assert os.path.exists(daemon.env["CUDA_MPS_PIPE_DIRECTORY"])  # its pipes stay for a later quit
 
 
-def test_a_control_socket_nobody_listens_on_is_not_a_running_daemon(tmp_path):
-    import socket
-
-    assert not launch.mps_running(str(tmp_path))  # no socket
-    control = str(tmp_path / "control")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(control)
-    server.listen(1)
+def test_a_control_socket_left_by_a_daemon_that_quit_is_not_a_running_daemon(tmp_path):
+    assert not launch.mps_running(str(tmp_path))  # nothing there
+    (tmp_path / "control").touch()
+    pid_file = tmp_path / launch.MPS_PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")  # a live process
     assert launch.mps_running(str(tmp_path))
-    server.close()  # the daemon quit; its socket file stays behind
-    assert os.path.exists(control)
+    pid_file.unlink()  # the daemon quit: its control socket stays behind, its pid file goes
+    assert not launch.mps_running(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid_file.write_text(dead.stdout)  # a pid file whose process is gone
     assert not launch.mps_running(str(tmp_path))
 
 
