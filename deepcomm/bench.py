@@ -32,7 +32,7 @@ from deepcomm.checks import expected_round_trip
 from deepcomm.communicator import Communicator
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
-from deepcomm.launch import init_distributed
+from deepcomm.launch import destroy_distributed, init_distributed
 from deepcomm.layout import get_dispatch_layout
 from deepcomm.routing import node_limited_topk
 from deepcomm.traffic import boundary_rows
@@ -366,7 +366,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> 
     try:
         _run_and_report(args)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def _run_and_report(args: argparse.Namespace) -> None:
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             _run_and_report(args)
         finally:
-            dist.destroy_process_group()
+            destroy_distributed()
         return
     if args.nproc < 1:
         raise SystemExit("--nproc: must be >= 1")

@@ -276,3 +276,25 @@ def test_train_moe_loss_curves_match_with_and_without_overlap(tmp_path):
     assert plain[-1] < plain[0]  # it learns
     for a, b in zip(plain, overlapped):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_block_bench_runs_on_cpu_and_keeps_each_ranks_median_traced_step(tmp_path):
+    """tools/bench_overlap.py end to end on the reference path: 2 ranks, 2 small blocks, 3 traced steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    bench = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_overlap.py")
+    command = [sys.executable, "-m", "deepcomm.launch", "--standalone", "--nproc-per-node", "2", bench, "--small",
+               "--tokens", "64", "--seq", "16", "--layers", "2", "--iters", "1", "--warmup", "0",
+               "--trace-steps", "3", "--trace-dir", "traces", "--json", "block.json"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "deepcomm block bench: device=cpu ranks=2 backend=reference" in out.stdout
+    result = json.loads((tmp_path / "block.json").read_text())
+    assert set(result["rows_us"]) == {"plain", "overlapped", "compute only", "communication only"}
+    assert all(us > 0 for us in result["rows_us"].values())
+    assert len(result["share"]["per_rank"]) == 2
+    assert sorted(os.listdir(tmp_path / "traces")) == ["overlap_rank0.json", "overlap_rank1.json"]

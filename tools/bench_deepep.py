@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from deepcomm import _ext, bench, bench_floor, fp8
 from deepcomm.checks import expected_round_trip
-from deepcomm.launch import init_distributed
+from deepcomm.launch import destroy_distributed, init_distributed
 from deepcomm.layout import get_dispatch_layout
 from deepcomm.topology import Topology
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         rows = run(args, deep_ep, group)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
     if rank0:
         r = rows[0]
         print(f"deepep bench: device={r.device} ranks={r.ranks} tokens/rank={r.tokens} hidden={r.hidden} "

@@ -14,8 +14,9 @@ all timed the same way (slowest rank's median, deepcomm.bench.Timer):
   residuals, with the dispatched rows and combined outputs taken from an earlier run, on every SM;
 - communication only: the same two micro-batches' dispatch and combine, nothing else.
 
-Then one overlapped step is recorded with the torch profiler and deepcomm.trace_analysis says
-which share of the communication kernels' time ran under compute kernels.
+Then --trace-steps overlapped steps are recorded with the torch profiler, and
+deepcomm.trace_analysis says which share of the communication kernels' time ran under compute
+kernels, in each rank's median step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from deepcomm import moe, overlap, trace_analysis
 from deepcomm.bench import Timer
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
-from deepcomm.launch import init_distributed, mps_running
+from deepcomm.launch import destroy_distributed, init_distributed, mps_running
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,10 +51,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--trace-dir", default=None, help="write each rank's torch profiler trace here")
+    parser.add_argument("--trace-steps", type=int, default=3,
+                        help="profiled overlapped steps; each rank reports its median one")
     parser.add_argument("--trace-rows", action="store_true",
                         help="also trace one run of every row and write per-kernel totals (trace-dir/kernels_rank*.txt)")
     parser.add_argument("--json", dest="json_path", default=None)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.trace_steps < 1:
+        parser.error("--trace-steps: must be >= 1")
+    return args
 
 
 def block_config(args) -> moe.BlockConfig:
@@ -64,7 +70,8 @@ def block_config(args) -> moe.BlockConfig:
 def main() -> None:
     args = parse_args()
     init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device())
+    # Without a GPU the same steps run on the reference path (a smoke test of the bench, not a benchmark).
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = block_config(args)
     hidden = config.moe.hidden
     comm = Communicator(num_sms=args.sms, backend=args.backend,
@@ -76,8 +83,11 @@ def main() -> None:
     x = torch.randn(batch, args.seq, hidden, device=device, dtype=torch.bfloat16, generator=generator)
     sizes = overlap.split_sizes(batch)
     parts = torch.split(x, sizes)
-    device_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    compute_sms = device_sms - args.sms if args.compute_sms is None else (args.compute_sms or None)
+    device_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    if device_sms is None or args.compute_sms == 0:
+        compute_sms = None
+    else:
+        compute_sms = device_sms - args.sms if args.compute_sms is None else args.compute_sms
     timer = Timer(device, args.warmup, args.iters)
 
     def plain():
@@ -125,7 +135,7 @@ def main() -> None:
         rows = {name: timer(fn) for name, fn in [("plain", plain), ("overlapped", overlapped),
                                                  ("compute only", compute_only),
                                                  ("communication only", communication_only)]}
-        share = traced_share(overlapped, args.trace_dir)
+        share = traced_share(overlapped, args.trace_dir, args.trace_steps)
         if args.trace_rows:
             write_kernel_totals({"plain": plain, "overlapped": overlapped, "compute only": compute_only,
                                  "communication only": communication_only}, args.trace_dir or "/tmp")
@@ -133,29 +143,49 @@ def main() -> None:
     if dist.get_rank() == 0:
         report(args, comm, rows, share, sizes, device_sms, compute_sms)
     comm.close()
-    dist.destroy_process_group()
+    dist.barrier()  # nobody tears the group down while a peer still reports
+    destroy_distributed()
 
 
 def trace_step(step, path: str) -> None:
     """One run of ``step`` under the torch profiler, every rank starting together, exported to ``path``."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    on_cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         # Profiler start-up takes each rank a different time: without this, the first collective
         # of the early rank spins until the late one arrives, and the trace counts that as communication.
-        torch.cuda.synchronize()
+        if on_cuda:
+            torch.cuda.synchronize()
         dist.barrier()
         step()
-        torch.cuda.synchronize()
+        if on_cuda:
+            torch.cuda.synchronize()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     prof.export_chrome_trace(path)
 
 
-def traced_share(step, trace_dir: str | None) -> dict:
-    """The hidden share of one overlapped step, from this rank's own torch profiler trace."""
-    path = os.path.join(trace_dir or "/tmp", f"overlap_rank{dist.get_rank()}.json")
-    trace_step(step, path)  # the first profiled run also pays the profiler's own initialisation
-    trace_step(step, path)
-    total = trace_analysis.analyze(trace_analysis.load_torch_trace(path)).total
+def traced_share(step, trace_dir: str | None, steps: int) -> dict:
+    """Each rank's hidden share in its median of ``steps`` profiled overlapped steps.
+
+    One traced step is a noisy sample (a rank delayed once shows its peer waiting for
+    milliseconds), so each rank keeps the step with its median share: its
+    (comm µs, hidden µs, share) are reported and its trace stays as overlap_rank{r}.json.
+    """
+    directory, rank = trace_dir or "/tmp", dist.get_rank()
+    path = os.path.join(directory, f"overlap_rank{rank}.json")
+    trace_step(step, path)  # a first profiled run pays the profiler's own initialisation
+    samples = []
+    for index in range(steps):
+        candidate = os.path.join(directory, f".overlap_rank{rank}_step{index}.json")
+        trace_step(step, candidate)
+        total = trace_analysis.analyze(trace_analysis.load_torch_trace(candidate)).total
+        samples.append((total.share if total.share is not None else -1.0, total, candidate))
+    samples.sort(key=lambda sample: sample[0])
+    _, total, median_path = samples[len(samples) // 2]
+    os.replace(median_path, path)
+    for _, _, candidate in samples:
+        if os.path.exists(candidate):
+            os.remove(candidate)
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, (total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share))
     return {"per_rank": shares, "min_share": min(s[2] for s in shares if s[2] is not None) if any(
@@ -184,13 +214,23 @@ def write_kernel_totals(rows: dict, trace_dir: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: int, compute_sms: int | None) -> None:
+def mps_state() -> str:
+    if not torch.cuda.is_available():
+        return "-"
+    if mps_running():
+        return "yes"
+    return "no" if dist.get_world_size() <= torch.cuda.device_count() else "NO (ranks sharing a GPU are time-sliced)"
+
+
+def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: int | None,
+           compute_sms: int | None) -> None:
     compute = rows["compute only"]
-    print(f"deepcomm block bench: device={torch.cuda.get_device_name()} ranks={dist.get_world_size()} "
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"deepcomm block bench: device={device_name} ranks={dist.get_world_size()} "
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
           f"layers={args.layers} sms={args.sms} dispatch={args.dispatch_dtype} "
           f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
-          f"MPS daemon={'yes' if mps_running() else 'NO (ranks sharing a GPU are time-sliced)'} "
+          f"MPS daemon={mps_state()} "
           f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
     print(f"{'step':<22}{'ms':>10}{'x compute only':>16}")
     for name, us in rows.items():
@@ -202,7 +242,7 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"rows_us": rows, "share": share, "sizes": sizes, "args": vars(args),
-                       "device": torch.cuda.get_device_name(), "device_sms": device_sms,
+                       "device": device_name, "device_sms": device_sms,
                        "compute_sms": compute_sms}, f, indent=1)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import deepcomm
-from deepcomm.launch import init_distributed
+from deepcomm.launch import destroy_distributed, init_distributed
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
         if args.trace:
             prof.export_chrome_trace(args.trace)
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from deepcomm import moe, overlap
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
+from deepcomm.launch import destroy_distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,7 +158,7 @@ def _worker(rank: int, world_size: int, port: int, args) -> None:
             report(args, result)
         dist.barrier()  # nobody tears the group down while a peer still reports
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def main(argv=None) -> None:
@@ -169,7 +170,8 @@ def main(argv=None) -> None:
         result = run(args)
         if dist.get_rank() == 0:
             report(args, result)
-        dist.destroy_process_group()
+        dist.barrier()
+        destroy_distributed()
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
