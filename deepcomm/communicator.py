@@ -124,12 +124,12 @@ class Communicator:
         """Wait for this rank's communication, then unmap the peers' buffers, all ranks together.
 
         Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
-        that a peer's kernels may still touch. The communicator is unusable afterwards.
+        that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
         """
         close = getattr(self._impl, "close", None)
         if close is None:  # the reference path maps nothing
             return
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self._impl.device)
         dist.barrier(group=self._impl.group)
         close()
         dist.barrier(group=self._impl.group)

@@ -261,6 +261,7 @@ class InternodeCommunicator(MailboxErrors):
 
     def close(self) -> None:
         """Unmap the peers' regions (every rank should close together)."""
+        self._closed = True
         for peer in self._peers:
             if peer is not None:
                 peer.close()

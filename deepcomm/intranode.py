@@ -257,6 +257,7 @@ class IntranodeCommunicator(MailboxErrors):
 
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""
+        self._closed = True
         for peer in self._peers:
             if peer is not None:
                 peer.close()

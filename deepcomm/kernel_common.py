@@ -148,11 +148,15 @@ class MailboxErrors:
     """check_errors and the notify wait, shared by the kernel communicators.
 
     Needs: mailbox (pinned int64 tensor), _mailbox_words and _invalid_ids
-    (its numpy views), topology, timeout_s, _stream, _failure.
+    (its numpy views), topology, timeout_s, _stream, _failure; ``close()`` sets ``_closed``.
     """
+
+    _closed = False
 
     def check_errors(self) -> None:
         """Raise the CommunicationError a kernel reported, if any (the communicator is then unusable)."""
+        if self._closed:  # its kernels would touch unmapped peer memory: a sticky CUDA fault, not an error
+            raise RuntimeError("communicator: closed (close() unmapped the peers' buffers); make a new one")
         if self._failure is None and self._mailbox_words[0] != 0:
             self._failure = mailbox_failure(self._mailbox_words, self.topology.rank, self.timeout_s,
                                             self._invalid_ids[: self.topology.world_size])

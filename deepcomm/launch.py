@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,8 @@ def mps_running(pipe_directory: str | None = None) -> bool:
         with open(os.path.join(directory, MPS_PID_FILE)) as f:
             pid = int(f.read().strip())
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # it exists, as another user's (a system daemon)
+        return True
     except (OSError, ValueError):  # no pid file, no such process, or not a pid
         return False
     return True
@@ -129,12 +132,32 @@ class MpsDaemon:
             subprocess.run([MPS_CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             # Seen on H100 after profiled runs: "quit" never returns although every client has exited.
-            # The ranks' results are in; leave the daemon (and its folders) for the user rather than hang.
-            print(f"deepcomm.launch: the MPS daemon did not quit within {timeout_s:g}s; it is left running "
-                  f"(quit it with: CUDA_MPS_PIPE_DIRECTORY={self.env['CUDA_MPS_PIPE_DIRECTORY']} "
-                  f"{MPS_CONTROL} <<< quit)", file=sys.stderr)
-            return
+            # The daemon is ours (started in our private folder): terminate it rather than hang or leak it.
+            if not self._terminate():
+                print(f"deepcomm.launch: the MPS daemon neither quit within {timeout_s:g}s nor ended on SIGTERM; "
+                      f"it is left running (quit it with: CUDA_MPS_PIPE_DIRECTORY="
+                      f"{self.env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL} <<< quit)", file=sys.stderr)
+                return
+            print(f"deepcomm.launch: the MPS daemon did not quit within {timeout_s:g}s; terminated it",
+                  file=sys.stderr)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _terminate(self, wait_s: float = 5.0) -> bool:
+        """SIGTERM to the daemon this object started; whether it is gone within ``wait_s``."""
+        try:
+            with open(os.path.join(self.env["CUDA_MPS_PIPE_DIRECTORY"], MPS_PID_FILE)) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            return False
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        return False
 
     def __enter__(self) -> "MpsDaemon":
         self.start()

@@ -306,13 +306,15 @@ class MoELayer(nn.Module):
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights
         num_rows, num_topk = local_idx.shape
-        per_expert = received.num_recv_tokens_per_expert_list
-        num_pairs = int((local_idx >= 0).sum()) if per_expert is None else sum(per_expert)
         # Entries of no local expert sort last, as expert E_local, and are cut off.
         keys = torch.where(local_idx >= 0, local_idx, self.num_local_experts).flatten()
+        # Counted by scatter, not bincount: bincount on CUDA reads the keys' range on the host.
+        counts = torch.zeros(self.num_local_experts + 1, dtype=torch.int64, device=keys.device)
+        counts = counts.scatter_add_(0, keys, torch.ones_like(keys))[: self.num_local_experts]
+        per_expert = received.num_recv_tokens_per_expert_list
+        num_pairs = int(counts.sum()) if per_expert is None else sum(per_expert)
         order = torch.argsort(keys, stable=True)[:num_pairs]  # by expert, then (row, k) as laid out
         rows, ks = order // num_topk, order % num_topk
-        counts = torch.bincount(keys, minlength=self.num_local_experts + 1)[: self.num_local_experts]
         out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
         weighted = out.float() * weights[rows, ks].unsqueeze(1)
         return sum_in_k_order(weighted, rows, ks, num_rows, num_topk).to(self.dtype)

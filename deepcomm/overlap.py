@@ -188,7 +188,8 @@ def compute_sm_limit(num_sms: int | None):
     (the carve-out reaches matmuls only through it). Persistent GEMMs launch a block
     per SM they target and hold it to the end: with the cap, communication kernels
     queued beside them find free SMs at once. None: no cap (nothing changes). No-op
-    without CUDA.
+    without CUDA. Other SM counts and cuBLASLt may pick other GEMM algorithms: results
+    agree with uncapped ones to rounding, not bit for bit.
     """
     if num_sms is None or not torch.cuda.is_available():
         yield

@@ -119,6 +119,24 @@ def test_a_thousand_calls_keep_memory_flat_and_results_fixed():
     run_ranks(_repeat_worker, 2, 1000)
 
 
+def _close_worker(rank: int, world_size: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(3, rank, MAX_TOKENS, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    result = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    comm.combine_async(result.x, result.handle)  # still in flight: close waits for it
+    comm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    torch.cuda.synchronize()  # no fault from the unmapped buffers
+
+
+def test_close_waits_for_the_kernels_then_every_call_raises():
+    _require(2)
+    run_ranks(_close_worker, 2)
+
+
 def _skipping_rank_worker(rank: int, world_size: int) -> None:
     comm = _communicator(timeout_s=2.0)
     device = torch.device("cuda", torch.cuda.current_device())

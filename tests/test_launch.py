@@ -74,17 +74,26 @@ def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_pat
     assert not os.path.exists(daemon.root)
 
 
-def test_daemon_that_does_not_quit_is_left_running_instead_of_hanging(monkeypatch, tmp_path, capsys):
+def test_daemon_that_does_not_quit_is_terminated_instead_of_hanging(monkeypatch, tmp_path, capsys):
+    # The stand-in daemon: a sleeping process that is not our child (so it is reaped when it ends).
+    pid = int(subprocess.check_output(["sh", "-c", "sleep 60 > /dev/null 2>&1 & echo $!"], text=True))
     fake = tmp_path / launch.MPS_CONTROL
     fake.write_text('#!/bin/sh\nif [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
-                    f'echo {os.getpid()} > "$CUDA_MPS_PIPE_DIRECTORY/{launch.MPS_PID_FILE}"; else sleep 30; fi\n')
+                    f'echo {pid} > "$CUDA_MPS_PIPE_DIRECTORY/{launch.MPS_PID_FILE}"; else exec sleep 30; fi\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     daemon = launch.MpsDaemon()
     daemon.start()
-    daemon.stop(timeout_s=0.5)
-    assert "did not quit within 0.5s" in capsys.readouterr().err
-    assert os.path.exists(daemon.env["CUDA_MPS_PIPE_DIRECTORY"])  # its pipes stay for a later quit
+    try:
+        daemon.stop(timeout_s=0.5)  # "quit" hangs
+        assert "did not quit within 0.5s; terminated it" in capsys.readouterr().err
+        assert not launch.mps_running(daemon.env["CUDA_MPS_PIPE_DIRECTORY"])
+        assert not os.path.exists(daemon.root)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_control_socket_left_by_a_daemon_that_quit_is_not_a_running_daemon(tmp_path):

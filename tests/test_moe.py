@@ -229,7 +229,8 @@ def test_grouped_experts_equal_a_loop_over_pairs(comm, num_rows):
     assert actual.shape == (num_rows, config.hidden)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # With dispatch's host-side per-expert counts (no sync): the same bits.
-    per_expert = torch.bincount(received.topk_idx[received.topk_idx >= 0], minlength=config.num_experts)
+    local_experts = config.num_experts // comm.world_size
+    per_expert = torch.bincount(received.topk_idx[received.topk_idx >= 0], minlength=local_experts)
     received.num_recv_tokens_per_expert_list = per_expert.tolist()
     assert torch.equal(layer.experts(received), actual)
 

@@ -88,6 +88,9 @@ def main() -> None:
         compute_sms = None
     else:
         compute_sms = device_sms - args.sms if args.compute_sms is None else args.compute_sms
+        if not 1 <= compute_sms <= device_sms:
+            raise SystemExit(f"--compute-sms: {compute_sms} is not in [1, {device_sms}] (the SMs this rank sees; "
+                             f"the default is those minus --sms {args.sms})")
     timer = Timer(device, args.warmup, args.iters)
 
     def plain():
@@ -143,8 +146,23 @@ def main() -> None:
     if dist.get_rank() == 0:
         report(args, comm, rows, share, sizes, device_sms, compute_sms)
     comm.close()
-    dist.barrier()  # nobody tears the group down while a peer still reports
+    dist.barrier()  # nobody tears the group down while a peer still reports (close() does not, on the reference path)
     destroy_distributed()
+
+
+_HOST_GROUP = None
+
+
+def host_barrier() -> None:
+    """A barrier that launches no GPU kernel (on NCCL runs an NCCL barrier kernel would land in the
+    trace and count as communication)."""
+    global _HOST_GROUP
+    if dist.get_backend() != "nccl":
+        dist.barrier()
+        return
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    dist.barrier(group=_HOST_GROUP)
 
 
 def trace_step(step, path: str) -> None:
@@ -156,7 +174,7 @@ def trace_step(step, path: str) -> None:
         # of the early rank spins until the late one arrives, and the trace counts that as communication.
         if on_cuda:
             torch.cuda.synchronize()
-        dist.barrier()
+        host_barrier()
         step()
         if on_cuda:
             torch.cuda.synchronize()
@@ -175,17 +193,19 @@ def traced_share(step, trace_dir: str | None, steps: int) -> dict:
     path = os.path.join(directory, f"overlap_rank{rank}.json")
     trace_step(step, path)  # a first profiled run pays the profiler's own initialisation
     samples = []
-    for index in range(steps):
-        candidate = os.path.join(directory, f".overlap_rank{rank}_step{index}.json")
-        trace_step(step, candidate)
-        total = trace_analysis.analyze(trace_analysis.load_torch_trace(candidate)).total
-        samples.append((total.share if total.share is not None else -1.0, total, candidate))
-    samples.sort(key=lambda sample: sample[0])
-    _, total, median_path = samples[len(samples) // 2]
-    os.replace(median_path, path)
-    for _, _, candidate in samples:
-        if os.path.exists(candidate):
-            os.remove(candidate)
+    candidates = [os.path.join(directory, f".overlap_rank{rank}_step{index}.json") for index in range(steps)]
+    try:
+        for candidate in candidates:
+            trace_step(step, candidate)
+            total = trace_analysis.analyze(trace_analysis.load_torch_trace(candidate)).total
+            samples.append((total.share if total.share is not None else -1.0, total, candidate))
+        samples.sort(key=lambda sample: sample[0])
+        _, total, median_path = samples[len(samples) // 2]
+        os.replace(median_path, path)
+    finally:
+        for candidate in candidates:
+            if os.path.exists(candidate):
+                os.remove(candidate)
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, (total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share))
     return {"per_rank": shares, "min_share": min(s[2] for s in shares if s[2] is not None) if any(

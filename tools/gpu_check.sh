@@ -78,7 +78,8 @@ start_mps() {
 }
 # After quitting, forget the daemon's folders: the launcher then starts (and checks) its own.
 stop_mps() {
-  [ "$mps_started" = 1 ] && echo quit | timeout 30 nvidia-cuda-mps-control && mps_started=0
+  [ "$mps_started" = 1 ] || return 0
+  echo quit | timeout 30 nvidia-cuda-mps-control; mps_started=0
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; sleep 1
 }
 
