@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from deepcomm.checks import expected_round_trip
 from deepcomm.communicator import Communicator
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
-from deepcomm.launch import destroy_distributed, init_distributed
+from deepcomm.launch import destroy_distributed, init_distributed, spawn_local
 from deepcomm.layout import get_dispatch_layout
 from deepcomm.routing import node_limited_topk
 from deepcomm.traffic import boundary_rows
@@ -357,16 +356,12 @@ def report(args: argparse.Namespace, rows: list[Row]) -> None:
         print(f"rows written to {args.json_path}")
 
 
-def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+def _spawned(args: argparse.Namespace) -> None:
+    """One of --nproc processes spawned without torchrun (deepcomm.launch.spawn_local)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     if args.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=args.timeout))
-    try:
-        _run_and_report(args)
-    finally:
-        destroy_distributed()
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    _run_and_report(args)
 
 
 def _run_and_report(args: argparse.Namespace) -> None:
@@ -392,10 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.nproc < 1:
         raise SystemExit("--nproc: must be >= 1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+    spawn_local(_spawned, args.nproc, args, timeout_s=args.timeout)
 
 
 if __name__ == "__main__":

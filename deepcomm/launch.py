@@ -224,6 +224,36 @@ def destroy_distributed() -> None:
     dist.destroy_process_group()
 
 
+def spawn_local(fn, nproc: int, *args, timeout_s: float = 300.0) -> None:
+    """Run ``fn(*args)`` in ``nproc`` new processes of this host joined by a gloo group (no torchrun).
+
+    ``fn`` must be picklable (module level). After it returns everywhere, a barrier (no rank
+    tears the group down while a peer still works), then :func:`destroy_distributed`.
+    """
+    import socket
+
+    import torch.multiprocessing
+
+    if nproc < 1:
+        raise ValueError(f"nproc: must be >= 1, got {nproc}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_spawned, args=(nproc, port, timeout_s, fn, args), nprocs=nproc, join=True)
+
+
+def _spawned(rank: int, nproc: int, port: int, timeout_s: float, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        fn(*args)
+        dist.barrier()
+    finally:
+        destroy_distributed()
+
+
 def main(argv: list[str] | None = None) -> None:
     ours, torchrun_args = split_arguments(sys.argv[1:] if argv is None else argv)
     plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running())

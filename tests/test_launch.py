@@ -109,6 +109,11 @@ def test_a_control_socket_left_by_a_daemon_that_quit_is_not_a_running_daemon(tmp
     assert not launch.mps_running(str(tmp_path))
 
 
+def test_spawn_local_rejects_a_process_count_below_one():
+    with pytest.raises(ValueError, match="nproc"):
+        launch.spawn_local(print, 0)
+
+
 def test_arguments_pass_through_to_torchrun():
     ours, rest = launch.split_arguments(["--sm-share", "25", "--nproc-per-node", "4", "--max-restarts", "0", "x.py", "-a"])
     assert ours.sm_share == 25 and ours.nproc_per_node == 4

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,7 +23,7 @@ import torch.distributed as dist
 from deepcomm import moe, overlap
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
-from deepcomm.launch import destroy_distributed
+from deepcomm.launch import destroy_distributed, spawn_local
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,17 +146,12 @@ def report(args, result: dict) -> None:
         fig.savefig(args.png, dpi=120)
 
 
-def _worker(rank: int, world_size: int, port: int, args) -> None:
+def _spawned(args) -> None:
+    """One of --nproc processes spawned without torchrun (deepcomm.launch.spawn_local)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=300))
-    try:
-        result = run(args)
-        if rank == 0:
-            report(args, result)
-        dist.barrier()  # nobody tears the group down while a peer still reports
-    finally:
-        destroy_distributed()
+    result = run(args)
+    if dist.get_rank() == 0:
+        report(args, result)
 
 
 def main(argv=None) -> None:
@@ -173,10 +166,7 @@ def main(argv=None) -> None:
         dist.barrier()
         destroy_distributed()
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+    spawn_local(_spawned, args.nproc, args)
 
 
 if __name__ == "__main__":
