@@ -25,7 +25,9 @@
 // Every block then counts itself done at every node peer; the kernel ends when
 // all node peers' blocks are done: this rank's slot is complete.
 //
-// Combine, ceil(B/2) home blocks and the rest gateways, concurrently:
+// Combine: a one-thread kernel first meets the node peers (their expert rows
+// are ready, and where they are); then ceil(B/2) home blocks and the rest
+// gateways, concurrently:
 // - gateway blocks: for every row forwarded in the dispatch, sum the expert
 //   outputs of this node's ranks that received it (ascending rank, float32,
 //   from the first row), round to bf16, and send the partial back to the
@@ -50,6 +52,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTargets = kMaxLocalRanks + kMaxNodes;  // a sender's row goes to local ranks and remote nodes
+constexpr int kSendUnroll = 4;  // loads in flight per lane while a row goes to kMaxTargets places (register bound)
 
 template <typename Transport>
 struct Context {
@@ -122,12 +125,16 @@ __device__ __forceinline__ TokenRoute route_of(const bool* is_token_in_rank, con
                                                bool active) {
   TokenRoute route;
   const int64_t row = static_cast<int64_t>(token) * num_ranks;
-  const bool lo = active && lane < num_ranks && is_token_in_rank[row + lane];
-  const bool hi = active && lane + 32 < num_ranks && is_token_in_rank[row + lane + 32];
+  const bool has_lo = active && lane < num_ranks, has_hi = active && lane + 32 < num_ranks;
+  // Positions are loaded with the flags, not after them: one memory latency per token, not two.
+  const int position_lo = has_lo ? send_base[lane] + send_pos[row + lane] : -1;
+  const int position_hi = has_hi ? send_base[lane + 32] + send_pos[row + lane + 32] : -1;
+  const bool lo = has_lo && is_token_in_rank[row + lane];
+  const bool hi = has_hi && is_token_in_rank[row + lane + 32];
   route.ranks = static_cast<uint64_t>(__ballot_sync(0xffffffffu, lo)) |
                 (static_cast<uint64_t>(__ballot_sync(0xffffffffu, hi)) << 32);
-  route.position_lo = lo ? send_base[lane] + send_pos[row + lane] : -1;
-  route.position_hi = hi ? send_base[lane + 32] + send_pos[row + lane + 32] : -1;
+  route.position_lo = lo ? position_lo : -1;
+  route.position_hi = hi ? position_hi : -1;
   return route;
 }
 
@@ -307,43 +314,59 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
       }
       if (lane < N) args.node_rows[static_cast<int64_t>(token) * N + lane] = lane_row;
 
+      // Targets: this node's ranks' final rows (NVLink), then each remote node's area row.
       uint8_t* x_targets[kMaxTargets];
-      float* scale_targets[kMaxTargets];
-      uint8_t* remote_rows[kMaxNodes];
 #pragma unroll
       for (int l = 0; l < kMaxLocalRanks; ++l) {
         const int dst = ctx.node * L + l;
-        const bool to_dst = l < L && route.goes_to(dst);
         const int position = l < L ? route.position(dst) : -1;
-        x_targets[l] = to_dst ? dests[l].x + position * slot_x_bytes : nullptr;
-        scale_targets[l] = to_dst ? dests[l].scales + static_cast<int64_t>(position) * scale_cols : nullptr;
+        x_targets[l] = l < L && route.goes_to(dst) ? dests[l].x + position * slot_x_bytes : nullptr;
       }
 #pragma unroll
       for (int n = 0; n < kMaxNodes; ++n) {
         const int area_row = __shfl_sync(0xffffffffu, lane_row, n);
-        remote_rows[n] = nullptr;
+        x_targets[kMaxLocalRanks + n] = nullptr;
         if (n < N && ((nodes >> n) & 1u)) {
-          const int pe = n * L + ctx.local;
           const int64_t remote = tl.dispatch_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * fmt.stride;
           const int64_t staging = tl.dispatch_staging + (static_cast<int64_t>(n) * tl.area_rows + area_row) * fmt.stride;
-          remote_rows[n] = ctx.transport.window(pe, remote, staging);
+          x_targets[kMaxLocalRanks + n] = ctx.transport.window(n * L + ctx.local, remote, staging);
         }
-        x_targets[kMaxLocalRanks + n] = remote_rows[n];
-        scale_targets[kMaxLocalRanks + n] =
-            remote_rows[n] ? reinterpret_cast<float*>(remote_rows[n] + fmt.scales) : nullptr;
       }
 
-      const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
-      if constexpr (kQuantize) {
-        rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
-      } else {
-        rows::copy_row(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
-        if constexpr (kPayload == Payload::kFp8)
-          rows::copy_floats(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, scale_targets, lane);
-      }
-
+      // Every load of the token is issued before the first store that needs one: metadata and
+      // scales travel under the row's loads instead of one memory latency each after it.
       const int64_t expert = lane < args.num_topk ? args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane] : -1;
       const float weight = lane < args.num_topk ? args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] : 0.f;
+      const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
+      // Scale targets are formed only where they are used, so they hold no registers during the copy.
+      auto scale_targets_of = [&](float* (&targets)[kMaxTargets]) {
+#pragma unroll
+        for (int l = 0; l < kMaxLocalRanks; ++l) {
+          const int position = l < L ? route.position(ctx.node * L + l) : -1;
+          targets[l] = x_targets[l] ? dests[l].scales + static_cast<int64_t>(position) * scale_cols : nullptr;
+        }
+#pragma unroll
+        for (int n = 0; n < kMaxNodes; ++n) {
+          uint8_t* row = x_targets[kMaxLocalRanks + n];
+          targets[kMaxLocalRanks + n] = row ? reinterpret_cast<float*>(row + fmt.scales) : nullptr;
+        }
+      };
+      if constexpr (kQuantize) {
+        float* scale_targets[kMaxTargets];
+        scale_targets_of(scale_targets);
+        rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
+      } else {
+        rows::PendingScales<> scales;
+        if constexpr (kPayload == Payload::kFp8)
+          scales.load(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, lane);
+        rows::copy_row<kMaxTargets, false, kSendUnroll>(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
+        if constexpr (kPayload == Payload::kFp8) {
+          float* scale_targets[kMaxTargets];
+          scale_targets_of(scale_targets);
+          scales.store(scale_targets, lane);
+        }
+      }
+
       for (int l = 0; l < L; ++l) {
         const int dst = ctx.node * L + l;
         if (!route.goes_to(dst)) continue;
@@ -354,7 +377,7 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
       // Remote rows carry global expert ids and the final rows on their node.
 #pragma unroll
       for (int n = 0; n < kMaxNodes; ++n) {
-        uint8_t* row = remote_rows[n];
+        uint8_t* row = x_targets[kMaxLocalRanks + n];
         if (row == nullptr) continue;
         if (lane == 0) *reinterpret_cast<int32_t*>(row + fmt.meta) = token;
         const int dst = n * L + (lane < L ? lane : 0);
@@ -440,26 +463,33 @@ __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, co
       const int64_t area_row = channel * rows_per_channel + i;
       const uint8_t* row =
           ctx.transport.local(tl.dispatch_recv + (static_cast<int64_t>(source_node) * tl.area_rows + area_row) * fmt.stride);
+      // All of the row's small fields are loaded together, ahead of the payload copy (one latency).
       const int lane_dst_row = lane < L ? *reinterpret_cast<const volatile int32_t*>(row + fmt.dst_rows + 4 * lane) : -1;
-      if (lane < L) forward_rows[area_row * L + lane] = lane_dst_row;
-      uint8_t* x_targets[kMaxLocalRanks];
-      float* scale_targets[kMaxLocalRanks];
-#pragma unroll
-      for (int l = 0; l < kMaxLocalRanks; ++l) {
-        const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
-        x_targets[l] = dst_row >= 0 ? dests[l].x + dst_row * slot_x_bytes : nullptr;
-        scale_targets[l] = dst_row >= 0 ? dests[l].scales + static_cast<int64_t>(dst_row) * scale_cols : nullptr;
-      }
-      rows::copy_row<kMaxLocalRanks, true>(reinterpret_cast<const int4*>(row), static_cast<int>(slot_x_bytes / 16),
-                                           x_targets, lane);
-      if (has_scales)
-        rows::copy_floats<kMaxLocalRanks, true>(reinterpret_cast<const float*>(row + fmt.scales), scale_cols,
-                                                scale_targets, lane);
       const int token = *reinterpret_cast<const volatile int32_t*>(row + fmt.meta);
       const int64_t expert =
           lane < args.num_topk ? *reinterpret_cast<const volatile int32_t*>(row + fmt.expert_ids + 4 * lane) : -1;
       const float weight =
           lane < args.num_topk ? *reinterpret_cast<const volatile float*>(row + fmt.weights + 4 * lane) : 0.f;
+      rows::PendingScales<true> scales;
+      if (has_scales) scales.load(reinterpret_cast<const float*>(row + fmt.scales), scale_cols, lane);
+      if (lane < L) forward_rows[area_row * L + lane] = lane_dst_row;
+      uint8_t* x_targets[kMaxLocalRanks];
+#pragma unroll
+      for (int l = 0; l < kMaxLocalRanks; ++l) {
+        const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
+        x_targets[l] = dst_row >= 0 ? dests[l].x + dst_row * slot_x_bytes : nullptr;
+      }
+      rows::copy_row<kMaxLocalRanks, true, kSendUnroll>(reinterpret_cast<const int4*>(row),
+                                                        static_cast<int>(slot_x_bytes / 16), x_targets, lane);
+      if (has_scales) {
+        float* scale_targets[kMaxLocalRanks];
+#pragma unroll
+        for (int l = 0; l < kMaxLocalRanks; ++l) {
+          const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
+          scale_targets[l] = dst_row >= 0 ? dests[l].scales + static_cast<int64_t>(dst_row) * scale_cols : nullptr;
+        }
+        scales.store(scale_targets, lane);
+      }
       for (int l = 0; l < L; ++l) {
         const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
         if (dst_row < 0) continue;
@@ -719,30 +749,38 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
   if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
 }
 
+// One thread: publish where this rank's expert rows are, raise "combine_ready" in every node peer,
+// wait for them, and note their row offsets for combine_kernel. A kernel of its own so that while
+// a node peer is late one thread waits, not num_blocks blocks holding SMs that compute could use.
+template <typename T>
+__global__ void combine_ready_kernel(Context<T> ctx, CombineArgs args) {
+  const int parity = static_cast<int>(args.call & 1);
+  const int L = ctx.ranks_per_node;
+  NodeSignals* own = node_signals(ctx, ctx.local);
+  own->combine_source_offset[parity] = args.source_offset;
+  __threadfence_system();
+  for (int l = 0; l < L; ++l) ptx::store_release_sys(&node_signals(ctx, l)->combine_ready[ctx.local], args.call);
+  const bool ready = wait_for_peers(own->combine_ready, L, args.call, ctx.timeout_ns, ctx.mailbox, kStageCombineReady,
+                                    ctx.node * L);
+  for (int l = 0; l < L; ++l)
+    own->combine_peer_offset[l] =
+        ready ? *reinterpret_cast<volatile int64_t*>(&node_signals(ctx, l)->combine_source_offset[parity]) : 0;
+  own->combine_peers_ready = ready;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context<T> ctx, CombineArgs args) {
   __shared__ const uint8_t* sources[kMaxLocalRanks];
   __shared__ BlockTraffic traffic;
   __shared__ bool failed;
-  const int parity = static_cast<int>(args.call & 1);
   const int L = ctx.ranks_per_node;
   const int home_blocks = num_channels(args.num_blocks);
+  const NodeSignals* own = node_signals(ctx, ctx.local);
 
+  // combine_ready_kernel ran just before on this stream: every node peer is here (or one timed out).
   for (int i = threadIdx.x; i < kNumTrafficCounters; i += blockDim.x) traffic.bytes[i] = 0;
-  if (threadIdx.x == 0) {
-    failed = false;
-    NodeSignals* own = node_signals(ctx, ctx.local);
-    if (blockIdx.x == 0) {
-      own->combine_source_offset[parity] = args.source_offset;
-      __threadfence_system();
-      for (int l = 0; l < L; ++l) ptx::store_release_sys(&node_signals(ctx, l)->combine_ready[ctx.local], args.call);
-    }
-    failed = !wait_for_peers(own->combine_ready, L, args.call, ctx.timeout_ns, ctx.mailbox, kStageCombineReady,
-                             ctx.node * L);
-    for (int l = 0; l < L; ++l)
-      sources[l] = ctx.node_regions[l] +
-                   *reinterpret_cast<volatile int64_t*>(&node_signals(ctx, l)->combine_source_offset[parity]);
-  }
+  if (threadIdx.x < L) sources[threadIdx.x] = ctx.node_regions[threadIdx.x] + own->combine_peer_offset[threadIdx.x];
+  if (threadIdx.x == 0) failed = own->combine_peers_ready == 0;
   __syncthreads();
 
   if (!failed) {
@@ -867,6 +905,8 @@ void launch_combine(const ContextDesc& d, const CombineArgs& args, cudaStream_t 
   DC_CHECK_ARG(args.num_blocks >= 2, "num_sms: the internode path needs at least 2 (half reduce, half gateway)");
   DC_CHECK_ARG(args.dispatch_channels >= 1 && args.dispatch_channels <= kMaxChannels, "handle: bad channel count");
   with_transport(d, [&](auto ctx) {
+    combine_ready_kernel<<<1, 1, 0, stream>>>(ctx, args);
+    DC_CUDA_CHECK(cudaGetLastError());
     combine_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
     DC_CUDA_CHECK(cudaGetLastError());
   });

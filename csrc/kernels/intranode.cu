@@ -197,32 +197,33 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
       x_targets[dst] = to_dst ? dests[dst].x + positions[dst] * recv_row_bytes : nullptr;
       scale_targets[dst] = to_dst ? dests[dst].scales + static_cast<int64_t>(positions[dst]) * scale_cols : nullptr;
     }
+    // Every load of the token is issued before the first store that needs one: routing metadata
+    // and scales travel under the row's loads instead of one memory latency each after it.
+    const int64_t expert = lane < args.num_topk ? args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane] : -1;
+    const float weight = lane < args.num_topk ? args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] : 0.f;
     const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
     if constexpr (kQuantize) {
       rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
     } else {
-      rows::copy_row(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
+      rows::PendingScales<> scales;
       if constexpr (kPayload == Payload::kFp8)
-        rows::copy_floats(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, scale_targets, lane);
+        scales.load(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, lane);
+      rows::copy_row(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
+      if constexpr (kPayload == Payload::kFp8) scales.store(scale_targets, lane);
     }
 
     // Routing metadata, rewritten for each destination: local expert ids, -1 and weight 0 elsewhere.
-    if (lane < args.num_topk) {
-      const int64_t expert = args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane];
-      const float weight = args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane];
-      for (uint32_t m = mask; m; m &= m - 1) {
-        const int dst = __ffs(m) - 1;
+    // Unrolled over ranks so positions[] stays in registers.
+#pragma unroll
+    for (int dst = 0; dst < kMaxRanks; ++dst) {
+      if (!((mask >> dst) & 1u)) continue;
+      if (lane < args.num_topk) {
         const bool local = expert >= 0 && expert / args.experts_per_rank == dst;
         const int64_t row = static_cast<int64_t>(positions[dst]) * args.num_topk + lane;
         dests[dst].topk_idx[row] = local ? expert - static_cast<int64_t>(dst) * args.experts_per_rank : -1;
         dests[dst].topk_weights[row] = local ? weight : 0.0f;
       }
-    }
-    if (lane == 0) {
-      for (uint32_t m = mask; m; m &= m - 1) {
-        const int dst = __ffs(m) - 1;
-        dests[dst].src_idx[positions[dst]] = token;
-      }
+      if (lane == 0) dests[dst].src_idx[positions[dst]] = token;
     }
   }
 
@@ -287,9 +288,11 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
 #pragma unroll
         for (int i = 0; i < 8; ++i) sums[u][i] = 0.0f;
       bool first = true;
-      // Fixed order: ascending source rank, float32, starting from the first row.
-      for (uint32_t m = mask; m; m &= m - 1) {
-        const int src = __ffs(m) - 1;
+      // Fixed order: ascending source rank, float32, starting from the first row. Unrolled over
+      // ranks so positions[] stays in registers.
+#pragma unroll
+      for (int src = 0; src < kMaxRanks; ++src) {
+        if (!((mask >> src) & 1u)) continue;
         const int4* row = reinterpret_cast<const int4*>(source_rows[src] + positions[src] * row_bytes);
 #pragma unroll
         for (int u = 0; u < kCombineUnroll; ++u) {

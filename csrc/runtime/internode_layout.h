@@ -51,6 +51,9 @@ struct NodeSignals {
   uint64_t combine_ready[kMaxLocalRanks];     // last call at which l's expert outputs were ready
   uint64_t combine_done[kMaxLocalRanks];      // blocks of l that finished reading this node (cumulative)
   int64_t combine_source_offset[2];           // this rank's expert rows in its region, by call parity
+  // Written and read by this rank only: what the combine rendezvous learnt, for the combine kernel.
+  int64_t combine_peer_offset[kMaxLocalRanks];  // each node peer's combine_source_offset of the current call
+  int32_t combine_peers_ready;                  // 0 when a node peer did not arrive in time (send nothing)
 };
 
 constexpr int64_t kNodeDataOffset = (sizeof(NodeSignals) + 4095) / 4096 * 4096;
