@@ -3,8 +3,9 @@
 Standalone, it starts ``--nproc`` local processes joined by gloo; under
 ``torchrun`` it uses the process group torchrun describes (NCCL when every rank
 has its own GPU, gloo otherwise). Each stage is timed the same way on every
-rank (barrier, run, wait for the device), warm-up first, and the median of the
-timed runs is taken; the table shows the slowest rank's median. Every stage is
+rank (on a GPU: CUDA events around back-to-back calls after one barrier; on
+CPU: barrier, run, wall clock), warm-up first, and the median of the timed
+runs is taken; the table shows the slowest rank's median. Every stage is
 checked for correctness on its own outputs before timing.
 
 Bandwidth is counted as DeepEP counts it: bytes of the token rows a rank
@@ -118,28 +119,45 @@ def make_routing(args, shape, topology, generator, device) -> tuple[torch.Tensor
 
 
 class Timer:
-    """Times a callable the same way on every rank; returns the slowest rank's median in µs."""
+    """Times a callable the same way on every rank; returns the slowest rank's median in µs.
+
+    On a GPU: CUDA events around each call on the caller's stream, the calls
+    back to back after one barrier (a collective call keeps the ranks in step
+    by itself; a barrier before every call would add the ranks' exit skew from
+    it to every sample). The interval still counts any time the device idles
+    waiting for the host. On CPU: wall clock, a barrier before each call.
+    """
 
     def __init__(self, device: torch.device, warmup: int, iters: int) -> None:
         self.device, self.warmup, self.iters = device, warmup, iters
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
             fn()
+        samples = self._device_samples(fn) if self.device.type == "cuda" else self._host_samples(fn)
+        median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+        return float(reduce_host(median, dist.ReduceOp.MAX))
+
+    def _device_samples(self, fn: Callable[[], object]) -> list[float]:
+        torch.cuda.synchronize(self.device)
+        dist.barrier()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) * 1e3 for start, end in events]
+
+    def _host_samples(self, fn: Callable[[], object]) -> list[float]:
         samples = []
         for _ in range(self.iters):
-            self._sync()
             dist.barrier()
             start = time.perf_counter()
             fn()
-            self._sync()
-            samples.append(time.perf_counter() - start)
-        median = torch.tensor([statistics.median(samples) * 1e6], dtype=torch.float64)
-        return float(reduce_host(median, dist.ReduceOp.MAX))
+            samples.append((time.perf_counter() - start) * 1e6)
+        return samples
 
 
 def reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -175,7 +175,7 @@ class InternodeCommunicator(MailboxErrors):
             num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
             send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
             node_rows = torch.empty(num_tokens, num_nodes, dtype=torch.int32, device=self.device)
-            layout = dispatch_layout_cuda(topk_idx, num_experts, topo, num_blocks, num_invalid, send_pos)
+            layout = dispatch_layout_cuda(topk_idx, num_experts, topo, num_blocks, num_invalid, send_pos, stream)
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
@@ -204,9 +204,9 @@ class InternodeCommunicator(MailboxErrors):
                 self._wait_notify(call)
                 check_invalid_ids(self._invalid_ids[:world], num_experts)
                 totals = self._recv_totals[:world].tolist()
-                layouts = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes)
+                own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, topo.rank)
                 num_recv_tokens = totals[topo.rank]
-                result = self._views(slot, layouts[topo.rank], num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
                 result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             result.handle = InternodeHandle(

@@ -182,7 +182,8 @@ class IntranodeCommunicator(MailboxErrors):
             per_expert = counters[2 * world : 2 * world + experts_per_rank]
             num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
             send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
-            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid, send_pos)
+            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid, send_pos,
+                                          stream)
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
@@ -214,8 +215,8 @@ class IntranodeCommunicator(MailboxErrors):
             check_invalid_ids(self._invalid_ids[:world], num_experts)
             totals = matrix.sum(axis=0).tolist()
             # Every rank sees the same counts: on overflow the kernels wrote nothing and every rank raises.
-            layouts = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes)
-            result = self._views(slot, layouts[rank], totals[rank], hidden, num_topk, payload, per_expert)
+            own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, rank)
+            result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload, per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             return self._finish(result, layout, send_pos, send_base, totals[rank], call, caller, async_finish)

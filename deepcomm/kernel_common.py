@@ -86,16 +86,19 @@ def slot_views(region: torch.Tensor, layout: dict, rows: int, hidden: int, num_t
     )
 
 
-def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int, slot_bytes: int) -> list[dict]:
-    """Receive-slot layouts for every rank's row total; raises (on every rank alike) when one overflows."""
+def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int, slot_bytes: int,
+                     rank: int) -> dict:
+    """This rank's receive-slot layout; raises (on every rank alike) when any rank's rows overflow its slot.
+
+    A slot's size grows with its row count, so the rank receiving the most rows is the one to check.
+    """
     layout = _ext.extension().intranode.recv_layout
     row_bytes, scale_cols = recv_row_shape(payload, hidden)
-    layouts = [layout(t, row_bytes, scale_cols, num_topk) for t in totals]
-    too_big = [r for r, l in enumerate(layouts) if l["total_bytes"] > slot_bytes]
-    if too_big:
-        raise ValueError(f"x: rank {too_big[0]} would receive {totals[too_big[0]]} rows, more than its receive "
+    largest = max(range(len(totals)), key=totals.__getitem__)
+    if layout(totals[largest], row_bytes, scale_cols, num_topk)["total_bytes"] > slot_bytes:
+        raise ValueError(f"x: rank {largest} would receive {totals[largest]} rows, more than its receive "
                          f"slot holds ({slot_bytes} bytes); enlarge BufferConfig")
-    return layouts
+    return layout(totals[rank], row_bytes, scale_cols, num_topk)
 
 
 def check_invalid_ids(invalid: np.ndarray, num_experts: int) -> None:

@@ -68,8 +68,9 @@ def dispatch_layout_cuda(
     num_blocks: int = 132,
     num_invalid: torch.Tensor | None = None,
     send_pos: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
 ) -> DispatchLayout:
-    """The layout from the CUDA kernel, launched on the current stream.
+    """The layout from the CUDA kernel, launched on ``stream`` (default: the current stream).
 
     ``num_invalid`` (``[1]`` int32 on the device), if given, receives the count
     of ids outside ``[-1, num_experts)``, which the kernel skips. ``send_pos``
@@ -94,7 +95,7 @@ def dispatch_layout_cuda(
         per_expert.data_ptr(),
         in_rank.data_ptr(),
         num_blocks,
-        torch.cuda.current_stream(device).cuda_stream,
+        (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream,
         num_invalid.data_ptr() if num_invalid is not None else 0,
         send_pos.data_ptr() if send_pos is not None else 0,
     )

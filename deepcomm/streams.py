@@ -23,12 +23,14 @@ class CommStreamScope:
         inputs: tuple,
     ) -> None:
         self.stream, self.device, self.previous_event, self.inputs = stream, device, previous_event, inputs
-        self._context = None
+        self._caller: torch.cuda.Stream | None = None
 
+    # The stream switches below are torch.cuda.set_stream, not the torch.cuda.stream context: a
+    # dispatch is host-bound at decode sizes, and the context costs several current-stream lookups.
     def __enter__(self) -> torch.cuda.Stream | None:
         if self.stream is None:
             return None
-        caller = torch.cuda.current_stream(self.device)
+        caller = torch.cuda.current_stream(self.stream.device_index)
         if self.previous_event is not None:
             self.previous_event.wait(self.stream)
         else:
@@ -36,13 +38,13 @@ class CommStreamScope:
         for t in self.inputs:
             if t is not None:
                 t.record_stream(self.stream)
-        self._context = torch.cuda.stream(self.stream)
-        self._context.__enter__()
+        torch.cuda.set_stream(self.stream)  # allocations in the block belong to the communication stream
+        self._caller = caller
         return caller
 
     def __exit__(self, *exc) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        if self._caller is not None:
+            torch.cuda.set_stream(self._caller)
 
 
 def hand_back(
