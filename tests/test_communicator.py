@@ -55,6 +55,21 @@ def test_receive_layout_fields_are_aligned_and_disjoint():
     assert layout["scales"] >= 1000 * 7168 and layout["total_bytes"] >= layout["src_idx"] + 1000 * 8
 
 
+@needs_extension
+def test_slot_check_returns_this_ranks_layout_and_names_the_rank_that_overflows():
+    from deepcomm.kernel_common import PAYLOAD_BF16, PAYLOAD_FP8, check_slot_sizes
+
+    recv_layout = _ext.extension().intranode.recv_layout
+    totals = [300, 0, 1200, 800]
+    slot_bytes = recv_layout(1200, 2 * 7168, 0, 8)["total_bytes"]
+    for rank in range(4):
+        assert check_slot_sizes(totals, PAYLOAD_BF16, 7168, 8, slot_bytes, rank) == \
+            recv_layout(totals[rank], 2 * 7168, 0, 8)
+    assert check_slot_sizes(totals, PAYLOAD_FP8, 7168, 8, slot_bytes, 1) == recv_layout(0, 7168, 56, 8)
+    with pytest.raises(ValueError, match="^x: rank 2 would receive 1200 rows"):
+        check_slot_sizes(totals, PAYLOAD_BF16, 7168, 8, slot_bytes - 1, 0)
+
+
 def test_internode_needs_a_buffer_and_a_known_transport(single_rank_group):
     with pytest.raises(ValueError, match="^buffer: the internode backend"):
         deepcomm.Communicator(single_rank_group, backend="internode")
