@@ -57,3 +57,59 @@ def test_rows_kept_local_counts_own_rows_and_rows_forwarded_to_self():
     assert rows_kept_local(matrix, topo, hierarchical=True) == matrix[1, 1] + matrix[3, 1]
     two_by_one = Topology(rank=0, world_size=2, ranks_per_node=1)
     assert rows_kept_local(matrix[:2, :2], two_by_one, hierarchical=True) == matrix[0, 0] + matrix[1, 0]
+
+
+def _ab_table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "ab_table.py"), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def _row(stage: str, us: float, floor_us: float | None, check: str = "ok", sms: int | None = 24) -> dict:
+    return {"device": "gpu", "path": "internode", "dtype": "fp8", "stage": stage, "tokens": 4096, "hidden": 7168,
+            "topk": 8, "experts": 256, "ranks": 4, "ranks_per_node": 2, "sms": sms, "us": us, "gbps": None,
+            "bytes_per_rank": 1, "floor_us": floor_us, "check": check, "note": ""}
+
+
+def test_ab_table_pairs_rows_of_two_builds_and_takes_medians(tmp_path):
+    runs = {
+        "base_1": [_row("layout", 60.0, None, sms=None), _row("dispatch", 900.0, 300.0)],
+        "base_2": [_row("layout", 70.0, None, sms=None), _row("dispatch", 1000.0, 400.0)],
+        "this_1": [_row("dispatch", 500.0, 250.0), _row("combine", 10.0, 5.0)],
+        "this_2": [_row("dispatch", 700.0, 350.0, check="FAILED on 1 rank(s)")],
+    }
+    for name, rows in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    out = _ab_table("--base", str(tmp_path / "base_1.json"), str(tmp_path / "base_2.json"),
+                    "--this", str(tmp_path / "this_1.json"), str(tmp_path / "this_2.json"),
+                    "--json", str(tmp_path / "ab.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "ab.json").read_text())
+    assert len(rows) == 1  # combine and layout were measured by one build only
+    row = rows[0]
+    assert row["stage"] == "dispatch" and row["base_us"] == 950.0 and row["this_us"] == 600.0
+    assert abs(row["this_over_base"] - 600.0 / 950.0) < 1e-12
+    assert abs(row["base_floor_ratio"] - (3.0 + 2.5) / 2) < 1e-12 and row["this_floor_ratio"] == 2.0
+    assert row["runs"] == "2/2" and row["checks"] == "FAILED"
+    assert "internode" in out.stdout and "FAILED" in out.stdout
+
+    (tmp_path / "only_layout.json").write_text(json.dumps([_row("layout", 1.0, None, sms=None)]))
+    (tmp_path / "only_combine.json").write_text(json.dumps([_row("combine", 1.0, None)]))
+    empty = _ab_table("--base", str(tmp_path / "only_layout.json"), "--this", str(tmp_path / "only_combine.json"))
+    assert empty.returncode != 0 and "no row in common" in empty.stderr
+
+
+def test_ab_table_reads_the_benchmarks_own_rows(tmp_path):
+    paths = []
+    for side in ("base", "this"):
+        path = tmp_path / f"{side}.json"
+        command = [sys.executable, "-m", "deepcomm.bench", "--nproc", "2", "--device", "cpu", "--tokens", "16",
+                   "--hidden", "128", "--experts", "8", "--topk", "2", "--iters", "1", "--warmup", "0",
+                   "--json", str(path)]
+        out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        paths.append(str(path))
+    out = _ab_table("--base", paths[0], "--this", paths[1])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 + 5  # header + layout, dispatch and combine for bf16 and fp8
+    assert all(line.endswith("ok") for line in lines[1:])

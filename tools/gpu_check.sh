@@ -9,7 +9,13 @@
 #   STEPS: tests (one GPU per rank; several GPUs only) shared (ranks share GPUs, MPS)
 #          nvshmem (PEs sharing one GPU) bench deepep (deepep_build: build only)
 #          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
+#          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
+#              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
 #   BUILD=0 reuses the extension an earlier call built.
+#
+#   A before/after run of the previous commit against the working tree:
+#     mkdir -p .ab/base && git archive HEAD~1 | tar -x -C .ab/base     # .ab/ is git-ignored: carry it
+#     OUT=/tmp/out STEPS="ab" AB_DIR=.ab/base AB_ARGS="--preset prefill --dtypes fp8" tools/gpu_check.sh
 #
 # NVLink multicast stays off (shared machines): NCCL_NVLS_ENABLE=0,
 # NVSHMEM_DISABLE_NVLS=1, TORCH_SYMM_MEM_DISABLE_MULTICAST=1.
@@ -47,6 +53,12 @@ fi
 deepep_build=""
 if { step deepep || step deepep_build; } && [ -d .peer/DeepEP ] && [ ! -f .peer/site/BUILT ]; then
   tools/build_deepep.sh .peer/site > "$OUT/deepep_build.log" 2>&1 & deepep_build=$!
+fi
+
+# The other tree of a before/after comparison builds alongside, in place (its own deepcomm/_C).
+ab_build=""
+if step ab && [ -d "${AB_DIR:-}" ]; then
+  (cd "$AB_DIR" && python3 setup.py build_ext --inplace) > "$OUT/ab_build.log" 2>&1 & ab_build=$!
 fi
 
 pytest_to() {  # log name, pytest args...
@@ -133,6 +145,32 @@ if step bench; then
   done
 fi
 
+# Before/after: the two builds alternate (base, this, base, this, ...), so drift between runs on a
+# shared GPU falls on both sides; tools/ab_table.py pairs the rows and takes medians.
+if step ab; then
+  if [ -z "$ab_build" ]; then
+    note "ab: not run (AB_DIR=${AB_DIR:-unset} is not a carried directory)"
+  elif ! wait "$ab_build"; then
+    note "ab: the base tree did not build (see ab_build.log)"; status=1
+  else
+    mkdir -p "$OUT/ab"
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+      for side in base this; do
+        tree=$PWD; [ "$side" = base ] && tree=$(cd "$AB_DIR" && pwd)
+        PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" timeout 600 python3 -m deepcomm.launch --standalone \
+          --nproc-per-node "${AB_NRANKS:-4}" -m deepcomm.bench ${AB_ARGS:-} --json "$OUT/ab/${side}_${round}.json" \
+          > "$OUT/ab/${side}_${round}.log" 2>&1 || note "ab: ${side} run ${round} FAILED (see ab/${side}_${round}.log)"
+      done
+    done
+    if python3 tools/ab_table.py --base "$OUT"/ab/base_*.json --this "$OUT"/ab/this_*.json \
+        --json "$OUT/ab_table.json" > "$OUT/ab_table.txt" 2>&1; then
+      note "ab: ${AB_ROUNDS:-2} rounds, table in ab_table.txt (printed below)"
+    else
+      note "ab: FAILED to tabulate (see ab_table.txt)"; status=1
+    fi
+  fi
+fi
+
 # DeepEP v1's intranode kernels on the same workloads and routing, same machine, same call.
 if [ -n "$deepep_build" ]; then
   wait "$deepep_build" && touch .peer/site/BUILT
@@ -203,4 +241,5 @@ for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/internode_*.log "$OUT
            "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/profile_*.log; do
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=)' "$log" | grep -v '^rows written'; }
 done
+[ -f "$OUT/ab_table.txt" ] && { echo; echo "before/after (base: $AB_DIR):"; cat "$OUT/ab_table.txt"; }
 exit $status
