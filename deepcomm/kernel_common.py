@@ -35,6 +35,9 @@ def payload_of(x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -
         return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
     if (hidden * x.element_size()) % 16 != 0:
         raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")
+    if x.data_ptr() % 16 != 0:  # the kernels move rows in 16-byte units
+        raise ValueError(f"x: must start at a 16-byte boundary for the kernels (a view at storage offset "
+                         f"{x.storage_offset()}); pass x.clone()")
     return PAYLOAD_FP8 if x.dtype == fp8.FP8_DTYPE else PAYLOAD_BF16
 
 

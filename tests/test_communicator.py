@@ -96,3 +96,16 @@ def test_internode_rows_and_areas_hold_what_the_kernels_write():
     assert layout["total_bytes"] >= layout["combine_recv"] + 2 * two_nodes * 2 * hidden
     assert kernels.num_channels(24) == 12 and kernels.num_channels(3) == 2
     assert kernels.slot_row_bytes(2 * hidden, 0, topk) == 2 * hidden + topk * 12 + 8
+
+
+def test_kernel_payload_needs_rows_on_a_16_byte_boundary():
+    from deepcomm.kernel_common import PAYLOAD_BF16, PAYLOAD_FP8, payload_of
+
+    storage = torch.empty(4 * 128 + 8, dtype=torch.bfloat16)
+    assert payload_of(storage[8:].view(4, 128), False, False) == PAYLOAD_BF16  # 16 bytes in: aligned
+    with pytest.raises(ValueError, match=r"^x: must start at a 16-byte boundary .* storage offset 1\)"):
+        payload_of(storage[1 : 1 + 4 * 128].view(4, 128), False, False)
+    fp8_rows = torch.empty(2 * 128, dtype=torch.uint8).view(torch.float8_e4m3fn).view(2, 128)
+    assert payload_of(fp8_rows, False, False) == PAYLOAD_FP8
+    with pytest.raises(ValueError, match="^x: rows must be a multiple of 16 bytes"):
+        payload_of(torch.empty(2, 4, dtype=torch.bfloat16), False, False)
