@@ -213,7 +213,7 @@ def _arrive(impl, result: DispatchResult, async_finish: bool, as_float32: bool) 
     stream = _comm_stream(impl, device) if async_finish else None
     if stream is None:
         return convert()  # the caller's stream already waits for the rows (or there are no streams)
-    with CommStreamScope(stream, device, result.event, ()) as caller:
+    with CommStreamScope(stream, result.event, ()) as caller:
         outputs = convert()
         result.event = hand_back(outputs, device, stream, caller, async_finish=True)
     return outputs
@@ -314,7 +314,7 @@ def _combine_float32(impl, rows, handle, previous_event, async_finish) -> tuple[
                          f"got {list(rows.shape)}")
     device = rows.device
     stream = impl.comm_stream(device)
-    with CommStreamScope(stream, device, previous_event, (rows,)) as caller:
+    with CommStreamScope(stream, previous_event, (rows,)) as caller:
         y = impl.reduce_rows(rows.contiguous(), handle)
         return y, hand_back((y,), device, stream, caller, async_finish)
 

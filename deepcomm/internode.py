@@ -168,7 +168,7 @@ class InternodeCommunicator(MailboxErrors):
         experts_per_rank = num_experts // world
         stream = self._stream
 
-        with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
             send_base, recv_totals = counters[:world], counters[world : 2 * world]
             per_expert = counters[2 * world : 2 * world + experts_per_rank]
@@ -244,7 +244,7 @@ class InternodeCommunicator(MailboxErrors):
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)
         stream = self._stream
-        with CommStreamScope(stream, self.device, previous_event, (expert_out,)) as caller:
+        with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
             source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset, dispatches_since,
                                                   self.config.num_recv_slots)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)

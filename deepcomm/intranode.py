@@ -175,7 +175,7 @@ class IntranodeCommunicator(MailboxErrors):
         experts_per_rank = num_experts // world
         stream = self._stream
 
-        with CommStreamScope(stream, self.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             # One allocation for the small per-call outputs of the kernels.
             counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
             send_base, recv_totals = counters[:world], counters[world : 2 * world]
@@ -243,7 +243,7 @@ class IntranodeCommunicator(MailboxErrors):
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream
-        with CommStreamScope(stream, self.device, previous_event, (expert_out,)) as caller:
+        with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
             source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
                                                   self._dispatch_calls - handle.dispatch_call,
                                                   self.config.num_recv_slots)

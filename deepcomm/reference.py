@@ -330,7 +330,7 @@ class ReferenceCommunicator:
     # -- streams ----------------------------------------------------------
 
     def _on_comm_stream(self, device: torch.device, previous_event: EventHandle | None, inputs: tuple):
-        return CommStreamScope(self.comm_stream(device), device, previous_event, inputs)
+        return CommStreamScope(self.comm_stream(device), previous_event, inputs)
 
     def _finish(self, result: DispatchResult, caller: torch.cuda.Stream | None, async_finish: bool) -> DispatchResult:
         device = result.x.device

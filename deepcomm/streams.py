@@ -15,14 +15,8 @@ class CommStreamScope:
     caching allocator does not recycle them while it still reads them.
     """
 
-    def __init__(
-        self,
-        stream: torch.cuda.Stream | None,
-        device: torch.device,
-        previous_event: EventHandle | None,
-        inputs: tuple,
-    ) -> None:
-        self.stream, self.device, self.previous_event, self.inputs = stream, device, previous_event, inputs
+    def __init__(self, stream: torch.cuda.Stream | None, previous_event: EventHandle | None, inputs: tuple) -> None:
+        self.stream, self.previous_event, self.inputs = stream, previous_event, inputs
         self._caller: torch.cuda.Stream | None = None
 
     # The stream switches below are torch.cuda.set_stream, not the torch.cuda.stream context: a
