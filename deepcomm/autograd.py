@@ -339,6 +339,12 @@ class _Combine(torch.autograd.Function):
         return None, None, None, None, None, rows.clone()  # the receive slot is reused by later dispatches
 
 
+def combine_input(comm, handle) -> torch.Tensor:
+    """:meth:`Communicator.combine_input` for a handle from :func:`dispatch` (outputs written there
+    go to combine without a copy; for tensors that record no gradient)."""
+    return _backend(comm).combine_input(handle)
+
+
 def combine(
     comm,
     expert_out: torch.Tensor,

@@ -305,12 +305,21 @@ def run(args: argparse.Namespace) -> list[Row]:
                     combine_floor = copy_floor_us(timer, combine_bytes, floor_sms, device)
                 rows.append(row(path, dtype, "dispatch", sms, timer(dispatch), int(mean_over_ranks(recv_bytes)),
                                 dispatch_floor, check, dispatch_note))
-                # Received rows live until the next dispatches reuse their slot: take a fresh result.
+                # Received rows live until the next dispatches reuse their slot: take a fresh result. The
+                # expert outputs sit where combine reads them (as MoELayer.experts leaves them).
                 result = dispatch()
-                expert_out = result.x if dtype == "bf16" else fp8.dequantize_fp8(result.x, result.x_scales)
-                rows.append(row(path, "bf16", "combine" if dtype == "bf16" else f"combine({dtype} dispatch)", sms,
-                                timer(lambda: comm.combine(expert_out, result.handle, num_sms=sms)),
-                                int(mean_over_ranks(combine_bytes)), combine_floor, check, combine_note))
+                expert_out = result.x
+                if dtype != "bf16":
+                    expert_out = comm.combine_input(result.handle)
+                    expert_out.copy_(fp8.dequantize_fp8(result.x, result.x_scales))
+                inputs = [("combine" if dtype == "bf16" else f"combine({dtype} dispatch)", expert_out)]
+                if dtype == "bf16" and path in KERNEL_PATHS:  # what the copy into registered memory costs
+                    inputs.append(("combine(copied in)", expert_out.clone()))
+                for stage, rows_in in inputs:
+                    combine_ok = all_ok(torch.equal(comm.combine(rows_in, result.handle, num_sms=sms), expected))
+                    rows.append(row(path, "bf16", stage, sms,
+                                    timer(lambda: comm.combine(rows_in, result.handle, num_sms=sms)),
+                                    int(mean_over_ranks(combine_bytes)), combine_floor, combine_ok, combine_note))
     if on_cuda and "intranode" in comms and args.overlap:
         rows += overlap_rows(comms["intranode"], x, topk_idx, topk_weights, shape, timer, row, device)
     return rows

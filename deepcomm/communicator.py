@@ -194,6 +194,17 @@ class Communicator:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
+    def combine_input(self, handle: object) -> torch.Tensor:
+        """``[R, H]`` bf16 for the expert outputs of the dispatch that made ``handle``.
+
+        Write the outputs here (``copy_``, ``out=``) and pass the tensor to combine: the
+        kernel backends then read the rows where they are instead of first copying them
+        into registered memory (one read and one write of every row saved). It is the
+        dispatch's receive slot, so write it once the received rows have been read, and
+        within ``num_recv_slots`` dispatches. Any other bf16 tensor works too, copied in.
+        """
+        return self._impl.combine_input(handle)
+
     def traffic(self) -> dict[str, int]:
         """Bytes this rank's kernels moved so far on each leg (internode backend; waits for them).
 

@@ -27,8 +27,8 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    MailboxErrors, blocks_of, check_capacity, combine_source_offset, check_invalid_ids, check_slot_sizes, payload_of,
-    recv_row_shape, slot_views,
+    MailboxErrors, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_input_view,
+    combine_source_offset, payload_of, recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.profiling import name_stream
@@ -236,10 +236,19 @@ class IntranodeCommunicator(MailboxErrors):
 
     # -- combine ------------------------------------------------------------
 
-    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
-        self.check_errors()
+    def _check_handle(self, handle) -> None:
         if not isinstance(handle, IntranodeHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
+
+    def combine_input(self, handle):
+        self._check_handle(handle)
+        start = self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
+        return combine_input_view(self.buffer, start, self.slot_bytes, handle,
+                                  self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        self.check_errors()
+        self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream

@@ -127,6 +127,23 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
 
 
 
+def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, handle,
+                       dispatches_since: int, num_slots: int) -> torch.Tensor:
+    """``[R, H]`` bf16 at the start of ``handle``'s receive slot, for the expert outputs.
+
+    Combine reads rows that live in the buffer where they are; rows anywhere else
+    it first copies in. The slot already holds the dispatched rows, which the
+    experts have read by the time they write their outputs, and a bf16 row fits
+    in any slot's share of a row (``BufferConfig.slot_bytes``).
+    """
+    if dispatches_since >= num_slots:
+        raise ValueError(f"handle: {dispatches_since} dispatches ran since this one and reused its receive slot "
+                         f"(write expert outputs within {num_slots} dispatches)")
+    rows, hidden = handle.num_recv_tokens, handle.hidden
+    assert rows * hidden * 2 <= slot_bytes, "a slot holds its rows as bf16"
+    return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden)
+
+
 def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int,
                           dispatches_since: int, num_slots: int) -> int:
     """Byte offset in ``buffer`` (this rank's registered memory) of the rows combine sends.

@@ -283,6 +283,13 @@ class ReferenceCommunicator:
         current stream wait; returns ``(y, event)``."""
         return self.run_combine(expert_out, handle, previous_event, async_finish=True)
 
+    def combine_input(self, handle: ReferenceHandle) -> torch.Tensor:
+        """``[R, H]`` bf16 for the expert outputs; a plain tensor here (collectives need no registered memory)."""
+        if not isinstance(handle, ReferenceHandle):
+            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+        return torch.empty(handle.num_recv_tokens, handle.hidden, dtype=torch.bfloat16,
+                           device=handle.send_token_idx.device)
+
     def run_combine(
         self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None
     ) -> tuple[torch.Tensor, EventHandle]:

@@ -37,3 +37,16 @@ def dispatch_both(comm, inputs, mode: str, num_experts: int, num_sms: int):
     ours = comm.dispatch(x, inputs.topk_idx, inputs.topk_weights, num_experts, num_sms=num_sms, **kwargs)
     theirs = comm.reference.dispatch(x, inputs.topk_idx, inputs.topk_weights, num_experts, **kwargs)
     return ours, theirs
+
+
+def combine_from_combine_input(comm, handle, expert_out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Rows written into ``comm.combine_input(handle)`` lie in registered memory (combine copies
+    nothing in) and come back as the reference's combine of the same rows."""
+    rows_in = comm.combine_input(handle)
+    assert rows_in.dtype == torch.bfloat16 and rows_in.shape == expert_out.shape, what
+    if rows_in.numel():  # an empty view's pointer means nothing
+        buffer = comm._impl.buffer
+        start = rows_in.data_ptr() - buffer.data_ptr()
+        assert 0 <= start and start + rows_in.numel() * 2 <= buffer.numel(), f"{what}: not in the registered buffer"
+    rows_in.copy_(expert_out)
+    same_bits(comm.combine(rows_in, handle), expected, what)

@@ -20,7 +20,7 @@ from cases import make_inputs
 from deepcomm import _ext, fp8
 from deepcomm.traffic import leg_rows
 from dist import run_ranks
-from kernel_checks import dispatch_both, require_ranks, same_bits
+from kernel_checks import combine_from_combine_input, dispatch_both, require_ranks, same_bits
 
 pytestmark = pytest.mark.gpu
 
@@ -108,6 +108,11 @@ def _agreement_worker(rank: int, world_size: int, ranks_per_node: int, transport
                                       inputs[rank].topk_weights.cpu(), num_experts)
         expected_round_trip = comm.reference.combine(cpu.x, cpu.handle)
         same_bits(comm.combine(ours.x, ours.handle), expected_round_trip, f"{routing}: round trip from the slot")
+        # Outputs written where combine reads them, over an fp8 dispatch's slot (a different layout).
+        ours_fp8, _ = dispatch_both(comm, local, "fp8", num_experts, sms[1])
+        expert_out = torch.randn(ours.x.shape, generator=generator).to(torch.bfloat16)
+        combine_from_combine_input(comm, ours_fp8.handle, expert_out, comm.reference.combine(expert_out, cpu.handle),
+                                   f"{routing}: combine_input")
         first = comm.dispatch_async(local.x, local.topk_idx, local.topk_weights, num_experts,
                                     previous_event=deepcomm.EventHandle.record(device))
         second = comm.dispatch_async(local.x, local.topk_idx, local.topk_weights, num_experts,
@@ -118,6 +123,8 @@ def _agreement_worker(rank: int, world_size: int, ranks_per_node: int, transport
         event.wait()
         same_bits(y1, expected_round_trip, f"{routing}: async round trip, first micro-batch")
         same_bits(y2, expected_round_trip, f"{routing}: async round trip, second micro-batch")
+        with pytest.raises(ValueError, match="handle: 2 dispatches ran since this one and reused its receive slot"):
+            comm.combine_input(ours_fp8.handle)
     torch.cuda.synchronize()
     dist.barrier()
     comm._impl.close()

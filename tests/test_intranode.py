@@ -15,7 +15,8 @@ import torch.distributed as dist
 import deepcomm
 from cases import ROUTINGS, make_inputs
 from dist import run_ranks
-from kernel_checks import dispatch_both as _dispatch_both, require_ranks as _require, same_bits as _same_bits
+from kernel_checks import combine_from_combine_input, dispatch_both as _dispatch_both
+from kernel_checks import require_ranks as _require, same_bits as _same_bits
 
 pytestmark = pytest.mark.gpu
 
@@ -76,6 +77,9 @@ def _agreement_worker(rank: int, world_size: int) -> None:
             comm.check_errors()
             _same_bits(y, expected, f"{routing}: combine sms{num_sms}")
         _same_bits(comm.combine(ours.x, ours.handle), expected_round_trip, f"{routing}: round trip from the slot")
+        # Outputs written where combine reads them, over an fp8 dispatch's slot (a different layout).
+        ours_fp8, _ = _dispatch_both(comm, local, "fp8", num_experts, 24)
+        combine_from_combine_input(comm, ours_fp8.handle, expert_out, expected, f"{routing}: combine_input")
 
         # Async: chained by events, the caller's stream never waits on its own.
         first = comm.dispatch_async(local.x, local.topk_idx, local.topk_weights, num_experts,
@@ -83,6 +87,9 @@ def _agreement_worker(rank: int, world_size: int) -> None:
         y, event = comm.combine_async(first.x, first.handle, previous_event=first.event)
         event.wait()
         _same_bits(y, expected_round_trip, f"{routing}: async round trip")
+        comm.dispatch(local.x, local.topk_idx, local.topk_weights, num_experts)  # its slot again
+        with pytest.raises(ValueError, match="handle: 2 dispatches ran since this one and reused its receive slot"):
+            comm.combine_input(ours_fp8.handle)
     torch.cuda.synchronize()
     dist.barrier()
 

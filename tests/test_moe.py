@@ -351,11 +351,24 @@ def _kernel_worker(rank: int, world_size: int, backend: str, ranks_per_node: int
             runs.append([y, z] + grads)
         for i, (ours, reference) in enumerate(zip(*runs)):
             _close(ours, reference, 2e-2, f"{backend}/{dispatch_dtype}: tensor {i}")
+        _check_without_autograd(comm, cfg, rank, device, f"{backend}/{dispatch_dtype}: no_grad")
     del runs, y, z, grads  # their autograd nodes hold the handles
     _check_old_handle_in_backward(comm, device)
     comm.check_errors()
     gc.collect()
     assert not autograd._ROUTES, "the kept routing outlived its handles"
+
+
+@torch.no_grad()
+def _check_without_autograd(comm, cfg, rank: int, device, what: str) -> None:
+    """With no gradient to record the experts write their rows where combine reads them (nothing copied in)."""
+    x2d = _tokens(rank, (3 + 5 * rank, cfg.moe.hidden), torch.bfloat16).to(device)
+    layers = [MoELayer(cfg.moe, c, torch.bfloat16, device, seed=6) for c in (comm, comm.reference)]
+    received = layers[0].dispatch(x2d, *layers[0].route(x2d))
+    rows = layers[0].experts(received)
+    offset = rows.data_ptr() - comm._impl.buffer.data_ptr()
+    assert rows.numel() == 0 or 0 <= offset < comm._impl.buffer.numel(), f"{what}: rows outside the buffer"
+    _close(_async_layer(layers[0], x2d), _async_layer(layers[1], x2d), 2e-2, what)
 
 
 def _check_old_handle_in_backward(comm, device) -> None:

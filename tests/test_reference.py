@@ -92,6 +92,12 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: to
         combined = comm.combine(expert_outs[rank].to(device), result.handle)
         expected_y = simulate_combine(expert_outs, sim, counts, topo)[rank]
         _same_bits(combined, expected_y, f"{routing}: combine")
+        # The same rows written into combine_input (a plain tensor here) combine the same.
+        rows_in = comm.combine_input(result.handle)
+        assert rows_in.dtype == torch.bfloat16 and rows_in.shape == (result.x.shape[0], HIDDEN)
+        _same_bits(comm.combine(rows_in.copy_(expert_outs[rank]), result.handle), expected_y, f"{routing}: combine_input")
+        with pytest.raises(TypeError, match="^handle:"):
+            comm.combine_input(object())
 
         # Round trip: every rank returns the row it received.
         round_trip = comm.combine(result.x, result.handle)

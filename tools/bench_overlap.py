@@ -29,7 +29,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from deepcomm import moe, overlap, trace_analysis
+from deepcomm import autograd, moe, overlap, trace_analysis
 from deepcomm.bench import Timer
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
@@ -112,12 +112,13 @@ def main() -> None:
             moe_in = block.moe_input(h)
             topk_idx, topk_weights = block.moe.route(moe_in)
             received = block.moe.dispatch(moe_in, topk_idx, topk_weights)
-            expert_out = block.moe.experts(received)
-            routed, _ = block.moe.combine(expert_out, received.handle)
-            # The received rows live in a receive slot that later dispatches reuse: keep copies.
-            received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone())
+            routed, _ = block.moe.combine(block.moe.experts(received), received.handle)
+            # The received rows live in a receive slot that later dispatches reuse: keep copies, without
+            # the handle (the experts then write a new tensor, as many bytes as into the slot).
+            received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone(),
+                                           handle=None)
             cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
-                               expert_out=expert_out, routed=routed))
+                               routed=routed))
 
         def compute_only():
             for _ in blocks:
@@ -133,7 +134,8 @@ def main() -> None:
             for _ in blocks:
                 for c in cached:
                     received = block.moe.dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
-                    block.moe.combine(c["expert_out"], received.handle)
+                    # Combine reads the rows where the experts leave them; their values do not matter here.
+                    block.moe.combine(autograd.combine_input(block.moe.comm, received.handle), received.handle)
 
         rows = {name: timer(fn) for name, fn in [("plain", plain), ("overlapped", overlapped),
                                                  ("compute only", compute_only),

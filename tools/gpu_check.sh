@@ -29,7 +29,7 @@ BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --sms 8,16,24,32 --overlap --iters 20
 DECODE_ARGS=${DECODE_ARGS:-"--preset decode --backend intranode --dtypes bf16,fp8 --sms 24 --iters 50 --warmup 5"}
 [ "${BENCH:-1}" = 0 ] && STEPS=${STEPS//bench/} && STEPS=${STEPS//deepep/} && STEPS=${STEPS//overlap/} && STEPS=${STEPS//profile/}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the ab step runs from another tree
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 status=0
 summary=()
@@ -38,6 +38,8 @@ note() { summary+=("$1"); }
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 num_gpus=$(grep -c '^GPU' "$OUT/gpus.txt" || true)
 note "gpus: ${num_gpus} ($(head -1 "$OUT/gpus.txt" | cut -d'(' -f1))"
+# Latency-bound kernels follow the SM clock that copies barely notice: keep it beside the numbers.
+note "clocks (application sm MHz, max sm MHz, power limit): $(nvidia-smi --query-gpu=clocks.applications.graphics,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | head -1)"
 
 start=$(date +%s)
 if [ "${BUILD:-1}" = 0 ] && python3 -c 'import deepcomm._C' 2> /dev/null; then
@@ -157,9 +159,15 @@ if step ab; then
     for round in $(seq "${AB_ROUNDS:-2}"); do
       for side in base this; do
         tree=$PWD; [ "$side" = base ] && tree=$(cd "$AB_DIR" && pwd)
-        PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" timeout 600 python3 -m deepcomm.launch --standalone \
-          --nproc-per-node "${AB_NRANKS:-4}" -m deepcomm.bench ${AB_ARGS:-} --json "$OUT/ab/${side}_${round}.json" \
-          > "$OUT/ab/${side}_${round}.log" 2>&1 || note "ab: ${side} run ${round} FAILED (see ab/${side}_${round}.log)"
+        log="$OUT/ab/${side}_${round}.log"
+        # Run from inside the tree: `python -m` puts the working directory ahead of PYTHONPATH, so
+        # from here the base side would import this tree's deepcomm. The log names the one imported.
+        (cd "$tree" && export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" \
+          && python3 -c 'import deepcomm; print("deepcomm from", deepcomm.__file__)' > "$log" 2>&1 \
+          && timeout 600 python3 -m deepcomm.launch --standalone --nproc-per-node "${AB_NRANKS:-4}" -m deepcomm.bench \
+            ${AB_ARGS:-} --json "$OUT/ab/${side}_${round}.json" >> "$log" 2>&1) \
+          || note "ab: ${side} run ${round} FAILED (see ab/${side}_${round}.log)"
+        [ "$round" = 1 ] && note "ab: ${side}: $(grep -m1 '^deepcomm from' "$log")"
       done
     done
     if python3 tools/ab_table.py --base "$OUT"/ab/base_*.json --this "$OUT"/ab/this_*.json \
