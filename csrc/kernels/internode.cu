@@ -12,11 +12,12 @@
 //
 // Dispatch, ceil(B/2) sender blocks and the rest forwarders, concurrently:
 // - sender block c owns channel c, a contiguous token range. A warp per token
-//   reads the row once and writes it (a) straight to its final row in the
-//   recv slot of every rank of this node that holds one of its experts
-//   (NVLink), and (b) once per other destination node, with its routing and
-//   the final rows it takes on that node, into the area of the partner there
-//   (the transport). After each chunk of 16 tokens the block puts the new
+//   stages the row in shared memory with one bulk (TMA) load and writes it,
+//   one bulk store per target issued by its own lane, (a) straight to its
+//   final row in the recv slot of every rank of this node that holds one of
+//   its experts (NVLink), and (b) once per other destination node, with its
+//   routing and the final rows it takes on that node, into the area of the
+//   partner there (the transport). Quantising payloads go through registers. After each chunk of 16 tokens the block puts the new
 //   rows and adds their count to the partner's tail for (node, channel); the
 //   final signal carries the channel's total.
 // - forwarder blocks poll the tails of (source node, channel) pairs, and as
@@ -38,6 +39,7 @@
 //   (computed from node peers' rows over NVLink, rounded to bf16) or the
 //   partial that arrived from the node's gateway, sum in float32 from the first
 //   and round to bf16: the reference path's order, bit for bit.
+#include "kernels/common/bulk.cuh"
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/rows.cuh"
@@ -52,7 +54,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTargets = kMaxLocalRanks + kMaxNodes;  // a sender's row goes to local ranks and remote nodes
-constexpr int kSendUnroll = 4;  // loads in flight per lane while a row goes to kMaxTargets places (register bound)
 
 template <typename Transport>
 struct Context {
@@ -275,7 +276,8 @@ __device__ __forceinline__ void write_slot_meta(const SlotRows& dest, int64_t ro
 
 template <typename T, Payload kPayload>
 __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
-                             const RowFormat& fmt, int channel, int channels, BlockTraffic* traffic) {
+                             const RowFormat& fmt, int channel, int channels, bulk::WarpStage& stage,
+                             BlockTraffic* traffic) {
   constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
   __shared__ int32_t running[kMaxNodes];           // rows of this channel already sent to each node
   __shared__ uint32_t chunk_nodes[2][kWarps];      // destination nodes of each warp's token, by chunk parity
@@ -314,57 +316,45 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
       }
       if (lane < N) args.node_rows[static_cast<int64_t>(token) * N + lane] = lane_row;
 
-      // Targets: this node's ranks' final rows (NVLink), then each remote node's area row.
-      uint8_t* x_targets[kMaxTargets];
-#pragma unroll
-      for (int l = 0; l < kMaxLocalRanks; ++l) {
-        const int dst = ctx.node * L + l;
-        const int position = l < L ? route.position(dst) : -1;
-        x_targets[l] = l < L && route.goes_to(dst) ? dests[l].x + position * slot_x_bytes : nullptr;
-      }
-#pragma unroll
-      for (int n = 0; n < kMaxNodes; ++n) {
-        const int area_row = __shfl_sync(0xffffffffu, lane_row, n);
-        x_targets[kMaxLocalRanks + n] = nullptr;
-        if (n < N && ((nodes >> n) & 1u)) {
-          const int64_t remote = tl.dispatch_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * fmt.stride;
-          const int64_t staging = tl.dispatch_staging + (static_cast<int64_t>(n) * tl.area_rows + area_row) * fmt.stride;
-          x_targets[kMaxLocalRanks + n] = ctx.transport.window(n * L + ctx.local, remote, staging);
-        }
+      // Each lane holds one target: lanes l < L this node's rank l (its final row, NVLink), lane
+      // kMaxLocalRanks + n the area row on remote node n (through the transport).
+      const int local_dst = ctx.node * L + (lane < L ? lane : 0);
+      const int position = route.position(local_dst);
+      const int remote = lane - kMaxLocalRanks;
+      const int area_row = __shfl_sync(0xffffffffu, lane_row, remote & 31);
+      uint8_t* lane_target = nullptr;
+      float* lane_scales = nullptr;
+      if (lane < L && route.goes_to(local_dst)) {
+        lane_target = dests[lane].x + position * slot_x_bytes;
+        lane_scales = dests[lane].scales + static_cast<int64_t>(position) * scale_cols;
+      } else if (remote >= 0 && remote < N && ((nodes >> remote) & 1u)) {
+        const int64_t remote_offset =
+            tl.dispatch_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * fmt.stride;
+        const int64_t staging =
+            tl.dispatch_staging + (static_cast<int64_t>(remote) * tl.area_rows + area_row) * fmt.stride;
+        lane_target = ctx.transport.window(remote * L + ctx.local, remote_offset, staging);
+        lane_scales = reinterpret_cast<float*>(lane_target + fmt.scales);
       }
 
       // Every load of the token is issued before the first store that needs one: metadata and
-      // scales travel under the row's loads instead of one memory latency each after it.
+      // scales travel under the row's load instead of one memory latency each after it.
       const int64_t expert = lane < args.num_topk ? args.topk_idx[static_cast<int64_t>(token) * args.num_topk + lane] : -1;
       const float weight = lane < args.num_topk ? args.topk_weights[static_cast<int64_t>(token) * args.num_topk + lane] : 0.f;
-      const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + token * source_row_bytes);
-      // Scale targets are formed only where they are used, so they hold no registers during the copy.
-      auto scale_targets_of = [&](float* (&targets)[kMaxTargets]) {
-#pragma unroll
-        for (int l = 0; l < kMaxLocalRanks; ++l) {
-          const int position = l < L ? route.position(ctx.node * L + l) : -1;
-          targets[l] = x_targets[l] ? dests[l].scales + static_cast<int64_t>(position) * scale_cols : nullptr;
-        }
-#pragma unroll
-        for (int n = 0; n < kMaxNodes; ++n) {
-          uint8_t* row = x_targets[kMaxLocalRanks + n];
-          targets[kMaxLocalRanks + n] = row ? reinterpret_cast<float*>(row + fmt.scales) : nullptr;
-        }
-      };
+      const uint8_t* source = static_cast<const uint8_t*>(args.x) + token * source_row_bytes;
       if constexpr (kQuantize) {
+        // Quantising reads bf16 and writes fp8 through registers: every lane needs every target.
+        uint8_t* x_targets[kMaxTargets];
         float* scale_targets[kMaxTargets];
-        scale_targets_of(scale_targets);
-        rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, args.hidden, x_targets, scale_targets, lane);
+        rows::gather_from_lanes(lane_target, x_targets);
+        rows::gather_from_lanes(lane_scales, scale_targets);
+        rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(reinterpret_cast<const int4*>(source), args.hidden,
+                                                                x_targets, scale_targets, lane);
       } else {
         rows::PendingScales<> scales;
         if constexpr (kPayload == Payload::kFp8)
           scales.load(args.x_scales + static_cast<int64_t>(token) * scale_cols, scale_cols, lane);
-        rows::copy_row<kMaxTargets, false, kSendUnroll>(source, static_cast<int>(source_row_bytes / 16), x_targets, lane);
-        if constexpr (kPayload == Payload::kFp8) {
-          float* scale_targets[kMaxTargets];
-          scale_targets_of(scale_targets);
-          scales.store(scale_targets, lane);
-        }
+        stage.move(source, source_row_bytes, lane_target, lane);
+        if constexpr (kPayload == Payload::kFp8) scales.store_to_lane_targets<kMaxTargets>(lane_scales, lane);
       }
 
       for (int l = 0; l < L; ++l) {
@@ -377,7 +367,8 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
       // Remote rows carry global expert ids and the final rows on their node.
 #pragma unroll
       for (int n = 0; n < kMaxNodes; ++n) {
-        uint8_t* row = x_targets[kMaxLocalRanks + n];
+        uint8_t* row = reinterpret_cast<uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_target), kMaxLocalRanks + n));
         if (row == nullptr) continue;
         if (lane == 0) *reinterpret_cast<int32_t*>(row + fmt.meta) = token;
         const int dst = n * L + (lane < L ? lane : 0);
@@ -388,6 +379,10 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
           reinterpret_cast<float*>(row + fmt.weights)[lane] = weight;
         }
       }
+      // Remote rows go out with warp 0's signal after the barrier below: they must have landed.
+      // (This node's rows are published by the end-of-kernel barrier, which waits for them.)
+      if constexpr (!kQuantize)
+        if (lane >= kMaxLocalRanks && lane_target != nullptr) bulk::WarpStage::complete_stores();
     }
     __syncthreads();
 
@@ -424,7 +419,7 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
 template <typename T>
 __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
                              const RowFormat& fmt, int source_node, int channel, int channels,
-                             BlockTraffic* traffic, bool* failed) {
+                             bulk::WarpStage& stage, BlockTraffic* traffic, bool* failed) {
   __shared__ int64_t available, total;
   const TransportLayout& tl = ctx.layout;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -457,6 +452,7 @@ __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, co
     }
     __syncthreads();
     if (*failed) return;
+    if (lane == 0) bulk::fence_proxy_global();  // rows a peer wrote (ordinary or bulk stores), seen through the acquire
     // Copies: thread 0 rewrites the shared values once every thread is past the barrier below.
     const int64_t rows_in = available, rows_total = total;
     for (int64_t i = head + warp; i < rows_in; i += kWarps) {
@@ -473,23 +469,12 @@ __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, co
       rows::PendingScales<true> scales;
       if (has_scales) scales.load(reinterpret_cast<const float*>(row + fmt.scales), scale_cols, lane);
       if (lane < L) forward_rows[area_row * L + lane] = lane_dst_row;
-      uint8_t* x_targets[kMaxLocalRanks];
-#pragma unroll
-      for (int l = 0; l < kMaxLocalRanks; ++l) {
-        const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
-        x_targets[l] = dst_row >= 0 ? dests[l].x + dst_row * slot_x_bytes : nullptr;
-      }
-      rows::copy_row<kMaxLocalRanks, true, kSendUnroll>(reinterpret_cast<const int4*>(row),
-                                                        static_cast<int>(slot_x_bytes / 16), x_targets, lane);
-      if (has_scales) {
-        float* scale_targets[kMaxLocalRanks];
-#pragma unroll
-        for (int l = 0; l < kMaxLocalRanks; ++l) {
-          const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
-          scale_targets[l] = dst_row >= 0 ? dests[l].scales + static_cast<int64_t>(dst_row) * scale_cols : nullptr;
-        }
-        scales.store(scale_targets, lane);
-      }
+      // Lane l < L forwards to node rank l.
+      const bool forwards = lane < L && lane_dst_row >= 0;
+      stage.move(row, slot_x_bytes, forwards ? dests[lane].x + lane_dst_row * slot_x_bytes : nullptr, lane);
+      if (has_scales)
+        scales.store_to_lane_targets<kMaxLocalRanks>(
+            forwards ? dests[lane].scales + static_cast<int64_t>(lane_dst_row) * scale_cols : nullptr, lane);
       for (int l = 0; l < L; ++l) {
         const int dst_row = __shfl_sync(0xffffffffu, lane_dst_row, l);
         if (dst_row < 0) continue;
@@ -512,11 +497,16 @@ __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, co
 
 template <typename T, Payload kPayload>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, DispatchArgs args) {
+  extern __shared__ __align__(128) uint8_t staging[];  // kWarps pieces of bulk::kPieceBytes
+  __shared__ uint64_t stage_barriers[kWarps];
   __shared__ SlotRows dests[kMaxLocalRanks];
   __shared__ BlockTraffic traffic;
   __shared__ int overflow;
   __shared__ bool failed;
   const int L = ctx.ranks_per_node;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  bulk::WarpStage stage;
+  stage.init(staging + warp * bulk::kPieceBytes, &stage_barriers[warp], lane);
   const int channels = num_channels(args.num_blocks);
   const bool has_scales = kPayload != Payload::kBf16;
   const int64_t slot_x_bytes = kPayload == Payload::kBf16 ? 2LL * args.hidden : args.hidden;
@@ -549,17 +539,18 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
 
   if (!aborted) {
     if (static_cast<int>(blockIdx.x) < channels) {
-      send_channel<T, kPayload>(ctx, args, dests, fmt, blockIdx.x, channels, &traffic);
+      send_channel<T, kPayload>(ctx, args, dests, fmt, blockIdx.x, channels, stage, &traffic);
     } else {
       const int forwarder = blockIdx.x - channels, forwarders = args.num_blocks - channels;
       const int pairs = (ctx.num_nodes - 1) * channels;
       for (int pair = forwarder; pair < pairs && !failed; pair += forwarders) {
         const int other = pair / channels;
         const int source_node = other < ctx.node ? other : other + 1;
-        forward_pair(ctx, args, dests, fmt, source_node, pair % channels, channels, &traffic, &failed);
+        forward_pair(ctx, args, dests, fmt, source_node, pair % channels, channels, stage, &traffic, &failed);
       }
     }
   }
+  bulk::WarpStage::complete_stores();  // forwarded rows are published by the node barrier below
   __syncthreads();
   flush_traffic(ctx, &traffic);
   node_barrier(ctx, offsetof(NodeSignals, dispatch_arrived), args.arrivals_expected, kStageDispatch);
@@ -836,6 +827,17 @@ Context<T> make_context(const ContextDesc& d, const T& transport) {
   return ctx;
 }
 
+// Every block stages rows in shared memory (bulk.cuh), a piece per warp: forwarders move every
+// payload that way, senders all but quantising ones.
+constexpr int kStagingBytes = kWarps * bulk::kPieceBytes;
+
+template <typename T, Payload kPayload>
+void launch_dispatch_kernel(const Context<T>& ctx, const DispatchArgs& args, cudaStream_t stream) {
+  bulk::allow_staging<dispatch_kernel<T, kPayload>>(kStagingBytes);
+  dispatch_kernel<T, kPayload><<<args.num_blocks, kThreads, kStagingBytes, stream>>>(ctx, args);
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
 // Calls fn(context) with the context of the transport `d` names.
 template <typename Fn>
 void with_transport(const ContextDesc& d, Fn&& fn) {
@@ -888,16 +890,11 @@ void launch_dispatch(const ContextDesc& d, const DispatchArgs& args, cudaStream_
   with_transport(d, [&](auto ctx) {
     using T = decltype(ctx.transport);
     switch (args.payload) {
-      case Payload::kBf16: dispatch_kernel<T, Payload::kBf16><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
-      case Payload::kFp8: dispatch_kernel<T, Payload::kFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args); break;
-      case Payload::kBf16ToFp8:
-        dispatch_kernel<T, Payload::kBf16ToFp8><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
-        break;
-      case Payload::kBf16ToFp8Pow2:
-        dispatch_kernel<T, Payload::kBf16ToFp8Pow2><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
-        break;
+      case Payload::kBf16: launch_dispatch_kernel<T, Payload::kBf16>(ctx, args, stream); break;
+      case Payload::kFp8: launch_dispatch_kernel<T, Payload::kFp8>(ctx, args, stream); break;
+      case Payload::kBf16ToFp8: launch_dispatch_kernel<T, Payload::kBf16ToFp8>(ctx, args, stream); break;
+      case Payload::kBf16ToFp8Pow2: launch_dispatch_kernel<T, Payload::kBf16ToFp8Pow2>(ctx, args, stream); break;
     }
-    DC_CUDA_CHECK(cudaGetLastError());
   });
 }
 

@@ -83,6 +83,15 @@ __device__ __forceinline__ uint2 quantize_fp8x8(const float (&values)[8], float 
   return packed;
 }
 
+// Every lane's copy of the pointers that lanes [0, kLanes) hold: the register path needs every
+// target in every lane, while the bulk path (bulk.cuh) keeps one per lane.
+template <int kLanes, typename T>
+__device__ __forceinline__ void gather_from_lanes(T* lane_value, T* (&all)[kLanes]) {
+#pragma unroll
+  for (int t = 0; t < kLanes; ++t)
+    all[t] = reinterpret_cast<T*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_value), t));
+}
+
 // Copies one row of num_units 16-byte units to every non-null target.
 template <int kMaxTargets, bool kPeerWritten = false, int kUnroll = kCopyUnroll>
 __device__ __forceinline__ void copy_row(const int4* source, int num_units, uint8_t* const (&targets)[kMaxTargets],
@@ -135,18 +144,27 @@ struct PendingScales {
   template <int kMaxTargets>
   __device__ __forceinline__ void store(float* const (&targets)[kMaxTargets], int lane) const {
 #pragma unroll
-    for (int t = 0; t < kMaxTargets; ++t) {
-      if (targets[t] == nullptr) continue;
+    for (int t = 0; t < kMaxTargets; ++t)
+      if (targets[t] != nullptr) store_one(targets[t], lane);
+  }
+
+  // Stores to the target that each of lanes [0, kLanes) holds (nullptr: none).
+  template <int kLanes>
+  __device__ __forceinline__ void store_to_lane_targets(float* lane_target, int lane) const {
 #pragma unroll
-      for (int i = 0; i < kScalesPerLane; ++i)
-        if (lane + 32 * i < count) targets[t][lane + 32 * i] = values[i];
+    for (int t = 0; t < kLanes; ++t) {
+      float* target = reinterpret_cast<float*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_target), t));
+      if (target != nullptr) store_one(target, lane);
     }
-    for (int i = lane + 32 * kScalesPerLane; i < count; i += 32) {
-      const float value = load_one(source + i);
+  }
+
+ private:
+  __device__ __forceinline__ void store_one(float* target, int lane) const {
 #pragma unroll
-      for (int t = 0; t < kMaxTargets; ++t)
-        if (targets[t] != nullptr) targets[t][i] = value;
-    }
+    for (int i = 0; i < kScalesPerLane; ++i)
+      if (lane + 32 * i < count) target[lane + 32 * i] = values[i];
+    for (int i = lane + 32 * kScalesPerLane; i < count; i += 32) target[i] = load_one(source + i);
   }
 };
 
