@@ -135,15 +135,16 @@ if step bench; then
   for n in $NRANKS; do
     bench "prefill_${n}ranks" "$n" $BENCH_ARGS
     bench "decode_${n}ranks" "$n" $DECODE_ARGS
-    # Internode: the ranks split into 2 nodes, beside the flat intranode path on the same ranks;
-    # over NVSHMEM too when every PE has its own GPU.
-    if [ "$n" -ge 2 ] && [ $(( n % 2 )) -eq 0 ]; then
-      transports="ipc"; [ "$num_gpus" -ge "$n" ] && transports="ipc nvshmem"
+    # Internode: the ranks split into 2 nodes (and into 4 when each gets 2 or more), beside the flat
+    # intranode path on the same ranks; over NVSHMEM too when every PE has its own GPU.
+    transports="ipc"; [ "$num_gpus" -ge "$n" ] && transports="ipc nvshmem"
+    for nodes in 2 4; do
+      [ $(( n % nodes )) -eq 0 ] && [ $(( n / nodes )) -ge $(( nodes == 2 ? 1 : 2 )) ] || continue
       for t in $transports; do
-        bench "internode_2x$(( n / 2 ))_${t}" "$n" $INTER_ARGS --ranks-per-node $(( n / 2 )) \
+        bench "internode_${nodes}x$(( n / nodes ))_${t}" "$n" $INTER_ARGS --ranks-per-node $(( n / nodes )) \
           --transport "$t" --sms $(( n > 4 ? 16 : 24 ))
       done
-    fi
+    done
   done
 fi
 
