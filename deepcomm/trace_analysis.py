@@ -16,6 +16,7 @@ comm-kernel intervals and the part of it covered by compute kernels on the same 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import heapq
 import json
@@ -213,6 +214,30 @@ def analyze(records: Iterable[KernelRecord]) -> Report:
     layers = {layer: _group_stats(by_layer[layer], compute_union) for layer in numbered}
     unattributed = _group_stats(by_layer[None], compute_union) if None in by_layer else None
     return Report(layers, unattributed, _group_stats(records, compute_union))
+
+
+def after_peer_arrival(per_rank: list[list[KernelRecord]]) -> list[list[KernelRecord]] | None:
+    """Every rank's kernels with each comm kernel cut to start when the last rank's part of the same
+    call started; None when the ranks' comm kernels do not pair up (count or names differ).
+
+    The i-th comm kernel of every rank belongs to the same call (every rank issues the same sequence).
+    Until the last rank has launched its part the others can only spin: on ranks sharing a GPU that is
+    mostly one client running behind the other, not data moving. ``analyze`` of the result tells how
+    much of the rest compute covered. The traces must share a clock (one host: the profiler's
+    timestamps are the host's).
+    """
+    comm = [sorted((r for r in records if r.kind == COMM), key=lambda r: r.start_ns) for records in per_rank]
+    if len({len(kernels) for kernels in comm}) > 1:
+        return None
+    arrivals = []
+    for call in zip(*comm):
+        if len({r.name for r in call}) > 1:
+            return None
+        arrivals.append(max(r.start_ns for r in call))
+    return [[r for r in records if r.kind == COMPUTE]
+            + [dataclasses.replace(r, start_ns=min(max(r.start_ns, arrival), r.end_ns))
+               for r, arrival in zip(kernels, arrivals)]
+            for records, kernels in zip(per_rank, comm)]
 
 
 # --------------------------------------------------------------------------------------------------

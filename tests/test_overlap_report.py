@@ -18,6 +18,7 @@ from deepcomm.trace_analysis import (
     KernelRecord,
     OverlapStats,
     StageStats,
+    after_peer_arrival,
     analyze,
     load_nsys_sqlite,
     load_torch_trace,
@@ -262,8 +263,8 @@ def test_correlation_ids_repeat_across_processes_in_one_nsys_report(tmp_path):
         [(DISPATCH, 0, 0, "dispatch"), (COMBINE, 7, 1, "combine")])
 
 
-def record(kind, start, end, stream=0, device=0, layer=None) -> KernelRecord:
-    return KernelRecord("k", start, end, stream, device, kind, layer, None if layer is None else 0,
+def record(kind, start, end, stream=0, device=0, layer=None, name="k") -> KernelRecord:
+    return KernelRecord(name, start, end, stream, device, kind, layer, None if layer is None else 0,
                         None if layer is None else "dispatch")
 
 
@@ -280,6 +281,33 @@ def test_comm_kernel_spanning_several_compute_kernels_on_other_streams():
     assert (report.layers[0].comm_ns, report.layers[0].hidden_ns) == (100, 40 + 10 + 10)
     assert report.total.compute_ns == 40 + 10 + 110 + 100
     assert report.total.span_ns == 200
+
+
+def test_comm_kernels_start_when_the_last_rank_arrives():
+    """Rank 0 launches each call early and spins until rank 1's part starts; what is left after that,
+    and how much of it compute covers, is the same call on both ranks."""
+    rank0 = [record(COMM, 0, 100, layer=0, name="dispatch_kernel"), record(COMPUTE, 0, 70),
+             record(COMM, 200, 260, layer=0, name="combine_kernel"), record(COMPUTE, 230, 250)]
+    rank1 = [record(COMM, 60, 110, layer=0, name="dispatch_kernel"), record(COMPUTE, 0, 80),
+             record(COMM, 150, 265, layer=0, name="combine_kernel")]
+    net0, net1 = after_peer_arrival([rank0, rank1])
+    assert sorted((r.start_ns, r.end_ns) for r in net0 if r.kind == COMM) == [(60, 100), (200, 260)]
+    assert sorted((r.start_ns, r.end_ns) for r in net1 if r.kind == COMM) == [(60, 110), (200, 265)]
+    assert [r for r in net0 if r.kind == COMPUTE] == [r for r in rank0 if r.kind == COMPUTE]
+    before, after = analyze(rank0).total, analyze(net0).total
+    assert (before.comm_ns, before.hidden_ns) == (160, 70 + 20)
+    assert (after.comm_ns, after.hidden_ns) == (40 + 60, 10 + 20)
+    # A kernel that ended before the last rank's part started (skewed clocks) is left with no time.
+    early = [record(COMM, 0, 50, name="dispatch_kernel"), record(COMM, 100, 120, name="combine_kernel")]
+    net_early, _ = after_peer_arrival([early, rank1])
+    assert sorted((r.start_ns, r.end_ns) for r in net_early) == [(50, 50), (120, 120)]
+
+
+def test_ranks_whose_comm_kernels_do_not_pair_up_give_none():
+    one = [record(COMM, 0, 10, name="dispatch_kernel")]
+    assert after_peer_arrival([one, one + [record(COMM, 20, 30, name="combine_kernel")]]) is None
+    assert after_peer_arrival([one, [record(COMM, 0, 10, name="combine_kernel")]]) is None
+    assert after_peer_arrival([[], []]) == [[], []]
 
 
 def test_no_comm_kernels_gives_no_share(tmp_path, capsys):
@@ -328,6 +356,9 @@ def test_cli_table_json_png_for_two_ranks(tmp_path, capsys):
     assert saved["traces"][0]["layers"]["L0"]["share"] == pytest.approx(130 / 150)
     assert saved["traces"][0]["layers"]["all"]["stages"]["dispatch"]["comm_ns"] == 250_000
     assert saved["min_share"]["share"] == pytest.approx(210 / 390)
+    # The two traces are the same step launched at the same times: nobody waited for a peer.
+    assert f"last rank arriving: {100 * 210 / 390:.1f}% (r0)" in out
+    assert saved["min_share_after_peer_arrival"]["share"] == pytest.approx(210 / 390)
 
 
 def test_png_limited_to_layers_or_window(tmp_path):

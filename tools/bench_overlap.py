@@ -185,33 +185,54 @@ def trace_step(step, path: str) -> None:
 
 
 def traced_share(step, trace_dir: str | None, steps: int) -> dict:
-    """Each rank's hidden share in its median of ``steps`` profiled overlapped steps.
+    """Hidden shares of one of ``steps`` profiled overlapped steps, the same step on every rank.
 
     One traced step is a noisy sample (a rank delayed once shows its peer waiting for
-    milliseconds), so each rank keeps the step with its median share: its
-    (comm µs, hidden µs, share) are reported and its trace stays as overlap_rank{r}.json.
+    milliseconds), so the ranks keep the step whose lowest share over ranks is the median;
+    each rank's trace of it stays as overlap_rank{r}.json. Per rank it reports (comm µs,
+    hidden µs, share) of the comm kernels, and the same with each comm kernel counted from the
+    moment the last rank's part of that call started (trace_analysis.after_peer_arrival): the
+    difference is time a rank spun waiting for a peer that ran behind.
     """
-    directory, rank = trace_dir or "/tmp", dist.get_rank()
+    directory, rank, world = trace_dir or "/tmp", dist.get_rank(), dist.get_world_size()
     path = os.path.join(directory, f"overlap_rank{rank}.json")
     trace_step(step, path)  # a first profiled run pays the profiler's own initialisation
-    samples = []
     candidates = [os.path.join(directory, f".overlap_rank{rank}_step{index}.json") for index in range(steps)]
+    samples = []  # per step: this rank's (comm µs, hidden µs, share), as measured and after peer arrival
     try:
         for candidate in candidates:
             trace_step(step, candidate)
-            total = trace_analysis.analyze(trace_analysis.load_torch_trace(candidate)).total
-            samples.append((total.share if total.share is not None else -1.0, total, candidate))
-        samples.sort(key=lambda sample: sample[0])
-        _, total, median_path = samples[len(samples) // 2]
-        os.replace(median_path, path)
+            records = trace_analysis.load_torch_trace(candidate)
+            comm = [None] * world
+            dist.all_gather_object(comm, [r for r in records if r.kind == trace_analysis.COMM])
+            per_rank = [records if r == rank else comm[r] for r in range(world)]
+            arrived = trace_analysis.after_peer_arrival(per_rank)
+            samples.append(tuple(_triple(trace_analysis.analyze(recs).total) if recs is not None else None
+                                 for recs in (records, None if arrived is None else arrived[rank])))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, samples)
+        lowest = [_lowest(step_samples[0] for step_samples in per_step) for per_step in zip(*everyone)]
+        order = sorted(range(steps), key=lambda i: -1.0 if lowest[i] is None else lowest[i])
+        chosen = order[len(order) // 2]
+        os.replace(candidates[chosen], path)
     finally:
         for candidate in candidates:
             if os.path.exists(candidate):
                 os.remove(candidate)
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, (total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share))
-    return {"per_rank": shares, "min_share": min(s[2] for s in shares if s[2] is not None) if any(
-        s[2] is not None for s in shares) else None, "trace": path}
+    per_rank = [rank_samples[chosen][0] for rank_samples in everyone]
+    arrived = [rank_samples[chosen][1] for rank_samples in everyone]
+    return {"per_rank": per_rank, "min_share": _lowest(per_rank),
+            "after_peer_arrival": {"per_rank": arrived, "min_share": _lowest(arrived)},
+            "step": chosen, "trace": path}
+
+
+def _triple(total: trace_analysis.OverlapStats) -> tuple[float, float, float | None]:
+    return total.comm_ns / 1e3, total.hidden_ns / 1e3, total.share
+
+
+def _lowest(triples) -> float | None:
+    shares = [t[2] for t in triples if t is not None and t[2] is not None]
+    return min(shares) if shares else None
 
 
 def write_kernel_totals(rows: dict, trace_dir: str) -> None:
@@ -257,10 +278,14 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
     print(f"{'step':<22}{'ms':>10}{'x compute only':>16}")
     for name, us in rows.items():
         print(f"{name:<22}{us / 1e3:>10.2f}{us / compute:>16.2f}")
-    hidden = share["min_share"]
-    print(f"communication kernel time under compute kernels (trace, lowest rank): "
-          f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}; per rank (comm µs, hidden µs, share): "
-          f"{share['per_rank']}")
+    def percent(value):
+        return '-' if value is None else f'{100 * value:.0f}%'
+
+    arrived = share["after_peer_arrival"]
+    print(f"communication kernel time under compute kernels (trace, lowest rank): {percent(share['min_share'])}; "
+          f"per rank (comm µs, hidden µs, share): {share['per_rank']}")
+    print(f"  the same from each call's last rank arriving (spinning for a peer left out): "
+          f"{percent(arrived['min_share'])}; per rank: {arrived['per_rank']}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"rows_us": rows, "share": share, "sizes": sizes, "args": vars(args),
