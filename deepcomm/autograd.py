@@ -340,8 +340,8 @@ class _Combine(torch.autograd.Function):
 
 
 def combine_input(comm, handle) -> torch.Tensor:
-    """:meth:`Communicator.combine_input` for a handle from :func:`dispatch` (outputs written there
-    go to combine without a copy; for tensors that record no gradient)."""
+    """:meth:`Communicator.combine_input` for a handle from :func:`dispatch`: outputs written there
+    (``copy_``, recorded for autograd like any in-place copy) go to combine without a copy."""
     return _backend(comm).combine_input(handle)
 
 

@@ -141,7 +141,9 @@ def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, h
                          f"(write expert outputs within {num_slots} dispatches)")
     rows, hidden = handle.num_recv_tokens, handle.hidden
     assert rows * hidden * 2 <= slot_bytes, "a slot holds its rows as bf16"
-    return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden)
+    # Detached, not a view for autograd: a recorded copy_ into it (rows that carry gradients) is then
+    # one CopyBackwards, not a CopySlices that rebuilds a gradient of the whole viewed region.
+    return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden).detach()
 
 
 def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int,

@@ -297,8 +297,8 @@ class MoELayer(nn.Module):
     def experts(self, received: DispatchResult) -> torch.Tensor:
         """This rank's experts on the received rows: ``[R, H]``, each row the sum over its local
         experts of weight × expert output, in float32 in k order, then in the layer's dtype.
-        Without autograd the rows land in ``comm.combine_input(received.handle)`` (docs/api.md):
-        valid until ``num_recv_slots`` more dispatches; rows replayed without a handle get a new tensor.
+        In bf16 the rows land in ``comm.combine_input(received.handle)`` (docs/api.md): valid until
+        ``num_recv_slots`` more dispatches; rows replayed without a handle get a new tensor.
 
         The (row, k) pairs are sorted by expert (stably) for one grouped GEMM. How many there
         are comes from dispatch's host wait (``num_recv_tokens_per_expert_list``), so this
@@ -320,10 +320,11 @@ class MoELayer(nn.Module):
         out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
         weighted = out.float() * weights[rows, ks].unsqueeze(1)
         summed = sum_in_k_order(weighted, rows, ks, num_rows, num_topk)
-        if summed.requires_grad or self.dtype != torch.bfloat16 or received.handle is None:
+        if self.dtype != torch.bfloat16 or received.handle is None:
             return summed.to(self.dtype)
-        # Nothing to record for autograd: write where combine reads (the receive slot, whose rows
-        # were gathered above), which spares combine copying every row into registered memory.
+        # Write where combine reads (the receive slot, whose rows were gathered above), which spares
+        # combine copying every row into registered memory. Autograd records the copy (its backward
+        # casts the gradient back); nothing saved for backward lives in the slot.
         return autograd.combine_input(self.comm, received.handle).copy_(summed)
 
     def combine(self, expert_out: torch.Tensor, handle, previous_event: EventHandle | None = None,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import deepcomm
 from cases import make_inputs
 from deepcomm import autograd, fp8
+from deepcomm.kernel_common import combine_input_view
 from deepcomm.layout import token_rank_mask
 from dist import run_ranks
 
@@ -31,6 +32,12 @@ class KernelInterface:
 
     def run_combine(self, *args, **kwargs):
         return self.reference.run_combine(*args, **kwargs)
+
+    def combine_input(self, handle):
+        # As the kernel backends hand it out: a detached bf16 view into a uint8 buffer.
+        rows_bytes = handle.num_recv_tokens * handle.hidden * 2
+        buffer = torch.empty(64 + rows_bytes, dtype=torch.uint8)
+        return combine_input_view(buffer, 64, rows_bytes, handle, 0, 2)
 
 
 def _communicator(ranks_per_node: int, path: str):

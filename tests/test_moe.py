@@ -426,3 +426,34 @@ def test_grouped_mm_path_equals_per_group_matmuls():
         results.append((y, x.grad, weights.grad))
     for i, (ours, expected) in enumerate(zip(*results)):
         _close(ours, expected, 2e-2, f"tensor {i}")
+
+
+def test_experts_write_into_a_registered_buffer_under_autograd(comm, monkeypatch):
+    """As on the kernel backends: combine_input is a detached bf16 view of a uint8 buffer. The experts'
+    copy into it is recorded for autograd; outputs and gradients equal those through a new tensor, and
+    the buffer itself stays out of the graph."""
+    from deepcomm.kernel_common import combine_input_view
+
+    config = moe.tiny(num_experts=4, num_topk=2).moe
+    x2d = _tokens(0, (12, config.hidden), torch.bfloat16)
+    runs = []
+    buffer = torch.zeros(64 + 12 * 2 * config.hidden * 2, dtype=torch.uint8)
+    for in_buffer in (False, True):
+        if in_buffer:
+            monkeypatch.setattr(comm._impl, "combine_input",
+                                lambda handle: combine_input_view(buffer, 64, buffer.numel() - 64, handle, 0, 2))
+        layer = MoELayer(config, comm, torch.bfloat16, seed=3)
+        x = x2d.clone().requires_grad_()
+        received = layer.dispatch(x, *layer.route(x))
+        rows = layer.experts(received)
+        if in_buffer:
+            offset = rows.data_ptr() - buffer.data_ptr()
+            assert 64 <= offset < buffer.numel()
+            assert type(rows.grad_fn).__name__ == "CopyBackwards"  # the copy alone, no view bookkeeping
+        y, _ = layer.combine(rows, received.handle)
+        y.float().square().sum().backward()
+        runs.append([y, x.grad] + [p.grad for p in layer.parameters()])
+    assert not buffer.requires_grad and buffer.grad_fn is None
+    assert runs[0][1] is not None and runs[0][1].abs().sum() > 0, "no gradient reached the tokens"
+    for i, (plain, aliased) in enumerate(zip(*runs)):
+        assert (plain is None and aliased is None) or torch.equal(plain, aliased), f"tensor {i}"
