@@ -238,7 +238,7 @@ class InternodeCommunicator(MailboxErrors):
 
     def combine_input(self, handle):
         self._check_handle(handle)
-        start = self.kernels.NODE_DATA_OFFSET + (handle.slot) * self.slot_bytes
+        start = self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
         return combine_input_view(self.buffer, start, self.slot_bytes, handle,
                                   self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
 
