@@ -171,7 +171,9 @@ if step ab; then
         [ "$round" = 1 ] && note "ab: ${side}: $(grep -m1 '^deepcomm from' "$log")"
       done
     done
-    if python3 tools/ab_table.py --base "$OUT"/ab/base_*.json --this "$OUT"/ab/this_*.json \
+    if [ "$(grep -m1 '^deepcomm from' "$OUT/ab/base_1.log")" = "$(grep -m1 '^deepcomm from' "$OUT/ab/this_1.log")" ]; then
+      note "ab: FAILED: both sides imported the same deepcomm (see ab/*_1.log)"; status=1
+    elif python3 tools/ab_table.py --base "$OUT"/ab/base_*.json --this "$OUT"/ab/this_*.json \
         --json "$OUT/ab_table.json" > "$OUT/ab_table.txt" 2>&1; then
       note "ab: ${AB_ROUNDS:-2} rounds, table in ab_table.txt (printed below)"
     else
