@@ -4,7 +4,7 @@ from deepcomm import autograd, fp8, layout, reference, routing, topology
 from deepcomm._ext import FeatureUnavailable, features
 from deepcomm._version import __version__
 from deepcomm.communicator import Communicator
-from deepcomm.errors import CommunicationError
+from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
 from deepcomm.results import DispatchResult
@@ -16,6 +16,7 @@ __all__ = [
     "DispatchResult",
     "EventHandle",
     "FeatureUnavailable",
+    "SlotReusedError",
     "__version__",
     "autograd",
     "features",

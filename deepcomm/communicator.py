@@ -200,8 +200,10 @@ class Communicator:
         Write the outputs here (``copy_``, ``out=``) and pass the tensor to combine: the
         kernel backends then read the rows where they are instead of first copying them
         into registered memory (one read and one write of every row saved). It is the
-        dispatch's receive slot, so write it once the received rows have been read, and
-        within ``num_recv_slots`` dispatches. Any other bf16 tensor works too, copied in.
+        dispatch's receive slot: writing it overwrites the whole result (fp8 scales and
+        routing included), so write once all of it has been read, before ``num_recv_slots``
+        further dispatches (else :class:`SlotReusedError`), and use it only as combine's
+        input. Any other bf16 tensor works too, copied in.
         """
         return self._impl.combine_input(handle)
 

@@ -17,3 +17,8 @@ class CommunicationError(RuntimeError):
         self.peer = peer
         who = f" waiting for rank {peer}" if peer is not None else ""
         super().__init__(f"rank {rank}: stage '{stage}' failed{who}: {detail}")
+
+
+class SlotReusedError(ValueError):
+    """Rows, or a place for them, in a receive slot that later dispatches have reused
+    (a dispatch's results live in its slot until ``num_recv_slots`` further dispatches ran)."""

@@ -236,10 +236,12 @@ class InternodeCommunicator(MailboxErrors):
         if not isinstance(handle, InternodeHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
 
+    def _slot_start(self, handle) -> int:
+        return self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
+
     def combine_input(self, handle):
         self._check_handle(handle)
-        start = self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
-        return combine_input_view(self.buffer, start, self.slot_bytes, handle,
+        return combine_input_view(self.buffer, self._slot_start(handle), self.slot_bytes, handle,
                                   self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
 
     def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
@@ -254,7 +256,8 @@ class InternodeCommunicator(MailboxErrors):
         self._check_blocks(num_blocks)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
-            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset, dispatches_since,
+            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
+                                                  self._slot_start(handle), self.slot_bytes, dispatches_since,
                                                   self.config.num_recv_slots)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1

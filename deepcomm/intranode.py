@@ -240,10 +240,12 @@ class IntranodeCommunicator(MailboxErrors):
         if not isinstance(handle, IntranodeHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
 
+    def _slot_start(self, handle) -> int:
+        return self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
+
     def combine_input(self, handle):
         self._check_handle(handle)
-        start = self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
-        return combine_input_view(self.buffer, start, self.slot_bytes, handle,
+        return combine_input_view(self.buffer, self._slot_start(handle), self.slot_bytes, handle,
                                   self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
 
     def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
@@ -254,6 +256,7 @@ class IntranodeCommunicator(MailboxErrors):
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
             source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
+                                                  self._slot_start(handle), self.slot_bytes,
                                                   self._dispatch_calls - handle.dispatch_call,
                                                   self.config.num_recv_slots)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deepcomm import _ext, fp8
-from deepcomm.errors import CommunicationError
+from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.results import DispatchResult
 
@@ -127,42 +127,50 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
 
 
 
+def _check_slot_alive(dispatches_since: int, num_slots: int, what: str) -> None:
+    if dispatches_since >= num_slots:
+        raise SlotReusedError(f"{what}: {dispatches_since} dispatches ran since the one whose receive slot it is, and "
+                         f"reused the slot (results stay valid while fewer than {num_slots} further dispatches "
+                         "ran; clone to keep them)")
+
+
 def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, handle,
                        dispatches_since: int, num_slots: int) -> torch.Tensor:
     """``[R, H]`` bf16 at the start of ``handle``'s receive slot, for the expert outputs.
 
-    Combine reads rows that live in the buffer where they are; rows anywhere else
-    it first copies in. The slot already holds the dispatched rows, which the
-    experts have read by the time they write their outputs, and a bf16 row fits
-    in any slot's share of a row (``BufferConfig.slot_bytes``).
+    Combine reads rows that live in the slot where they are (:func:`combine_source_offset`).
+    The bf16 rows cover the whole received result (an fp8 one's scales and routing too), which
+    the experts have read by the time they write their outputs; they fit any slot
+    (``BufferConfig.slot_bytes``) unless a wrong ``num_recv_tokens`` sized the result.
     """
-    if dispatches_since >= num_slots:
-        raise ValueError(f"handle: {dispatches_since} dispatches ran since this one and reused its receive slot "
-                         f"(write expert outputs within {num_slots} dispatches)")
+    _check_slot_alive(dispatches_since, num_slots, "handle")
     rows, hidden = handle.num_recv_tokens, handle.hidden
-    assert rows * hidden * 2 <= slot_bytes, "a slot holds its rows as bf16"
+    if rows * hidden * 2 > slot_bytes:
+        raise ValueError(f"handle: {rows} rows of {hidden} bf16 do not fit a receive slot ({slot_bytes} bytes); "
+                         "was num_recv_tokens wrong?")
     # Detached, not a view for autograd: a recorded copy_ into it (rows that carry gradients) is then
     # one CopyBackwards, not a CopySlices that rebuilds a gradient of the whole viewed region.
     return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden).detach()
 
 
-def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int,
-                          dispatches_since: int, num_slots: int) -> int:
+def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int, slot_start: int,
+                          slot_bytes: int, dispatches_since: int, num_slots: int) -> int:
     """Byte offset in ``buffer`` (this rank's registered memory) of the rows combine sends.
 
-    Rows already in the buffer (e.g. computed in place in the receive slot) are
-    read where they are; anything else is copied to the combine area at
-    ``combine_offset`` first, because peers can only read registered memory.
+    Rows in the receive slot of the handle's dispatch (``slot_start``, ``slot_bytes``: written
+    there by the experts, or a round trip of the received rows) are read where they are;
+    rows anywhere else outside the buffer are copied to the combine area at ``combine_offset``
+    first, because peers can only read registered memory. Rows in another part of the buffer
+    (another dispatch's slot, which a later dispatch may have reused) are refused.
     ``dispatches_since``: dispatches after the one whose handle combine uses.
     """
     nbytes = expert_out.numel() * 2
     start = expert_out.data_ptr() - buffer.data_ptr()
-    if 0 <= start <= buffer.numel() - nbytes:
-        if start < combine_offset and dispatches_since >= num_slots:
-            raise ValueError(
-                "expert_out: it lives in a receive slot that a later dispatch has overwritten "
-                f"(results stay valid for {num_slots} dispatches; clone to keep them)"
-            )
+    if nbytes and 0 <= start < buffer.numel():
+        if not slot_start <= start <= slot_start + slot_bytes - nbytes:
+            raise ValueError("expert_out: it lies in this communicator's buffer but not in the receive slot of "
+                             "handle's dispatch (use combine_input(handle), or a tensor of your own)")
+        _check_slot_alive(dispatches_since, num_slots, "expert_out")
         return start
     staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
     staged.view(expert_out.shape).copy_(expert_out)

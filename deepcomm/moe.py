@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepcomm import autograd
+from deepcomm.errors import SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.fp8 import BLOCK_CHANNELS
 from deepcomm.results import DispatchResult
@@ -297,8 +298,10 @@ class MoELayer(nn.Module):
     def experts(self, received: DispatchResult) -> torch.Tensor:
         """This rank's experts on the received rows: ``[R, H]``, each row the sum over its local
         experts of weight × expert output, in float32 in k order, then in the layer's dtype.
-        In bf16 the rows land in ``comm.combine_input(received.handle)`` (docs/api.md): valid until
-        ``num_recv_slots`` more dispatches; rows replayed without a handle get a new tensor.
+        In bf16 the rows land in ``comm.combine_input(received.handle)`` (docs/api.md), the receive
+        slot: pass them to combine (clone them for anything else: later dispatches overwrite the
+        slot, unseen by autograd). Rows replayed without a handle, or whose slot later dispatches
+        already reused, get a new tensor.
 
         The (row, k) pairs are sorted by expert (stably) for one grouped GEMM. How many there
         are comes from dispatch's host wait (``num_recv_tokens_per_expert_list``), so this
@@ -325,7 +328,11 @@ class MoELayer(nn.Module):
         # Write where combine reads (the receive slot, whose rows were gathered above), which spares
         # combine copying every row into registered memory. Autograd records the copy (its backward
         # casts the gradient back); nothing saved for backward lives in the slot.
-        return autograd.combine_input(self.comm, received.handle).copy_(summed)
+        try:
+            rows_out = autograd.combine_input(self.comm, received.handle)
+        except SlotReusedError:  # more dispatches in flight than receive slots: combine copies these in
+            return summed.to(self.dtype)
+        return rows_out.copy_(summed)
 
     def combine(self, expert_out: torch.Tensor, handle, previous_event: EventHandle | None = None,
                 async_finish: bool = False) -> tuple[torch.Tensor, EventHandle]:

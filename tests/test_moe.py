@@ -457,3 +457,19 @@ def test_experts_write_into_a_registered_buffer_under_autograd(comm, monkeypatch
     assert runs[0][1] is not None and runs[0][1].abs().sum() > 0, "no gradient reached the tokens"
     for i, (plain, aliased) in enumerate(zip(*runs)):
         assert (plain is None and aliased is None) or torch.equal(plain, aliased), f"tensor {i}"
+
+
+def test_experts_whose_slot_was_reused_write_a_new_tensor(comm, monkeypatch):
+    """More dispatches in flight than receive slots: the experts' rows go to a tensor of their own
+    (combine copies them in), with the same values."""
+    config = moe.tiny(num_experts=4, num_topk=2).moe
+    layer = MoELayer(config, comm, torch.bfloat16, seed=3)
+    x2d = _tokens(0, (12, config.hidden), torch.bfloat16)
+    received = layer.dispatch(x2d, *layer.route(x2d))
+    expected = layer.experts(received)
+
+    def reused(handle):
+        raise deepcomm.SlotReusedError("handle: 2 dispatches ran since the one whose receive slot it is")
+
+    monkeypatch.setattr(comm._impl, "combine_input", reused)
+    assert torch.equal(layer.experts(received), expected)

@@ -345,7 +345,7 @@ def test_cli_table_json_png_for_two_ranks(tmp_path, capsys):
     torch_path = write_torch_trace(tmp_path / "r0.json", MAIN)
     nsys_path = write_nsys_sqlite(tmp_path / "r1.sqlite", MAIN)
     png, out_json = tmp_path / "overlap.png", tmp_path / "overlap.json"
-    overlap_report.main([str(torch_path), str(nsys_path), "--rank-label", "r0", "r1",
+    overlap_report.main([str(torch_path), str(nsys_path), "--rank-label", "r0", "r1", "--same-step",
                          "--png", str(png), "--json", str(out_json)])
     out = capsys.readouterr().out
     assert out.count("share %") == 4  # a layer table and a stage table per rank

@@ -16,7 +16,8 @@ all timed the same way (slowest rank's median, deepcomm.bench.Timer):
 
 Then --trace-steps overlapped steps are recorded with the torch profiler, and
 deepcomm.trace_analysis says which share of the communication kernels' time ran under compute
-kernels, in each rank's median step.
+kernels, in the median step (the same step on every rank), also counted from each call's last
+rank arriving.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -52,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--trace-dir", default=None, help="write each rank's torch profiler trace here")
     parser.add_argument("--trace-steps", type=int, default=3,
-                        help="profiled overlapped steps; each rank reports its median one")
+                        help="profiled overlapped steps; the ranks keep the one whose lowest share is the median")
     parser.add_argument("--trace-rows", action="store_true",
                         help="also trace one run of every row and write per-kernel totals (trace-dir/kernels_rank*.txt)")
     parser.add_argument("--json", dest="json_path", default=None)
@@ -199,6 +201,9 @@ def traced_share(step, trace_dir: str | None, steps: int) -> dict:
     trace_step(step, path)  # a first profiled run pays the profiler's own initialisation
     candidates = [os.path.join(directory, f".overlap_rank{rank}_step{index}.json") for index in range(steps)]
     samples = []  # per step: this rank's (comm µs, hidden µs, share), as measured and after peer arrival
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    one_clock = len(set(hosts)) == 1  # the profiler's timestamps are the host's: comparable on one host only
     try:
         for candidate in candidates:
             trace_step(step, candidate)
@@ -206,7 +211,7 @@ def traced_share(step, trace_dir: str | None, steps: int) -> dict:
             comm = [None] * world
             dist.all_gather_object(comm, [r for r in records if r.kind == trace_analysis.COMM])
             per_rank = [records if r == rank else comm[r] for r in range(world)]
-            arrived = trace_analysis.after_peer_arrival(per_rank)
+            arrived = trace_analysis.after_peer_arrival(per_rank) if one_clock else None
             samples.append(tuple(_triple(trace_analysis.analyze(recs).total) if recs is not None else None
                                  for recs in (records, None if arrived is None else arrived[rank])))
         everyone = [None] * world

@@ -204,6 +204,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--rank-label", nargs="+", metavar="LABEL",
                         help="one name per trace for tables and panels (default: the file names)")
+    parser.add_argument("--same-step", action="store_true",
+                        help="the traces are one step of every rank, on one host (tools/bench_overlap.py writes "
+                             "them so): also count each comm kernel from its call's last rank arriving")
     parser.add_argument("--comm-pattern", default=COMM_PATTERN, metavar="REGEX",
                         help="kernels whose name this regex finds are communication (default: %(default)s)")
     limit = parser.add_mutually_exclusive_group()
@@ -248,9 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(traces) > 1:
         print("min share over traces: " + ("- (no comm kernels)" if lowest is None
                                            else f"{_percent(lowest[1])}% ({lowest[0]})"))
-        # The ranks' traces of one step (tools/bench_overlap.py keeps the same step on every rank).
+    if args.same_step:
+        # The ranks' traces of one step on one host (tools/bench_overlap.py keeps the same step on every rank).
         arrived = after_peer_arrival([records for _, records, _ in traces])
-        if arrived is not None:
+        if arrived is None:
+            print("--same-step: the traces' comm kernels do not pair up (count or names differ)")
+        else:
             arrived_lowest = _min_share([(label, analyze(recs)) for (label, _, _), recs in zip(traces, arrived)])
             print("min share counting each comm kernel from its call's last rank arriving: "
                   + ("-" if arrived_lowest is None else f"{_percent(arrived_lowest[1])}% ({arrived_lowest[0]})"))
