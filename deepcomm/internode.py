@@ -32,8 +32,8 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    MailboxErrors, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_input_view,
-    combine_source_offset, payload_of, recv_row_shape, slot_views,
+    MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
+    recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.profiling import name_stream
@@ -61,7 +61,7 @@ class InternodeHandle:
     owner: int
 
 
-class InternodeCommunicator(MailboxErrors):
+class InternodeCommunicator(MailboxErrors, ReceiveSlots):
     """Dispatch/combine across ``topology.num_nodes`` nodes through the hierarchical kernels."""
 
     def __init__(
@@ -239,16 +239,11 @@ class InternodeCommunicator(MailboxErrors):
     def _slot_start(self, handle) -> int:
         return self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
 
-    def combine_input(self, handle):
-        self._check_handle(handle)
-        return combine_input_view(self.buffer, self._slot_start(handle), self.slot_bytes, handle,
-                                  self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
-
     def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        dispatches_since = self._dispatch_calls - handle.dispatch_call
+        dispatches_since = self._dispatches_since(handle)
         if dispatches_since >= self.config.num_recv_slots:
             raise ValueError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
                              f"(combine within {self.config.num_recv_slots} dispatches)")
@@ -256,9 +251,7 @@ class InternodeCommunicator(MailboxErrors):
         self._check_blocks(num_blocks)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
-            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
-                                                  self._slot_start(handle), self.slot_bytes, dispatches_since,
-                                                  self.config.num_recv_slots)
+            source_offset = self._combine_source(expert_out, handle)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
             credit_expected = self._home_blocks

@@ -27,8 +27,8 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    MailboxErrors, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, combine_input_view,
-    combine_source_offset, payload_of, recv_row_shape, slot_views,
+    MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
+    recv_row_shape, slot_views,
 )
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.profiling import name_stream
@@ -96,7 +96,7 @@ class IntranodeHandle:
     owner: int  # id() of the communicator that made it
 
 
-class IntranodeCommunicator(MailboxErrors):
+class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
     """Dispatch/combine among ``topology.world_size`` ranks of one node through the CUDA kernels."""
 
     def __init__(
@@ -243,11 +243,6 @@ class IntranodeCommunicator(MailboxErrors):
     def _slot_start(self, handle) -> int:
         return self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
 
-    def combine_input(self, handle):
-        self._check_handle(handle)
-        return combine_input_view(self.buffer, self._slot_start(handle), self.slot_bytes, handle,
-                                  self._dispatch_calls - handle.dispatch_call, self.config.num_recv_slots)
-
     def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
         self.check_errors()
         self._check_handle(handle)
@@ -255,10 +250,7 @@ class IntranodeCommunicator(MailboxErrors):
         num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
-            source_offset = combine_source_offset(self.buffer, expert_out, self.combine_offset,
-                                                  self._slot_start(handle), self.slot_bytes,
-                                                  self._dispatch_calls - handle.dispatch_call,
-                                                  self.config.num_recv_slots)
+            source_offset = self._combine_source(expert_out, handle)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
             self._combine_calls = call

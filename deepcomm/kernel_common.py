@@ -129,9 +129,9 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
 
 def _check_slot_alive(dispatches_since: int, num_slots: int, what: str) -> None:
     if dispatches_since >= num_slots:
-        raise SlotReusedError(f"{what}: {dispatches_since} dispatches ran since the one whose receive slot it is, and "
-                         f"reused the slot (results stay valid while fewer than {num_slots} further dispatches "
-                         "ran; clone to keep them)")
+        raise SlotReusedError(f"{what}: {dispatches_since} dispatches ran since the one whose receive slot it is, "
+                              f"and reused the slot (results stay valid while fewer than {num_slots} further "
+                              "dispatches ran; clone to keep them)")
 
 
 def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, handle,
@@ -175,6 +175,26 @@ def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combin
     staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
     staged.view(expert_out.shape).copy_(expert_out)
     return combine_offset
+
+
+class ReceiveSlots:
+    """combine_input and where combine finds its rows, shared by the kernel communicators.
+
+    Needs: buffer, slot_bytes, combine_offset, config (num_recv_slots), _dispatch_calls,
+    ``_check_handle(handle)`` and ``_slot_start(handle)`` (byte offset of its dispatch's slot).
+    """
+
+    def _dispatches_since(self, handle) -> int:
+        return self._dispatch_calls - handle.dispatch_call
+
+    def combine_input(self, handle) -> torch.Tensor:
+        self._check_handle(handle)
+        return combine_input_view(self.buffer, self._slot_start(handle), self.slot_bytes, handle,
+                                  self._dispatches_since(handle), self.config.num_recv_slots)
+
+    def _combine_source(self, expert_out: torch.Tensor, handle) -> int:
+        return combine_source_offset(self.buffer, expert_out, self.combine_offset, self._slot_start(handle),
+                                     self.slot_bytes, self._dispatches_since(handle), self.config.num_recv_slots)
 
 
 class MailboxErrors:
