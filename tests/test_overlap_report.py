@@ -310,6 +310,14 @@ def test_ranks_whose_comm_kernels_do_not_pair_up_give_none():
     assert after_peer_arrival([[], []]) == [[], []]
 
 
+def test_same_step_with_traces_whose_comm_kernels_do_not_pair_up(tmp_path, capsys):
+    fewer = Spec(MAIN.ranges, [k for k in MAIN.kernels if k[0] != DISPATCH])
+    paths = [write_torch_trace(tmp_path / "r0.json", MAIN), write_torch_trace(tmp_path / "r1.json", fewer)]
+    overlap_report.main([str(p) for p in paths] + ["--same-step", "--json", str(tmp_path / "o.json")])
+    assert "--same-step: the traces' comm kernels do not pair up" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["min_share_after_peer_arrival"] is None
+
+
 def test_no_comm_kernels_gives_no_share(tmp_path, capsys):
     spec = Spec([(0, "L0/mb0/attention", 0, 100)], [(GEMM, 1000, 1100, 7, 0, 10)])
     report = analyze(load_trace(write_torch_trace(tmp_path / "t.json", spec)))
