@@ -20,9 +20,9 @@
 //   partner there (the transport). Quantising payloads go through registers. After each chunk of 16 tokens the block puts the new
 //   rows and adds their count to the partner's tail for (node, channel); the
 //   final signal carries the channel's total.
-// - forwarder blocks poll the tails of (source node, channel) pairs, and as
-//   rows land copy each to its final rows in this node's recv slots (NVLink),
-//   recording those rows for combine (the forward map).
+// - forwarder blocks poll the tails of their (source node, channel) pairs,
+//   round robin, and as rows land copy each to its final rows in this node's
+//   recv slots (NVLink), recording those rows for combine (the forward map).
 // Every block then counts itself done at every node peer; the kernel ends when
 // all node peers' blocks are done: this rank's slot is complete.
 //
@@ -33,8 +33,9 @@
 //   outputs of this node's ranks that received it (ascending rank, float32,
 //   from the first row), round to bf16, and send the partial back to the
 //   token's home rank (the partner on the source node), chunk by chunk, with
-//   tails as in dispatch. They first wait for the home rank's credit: it has
-//   finished reading the previous combine's partials.
+//   tails as in dispatch, a chunk of each of their (home node, channel) pairs
+//   in turn. They first wait for the home ranks' credit: each has finished
+//   reading the previous combine's partials.
 // - home blocks: per token, in ascending node order, take this node's partial
 //   (computed from node peers' rows over NVLink, rounded to bf16) or the
 //   partial that arrived from the node's gateway, sum in float32 from the first
@@ -415,46 +416,85 @@ __device__ void send_channel(const Context<T>& ctx, const DispatchArgs& args, co
   if (lane == 0 && direct_rows) atomicAdd(&traffic->bytes[kDispatchDirect], direct_rows * slot_row);
 }
 
-// Copies rows that arrive from (source node, channel) to their final rows on this node.
+// The (other node, channel) pairs a forwarder or gateway block serves: pair p = block + k * blocks, so
+// one block holds a channel of several nodes. A forwarder has at most 2 (N - 1) of them: C = ceil(B / 2)
+// channels of N - 1 nodes over floor(B / 2) >= max(1, C - 1) blocks.
+constexpr int kMaxForwardPairs = 2 * (kMaxNodes - 1);
+
+__device__ __forceinline__ int pair_node(int pair, int channels, int own_node) {
+  const int other = pair / channels;
+  return other < own_node ? other : other + 1;
+}
+
+// Copies rows that arrive from every (source node, channel) pair of this forwarder block to their
+// final rows on this node. The pairs fill at once (a sender ships each chunk to every node), so the
+// block serves whichever has rows, round robin: taking them one after another would leave it
+// waiting on the first pair's sender while the others' rows sit there.
 template <typename T>
-__device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
-                             const RowFormat& fmt, int source_node, int channel, int channels,
-                             bulk::WarpStage& stage, BlockTraffic* traffic, bool* failed) {
-  __shared__ int64_t available, total;
+__device__ void forward_pairs(const Context<T>& ctx, const DispatchArgs& args, const SlotRows* dests,
+                              const RowFormat& fmt, int channels, bulk::WarpStage& stage, BlockTraffic* traffic,
+                              bool* failed) {
+  __shared__ int64_t heads[kMaxForwardPairs], totals[kMaxForwardPairs];
+  __shared__ int picked;             // pair with rows to copy, -1 when every pair is done
+  __shared__ int64_t picked_rows;    // rows of that pair in so far
   const TransportLayout& tl = ctx.layout;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int L = ctx.ranks_per_node;
+  const int forwarder = blockIdx.x - channels, forwarders = args.num_blocks - channels;
+  const int pairs = (ctx.num_nodes - 1) * channels;
+  const int mine = forwarder < pairs ? (pairs - forwarder + forwarders - 1) / forwarders : 0;
   const bool has_scales = args.payload != Payload::kBf16;
   const int64_t slot_x_bytes = has_scales ? args.hidden : 2LL * args.hidden;
   const int scale_cols = has_scales ? args.hidden / 128 : 0;
   const int64_t rows_per_channel = channel_rows(ctx.max_tokens, channels);
   const int64_t slot_row = slot_row_bytes(slot_x_bytes, scale_cols, args.num_topk);
-  uint64_t* tail = local_signal(ctx, dispatch_tail_offset(source_node, channel));
-  int32_t* forward_rows = ctx.forward_rows +
-      ((static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * tl.area_rows) * L;
+  auto tail_of = [&](int k) {
+    const int pair = forwarder + k * forwarders;
+    return local_signal(ctx, dispatch_tail_offset(pair_node(pair, channels, ctx.node), pair % channels));
+  };
   unsigned long long forwarded = 0;
 
-  int64_t head = 0;
+  for (int k = threadIdx.x; k < mine; k += blockDim.x) heads[k] = 0, totals[k] = -1;
+  int cursor = 0;  // thread 0: where the next round-robin scan starts
   while (true) {
+    __syncthreads();
     if (threadIdx.x == 0) {
-      const int64_t seen = head;
-      const bool ok = wait_until(
-          tail,
-          [seen](uint64_t v) {
-            const int64_t count = static_cast<int64_t>(v & kTailCountMask), final_total = static_cast<int64_t>(v >> 32) - 1;
-            return count > seen || count == final_total;
-          },
-          ctx.timeout_ns, ctx.mailbox, kStageForward, source_node * L + ctx.local);
-      const uint64_t v = ptx::load_acquire_sys(tail);
-      available = static_cast<int64_t>(v & kTailCountMask);
-      total = static_cast<int64_t>(v >> 32) - 1;
-      if (!ok) *failed = true;
+      picked = -1;
+      const uint64_t start = ptx::global_timer_ns();
+      bool open = true;
+      while (picked < 0 && open) {
+        open = false;
+        for (int i = 0; i < mine; ++i) {
+          const int k = (cursor + i) % mine;
+          if (heads[k] == totals[k]) continue;  // every row of the pair is in and copied
+          open = true;
+          const uint64_t v = ptx::load_acquire_sys(tail_of(k));
+          const int64_t count = static_cast<int64_t>(v & kTailCountMask), total = static_cast<int64_t>(v >> 32) - 1;
+          if (count > heads[k] || count == total) {
+            picked = k, picked_rows = count, totals[k] = total, cursor = k + 1;
+            break;
+          }
+        }
+        if (picked < 0 && open && static_cast<int64_t>(ptx::global_timer_ns() - start) > ctx.timeout_ns) {
+          int k = 0;
+          while (heads[k] == totals[k]) ++k;
+          report_error(ctx.mailbox, kErrorTimeout, kStageForward,
+                       pair_node(forwarder + k * forwarders, channels, ctx.node) * L + ctx.local);
+          *failed = true;
+          break;
+        }
+      }
     }
     __syncthreads();
-    if (*failed) return;
+    if (*failed || picked < 0) break;
     if (lane == 0) bulk::fence_proxy_global();  // rows a peer wrote (ordinary or bulk stores), seen through the acquire
-    // Copies: thread 0 rewrites the shared values once every thread is past the barrier below.
-    const int64_t rows_in = available, rows_total = total;
+    // Thread 0 rewrites the shared values only once every thread is past the next barrier.
+    const int k = picked;
+    const int64_t head = heads[k], rows_in = picked_rows;
+    const int pair = forwarder + k * forwarders;
+    const int source_node = pair_node(pair, channels, ctx.node), channel = pair % channels;
+    int32_t* forward_rows = ctx.forward_rows +
+        ((static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * tl.area_rows) * L;
     for (int64_t i = head + warp; i < rows_in; i += kWarps) {
       const int64_t area_row = channel * rows_per_channel + i;
       const uint8_t* row =
@@ -484,13 +524,14 @@ __device__ void forward_pair(const Context<T>& ctx, const DispatchArgs& args, co
       }
     }
     __syncthreads();
-    head = rows_in;
-    if (head == rows_total) break;
-  }
-  if (threadIdx.x == 0) {
-    ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * kMaxChannels + channel] =
-        static_cast<int32_t>(head);
-    *tail = 0;  // every row is in: the partner writes this word again only after the next notify
+    if (threadIdx.x == 0) {
+      heads[k] = rows_in;
+      if (rows_in == totals[k]) {
+        ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + source_node) * kMaxChannels + channel] =
+            static_cast<int32_t>(rows_in);
+        *tail_of(k) = 0;  // every row is in: the partner writes this word again only after the next notify
+      }
+    }
   }
   if (lane == 0 && forwarded) atomicAdd(&traffic->bytes[kDispatchForward], forwarded * slot_row);
 }
@@ -541,13 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
     if (static_cast<int>(blockIdx.x) < channels) {
       send_channel<T, kPayload>(ctx, args, dests, fmt, blockIdx.x, channels, stage, &traffic);
     } else {
-      const int forwarder = blockIdx.x - channels, forwarders = args.num_blocks - channels;
-      const int pairs = (ctx.num_nodes - 1) * channels;
-      for (int pair = forwarder; pair < pairs && !failed; pair += forwarders) {
-        const int other = pair / channels;
-        const int source_node = other < ctx.node ? other : other + 1;
-        forward_pair(ctx, args, dests, fmt, source_node, pair % channels, channels, stage, &traffic, &failed);
-      }
+      forward_pairs(ctx, args, dests, fmt, channels, stage, &traffic, &failed);
     }
   }
   bulk::WarpStage::complete_stores();  // forwarded rows are published by the node barrier below
@@ -592,9 +627,12 @@ __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, cons
   return any;
 }
 
+// Sums the expert outputs of this node's ranks for forwarded rows [chunk, chunk + kWarps) of the
+// (home node, channel) pair, a warp per row, and ships them to the home rank with the tail's count.
 template <typename T>
-__device__ void gateway_pair(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
-                             int home_node, int channel, BlockTraffic* traffic, bool* failed) {
+__device__ void gateway_chunk(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                              int home_node, int channel, int chunk, int count, BlockTraffic* traffic,
+                              unsigned long long* nvlink_rows) {
   const TransportLayout& tl = ctx.layout;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int L = ctx.ranks_per_node;
@@ -602,52 +640,80 @@ __device__ void gateway_pair(const Context<T>& ctx, const CombineArgs& args, con
   const int64_t row_bytes = 2LL * args.hidden;
   const int num_units = static_cast<int>(row_bytes / 16);
   const int64_t rows_per_channel = channel_rows(ctx.max_tokens, args.dispatch_channels);
-  const int32_t count = ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + home_node) * kMaxChannels + channel];
   const int32_t* forward_rows =
       ctx.forward_rows + ((static_cast<int64_t>(args.slot) * ctx.num_nodes + home_node) * tl.area_rows) * L;
-  unsigned long long nvlink_rows = 0;
+  auto partials = [&](int64_t area_row) {  // this node's partials for the home rank, from area_row
+    return ctx.transport.window(
+        home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
+        tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes);
+  };
 
+  const int i = chunk + warp;
+  if (i < count) {
+    const int64_t area_row = channel * rows_per_channel + i;
+    const int lane_row = lane < L ? forward_rows[area_row * L + lane] : -1;
+    int rows_of[kMaxLocalRanks];
+#pragma unroll
+    for (int l = 0; l < kMaxLocalRanks; ++l) rows_of[l] = __shfl_sync(0xffffffffu, lane_row, l);
+    int4* out = reinterpret_cast<int4*>(partials(area_row));
+    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
+      float sum[kCombineUnroll][8];
+      node_partial(sources, rows_of, row_bytes, unit0, num_units, sum);
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u)
+        if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(sum[u]);
+    }
+    *nvlink_rows += __popc(__ballot_sync(0xffffffffu, lane_row >= 0));
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int added = min(kWarps, count - chunk);
+    const int64_t area_row = channel * rows_per_channel + chunk;
+    ctx.transport.put_signal_warp(
+        home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
+        tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes,
+        added * row_bytes, combine_tail_offset(ctx.node, channel), static_cast<uint64_t>(added), SignalOp::kAdd, lane);
+    if (lane == 0) traffic->bytes[kCombineBoundary] += static_cast<unsigned long long>(added) * row_bytes;
+  }
+}
+
+// A gateway block's (home node, channel) pairs, a chunk of each in turn: the home ranks reduce in
+// token order and need every node's partials as they go, so no pair may wait for another to finish.
+template <typename T>
+__device__ void gateway_pairs(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                              int gateway, int gateways, BlockTraffic* traffic, bool* failed) {
+  const int lane = threadIdx.x % 32;
+  const int channels = args.dispatch_channels;
+  const int pairs = (ctx.num_nodes - 1) * channels;
+  auto count_of = [&](int home_node, int channel) {
+    return ctx.forward_counts[(static_cast<int64_t>(args.slot) * ctx.num_nodes + home_node) * kMaxChannels + channel];
+  };
+  // Each home rank's credit first: it has finished reading the previous combine's partials.
   if (threadIdx.x == 0) {
     const uint64_t expected = args.credit_expected;
-    if (!wait_until(local_signal(ctx, credit_offset(home_node)), [expected](uint64_t v) { return v >= expected; },
-                    ctx.timeout_ns, ctx.mailbox, kStageCombineCredit, home))
-      *failed = true;
+    for (int pair = gateway; pair < pairs && !*failed; pair += gateways) {
+      const int home_node = pair_node(pair, channels, ctx.node);
+      if (!wait_until(local_signal(ctx, credit_offset(home_node)), [expected](uint64_t v) { return v >= expected; },
+                      ctx.timeout_ns, ctx.mailbox, kStageCombineCredit, home_node * ctx.ranks_per_node + ctx.local))
+        *failed = true;
+    }
   }
   __syncthreads();
   if (*failed) return;
 
-  for (int chunk = 0; chunk < count; chunk += kWarps) {
-    const int i = chunk + warp;
-    if (i < count) {
-      const int64_t area_row = channel * rows_per_channel + i;
-      const int lane_row = lane < L ? forward_rows[area_row * L + lane] : -1;
-      int rows_of[kMaxLocalRanks];
-#pragma unroll
-      for (int l = 0; l < kMaxLocalRanks; ++l) rows_of[l] = __shfl_sync(0xffffffffu, lane_row, l);
-      int4* out = reinterpret_cast<int4*>(ctx.transport.window(
-          home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
-          tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes));
-      for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
-        float sum[kCombineUnroll][8];
-        node_partial(sources, rows_of, row_bytes, unit0, num_units, sum);
-#pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u)
-          if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(sum[u]);
-      }
-      nvlink_rows += __popc(__ballot_sync(0xffffffffu, lane_row >= 0));
+  unsigned long long nvlink_rows = 0;
+  for (int chunk = 0;; chunk += kWarps) {
+    bool more = false;  // the same for every thread: the counts are the dispatch's
+    for (int pair = gateway; pair < pairs; pair += gateways) {
+      const int home_node = pair_node(pair, channels, ctx.node), channel = pair % channels;
+      const int count = count_of(home_node, channel);
+      if (chunk >= count) continue;
+      more = true;
+      gateway_chunk(ctx, args, sources, home_node, channel, chunk, count, traffic, &nvlink_rows);
     }
-    __syncthreads();
-    if (warp == 0) {
-      const int added = min(kWarps, count - chunk);
-      const int64_t area_row = channel * rows_per_channel + chunk;
-      ctx.transport.put_signal_warp(
-          home, tl.combine_recv + (static_cast<int64_t>(ctx.node) * tl.area_rows + area_row) * row_bytes,
-          tl.combine_staging + (static_cast<int64_t>(home_node) * tl.area_rows + area_row) * row_bytes,
-          added * row_bytes, combine_tail_offset(ctx.node, channel), static_cast<uint64_t>(added), SignalOp::kAdd, lane);
-      if (lane == 0) traffic->bytes[kCombineBoundary] += static_cast<unsigned long long>(added) * row_bytes;
-    }
+    if (!more) break;
   }
-  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
+  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * 2LL * args.hidden);
 }
 
 template <typename T>
@@ -785,13 +851,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context<T> ctx, Co
           if (n != ctx.node) ctx.transport.signal(n * L + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
       }
     } else {
-      const int gateway = blockIdx.x - home_blocks, gateways = args.num_blocks - home_blocks;
-      const int pairs = (ctx.num_nodes - 1) * args.dispatch_channels;
-      for (int pair = gateway; pair < pairs && !failed; pair += gateways) {
-        const int other = pair / args.dispatch_channels;
-        gateway_pair(ctx, args, sources, other < ctx.node ? other : other + 1, pair % args.dispatch_channels,
-                     &traffic, &failed);
-      }
+      gateway_pairs(ctx, args, sources, blockIdx.x - home_blocks, args.num_blocks - home_blocks, &traffic, &failed);
       __syncthreads();
       if (threadIdx.x == 0) ctx.transport.quiet();
     }
