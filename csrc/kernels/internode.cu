@@ -594,26 +594,33 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
 // --------------------------------------------------------------- combine
 
 // 16-byte units a lane reduces per step: independent loads in flight hide the
-// NVLink / HBM latency that one unit at a time would wait out.
-constexpr int kCombineUnroll = 4;
+// NVLink / HBM latency that one unit at a time would wait out. The home
+// reduction holds a node partial and a running sum besides its loads: at 4 units
+// it outgrows the 128 registers a thread has at 512 threads and spills.
+constexpr int kCombineUnroll = 4;  // gateways
+constexpr int kHomeUnroll = 2;
 
 // Sums (float32, ascending local rank, from the first row) the 16-byte units
-// unit0 + 32 u (u < kCombineUnroll, those below num_units) of this node's expert
-// rows for one token, rounded to bf16. The rows are the same for the whole warp.
-__device__ __forceinline__ bool node_partial(const uint8_t* const* sources, const int (&rows)[kMaxLocalRanks],
-                                             int64_t row_bytes, int unit0, int num_units,
-                                             float (&sum)[kCombineUnroll][8]) {
+// unit0 + 32 u (u < kUnroll, those below num_units) of this node's expert
+// rows for one token, rounded to bf16 and packed. Lane l holds the row of local
+// rank l (-1: none; lanes >= ranks_per_node hold -1). Arrays indexed only by
+// unrolled constants stay in registers: the home reduction runs at the limit.
+template <int kUnroll>
+__device__ __forceinline__ bool node_partial(const uint8_t* const* sources, int lane_row, int64_t row_bytes,
+                                             int unit0, int num_units, int4 (&packed)[kUnroll]) {
+  float sum[kUnroll][8];
   bool any = false;
 #pragma unroll
   for (int l = 0; l < kMaxLocalRanks; ++l) {
-    if (rows[l] < 0) continue;
-    const int4* row = reinterpret_cast<const int4*>(sources[l] + rows[l] * row_bytes);
-    int4 raw[kCombineUnroll];
+    const int row_index = __shfl_sync(0xffffffffu, lane_row, l);
+    if (row_index < 0) continue;
+    const int4* row = reinterpret_cast<const int4*>(sources[l] + row_index * row_bytes);
+    int4 raw[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kCombineUnroll; ++u)
+    for (int u = 0; u < kUnroll; ++u)
       if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
 #pragma unroll
-    for (int u = 0; u < kCombineUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       float values[8];
       rows::unpack_bf16x8(raw[u], values);
 #pragma unroll
@@ -623,7 +630,7 @@ __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, cons
   }
   if (any)
 #pragma unroll
-    for (int u = 0; u < kCombineUnroll; ++u) rows::round_to_bf16x8(sum[u]);
+    for (int u = 0; u < kUnroll; ++u) packed[u] = rows::pack_bf16x8(sum[u]);
   return any;
 }
 
@@ -652,16 +659,13 @@ __device__ void gateway_chunk(const Context<T>& ctx, const CombineArgs& args, co
   if (i < count) {
     const int64_t area_row = channel * rows_per_channel + i;
     const int lane_row = lane < L ? forward_rows[area_row * L + lane] : -1;
-    int rows_of[kMaxLocalRanks];
-#pragma unroll
-    for (int l = 0; l < kMaxLocalRanks; ++l) rows_of[l] = __shfl_sync(0xffffffffu, lane_row, l);
     int4* out = reinterpret_cast<int4*>(partials(area_row));
     for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
-      float sum[kCombineUnroll][8];
-      node_partial(sources, rows_of, row_bytes, unit0, num_units, sum);
+      int4 packed[kCombineUnroll];
+      node_partial(sources, lane_row, row_bytes, unit0, num_units, packed);
 #pragma unroll
       for (int u = 0; u < kCombineUnroll; ++u)
-        if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(sum[u]);
+        if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = packed[u];
     }
     *nvlink_rows += __popc(__ballot_sync(0xffffffffu, lane_row >= 0));
   }
@@ -729,80 +733,77 @@ __device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& ar
   const int first = channel * per_channel;
   const int last = min(args.num_tokens, first + per_channel);
   unsigned long long nvlink_rows = 0;
-  int64_t arrived[kMaxNodes] = {};  // lane 0: rows seen on each node's tail so far
+  // Lane n < N polls node n's tail; it remembers the count it last saw, so it polls once per chunk.
+  uint64_t* tail = lane < N && lane != ctx.node ? local_signal(ctx, combine_tail_offset(lane, channel)) : nullptr;
+  int64_t arrived = 0;
 
   for (int token = first + warp; token < last; token += kWarps) {
     const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, W, lane, true);
     const uint32_t nodes = nodes_of(route.ranks, N, L);
-    const int lane_row = lane < N ? args.node_rows[static_cast<int64_t>(token) * N + lane] : -1;
-    int local_rows[kMaxLocalRanks];
-#pragma unroll
-    for (int l = 0; l < kMaxLocalRanks; ++l) {
-      const int dst = ctx.node * L + l;
-      local_rows[l] = l < L && route.goes_to(dst) ? route.position(dst) : -1;
-    }
+    // Lane n: the area row of node n's partial; lane l: this token's row at local rank l.
+    const int area_row = lane < N ? args.node_rows[static_cast<int64_t>(token) * N + lane] : -1;
+    const int local_position = route.position(ctx.node * L + (lane < L ? lane : 0));
+    const int local_row = lane < L && route.goes_to(ctx.node * L + lane) ? local_position : -1;
     nvlink_rows += __popcll((route.ranks >> (ctx.node * L)) & ((1ull << L) - 1));
     // The partials of other nodes for this token must have arrived (tails count rows in order).
-    // Lane 0 remembers the last count it saw per node, so it polls once per chunk, not per token.
     bool ok = true;
-    int area_rows[kMaxNodes];
-#pragma unroll
-    for (int n = 0; n < kMaxNodes; ++n) area_rows[n] = __shfl_sync(0xffffffffu, lane_row, n);
-    if (lane == 0) {
-      for (int n = 0; n < N && ok; ++n) {
-        if (n == ctx.node || !((nodes >> n) & 1u)) continue;
-        const int64_t needed = area_rows[n] - channel * rows_per_channel + 1;
-        if (arrived[n] >= needed) continue;
+    const bool remote_partial = tail != nullptr && ((nodes >> lane) & 1u);
+    if (remote_partial) {
+      const int64_t needed = area_row - channel * rows_per_channel + 1;
+      if (arrived < needed) {
         int64_t seen = 0;
-        ok = wait_until(local_signal(ctx, combine_tail_offset(n, channel)),
+        ok = wait_until(tail,
                         [needed, &seen](uint64_t v) {
                           seen = static_cast<int64_t>(v & kTailCountMask);
                           return seen >= needed;
                         },
-                        ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, n * L + ctx.local);
-        arrived[n] = seen;
+                        ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, lane * L + ctx.local);
+        arrived = seen;
       }
     }
-    ok = __shfl_sync(0xffffffffu, ok, 0);
-    if (!ok) {
+    if (!__all_sync(0xffffffffu, ok)) {
       *failed = true;
       break;
     }
+    const int4* lane_partial = remote_partial ? reinterpret_cast<const int4*>(ctx.transport.local(
+        tl.combine_recv + (static_cast<int64_t>(lane) * tl.area_rows + area_row) * row_bytes)) : nullptr;
 
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
-    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
-      float total[kCombineUnroll][8] = {};
+    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kHomeUnroll) {
+      // This node's partial first, kept packed: it is bf16 already, and registers are scarce.
+      int4 own[kHomeUnroll];
+      if ((nodes >> ctx.node) & 1u) node_partial(sources, local_row, row_bytes, unit0, num_units, own);
+      float total[kHomeUnroll][8] = {};  // +0 for a token that went nowhere
       bool any = false;
       for (int n = 0; n < N; ++n) {
         if (!((nodes >> n) & 1u)) continue;
-        float partial[kCombineUnroll][8];
+        int4 raw[kHomeUnroll];
         if (n == ctx.node) {
-          node_partial(sources, local_rows, row_bytes, unit0, num_units, partial);
+#pragma unroll
+          for (int u = 0; u < kHomeUnroll; ++u) raw[u] = own[u];
         } else {
-          const int4* row = reinterpret_cast<const int4*>(ctx.transport.local(
-              tl.combine_recv + (static_cast<int64_t>(n) * tl.area_rows + area_rows[n]) * row_bytes));
-          int4 raw[kCombineUnroll];
+          const int4* row = reinterpret_cast<const int4*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n));
 #pragma unroll
-          for (int u = 0; u < kCombineUnroll; ++u)
+          for (int u = 0; u < kHomeUnroll; ++u)
             if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
-#pragma unroll
-          for (int u = 0; u < kCombineUnroll; ++u) rows::unpack_bf16x8(raw[u], partial[u]);
         }
 #pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u)
+        for (int u = 0; u < kHomeUnroll; ++u) {
+          float values[8];
+          rows::unpack_bf16x8(raw[u], values);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) total[u][i] = any ? total[u][i] + partial[u][i] : partial[u][i];
+          for (int i = 0; i < 8; ++i) total[u][i] = any ? total[u][i] + values[i] : values[i];
+        }
         any = true;
       }
 #pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u)  // +0 for a token that went nowhere
+      for (int u = 0; u < kHomeUnroll; ++u)
         if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(total[u]);
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0)
-    for (int n = 0; n < N; ++n)
-      if (n != ctx.node) *local_signal(ctx, combine_tail_offset(n, channel)) = 0;  // every partial is in
+  if (tail != nullptr && warp == 0) *tail = 0;  // every partial of the channel is in
   if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
 }
 
