@@ -136,7 +136,6 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         self._combine_calls = 0
         self._dispatch_blocks = 0
         self._combine_blocks = 0
-        self._home_blocks = 0
         self._failure: CommunicationError | None = None
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         name_stream(self._stream, "deepcomm communication")
@@ -254,10 +253,9 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
             source_offset = self._combine_source(expert_out, handle)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
-            credit_expected = self._home_blocks
+            credit_expected = call - 1  # each home rank gives one credit a combine, once it read every partial
             self._combine_calls = call
             self._combine_blocks += num_blocks
-            self._home_blocks += self.kernels.num_channels(num_blocks)
             self.ctx.combine(call, handle.slot, handle.channels, source_offset, y.data_ptr(), handle.hidden,
                              handle.num_tokens, handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
                              handle.send_base.data_ptr(), handle.node_rows.data_ptr(), credit_expected,

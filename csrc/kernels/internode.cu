@@ -39,7 +39,10 @@
 // - home blocks: per token, in ascending node order, take this node's partial
 //   (computed from node peers' rows over NVLink, rounded to bf16) or the
 //   partial that arrived from the node's gateway, sum in float32 from the first
-//   and round to bf16: the reference path's order, bit for bit.
+//   and round to bf16: the reference path's order, bit for bit. Warps take
+//   tokens from per-channel counters, and gateways join once their partials
+//   are out; the warp that reduces the last token resets the tails and gives
+//   each gateway that sent here its credit.
 #include "kernels/common/bulk.cuh"
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
@@ -720,91 +723,132 @@ __device__ void gateway_pairs(const Context<T>& ctx, const CombineArgs& args, co
   if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * 2LL * args.hidden);
 }
 
+// The home reduction of one token of `channel`, by one warp: in ascending node order, this node's
+// partial (from the node peers' rows over NVLink) or the partial that node's gateway sent, summed in
+// float32 from the first and rounded to bf16. Lane n < N remembers in `arrived` the count it last
+// saw on node n's tail for this channel, so it polls once per chunk of rows, not per token.
 template <typename T>
-__device__ void reduce_home_channel(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
-                                    int channel, BlockTraffic* traffic, bool* failed) {
+__device__ bool reduce_home_token(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                                  int channel, int token, int64_t& arrived, unsigned long long* nvlink_rows) {
   const TransportLayout& tl = ctx.layout;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int L = ctx.ranks_per_node, N = ctx.num_nodes, W = ctx.num_ranks;
+  const int lane = threadIdx.x % 32;
+  const int L = ctx.ranks_per_node, N = ctx.num_nodes;
   const int64_t row_bytes = 2LL * args.hidden;
   const int num_units = static_cast<int>(row_bytes / 16);
-  const int64_t rows_per_channel = channel_rows(ctx.max_tokens, args.dispatch_channels);
-  const int per_channel = tokens_per_channel(args.num_tokens, args.dispatch_channels);
-  const int first = channel * per_channel;
-  const int last = min(args.num_tokens, first + per_channel);
-  unsigned long long nvlink_rows = 0;
-  // Lane n < N polls node n's tail; it remembers the count it last saw, so it polls once per chunk.
-  uint64_t* tail = lane < N && lane != ctx.node ? local_signal(ctx, combine_tail_offset(lane, channel)) : nullptr;
-  int64_t arrived = 0;
-
-  for (int token = first + warp; token < last; token += kWarps) {
-    const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, W, lane, true);
-    const uint32_t nodes = nodes_of(route.ranks, N, L);
-    // Lane n: the area row of node n's partial; lane l: this token's row at local rank l.
-    const int area_row = lane < N ? args.node_rows[static_cast<int64_t>(token) * N + lane] : -1;
-    const int local_position = route.position(ctx.node * L + (lane < L ? lane : 0));
-    const int local_row = lane < L && route.goes_to(ctx.node * L + lane) ? local_position : -1;
-    nvlink_rows += __popcll((route.ranks >> (ctx.node * L)) & ((1ull << L) - 1));
-    // The partials of other nodes for this token must have arrived (tails count rows in order).
-    bool ok = true;
-    const bool remote_partial = tail != nullptr && ((nodes >> lane) & 1u);
-    if (remote_partial) {
-      const int64_t needed = area_row - channel * rows_per_channel + 1;
-      if (arrived < needed) {
-        int64_t seen = 0;
-        ok = wait_until(tail,
-                        [needed, &seen](uint64_t v) {
-                          seen = static_cast<int64_t>(v & kTailCountMask);
-                          return seen >= needed;
-                        },
-                        ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, lane * L + ctx.local);
-        arrived = seen;
-      }
-    }
-    if (!__all_sync(0xffffffffu, ok)) {
-      *failed = true;
-      break;
-    }
-    const int4* lane_partial = remote_partial ? reinterpret_cast<const int4*>(ctx.transport.local(
-        tl.combine_recv + (static_cast<int64_t>(lane) * tl.area_rows + area_row) * row_bytes)) : nullptr;
-
-    int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
-    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kHomeUnroll) {
-      // This node's partial first, kept packed: it is bf16 already, and registers are scarce.
-      int4 own[kHomeUnroll];
-      if ((nodes >> ctx.node) & 1u) node_partial(sources, local_row, row_bytes, unit0, num_units, own);
-      float total[kHomeUnroll][8] = {};  // +0 for a token that went nowhere
-      bool any = false;
-      for (int n = 0; n < N; ++n) {
-        if (!((nodes >> n) & 1u)) continue;
-        int4 raw[kHomeUnroll];
-        if (n == ctx.node) {
-#pragma unroll
-          for (int u = 0; u < kHomeUnroll; ++u) raw[u] = own[u];
-        } else {
-          const int4* row = reinterpret_cast<const int4*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n));
-#pragma unroll
-          for (int u = 0; u < kHomeUnroll; ++u)
-            if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
-        }
-#pragma unroll
-        for (int u = 0; u < kHomeUnroll; ++u) {
-          float values[8];
-          rows::unpack_bf16x8(raw[u], values);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) total[u][i] = any ? total[u][i] + values[i] : values[i];
-        }
-        any = true;
-      }
-#pragma unroll
-      for (int u = 0; u < kHomeUnroll; ++u)
-        if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(total[u]);
+  const TokenRoute route = route_of(args.is_token_in_rank, args.send_pos, args.send_base, token, ctx.num_ranks, lane, true);
+  const uint32_t nodes = nodes_of(route.ranks, N, L);
+  // Lane n: the area row of node n's partial; lane l: this token's row at local rank l.
+  const int area_row = lane < N ? args.node_rows[static_cast<int64_t>(token) * N + lane] : -1;
+  const int local_position = route.position(ctx.node * L + (lane < L ? lane : 0));
+  const int local_row = lane < L && route.goes_to(ctx.node * L + lane) ? local_position : -1;
+  *nvlink_rows += __popcll((route.ranks >> (ctx.node * L)) & ((1ull << L) - 1));
+  // The partials of other nodes for this token must have arrived (tails count rows in order).
+  const bool remote_partial = lane < N && lane != ctx.node && ((nodes >> lane) & 1u);
+  bool ok = true;
+  if (remote_partial) {
+    const int64_t needed = area_row - channel * channel_rows(ctx.max_tokens, args.dispatch_channels) + 1;
+    if (arrived < needed) {
+      int64_t seen = 0;
+      ok = wait_until(local_signal(ctx, combine_tail_offset(lane, channel)),
+                      [needed, &seen](uint64_t v) {
+                        seen = static_cast<int64_t>(v & kTailCountMask);
+                        return seen >= needed;
+                      },
+                      ctx.timeout_ns, ctx.mailbox, kStageCombineRecv, lane * L + ctx.local);
+      arrived = seen;
     }
   }
-  __syncthreads();
-  if (tail != nullptr && warp == 0) *tail = 0;  // every partial of the channel is in
-  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * row_bytes);
+  if (!__all_sync(0xffffffffu, ok)) return false;
+  const int4* lane_partial = remote_partial ? reinterpret_cast<const int4*>(ctx.transport.local(
+      tl.combine_recv + (static_cast<int64_t>(lane) * tl.area_rows + area_row) * row_bytes)) : nullptr;
+
+  int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
+  for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kHomeUnroll) {
+    // This node's partial first, kept packed: it is bf16 already, and registers are scarce.
+    int4 own[kHomeUnroll];
+    if ((nodes >> ctx.node) & 1u) node_partial(sources, local_row, row_bytes, unit0, num_units, own);
+    float total[kHomeUnroll][8] = {};  // +0 for a token that went nowhere
+    bool any = false;
+    for (int n = 0; n < N; ++n) {
+      if (!((nodes >> n) & 1u)) continue;
+      int4 raw[kHomeUnroll];
+      if (n == ctx.node) {
+#pragma unroll
+        for (int u = 0; u < kHomeUnroll; ++u) raw[u] = own[u];
+      } else {
+        const int4* row = reinterpret_cast<const int4*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n));
+#pragma unroll
+        for (int u = 0; u < kHomeUnroll; ++u)
+          if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
+      }
+#pragma unroll
+      for (int u = 0; u < kHomeUnroll; ++u) {
+        float values[8];
+        rows::unpack_bf16x8(raw[u], values);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) total[u][i] = any ? total[u][i] + values[i] : values[i];
+      }
+      any = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kHomeUnroll; ++u)
+      if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(total[u]);
+  }
+  return true;
+}
+
+// Tokens a warp takes from a channel at a time.
+constexpr int kHomeGrab = 2;
+
+// Home reductions, shared by every block that has nothing else to do: home blocks from the start,
+// gateways once their partials are out (the home side moves more bytes: it reads this node's rows
+// and the partials, and writes y). Each warp takes kHomeGrab tokens at a time from a channel's
+// counter, starting at `first_channel`, moving on when it is spent. The warp that finishes the
+// call's last token resets the tails and gives each other node's gateway its credit: every partial
+// has been read.
+template <typename T>
+__device__ void reduce_home_tokens(const Context<T>& ctx, const CombineArgs& args, const uint8_t* const* sources,
+                                   int first_channel, BlockTraffic* traffic, bool* failed) {
+  const int lane = threadIdx.x % 32;
+  const int C = args.dispatch_channels;
+  const int per_channel = tokens_per_channel(args.num_tokens, C);
+  NodeSignals* own = node_signals(ctx, ctx.local);
+  unsigned long long nvlink_rows = 0;
+  int done = 0;  // tokens this warp reduced
+
+  for (int i = 0; i < C && !*failed; ++i) {
+    const int channel = (first_channel + i) % C;
+    const int first = channel * per_channel, last = min(args.num_tokens, first + per_channel);
+    int64_t arrived = 0;
+    while (!*failed) {
+      int start = 0;
+      if (lane == 0) start = first + atomicAdd(&own->home_next[channel], kHomeGrab);
+      start = __shfl_sync(0xffffffffu, start, 0);
+      if (start >= last) break;
+      for (int token = start; token < min(last, start + kHomeGrab); ++token) {
+        if (!reduce_home_token(ctx, args, sources, channel, token, arrived, &nvlink_rows)) {
+          *failed = true;
+          break;
+        }
+        ++done;
+      }
+    }
+  }
+  if (lane == 0 && nvlink_rows) atomicAdd(&traffic->bytes[kCombineNvlink], nvlink_rows * 2LL * args.hidden);
+  if (done == 0 || *failed) return;
+  __threadfence();  // this warp's reads of the partials are done before it counts them
+  int total = 0;
+  if (lane == 0) total = atomicAdd(&own->home_done, done) + done;
+  if (__shfl_sync(0xffffffffu, total, 0) != args.num_tokens) return;
+  for (int k = lane; k < ctx.num_nodes * C; k += 32)
+    if (k / C != ctx.node) *local_signal(ctx, combine_tail_offset(k / C, k % C)) = 0;
+  __syncwarp();
+  if (lane == 0) {
+    __threadfence_system();
+    for (int n = 0; n < ctx.num_nodes; ++n)
+      if (n != ctx.node) ctx.transport.signal(n * ctx.ranks_per_node + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
+  }
 }
 
 // One thread: publish where this rank's expert rows are, raise "combine_ready" in every node peer,
@@ -824,6 +868,14 @@ __global__ void combine_ready_kernel(Context<T> ctx, CombineArgs args) {
     own->combine_peer_offset[l] =
         ready ? *reinterpret_cast<volatile int64_t*>(&node_signals(ctx, l)->combine_source_offset[parity]) : 0;
   own->combine_peers_ready = ready;
+  for (int c = 0; c < args.dispatch_channels; ++c) own->home_next[c] = 0;
+  own->home_done = 0;
+  // No token, no partial to wait for: the credit is due at once.
+  if (ready && args.num_tokens == 0) {
+    __threadfence_system();
+    for (int n = 0; n < ctx.num_nodes; ++n)
+      if (n != ctx.node) ctx.transport.signal(n * L + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
+  }
 }
 
 template <typename T>
@@ -843,18 +895,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context<T> ctx, Co
 
   if (!failed) {
     if (static_cast<int>(blockIdx.x) < home_blocks) {
-      for (int c = blockIdx.x; c < args.dispatch_channels && !failed; c += home_blocks)
-        reduce_home_channel(ctx, args, sources, c, &traffic, &failed);
-      __syncthreads();
-      if (threadIdx.x == 0 && !failed) {
-        __threadfence_system();
-        for (int n = 0; n < ctx.num_nodes; ++n)
-          if (n != ctx.node) ctx.transport.signal(n * L + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
-      }
+      reduce_home_tokens(ctx, args, sources, blockIdx.x, &traffic, &failed);
     } else {
-      gateway_pairs(ctx, args, sources, blockIdx.x - home_blocks, args.num_blocks - home_blocks, &traffic, &failed);
+      const int gateway = blockIdx.x - home_blocks;
+      gateway_pairs(ctx, args, sources, gateway, args.num_blocks - home_blocks, &traffic, &failed);
       __syncthreads();
       if (threadIdx.x == 0) ctx.transport.quiet();
+      reduce_home_tokens(ctx, args, sources, gateway, &traffic, &failed);
     }
   }
   __syncthreads();

@@ -54,6 +54,8 @@ struct NodeSignals {
   // Written and read by this rank only: what the combine rendezvous learnt, for the combine kernel.
   int64_t combine_peer_offset[kMaxLocalRanks];  // each node peer's combine_source_offset of the current call
   int32_t combine_peers_ready;                  // 0 when a node peer did not arrive in time (send nothing)
+  int32_t home_next[kMaxChannels];              // tokens of each channel taken for the home reduction
+  int32_t home_done;                            // tokens reduced; the warp that completes the call signals
 };
 
 constexpr int64_t kNodeDataOffset = (sizeof(NodeSignals) + 4095) / 4096 * 4096;
@@ -67,7 +69,7 @@ struct TransportSignals {
   uint64_t notify[kMaxRanks];                       // call of the counts each rank last sent here
   uint64_t dispatch_tail[kMaxNodes][kMaxChannels];  // rows from the partner on node n, channel c
   uint64_t combine_tail[kMaxNodes][kMaxChannels];   // partial sums from the gateway on node n, channel c
-  uint64_t combine_credit[kMaxNodes];               // home blocks of node n's partner done reading (cumulative)
+  uint64_t combine_credit[kMaxNodes];               // combines whose partials node n's partner has read (cumulative)
 };
 
 constexpr uint64_t kTailCountMask = 0xffffffffull;
