@@ -60,7 +60,10 @@ class ReferenceHandle:
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """``[N, ...]`` contiguous tensor → ``[N, bytes per row]`` uint8 view."""
-    return t.contiguous().view(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8)
+    rows = t.contiguous().view(t.shape[0], math.prod(t.shape[1:]))
+    if rows.numel() == 0:  # torch may give an empty tensor any strides (fp8 scales [0, 1]: (1, 0))
+        return torch.empty(rows.shape[0], rows.shape[1] * t.element_size(), dtype=torch.uint8, device=t.device)
+    return rows.view(torch.uint8)
 
 
 def _split_columns(rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:

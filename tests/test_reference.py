@@ -38,7 +38,8 @@ def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), what
 
 
-def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: torch.device | None = None) -> None:
+def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: torch.device | None = None,
+                     hidden: int = HIDDEN) -> None:
     """Runs every case on ``device`` (default CPU); the simulation runs on the CPU."""
     device = device or torch.device("cpu")
     comm = deepcomm.Communicator(ranks_per_node=ranks_per_node, backend="reference")
@@ -47,7 +48,7 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: to
     for seed, routing in enumerate(ROUTINGS):
         counts = _token_counts(seed, world_size)
         inputs = [
-            make_inputs(seed, r, counts[r], HIDDEN, NUM_TOPK, num_experts, routing, topo.num_nodes)
+            make_inputs(seed, r, counts[r], hidden, NUM_TOPK, num_experts, routing, topo.num_nodes)
             for r in range(world_size)
         ]
         mine = RankInputs(*(t.to(device) for t in (inputs[rank].x, inputs[rank].topk_idx, inputs[rank].topk_weights)))
@@ -87,14 +88,14 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: to
         expert_outs = []
         for r in range(world_size):
             generator = torch.Generator().manual_seed(seed * 7919 + r)
-            expert_outs.append(torch.randn(sim[r].x.shape[0], HIDDEN, generator=generator).to(torch.bfloat16))
+            expert_outs.append(torch.randn(sim[r].x.shape[0], hidden, generator=generator).to(torch.bfloat16))
         result = comm.dispatch(mine.x, mine.topk_idx, mine.topk_weights, num_experts)
         combined = comm.combine(expert_outs[rank].to(device), result.handle)
         expected_y = simulate_combine(expert_outs, sim, counts, topo)[rank]
         _same_bits(combined, expected_y, f"{routing}: combine")
         # The same rows written into combine_input (a plain tensor here) combine the same.
         rows_in = comm.combine_input(result.handle)
-        assert rows_in.dtype == torch.bfloat16 and rows_in.shape == (result.x.shape[0], HIDDEN)
+        assert rows_in.dtype == torch.bfloat16 and rows_in.shape == (result.x.shape[0], hidden)
         _same_bits(comm.combine(rows_in.copy_(expert_outs[rank]), result.handle), expected_y, f"{routing}: combine_input")
         with pytest.raises(TypeError, match="^handle:"):
             comm.combine_input(object())
@@ -118,6 +119,11 @@ def _contract_worker(rank: int, world_size: int, ranks_per_node: int, device: to
 )
 def test_dispatch_and_combine_match_simulation(world_size: int, ranks_per_node: int) -> None:
     run_ranks(_contract_worker, world_size, ranks_per_node)
+
+
+def test_one_scale_column_and_a_rank_without_tokens() -> None:
+    """Hidden 128: fp8 scales are [T, 1], and a rank with no tokens has [0, 1] scales (odd strides)."""
+    run_ranks(_contract_worker, 2, 2, None, 128)
 
 
 def _skipping_rank_worker(rank: int, world_size: int, timeout_s: float) -> None:

@@ -606,8 +606,9 @@ constexpr int kHomeUnroll = 2;
 // Sums (float32, ascending local rank, from the first row) the 16-byte units
 // unit0 + 32 u (u < kUnroll, those below num_units) of this node's expert
 // rows for one token, rounded to bf16 and packed. Lane l holds the row of local
-// rank l (-1: none; lanes >= ranks_per_node hold -1). Arrays indexed only by
-// unrolled constants stay in registers: the home reduction runs at the limit.
+// rank l (-1: none; lanes >= ranks_per_node hold -1). Warp-collective: every
+// lane calls it, those past the row's end too. Arrays indexed only by unrolled
+// constants stay in registers: the home reduction runs at the limit.
 template <int kUnroll>
 __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, int lane_row, int64_t row_bytes,
                                              int unit0, int num_units, int4 (&packed)[kUnroll]) {
@@ -621,7 +622,7 @@ __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, int 
     int4 raw[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
+      raw[u] = unit0 + 32 * u < num_units ? ptx::load_cg(row + unit0 + 32 * u) : make_int4(0, 0, 0, 0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float values[8];
@@ -663,7 +664,8 @@ __device__ void gateway_chunk(const Context<T>& ctx, const CombineArgs& args, co
     const int64_t area_row = channel * rows_per_channel + i;
     const int lane_row = lane < L ? forward_rows[area_row * L + lane] : -1;
     int4* out = reinterpret_cast<int4*>(partials(area_row));
-    for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kCombineUnroll) {
+    // Warp-uniform trip count: node_partial shuffles across the warp, so no lane may leave early.
+    for (int unit0 = lane; unit0 - lane < num_units; unit0 += 32 * kCombineUnroll) {
       int4 packed[kCombineUnroll];
       node_partial(sources, lane_row, row_bytes, unit0, num_units, packed);
 #pragma unroll
@@ -763,7 +765,8 @@ __device__ bool reduce_home_token(const Context<T>& ctx, const CombineArgs& args
       tl.combine_recv + (static_cast<int64_t>(lane) * tl.area_rows + area_row) * row_bytes)) : nullptr;
 
   int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + static_cast<int64_t>(token) * row_bytes);
-  for (int unit0 = lane; unit0 < num_units; unit0 += 32 * kHomeUnroll) {
+  // Warp-uniform trip count: the loop body shuffles across the warp, so no lane may leave early.
+  for (int unit0 = lane; unit0 - lane < num_units; unit0 += 32 * kHomeUnroll) {
     // This node's partial first, kept packed: it is bf16 already, and registers are scarce.
     int4 own[kHomeUnroll];
     if ((nodes >> ctx.node) & 1u) node_partial(sources, local_row, row_bytes, unit0, num_units, own);
@@ -780,7 +783,7 @@ __device__ bool reduce_home_token(const Context<T>& ctx, const CombineArgs& args
             __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n));
 #pragma unroll
         for (int u = 0; u < kHomeUnroll; ++u)
-          if (unit0 + 32 * u < num_units) raw[u] = ptx::load_cg(row + unit0 + 32 * u);
+          raw[u] = unit0 + 32 * u < num_units ? ptx::load_cg(row + unit0 + 32 * u) : make_int4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < kHomeUnroll; ++u) {
