@@ -93,7 +93,7 @@ struct CombineArgs {
   const int32_t* send_pos;
   const int32_t* send_base;
   const int32_t* node_rows;
-  uint64_t credit_expected;      // cumulative home blocks each partner finished before this call
+  uint64_t credit_expected;      // combines each home partner finished reading before this call (call - 1)
   uint64_t done_expected;        // cumulative blocks of each node peer after this call
   int num_blocks;                // ceil(num_blocks / 2) reduce at home, the rest are gateways
 };
