@@ -3,6 +3,8 @@ the calibration on the measured runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -91,26 +93,53 @@ def test_calibrated_costs_are_in_a_sane_range(measured):
         assert 0.5 <= cost.efficiency <= 1.0, key
 
 
-def test_only_small_calls_and_the_combine_before_unrolling_are_left_out(measured):
+def test_calibration_runs_are_one_h200_session_of_4096_token_calls():
+    devices, tokens = set(), set()
+    for name in scale_model.CALIBRATION_RUNS:
+        rows = json.loads((scale_model.DATA_DIR / name).read_text())
+        devices |= {row["device"] for row in rows}
+        tokens |= {row["tokens"] for row in rows}
+    assert devices == {"NVIDIA H200"} and tokens == {scale_model.FIT_TOKENS}
+    assert scale_model.INTERNODE_CALIBRATION_RUNS == {"cal_h200_inter_2x2.json", "cal_h200_inter_2x4.json",
+                                                      "cal_h200_inter_4x2.json"}
+
+
+@pytest.mark.parametrize("stage,dtype,expected", [
+    ("dispatch", "bf16", "dispatch bf16"), ("dispatch", "fp8", "dispatch fp8"), ("combine", "bf16", "combine"),
+    ("combine(fp8 dispatch)", "bf16", "combine"), ("combine(copied in)", "bf16", scale_model.COPIED_COMBINE),
+    ("layout", "-", None), ("combine(something else)", "bf16", None)])
+def test_bench_stages_map_to_calibrated_stages(stage, dtype, expected):
+    assert scale_model.stage_of({"stage": stage, "dtype": dtype}) == expected
+
+
+def test_every_kernel_row_is_fitted_and_small_calls_would_be_left_out(measured):
     measurements, _ = measured
-    reasons = [(m.source, m.path, m.stage, scale_model.exclusion(m)) for m in measurements]
-    assert all(reason is None for source, _, _, reason in reasons if source.startswith("prefill"))
-    assert all(reason == "host-bound small call" for source, _, _, reason in reasons if source.startswith("decode"))
-    left_out_internode = [(source, stage) for source, path, stage, reason in reasons if path == "internode" and reason]
-    assert len(left_out_internode) == 6
-    assert all(stage.startswith("combine") and "unrolled" not in source for source, stage in left_out_internode)
+    # Per internode file: five stages on each path (reference and layout rows have no floor or no bytes);
+    # per prefill file: five stages at four SM counts.
+    per_file = {name: sum(m.source == name for m in measurements) for name in scale_model.CALIBRATION_RUNS}
+    assert per_file == {name: 10 if "_inter_" in name else 20 for name in scale_model.CALIBRATION_RUNS}
+    assert all(scale_model.exclusion(m) is None for m in measurements)
+    small = dataclasses.replace(measurements[0], tokens=128)
+    assert scale_model.exclusion(small) == "host-bound small call"
 
 
 def test_model_reproduces_the_measured_rows(measured):
-    """Tolerance: rms 15 % over all fitted rows, every row within 35 % (8 ranks on one GPU make the copy
-    floor loose), the internode rows that the cluster table rests on within 15 %."""
+    """Tolerance: rms 20 % over all fitted rows, every row within 50 %, the internode rows that the
+    cluster table rests on within 12 % rms and 25 % each. Under MPS the copy floor is a loose stand-in
+    for the links: every row off by more than 25 % either beats its floor (4-8 ranks on the GPU), has 2
+    ranks (whose calls hardly get faster with more SMs) or is an 8-SM combine."""
     measurements, calibration = measured
     kept = [m for m in measurements if scale_model.exclusion(m) is None]
     errors = np.array(scale_model.relative_errors(kept, calibration))
-    assert np.sqrt(np.mean(errors ** 2)) <= 0.15
-    assert np.max(np.abs(errors)) <= 0.35
+    assert np.sqrt(np.mean(errors ** 2)) <= 0.20
+    assert np.max(np.abs(errors)) <= 0.50
     internode = [m for m in kept if m.path == "internode"]
-    assert np.max(np.abs(scale_model.relative_errors(internode, calibration))) <= 0.15
+    internode_errors = np.array(scale_model.relative_errors(internode, calibration))
+    assert np.sqrt(np.mean(internode_errors ** 2)) <= 0.12
+    assert np.max(np.abs(internode_errors)) <= 0.25
+    for m, error in zip(kept, errors):
+        if abs(error) > 0.25:
+            assert m.us < m.floor_us or m.ranks == 2 or (m.sms == 8 and m.stage == "combine"), (m, error)
 
 
 def test_simulated_router_predicts_the_internode_byte_counters(measured):
@@ -118,7 +147,8 @@ def test_simulated_router_predicts_the_internode_byte_counters(measured):
     4096-token draw of the router."""
     measurements, _ = measured
     checks = scale_model.counter_checks(measurements)
-    internode_files = scale_model.INTERNODE_RUNS | scale_model.UNROLLED_RUN
+    internode_files = scale_model.INTERNODE_CALIBRATION_RUNS
+    assert {m.source for m, *_ in checks} == internode_files
     assert {m.layout for m, *_ in checks} == {"2x2", "2x4", "4x2"} and len(checks) == 3 * len(internode_files)
     for m, leg, counted_mb, predicted_mb in checks:
         assert predicted_mb == pytest.approx(counted_mb, rel=0.02), (m.source, leg)

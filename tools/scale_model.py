@@ -17,9 +17,10 @@ Routing statistics (expected distinct nodes and ranks per token) come from simul
 deepcomm.routing.node_limited_topk on random logits; the tests check them against closed forms and
 against the byte counters of the measured internode runs.
 
-Calibration: ``efficiency`` and ``fixed_us`` per (path, stage) are fitted on the benchmark rows in
-docs/data (see :func:`calibrate`). Those runs shared one GPU between ranks, so their absolute GB/s do
-not transfer; what does is how close the kernels come to a plain copy of their bytes, and the per-call
+Calibration: ``efficiency`` and ``fixed_us`` per (path, stage) are fitted on the benchmark rows of
+``CALIBRATION_RUNS`` in docs/data (see :func:`calibrate`), measured in one session on one H200 with the
+current kernels. Those runs shared the GPU between ranks (MPS), so their absolute GB/s do not
+transfer; what does is how close the kernels come to a plain copy of their bytes, and the per-call
 cost. What a copy reaches on a real link is not measurable on one GPU: ``ASSUMPTIONS`` keeps
 published figures for it.
 """
@@ -40,23 +41,22 @@ import torch
 from deepcomm.routing import node_limited_topk
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "docs" / "data"
-INTERNODE_RUNS = frozenset({"inter_2x2.json", "inter_2x4.json", "inter_4x2.json"})
-# After the unrolling: 2 x 2 bf16, then 2 x 2 and 4 x 2 with fp8 too.
-REMEASURED_RUNS = frozenset({"inter_2x2_h100_fp8_remeasured.json", "inter_4x2_h100_remeasured.json"})
-UNROLLED_RUN = frozenset({"inter_2x2_h100_combine_unrolled.json"}) | REMEASURED_RUNS
-PREFILL_RUNS = frozenset({"prefill_2ranks.json", "prefill_4ranks.json"})
-DECODE_RUNS = frozenset({"decode_2ranks.json", "decode_4ranks.json"})
-CALIBRATION_FILES = tuple(sorted(INTERNODE_RUNS | UNROLLED_RUN | PREFILL_RUNS | DECODE_RUNS))
+# One session on one H200 with the current kernels (docs/benchmarks.md, "Scale model"): three internode
+# layouts, each with the flat intranode path on the same ranks, and the intranode prefill sweep over SMs.
+CALIBRATION_RUNS = ("cal_h200_inter_2x2.json", "cal_h200_inter_2x4.json", "cal_h200_inter_4x2.json",
+                    "cal_h200_prefill_2ranks.json", "cal_h200_prefill_4ranks.json")
+INTERNODE_CALIBRATION_RUNS = frozenset(name for name in CALIBRATION_RUNS if "_inter_" in name)
 KERNEL_PATHS = ("intranode", "internode")
-# The bench's combine after an fp8 dispatch gets a fresh dequantised tensor, not rows in the receive
-# slot, so it first copies them into registered memory (kernel_common.combine_source_offset).
+# Combine of a fresh tensor (not rows in the receive slot), which first copies it into registered memory
+# (kernel_common.combine_source_offset); the bench times it as "combine(copied in)".
 COPIED_COMBINE = "combine, copied in"
+# Bench stage names (with their dtype for dispatch) -> calibrated stage. "combine(fp8 dispatch)" is the
+# combine after an fp8 dispatch, its rows in the receive slot like plain "combine".
+BENCH_STAGES = {"combine": "combine", "combine(fp8 dispatch)": "combine", "combine(copied in)": COPIED_COMBINE}
 # Calls of the table's size; at 128 tokens the ~400 µs of host work per call is not hidden behind the
-# kernels (docs/benchmarks.md, "Where the time goes"), so a fixed cost fitted there would not hold.
+# kernels (docs/benchmarks.md, "Where the time goes"), so a fixed cost fitted there would not hold
+# (every row of CALIBRATION_RUNS is a 4096-token call).
 FIT_TOKENS = 4096
-# INTERNODE_RUNS timed the internode combine before its reductions were unrolled (1478 -> 1038 µs on
-# 2 x 2); UNROLLED_RUN re-measured it (2 x 2 twice, with fp8 once, and 4 x 2).
-COMBINE_BEFORE_UNROLL = INTERNODE_RUNS
 BENCH_MAX_NODES = 2  # --max-nodes of the recorded internode runs (docs/benchmarks.md)
 
 
@@ -76,19 +76,19 @@ class StageCost:
 # still match. An efficiency of 1.00 sits at its bound: there the data show no per-byte cost beyond
 # a copy's, and the whole gap to the copy is per call.
 CALIBRATED = {
-    ("intranode", "dispatch bf16"): StageCost(159.0, 1.00, 14, INTERNODE_RUNS | UNROLLED_RUN | PREFILL_RUNS),
-    ("internode", "dispatch bf16"): StageCost(159.0, 0.99, 6, INTERNODE_RUNS | UNROLLED_RUN),
-    ("intranode", "dispatch fp8"): StageCost(302.0, 1.00, 13, INTERNODE_RUNS | REMEASURED_RUNS | PREFILL_RUNS),
-    ("internode", "dispatch fp8"): StageCost(302.0, 0.79, 5, INTERNODE_RUNS | REMEASURED_RUNS),
-    ("intranode", "combine"): StageCost(100.0, 1.00, 14, INTERNODE_RUNS | UNROLLED_RUN | PREFILL_RUNS),
-    ("internode", "combine"): StageCost(100.0, 0.85, 3, UNROLLED_RUN),
-    ("intranode", COPIED_COMBINE): StageCost(169.0, 0.61, 13, INTERNODE_RUNS | REMEASURED_RUNS | PREFILL_RUNS),
-    ("internode", COPIED_COMBINE): StageCost(169.0, 0.56, 2, REMEASURED_RUNS),
+    ("intranode", "dispatch bf16"): StageCost(51.0, 1.00, 11, frozenset(CALIBRATION_RUNS)),
+    ("internode", "dispatch bf16"): StageCost(51.0, 1.00, 3, INTERNODE_CALIBRATION_RUNS),
+    ("intranode", "dispatch fp8"): StageCost(166.0, 1.00, 11, frozenset(CALIBRATION_RUNS)),
+    ("internode", "dispatch fp8"): StageCost(166.0, 1.00, 3, INTERNODE_CALIBRATION_RUNS),
+    ("intranode", "combine"): StageCost(64.0, 1.00, 22, frozenset(CALIBRATION_RUNS)),
+    ("internode", "combine"): StageCost(64.0, 1.00, 6, INTERNODE_CALIBRATION_RUNS),
+    ("intranode", COPIED_COMBINE): StageCost(76.0, 0.56, 11, frozenset(CALIBRATION_RUNS)),
+    ("internode", COPIED_COMBINE): StageCost(76.0, 0.62, 3, INTERNODE_CALIBRATION_RUNS),
 }
 CALIBRATION_METHOD = (
     f"calibrate(): us = fixed_us + copy floor us / efficiency over the {FIT_TOKENS}-token kernel rows of docs/data, "
     "least squares of the relative error; one fixed_us per stage shared by both paths, one efficiency per path, "
-    "fixed_us >= 0, efficiency <= 1; internode combine rows from before its unrolling left out"
+    "fixed_us >= 0, efficiency <= 1; a combine after an fp8 dispatch (rows in the receive slot) counts as combine"
 )
 # What a plain copy reaches of each link's nominal speed: not measurable on one GPU, so assumed from
 # published figures.
@@ -209,14 +209,10 @@ def stage_of(row: dict) -> str | None:
     """The calibrated stage a benchmark row times, or None for rows without bytes (layout, matmul)."""
     if row["stage"] == "dispatch":
         return f"dispatch {row['dtype']}"
-    if row["stage"] == "combine":
-        return "combine"
-    if row["stage"].startswith("combine("):
-        return COPIED_COMBINE
-    return None
+    return BENCH_STAGES.get(row["stage"])
 
 
-def load_measurements(files: tuple[str, ...] = CALIBRATION_FILES, data_dir: Path = DATA_DIR) -> list[Measurement]:
+def load_measurements(files: tuple[str, ...] = CALIBRATION_RUNS, data_dir: Path = DATA_DIR) -> list[Measurement]:
     """The kernel rows of the benchmark files that have a copy floor."""
     measurements = []
     for name in files:
@@ -234,9 +230,6 @@ def exclusion(measurement: Measurement) -> str | None:
     """Why a measured row is left out of the fit, or None."""
     if measurement.tokens != FIT_TOKENS:
         return "host-bound small call"
-    if (measurement.path == "internode" and measurement.stage.startswith("combine")
-            and measurement.source in COMBINE_BEFORE_UNROLL):
-        return "combine before unrolling"
     return None
 
 
@@ -264,9 +257,10 @@ def bounded_least_squares(design: np.ndarray, target: np.ndarray, lower: np.ndar
 def fit_stage(measurements: list[Measurement]) -> dict[str, StageCost]:
     """One stage's cost per path: us = fixed_us + floor_us / efficiency[path].
 
-    The fixed cost is host and launch work that both paths share (fitted apart, their bf16 dispatch
-    gives 159 and 158 µs), which also lets a path with a single row get an efficiency. Errors are
-    relative, because the rows span 0.3 to 3 ms with a spread that grows with the time.
+    The fixed cost is host and launch work that both paths share; sharing it is an assumption (fitted
+    apart on the cal_h200_* runs, bf16 dispatch gives 59 µs on the flat path and 0 µs on the internode
+    path's three rows), which lets a path with few rows, or a single one, get an efficiency. Errors are
+    relative, because the rows span 0.2 to 2.5 ms with a spread that grows with the time.
     """
     paths = sorted({m.path for m in measurements})
     # Unknowns: fixed_us and 1 / efficiency of each path.
