@@ -999,6 +999,10 @@ void launch_dispatch(const ContextDesc& d, const DispatchArgs& args, cudaStream_
   DC_CHECK_ARG(args.slot >= 0 && args.slot < d.num_slots, "slot: out of range");
   DC_CHECK_ARG(args.num_tokens <= d.max_tokens, "x: more tokens than the buffer's max_tokens_per_rank");
   with_transport(d, [&](auto ctx) {
+    // Always holds for ceil(B / 2) channels (see kMaxForwardPairs); forward_pairs' state depends on it.
+    const int channels = num_channels(args.num_blocks), forwarders = args.num_blocks - channels;
+    DC_CHECK_ARG(((ctx.num_nodes - 1) * channels + forwarders - 1) / forwarders <= kMaxForwardPairs,
+                 "num_sms: more (node, channel) pairs per forwarder block than it can track");
     using T = decltype(ctx.transport);
     switch (args.payload) {
       case Payload::kBf16: launch_dispatch_kernel<T, Payload::kBf16>(ctx, args, stream); break;
