@@ -603,6 +603,14 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
 constexpr int kCombineUnroll = 4;  // gateways
 constexpr int kHomeUnroll = 2;
 
+// Loads the 16-byte units unit0 + 32 u (u < kUnroll) of a row; units past num_units read as 0.
+template <int kUnroll>
+__device__ __forceinline__ void load_units(const int4* row, int unit0, int num_units, int4 (&raw)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    raw[u] = unit0 + 32 * u < num_units ? ptx::load_cg(row + unit0 + 32 * u) : make_int4(0, 0, 0, 0);
+}
+
 // Sums (float32, ascending local rank, from the first row) the 16-byte units
 // unit0 + 32 u (u < kUnroll, those below num_units) of this node's expert
 // rows for one token, rounded to bf16 and packed. Lane l holds the row of local
@@ -620,9 +628,7 @@ __device__ __forceinline__ bool node_partial(const uint8_t* const* sources, int 
     if (row_index < 0) continue;
     const int4* row = reinterpret_cast<const int4*>(sources[l] + row_index * row_bytes);
     int4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      raw[u] = unit0 + 32 * u < num_units ? ptx::load_cg(row + unit0 + 32 * u) : make_int4(0, 0, 0, 0);
+    load_units(row, unit0, num_units, raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float values[8];
@@ -779,11 +785,9 @@ __device__ bool reduce_home_token(const Context<T>& ctx, const CombineArgs& args
 #pragma unroll
         for (int u = 0; u < kHomeUnroll; ++u) raw[u] = own[u];
       } else {
-        const int4* row = reinterpret_cast<const int4*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n));
-#pragma unroll
-        for (int u = 0; u < kHomeUnroll; ++u)
-          raw[u] = unit0 + 32 * u < num_units ? ptx::load_cg(row + unit0 + 32 * u) : make_int4(0, 0, 0, 0);
+        load_units(reinterpret_cast<const int4*>(
+                       __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_partial), n)),
+                   unit0, num_units, raw);
       }
 #pragma unroll
       for (int u = 0; u < kHomeUnroll; ++u) {
@@ -799,6 +803,15 @@ __device__ bool reduce_home_token(const Context<T>& ctx, const CombineArgs& args
       if (unit0 + 32 * u < num_units) out[unit0 + 32 * u] = rows::pack_bf16x8(total[u]);
   }
   return true;
+}
+
+// One thread: this rank has read every partial of its combine; each other node's gateway may write
+// the next one's.
+template <typename T>
+__device__ __forceinline__ void give_credit(const Context<T>& ctx) {
+  __threadfence_system();
+  for (int n = 0; n < ctx.num_nodes; ++n)
+    if (n != ctx.node) ctx.transport.signal(n * ctx.ranks_per_node + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
 }
 
 // Tokens a warp takes from a channel at a time.
@@ -847,11 +860,7 @@ __device__ void reduce_home_tokens(const Context<T>& ctx, const CombineArgs& arg
   for (int k = lane; k < ctx.num_nodes * C; k += 32)
     if (k / C != ctx.node) *local_signal(ctx, combine_tail_offset(k / C, k % C)) = 0;
   __syncwarp();
-  if (lane == 0) {
-    __threadfence_system();
-    for (int n = 0; n < ctx.num_nodes; ++n)
-      if (n != ctx.node) ctx.transport.signal(n * ctx.ranks_per_node + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
-  }
+  if (lane == 0) give_credit(ctx);
 }
 
 // One thread: publish where this rank's expert rows are, raise "combine_ready" in every node peer,
@@ -873,12 +882,7 @@ __global__ void combine_ready_kernel(Context<T> ctx, CombineArgs args) {
   own->combine_peers_ready = ready;
   for (int c = 0; c < args.dispatch_channels; ++c) own->home_next[c] = 0;
   own->home_done = 0;
-  // No token, no partial to wait for: the credit is due at once.
-  if (ready && args.num_tokens == 0) {
-    __threadfence_system();
-    for (int n = 0; n < ctx.num_nodes; ++n)
-      if (n != ctx.node) ctx.transport.signal(n * L + ctx.local, credit_offset(ctx.node), 1, SignalOp::kAdd);
-  }
+  if (ready && args.num_tokens == 0) give_credit(ctx);  // no token, no partial to wait for
 }
 
 template <typename T>
