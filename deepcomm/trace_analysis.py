@@ -147,6 +147,23 @@ def _union(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of union ``a`` outside union ``b`` (both sorted and disjoint)."""
+    left, j = [], 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        k, cursor = j, start
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cursor:
+                left.append((cursor, b[k][0]))
+            cursor = max(cursor, b[k][1])
+            k += 1
+        if cursor < end:
+            left.append((cursor, end))
+    return left
+
+
 def _length(merged: list[tuple[int, int]]) -> int:
     return sum(end - start for start, end in merged)
 
@@ -238,6 +255,46 @@ def after_peer_arrival(per_rank: list[list[KernelRecord]]) -> list[list[KernelRe
             + [dataclasses.replace(r, start_ns=min(max(r.start_ns, arrival), r.end_ns))
                for r, arrival in zip(kernels, arrivals)]
             for records, kernels in zip(per_rank, comm)]
+
+
+@dataclass(frozen=True)
+class ExposedSpan:
+    """A stretch of comm time that no compute kernel covered, with what framed it.
+
+    ``comm``: the comm kernel running then (the earliest started, if several); ``before`` /
+    ``after``: the compute kernels that ended last before it and started first after it (None at the
+    trace's edges) — together they say whether compute had run out, or only paused between kernels.
+    """
+
+    start_ns: int
+    end_ns: int
+    comm: KernelRecord
+    before: KernelRecord | None
+    after: KernelRecord | None
+
+
+def exposed_spans(records: Iterable[KernelRecord]) -> list[ExposedSpan]:
+    """Every maximal interval of comm time no compute kernel on the same device covered, longest first."""
+    records = list(records)
+    spans = []
+    for device, comm_intervals in _by_device(r for r in records if r.kind == COMM).items():
+        comm = sorted((r for r in records if r.kind == COMM and r.device == device), key=lambda r: r.start_ns)
+        compute = sorted((r for r in records if r.kind == COMPUTE and r.device == device), key=lambda r: r.start_ns)
+        for start, end in _subtract(_union(comm_intervals), _union((r.start_ns, r.end_ns) for r in compute)):
+            owner = next(r for r in comm if r.start_ns <= start < r.end_ns)
+            before = max((r for r in compute if r.end_ns <= start), key=lambda r: r.end_ns, default=None)
+            after = min((r for r in compute if r.start_ns >= end), key=lambda r: r.start_ns, default=None)
+            spans.append(ExposedSpan(start, end, owner, before, after))
+    return sorted(spans, key=lambda s: s.start_ns - s.end_ns)
+
+
+def compute_time_by_stage(records: Iterable[KernelRecord]) -> dict[tuple[int | None, int | None, str | None], int]:
+    """Summed compute-kernel time per (layer, micro-batch, stage): which stage made one rank slower."""
+    totals: dict[tuple[int | None, int | None, str | None], int] = defaultdict(int)
+    for r in records:
+        if r.kind == COMPUTE:
+            totals[(r.layer, r.microbatch, r.stage)] += r.end_ns - r.start_ns
+    return dict(totals)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from deepcomm.trace_analysis import (
     StageStats,
     after_peer_arrival,
     analyze,
+    exposed_spans,
     load_nsys_sqlite,
     load_torch_trace,
     load_trace,
@@ -263,9 +264,9 @@ def test_correlation_ids_repeat_across_processes_in_one_nsys_report(tmp_path):
         [(DISPATCH, 0, 0, "dispatch"), (COMBINE, 7, 1, "combine")])
 
 
-def record(kind, start, end, stream=0, device=0, layer=None, name="k") -> KernelRecord:
-    return KernelRecord(name, start, end, stream, device, kind, layer, None if layer is None else 0,
-                        None if layer is None else "dispatch")
+def record(kind, start, end, stream=0, device=0, layer=None, name="k", microbatch=0, stage="dispatch") -> KernelRecord:
+    return KernelRecord(name, start, end, stream, device, kind, layer, None if layer is None else microbatch,
+                        None if layer is None else stage)
 
 
 def test_comm_kernel_spanning_several_compute_kernels_on_other_streams():
@@ -445,3 +446,40 @@ def test_comm_pattern_matches_demangled_and_nvcc_static_names_only():
     ]
     assert all(re.search(COMM_PATTERN, name) for name in comm)
     assert not any(re.search(COMM_PATTERN, name) for name in compute)
+
+
+def test_exposed_spans_name_the_comm_kernel_and_the_compute_around_it():
+    records = [
+        record(COMPUTE, 0, 40, layer=0, microbatch=1, stage="attention"),
+        record(COMM, 10, 100, stream=2, layer=0, microbatch=0, stage="dispatch"),
+        record(COMPUTE, 50, 60, layer=0, microbatch=0, stage="experts"),
+        record(COMM, 90, 130, stream=3, layer=0, microbatch=1, stage="dispatch"),  # continues the first's stretch
+        record(COMPUTE, 140, 150, layer=0, microbatch=1, stage="experts"),
+        record(COMM, 200, 230, stream=2, layer=0, microbatch=1, stage="combine"),  # nothing after it
+        record(COMPUTE, 0, 300, device=1),  # another GPU covers nothing here
+    ]
+    spans = exposed_spans(records)
+    assert [(s.start_ns, s.end_ns) for s in spans] == [(60, 130), (200, 230), (40, 50)]
+    assert [(s.comm.stage, s.comm.microbatch) for s in spans] == [("dispatch", 0), ("combine", 1), ("dispatch", 0)]
+    assert [(s.before.stage, s.after and s.after.stage) for s in spans] == [
+        ("experts", "experts"), ("experts", None), ("attention", "experts")]
+    assert exposed_spans([r for r in records if r.kind == COMPUTE]) == []
+    covered = [record(COMM, 10, 20), record(COMPUTE, 0, 30)]
+    assert exposed_spans(covered) == []
+
+
+def test_cli_lists_exposed_stretches_and_stage_times(tmp_path, capsys):
+    paths = [write_torch_trace(tmp_path / "r0.json", MAIN), write_torch_trace(tmp_path / "r1.json", MAIN)]
+    overlap_report.main([str(p) for p in paths] + ["--rank-label", "r0", "r1", "--same-step",
+                                                   "--exposed", "2", "--stage-times"])
+    out = capsys.readouterr().out
+    # MAIN exposes 390 - 210 = 180 µs of comm: layer 1's combine and NCCL's first half back to back
+    # (150), the dispatch after the elementwise kernel (20) and the unattributed combine's tail (10).
+    assert out.count("exposed comm: 3 stretches, 180.0 µs; longest 2:") == 2
+    lines = out.splitlines()
+    top = lines.index(next(line for line in lines if line.startswith("== r0: exposed")))
+    assert lines[top + 2].split() == ["150.0", "300.0", "L1/mb0/combine", "L0/mb1/attention", "L2/mb0/experts"]
+    assert lines[top + 3].split() == ["20.0", "180.0", "L0/mb0/dispatch", "L0/mb1/attention", "L2/mb0/experts"]
+    assert "compute µs" in out and ["L0/mb0/attention", "100.0", "100.0"] in [line.split() for line in lines]
+    with pytest.raises(SystemExit):
+        overlap_report.main([str(paths[0]), "--exposed", "-1"])

@@ -33,6 +33,8 @@ from deepcomm.trace_analysis import (  # noqa: E402
     Report,
     after_peer_arrival,
     analyze,
+    compute_time_by_stage,
+    exposed_spans,
     load_trace,
 )
 
@@ -62,6 +64,42 @@ def format_table(report: Report) -> str:
         for stage, stats in report.total.stages.items():
             lines.append(f"{stage:<24} {_us(stats.comm_ns):>11} {_us(stats.hidden_ns):>11} "
                          f"{_percent(stats.share):>8}")
+    return "\n".join(lines)
+
+
+def _label(record: KernelRecord | None) -> str:
+    if record is None:
+        return "-"
+    if record.stage is None:
+        return "(outside ranges)"
+    return f"L{record.layer}/mb{record.microbatch}/{record.stage}"
+
+
+def format_exposed(records: list[KernelRecord], count: int) -> str:
+    """The ``count`` longest comm stretches no compute covered, with the compute kernels around them."""
+    spans = exposed_spans(records)
+    if not spans:
+        return "no exposed comm time"
+    origin = min(r.start_ns for r in records)
+    lines = [f"exposed comm: {len(spans)} stretches, {_us(sum(s.end_ns - s.start_ns for s in spans))} µs; "
+             f"longest {min(count, len(spans))}:",
+             f"{'µs':>9} {'at µs':>10}  {'comm':<22} {'compute before':<22} {'compute after':<22}"]
+    for span in spans[:count]:
+        lines.append(f"{_us(span.end_ns - span.start_ns):>9} {_us(span.start_ns - origin):>10}  "
+                     f"{_label(span.comm):<22} {_label(span.before):<22} {_label(span.after):<22}")
+    return "\n".join(lines)
+
+
+def format_stage_times(labels: list[str], records: list[list[KernelRecord]]) -> str:
+    """Compute-kernel µs per (layer, micro-batch, stage), one column per trace."""
+    totals = [compute_time_by_stage(recs) for recs in records]
+    keys = sorted({key for t in totals for key in t}, key=lambda k: (k[0] is None, k[0] or 0, k[1] or 0, k[2] or ""))
+    width = max(12, *(len(label) for label in labels))
+    lines = [f"{'compute µs':<22} " + " ".join(f"{label[-width:]:>{width}}" for label in labels)]
+    for layer, microbatch, stage in keys:
+        name = "(outside ranges)" if stage is None else f"L{layer}/mb{microbatch}/{stage}"
+        lines.append(f"{name:<22} " + " ".join(f"{_us(t.get((layer, microbatch, stage), 0)):>{width}}"
+                                              for t in totals))
     return "\n".join(lines)
 
 
@@ -209,6 +247,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "them so): also count each comm kernel from its call's last rank arriving")
     parser.add_argument("--comm-pattern", default=COMM_PATTERN, metavar="REGEX",
                         help="kernels whose name this regex finds are communication (default: %(default)s)")
+    parser.add_argument("--exposed", type=int, default=0, metavar="N",
+                        help="list each trace's N longest stretches of comm time no compute covered (with "
+                             "--same-step, counted from the peer's arrival)")
+    parser.add_argument("--stage-times", action="store_true",
+                        help="compute-kernel time per layer, micro-batch and stage, one column per trace")
     limit = parser.add_mutually_exclusive_group()
     limit.add_argument("--layers", metavar="A:B", type=_bounds(int),
                        help="plot only the time of layers A <= layer < B")
@@ -219,6 +262,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         re.compile(args.comm_pattern)
     except re.error as err:
         parser.error(f"--comm-pattern: {err}")
+    if args.exposed < 0:
+        parser.error(f"--exposed: must be >= 0, got {args.exposed}")
     if args.rank_label is None:
         args.rank_label = args.traces
     elif len(args.rank_label) != len(args.traces):
@@ -247,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {label}" + ("" if label == path else f" ({path})"))
         print(format_table(report))
     lowest = _min_share([(label, report) for label, _, report in traces])
-    arrived_lowest = None
+    arrived_lowest, arrived = None, None
     if len(traces) > 1:
         print("min share over traces: " + ("- (no comm kernels)" if lowest is None
                                            else f"{_percent(lowest[1])}% ({lowest[0]})"))
@@ -260,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
             arrived_lowest = _min_share([(label, analyze(recs)) for (label, _, _), recs in zip(traces, arrived)])
             print("min share counting each comm kernel from its call's last rank arriving: "
                   + ("-" if arrived_lowest is None else f"{_percent(arrived_lowest[1])}% ({arrived_lowest[0]})"))
+    if args.exposed:
+        shown = arrived if arrived is not None else [records for _, records, _ in traces]
+        for (label, _, _), records in zip(traces, shown):
+            print(f"== {label}: " + format_exposed(records, args.exposed))
+    if args.stage_times:
+        print(format_stage_times([label for label, _, _ in traces], [records for _, records, _ in traces]))
     if args.json:
         def labelled(found):
             return None if found is None else {"label": found[0], "share": found[1]}
