@@ -180,6 +180,7 @@ PYBIND11_MODULE(_C, m) {
   nv.def("n_pes", &deepcomm::nvshmem::n_pes);
   nv.def("malloc", &deepcomm::nvshmem::symmetric_malloc, py::arg("bytes"));
   nv.def("free", &deepcomm::nvshmem::symmetric_free, py::arg("ptr"));
+  nv.def("peer_pointer", &deepcomm::nvshmem::peer_pointer, py::arg("ptr"), py::arg("pe"));
   nv.def("barrier_all", &deepcomm::nvshmem::barrier_all);
   nv.def("ring_exchange", [](uintptr_t slot, uintptr_t stream) { deepcomm::nvshmem::ring_exchange(slot, as_stream(stream)); },
          py::arg("slot"), py::arg("stream"));

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the kernels and the reference path in the same run on GPU, reference on CPU; "
                              "with --ranks-per-node below the world size: internode, the flat intranode path on "
                              "the same ranks, and the reference path")
-    parser.add_argument("--transport", choices=("auto", "ipc", "ipc_staged", "nvshmem"), default="auto",
+    parser.add_argument("--transport", choices=("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged"), default="auto",
                         help="inter-node leg of the internode path")
     parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")

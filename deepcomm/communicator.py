@@ -29,8 +29,9 @@ from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
 
 BACKENDS = ("auto", "intranode", "internode", "reference")
-# "ipc_staged": CUDA IPC through local staging, the access pattern of a NIC (tests that path on one host).
-TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem")
+# "*_staged": every inter-node byte through local staging and a put, the access pattern of a NIC (tests that
+# path on one host); plain "nvshmem" stores straight into the peers NVSHMEM maps here (GPUs of this host).
+TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
 DEFAULT_TIMEOUT_S = 30.0
 

@@ -8,8 +8,10 @@ device side of the same interface (csrc/kernels/transport.cuh).
 - ``IpcTransport``: CUDA-IPC peer memory standing in for the NIC, for "nodes"
   carved out of one host or one GPU. With ``staged=True`` senders write local
   staging that each put copies, the access pattern of a NIC.
-- ``NvshmemTransport``: the NVSHMEM symmetric heap, put-with-signal (RDMA
-  across hosts, P2P inside one). The extension initialises NVSHMEM itself from
+- ``NvshmemTransport``: the NVSHMEM symmetric heap: plain stores into the
+  peers NVSHMEM maps here (GPUs of this host, NVLink), staging + put-with-signal
+  to the others (RDMA across hosts); ``staged=True`` puts to every peer, the
+  NIC's path on one host. The extension initialises NVSHMEM itself from
   a unique id broadcast over the torch group: its device code must run against
   the same NVSHMEM host state that allocated the heap (docs/design.md).
 """
@@ -49,9 +51,9 @@ class IpcTransport:
 
 class NvshmemTransport:
     name = "nvshmem"
-    staged = True
 
-    def __init__(self, group, topology: Topology, nbytes: int, device: torch.device) -> None:
+    def __init__(self, group, topology: Topology, nbytes: int, device: torch.device, staged: bool = False) -> None:
+        self.staged = staged
         core = _ext.extension()
         if not hasattr(core, "nvshmem"):
             raise ValueError("transport: this build has no NVSHMEM (install nvidia-nvshmem-cu13 and rebuild)")
@@ -67,7 +69,8 @@ class NvshmemTransport:
         if self._nvshmem.n_pes() != topology.world_size or self._nvshmem.my_pe() != topology.rank:
             raise ValueError("group: NVSHMEM was initialised for a different set of ranks than this group")
         self._ptr = self._nvshmem.malloc(nbytes)
-        self.regions = [self._ptr]
+        # Peers NVSHMEM maps here (GPUs of this host) are written by plain stores unless staged; 0: puts only.
+        self.regions = [self._nvshmem.peer_pointer(self._ptr, pe) for pe in range(topology.world_size)]
 
     def close(self) -> None:
         if self._ptr:
@@ -79,5 +82,5 @@ def make_transport(name: str, group, topology: Topology, nbytes: int, device: to
     if name == "ipc":
         return IpcTransport(group, topology, nbytes, device, staged)
     if name == "nvshmem":
-        return NvshmemTransport(group, topology, nbytes, device)
+        return NvshmemTransport(group, topology, nbytes, device, staged)
     raise ValueError(f"transport: expected one of {TRANSPORTS}, got {name!r}")

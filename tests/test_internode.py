@@ -156,13 +156,14 @@ def _nvshmem_ok() -> None:
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("transport", ["nvshmem", "nvshmem_staged"])  # stores into mapped peers / puts only
 @pytest.mark.parametrize("world_size,ranks_per_node", [(2, 1), (4, 2)])
-def test_internode_over_nvshmem(world_size, ranks_per_node):
+def test_internode_over_nvshmem(world_size, ranks_per_node, transport):
     require_ranks(world_size)
     _nvshmem_ok()
     if world_size > torch.cuda.device_count():
         pytest.skip("NVSHMEM wants a GPU per PE here (see test_internode_over_nvshmem_on_one_gpu)")
-    run_ranks(_agreement_worker, world_size, ranks_per_node, "nvshmem", (16, 4), timeout_s=300)
+    run_ranks(_agreement_worker, world_size, ranks_per_node, transport, (16, 4), timeout_s=300)
 
 
 @pytest.mark.skipif(os.environ.get("DEEPCOMM_NVSHMEM_SHARED_GPU") != "1",

@@ -64,12 +64,27 @@ if ! grep -q 'libcuda\.so ' "$BUILD_TMP/ld.so.cache.txt"; then
   export LIBRARY_PATH=$BUILD_TMP/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 fi
 
+# Its bindings call three low-latency mask-buffer entry points outside its DISABLE_NVSHMEM guards
+# (commit 567632d), which an intranode-only build leaves undefined at import: define them here,
+# raising if ever called (the side-by-side benchmark uses DeepEP's intranode mode only).
+cat > "$BUILD_TMP/ll_mask_absent.cpp" <<'CPP'
+#include <stdexcept>
+#include <cuda_runtime_api.h>
+namespace deep_ep::internode_ll {
+[[noreturn]] static void absent() { throw std::runtime_error("DeepEP built intranode-only: no low-latency mask buffer"); }
+void query_mask_buffer(int*, int, int*, cudaStream_t) { absent(); }
+void update_mask_buffer(int*, int, bool, cudaStream_t) { absent(); }
+void clean_mask_buffer(int*, int, cudaStream_t) { absent(); }
+}  // namespace deep_ep::internode_ll
+CPP
+
 echo "deepep: building $SRC (commit ${commit:-unknown}) -> $TARGET (sm_90, intranode only, MAX_JOBS=$MAX_JOBS)"
-# Two adjustments to DeepEP's setup.py, made from outside it:
+# Three adjustments to DeepEP's setup.py, made from outside it:
 #  - it turns NVSHMEM on whenever the nvidia-nvshmem wheel is importable (it is on the GPU
 #    machine), with no switch to say no; hide the wheel from its find_spec call.
 #  - for sm_90 it compiles with -rdc=true but adds the device-link step only with NVSHMEM;
 #    without it the module fails to import (undefined __cudaRegisterLinkedBinary_*).
+#  - the mask-buffer definitions above join its sources.
 "$PYTHON" - "$SRC" "$TARGET" "$BUILD_TMP" <<'EOF'
 import importlib.util
 import os
@@ -94,6 +109,7 @@ def setup(**kwargs):
         flags = ext.extra_compile_args
         if isinstance(flags, dict) and "-rdc=true" in flags.get("nvcc", []) and not flags.get("nvcc_dlink"):
             flags["nvcc_dlink"] = ["-dlink"]
+        ext.sources.append(os.path.join(build_tmp, "ll_mask_absent.cpp"))
     return real_setup(**kwargs)
 
 

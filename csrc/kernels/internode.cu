@@ -976,7 +976,11 @@ void with_transport(const ContextDesc& d, Fn&& fn) {
     return;
   }
 #ifdef DEEPCOMM_WITH_NVSHMEM
-  NvshmemTransport transport{d.transport_regions[0], d.rank};
+  NvshmemTransport transport{};
+  transport.base = d.transport_regions[d.rank];
+  DC_CHECK_ARG(transport.base != nullptr, "transport_regions: this rank's symmetric region is missing");
+  for (int r = 0; r < d.num_ranks; ++r) transport.peers[r] = d.staged ? nullptr : d.transport_regions[r];
+  transport.rank = d.rank;
   fn(make_context(d, transport));
 #else
   throw std::invalid_argument("transport: this build has no NVSHMEM (build with the nvidia-nvshmem-cu13 wheel installed)");

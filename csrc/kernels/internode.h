@@ -27,8 +27,8 @@ enum TrafficCounter : int {
 
 struct ContextDesc {
   TransportKind transport;
-  uint8_t* transport_regions[kMaxRanks];  // ipc: every rank's region mapped here; nvshmem: [0] = symmetric base
-  bool staged;                            // ipc only: write local staging and copy on put (a NIC's pattern)
+  uint8_t* transport_regions[kMaxRanks];  // every rank's region mapped here; nvshmem: null where only puts reach it
+  bool staged;                            // write local staging and deliver it by put (a NIC's pattern) to every peer
   uint8_t* node_regions[kMaxLocalRanks];  // NVLink regions of this node's ranks, by local index
   int rank;
   int num_ranks;

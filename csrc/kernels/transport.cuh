@@ -7,7 +7,8 @@
 //                                           itself, or local staging that the
 //                                           next put carries (a NIC reads memory)
 //   put_signal_warp(pe, remote, staging, bytes, signal, value, op, lane)
-//                                           warp-collective: deliver the bytes,
+//                                           warp-collective: deliver the bytes
+//                                           (nothing to do where window() was pe's memory),
 //                                           then apply `value` to pe's signal
 //                                           word, ordered after the bytes and
 //                                           after every earlier put to pe
@@ -31,6 +32,16 @@
 namespace deepcomm::internode {
 
 enum class SignalOp : int { kSet = 0, kAdd = 1 };
+
+// A signal word of a peer whose memory is mapped here (CUDA IPC, or NVSHMEM's
+// P2P mapping): every store this block made before (seen through
+// __syncthreads) lands first.
+__device__ __forceinline__ void signal_mapped(uint8_t* word_address, uint64_t value, SignalOp op) {
+  uint64_t* word = reinterpret_cast<uint64_t*>(word_address);
+  __threadfence_system();
+  if (op == SignalOp::kAdd) ptx::add_release_sys(word, value);
+  else ptx::store_release_sys(word, value);
+}
 
 // CUDA-IPC peer memory standing in for the NIC: every rank's transport region
 // is mapped here. `staged` makes senders write local staging and copy it on
@@ -60,29 +71,39 @@ struct IpcTransport {
   }
 
   __device__ __forceinline__ void signal(int pe, int64_t signal_offset, uint64_t value, SignalOp op) const {
-    uint64_t* word = reinterpret_cast<uint64_t*>(regions[pe] + signal_offset);
-    __threadfence_system();  // this block's row stores (seen through __syncthreads) land first
-    if (op == SignalOp::kAdd) ptx::add_release_sys(word, value);
-    else ptx::store_release_sys(word, value);
+    signal_mapped(regions[pe] + signal_offset, value, op);
   }
 
   __device__ __forceinline__ void quiet() const { __threadfence_system(); }
 };
 
 #ifdef DEEPCOMM_WITH_NVSHMEM
-// NVSHMEM symmetric heap: staging + put-with-signal (RDMA across hosts, P2P
-// within one). A fence before each put keeps puts to one PE in order, so a
-// tail count of n means the first n rows have landed.
+// NVSHMEM symmetric heap. A PE whose heap NVSHMEM maps into this process
+// (another GPU of this host over NVLink: nvshmem_ptr) is written directly by
+// the senders' own stores, as CUDA IPC does: NVSHMEM's put-with-signal on P2P
+// copies each staged row a second time with a warp memcpy, 5.7x slower on two
+// H200s (docs/benchmarks.md). Every other PE (across hosts: the NIC) gets
+// staging + put-with-signal; a fence before each put keeps puts to one PE in
+// order, so a tail count of n means the first n rows have landed.
 struct NvshmemTransport {
-  uint8_t* base;  // the symmetric region (same address on every PE)
+  uint8_t* base;               // the symmetric region (same address on every PE)
+  uint8_t* peers[kMaxRanks];   // pe's region mapped here, or null: reached by puts only
   int rank;
 
   __device__ __forceinline__ uint8_t* local(int64_t offset) const { return base + offset; }
 
-  __device__ __forceinline__ uint8_t* window(int, int64_t, int64_t staging) const { return base + staging; }
+  __device__ __forceinline__ uint8_t* window(int pe, int64_t remote, int64_t staging) const {
+    return peers[pe] != nullptr ? peers[pe] + remote : base + staging;
+  }
 
   __device__ __forceinline__ void put_signal_warp(int pe, int64_t remote, int64_t staging, int64_t bytes,
                                                   int64_t signal_offset, uint64_t value, SignalOp op, int lane) const {
+    __syncwarp();
+    if (peers[pe] != nullptr) {  // the bytes are in pe's memory already
+      if (lane == 0) signal_mapped(peers[pe] + signal_offset, value, op);
+      __syncwarp();
+      return;
+    }
     if (lane == 0) {
       __threadfence();  // rows written by the block's other warps (seen through __syncthreads) first
       nvshmem_fence();
@@ -95,12 +116,19 @@ struct NvshmemTransport {
   }
 
   __device__ __forceinline__ void signal(int pe, int64_t signal_offset, uint64_t value, SignalOp op) const {
+    if (peers[pe] != nullptr) {
+      signal_mapped(peers[pe] + signal_offset, value, op);
+      return;
+    }
     nvshmem_fence();
     nvshmemx_signal_op(reinterpret_cast<uint64_t*>(base + signal_offset), value,
                        op == SignalOp::kAdd ? NVSHMEM_SIGNAL_ADD : NVSHMEM_SIGNAL_SET, pe);
   }
 
-  __device__ __forceinline__ void quiet() const { nvshmem_quiet(); }
+  __device__ __forceinline__ void quiet() const {
+    __threadfence_system();  // direct stores to mapped peers
+    nvshmem_quiet();         // puts
+  }
 };
 #endif
 

@@ -87,6 +87,12 @@ void symmetric_free(uintptr_t ptr) {
   nvshmem_free(reinterpret_cast<void*>(ptr));
 }
 
+uintptr_t peer_pointer(uintptr_t ptr, int pe) {
+  require_initialized("peer_pointer");
+  DC_CHECK_ARG(pe >= 0 && pe < nvshmem_n_pes(), "pe: must lie in [0, n_pes)");
+  return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
+}
+
 void barrier_all() {
   require_initialized("barrier_all");
   nvshmem_barrier_all();

@@ -20,6 +20,10 @@ int my_pe();
 int n_pes();
 uintptr_t symmetric_malloc(size_t bytes);  // collective; zeroed
 void symmetric_free(uintptr_t ptr);
+// Where `ptr` (a symmetric address) of PE `pe` is mapped into this process for
+// plain loads and stores (another GPU of this host, over NVLink), or 0 where
+// only NVSHMEM's puts reach it (another host). `ptr` itself for this PE.
+uintptr_t peer_pointer(uintptr_t ptr, int pe);
 void barrier_all();
 // Each PE writes its own PE id into `slot` (a symmetric int32) of the next PE,
 // then all PEs meet in a barrier on `stream`. Afterwards slot == (pe - 1) mod n.
