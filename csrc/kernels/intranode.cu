@@ -39,7 +39,10 @@ namespace {
 
 constexpr int kThreads = 512;  // 16 warps: enough loads in flight per SM to approach copy bandwidth
 constexpr int kWarps = kThreads / 32;
-constexpr int kCombineUnroll = 2;
+// Combine pulls rows: each lane keeps this many 16-byte loads in flight (spread over the sources a
+// token can have, kRankBound, and the units of each). Over NVLink a round trip is about a
+// microsecond, so the bytes in flight per warp, not the adds, set combine's rate.
+constexpr int kCombineLoadsInFlight = 8;
 
 __device__ __forceinline__ SignalRegion* signals_of(const Context& ctx, int rank) {
   return reinterpret_cast<SignalRegion*>(ctx.regions[rank]);
@@ -259,7 +262,10 @@ __global__ void combine_ready_kernel(Context ctx, CombineArgs args) {
   own->combine_peers_ready = ready;
 }
 
+// kRankBound >= num_ranks: a compile-time bound, so the loops over sources unroll into registers.
+template <int kRankBound>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args) {
+  constexpr int kUnroll = kCombineLoadsInFlight / kRankBound;  // units per source per step
   __shared__ const uint8_t* source_rows[kMaxRanks];
   __shared__ bool peers_ready;
   const int num_ranks = ctx.num_ranks;
@@ -281,32 +287,38 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
                                      positions);
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + token * row_bytes);
 
-    for (int base = lane; base < num_units; base += 32 * kCombineUnroll) {
-      float sums[kCombineUnroll][8];
+    for (int base = lane; base < num_units; base += 32 * kUnroll) {
+      // Every source's units are loaded before the first is summed: kCombineLoadsInFlight per lane.
+      int4 loaded[kRankBound][kUnroll];
 #pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sums[u][i] = 0.0f;
-      bool first = true;
-      // Fixed order: ascending source rank, float32, starting from the first row. Unrolled over
-      // ranks so positions[] stays in registers.
-#pragma unroll
-      for (int src = 0; src < kMaxRanks; ++src) {
+      for (int src = 0; src < kRankBound; ++src) {
         if (!((mask >> src) & 1u)) continue;
         const int4* row = reinterpret_cast<const int4*>(source_rows[src] + positions[src] * row_bytes);
 #pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u) {
-          const int unit = base + u * 32;
-          if (unit >= num_units) continue;
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * 32 < num_units) loaded[src][u] = ptx::load_cg(row + base + u * 32);
+      }
+      // Fixed order: ascending source rank, float32, starting from the first row.
+      float sums[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sums[u][i] = 0.0f;
+      bool first = true;
+#pragma unroll
+      for (int src = 0; src < kRankBound; ++src) {
+        if (!((mask >> src) & 1u)) continue;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
           float values[8];
-          rows::unpack_bf16x8(ptx::load_cg(row + unit), values);
+          rows::unpack_bf16x8(loaded[src][u], values);
 #pragma unroll
           for (int i = 0; i < 8; ++i) sums[u][i] = first ? values[i] : sums[u][i] + values[i];
         }
         first = false;
       }
 #pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         const int unit = base + u * 32;
         if (unit >= num_units) continue;
         out[unit] = rows::pack_bf16x8(sums[u]);
@@ -366,7 +378,9 @@ void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t st
   DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
   combine_ready_kernel<<<1, 1, 0, stream>>>(ctx, args);
   DC_CUDA_CHECK(cudaGetLastError());
-  combine_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  if (ctx.num_ranks <= 2) combine_kernel<2><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  else if (ctx.num_ranks <= 4) combine_kernel<4><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  else combine_kernel<kMaxRanks><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
