@@ -100,7 +100,9 @@ stop_mps() {
 # Several ranks per GPU under MPS (everything on a one-GPU machine; on several GPUs
 # the tests that need more ranks than GPUs, the NVSHMEM ones having run above).
 if step shared && [ "$max_ranks" -gt "$num_gpus" ]; then
-  pgrep -f nvidia-cuda-mps-control > /dev/null || start_mps
+  # Ask the way the tests ask (a live daemon's pid file beside its socket, in this pipe folder):
+  # any MPS process (pgrep) may be one a killed launcher left in another folder, or dying.
+  python3 -c 'import sys; from deepcomm.launch import mps_running; sys.exit(not mps_running())' || start_mps
   if [ "$num_gpus" -ge 2 ]; then
     pytest_to tests_shared_gpus $TESTS -m gpu -k "not nvshmem"
   else
