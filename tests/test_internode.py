@@ -168,10 +168,11 @@ def test_internode_over_nvshmem(world_size, ranks_per_node, transport):
 
 @pytest.mark.skipif(os.environ.get("DEEPCOMM_NVSHMEM_SHARED_GPU") != "1",
                     reason="opt-in: NVSHMEM with several PEs on one GPU (tools/gpu_check.sh tries it)")
-def test_internode_over_nvshmem_on_one_gpu():
+@pytest.mark.parametrize("transport", ["nvshmem", "nvshmem_staged"])
+def test_internode_over_nvshmem_on_one_gpu(transport):
     require_ranks(2)
     _nvshmem_ok()
-    run_ranks(_agreement_worker, 2, 1, "nvshmem", (8, 4), timeout_s=300)
+    run_ranks(_agreement_worker, 2, 1, transport, (8, 4), timeout_s=300)
 
 
 def _skipping_rank_worker(rank: int, world_size: int) -> None:

@@ -109,7 +109,8 @@ def setup(**kwargs):
         flags = ext.extra_compile_args
         if isinstance(flags, dict) and "-rdc=true" in flags.get("nvcc", []) and not flags.get("nvcc_dlink"):
             flags["nvcc_dlink"] = ["-dlink"]
-        ext.sources.append(os.path.join(build_tmp, "ll_mask_absent.cpp"))
+        if isinstance(flags, dict) and "-DDISABLE_NVSHMEM" in flags.get("cxx", []):  # with NVSHMEM it defines them
+            ext.sources.append(os.path.join(build_tmp, "ll_mask_absent.cpp"))
     return real_setup(**kwargs)
 
 

@@ -86,6 +86,10 @@ start_mps() {
   if nvidia-cuda-mps-control -d; then
     mps_started=1; note "mps: started (ranks outnumber GPUs)"
     trap 'stop_mps' EXIT
+  elif python3 -c 'import sys; from deepcomm.launch import mps_running; sys.exit(not mps_running())'; then
+    # A daemon of an earlier call (one its time limit ended) still answers in this folder: use it, quit it after.
+    mps_started=1; note "mps: a daemon left in $CUDA_MPS_PIPE_DIRECTORY answers; using it"
+    trap 'stop_mps' EXIT
   else
     note "mps: could not start; ranks sharing a GPU will be time-sliced"
   fi
@@ -160,6 +164,7 @@ fi
 
 # Before/after: the two builds alternate (base, this, base, this, ...), so drift between runs on a
 # shared GPU falls on both sides; tools/ab_table.py pairs the rows and takes medians.
+step ab && finish_deepep_build
 if step ab; then
   if [ -z "$ab_build" ]; then
     note "ab: not run (AB_DIR=${AB_DIR:-unset} is not a carried directory)"

@@ -266,6 +266,7 @@ __global__ void combine_ready_kernel(Context ctx, CombineArgs args) {
 template <int kRankBound>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args) {
   constexpr int kUnroll = kCombineLoadsInFlight / kRankBound;  // units per source per step
+  static_assert(kUnroll >= 1 && kUnroll * kRankBound == kCombineLoadsInFlight, "kRankBound must divide the loads");
   __shared__ const uint8_t* source_rows[kMaxRanks];
   __shared__ bool peers_ready;
   const int num_ranks = ctx.num_ranks;
@@ -310,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
         if (!((mask >> src) & 1u)) continue;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
+          if (base + u * 32 >= num_units) continue;  // not loaded, not stored
           float values[8];
           rows::unpack_bf16x8(loaded[src][u], values);
 #pragma unroll

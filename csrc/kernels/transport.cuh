@@ -81,7 +81,7 @@ struct IpcTransport {
 // NVSHMEM symmetric heap. A PE whose heap NVSHMEM maps into this process
 // (another GPU of this host over NVLink: nvshmem_ptr) is written directly by
 // the senders' own stores, as CUDA IPC does: NVSHMEM's put-with-signal on P2P
-// copies each staged row a second time with a warp memcpy, 5.5x slower on two
+// copies each staged row a second time with a warp memcpy, 5.6x slower on two
 // H200s (docs/benchmarks.md). Every other PE (across hosts: the NIC) gets
 // staging + put-with-signal; a fence before each put keeps puts to one PE in
 // order, so a tail count of n means the first n rows have landed.
