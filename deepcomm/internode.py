@@ -33,7 +33,7 @@ from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
     MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
-    recv_row_shape, slot_views,
+    recv_row_shape, SlotViews,
 )
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.profiling import name_stream
@@ -97,6 +97,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         self.buffer = torch.empty(self.combine_offset + config.combine_bytes(world), dtype=torch.uint8,
                                   device=self.device)
         self.buffer[:data_offset].zero_()
+        self._slots = SlotViews.of_slots(self.buffer, data_offset, self.slot_bytes, slots)
         torch.cuda.synchronize(self.device)
         handles: list = [None] * world
         dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
@@ -225,9 +226,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                              f"once: ranks x num_sms <= {self._num_device_sms}, got {num_blocks}")
 
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
-        start = self.kernels.NODE_DATA_OFFSET + slot * self.slot_bytes
-        return slot_views(self.buffer[start : start + self.slot_bytes], layout, rows, hidden, num_topk, payload,
-                          per_expert)
+        return self._slots[slot].result(layout, rows, hidden, num_topk, payload, per_expert)
 
     # -- combine ------------------------------------------------------------
 

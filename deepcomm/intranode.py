@@ -28,7 +28,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
     MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
-    recv_row_shape, slot_views,
+    recv_row_shape, SlotViews,
 )
 from deepcomm.layout import dispatch_layout_cuda
 from deepcomm.profiling import name_stream
@@ -127,6 +127,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
         self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
+        self._slots = SlotViews.of_slots(self.buffer, self.kernels.DATA_OFFSET, self.slot_bytes, config.num_recv_slots)
         self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
         # numpy views of the mailbox: reading them costs no torch dispatch.
         mailbox = self._mailbox_words = self.mailbox.numpy()
@@ -230,9 +231,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         return result
 
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
-        start = self.kernels.DATA_OFFSET + slot * self.slot_bytes
-        return slot_views(self.buffer[start : start + self.slot_bytes], layout, rows, hidden, num_topk, payload,
-                          per_expert)
+        return self._slots[slot].result(layout, rows, hidden, num_topk, payload, per_expert)
 
     # -- combine ------------------------------------------------------------
 

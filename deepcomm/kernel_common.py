@@ -62,31 +62,50 @@ def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
         raise ValueError(f"x: hidden {hidden} / top-k {num_topk} exceed the buffer's {config.hidden} / {config.num_topk}")
 
 
-def slot_views(region: torch.Tensor, layout: dict, rows: int, hidden: int, num_topk: int, payload: int,
+class SlotViews:
+    """One receive slot (uint8, fields 256-byte aligned by ``recv_layout``) handing out DispatchResults.
+
+    The slot is seen once, at construction, as every dtype a result holds, so each field of a
+    result is one ``as_strided`` of a typed alias: dispatch builds its views on the host every call,
+    and a byte slice + dtype view + shape view per field is three torch calls where one does.
+    """
+
+    DTYPES = (torch.bfloat16, fp8.FP8_DTYPE, torch.float32, torch.int64)
+
+    def __init__(self, region: torch.Tensor) -> None:
+        if region.dtype != torch.uint8 or region.dim() != 1 or region.numel() % 16 or region.data_ptr() % 16:
+            raise ValueError("region: expected a 16-byte aligned 1-D uint8 tensor of a multiple of 16 bytes")
+        self._typed = {dtype: region.view(dtype) for dtype in self.DTYPES}
+
+    @classmethod
+    def of_slots(cls, buffer: torch.Tensor, start: int, slot_bytes: int, num_slots: int) -> list["SlotViews"]:
+        """The ``num_slots`` slots of ``slot_bytes`` each that lie back to back from byte ``start``."""
+        return [cls(buffer[start + s * slot_bytes : start + (s + 1) * slot_bytes]) for s in range(num_slots)]
+
+    def field(self, offset: int, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+        """A contiguous [rows, cols] ``dtype`` tensor at byte ``offset`` of the slot."""
+        typed = self._typed[dtype]
+        return typed.as_strided((rows, cols), (cols, 1), typed.storage_offset() + offset // dtype.itemsize)
+
+    def result(self, layout: dict, rows: int, hidden: int, num_topk: int, payload: int,
                per_expert: torch.Tensor) -> DispatchResult:
-    """A DispatchResult whose tensors are views of one receive slot (``region``, uint8)."""
-
-    def field(name: str, count: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-        nbytes = count * dtype.itemsize
-        return region[layout[name] : layout[name] + nbytes].view(dtype).view(shape)
-
-    if payload == PAYLOAD_BF16:
-        x = field("x", rows * hidden, torch.bfloat16, (rows, hidden))
-        scales = None
-    else:
-        cols = hidden // fp8.BLOCK_CHANNELS
-        x = field("x", rows * hidden, fp8.FP8_DTYPE, (rows, hidden))
-        scales = field("scales", rows * cols, torch.float32, (rows, cols))
-    return DispatchResult(
-        x=x,
-        x_scales=scales,
-        topk_idx=field("topk_idx", rows * num_topk, torch.int64, (rows, num_topk)),
-        topk_weights=field("topk_weights", rows * num_topk, torch.float32, (rows, num_topk)),
-        num_tokens_per_expert=per_expert,
-        num_recv_tokens_per_rank=[],
-        handle=None,
-        event=EventHandle(None),
-    )
+        """A DispatchResult whose tensors are views of this slot, laid out by ``layout``."""
+        if payload == PAYLOAD_BF16:
+            x = self.field(layout["x"], torch.bfloat16, rows, hidden)
+            scales = None
+        else:
+            x = self.field(layout["x"], fp8.FP8_DTYPE, rows, hidden)
+            scales = self.field(layout["scales"], torch.float32, rows, hidden // fp8.BLOCK_CHANNELS)
+        return DispatchResult(
+            x=x,
+            x_scales=scales,
+            topk_idx=self.field(layout["topk_idx"], torch.int64, rows, num_topk),
+            topk_weights=self.field(layout["topk_weights"], torch.float32, rows, num_topk),
+            num_tokens_per_expert=per_expert,
+            num_recv_tokens_per_rank=[],
+            handle=None,
+            event=EventHandle(None),
+        )
 
 
 def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int, slot_bytes: int,
