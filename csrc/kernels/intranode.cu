@@ -23,9 +23,10 @@
 // Combine (pull): a one-thread kernel publishes where this rank's [R, H] bf16
 // expert rows are, raises "combine_ready" in all peers and waits for theirs;
 // then, in the copy kernel, one warp per token of this
-// rank reads the token's row from each rank that received it, in ascending
-// rank order, sums in float32 starting from the first row, and writes the bf16
-// result once. Blocks finish with a "combine_done" count in every peer; block 0
+// rank reads the token's row from each rank that received it (every source's
+// units loaded before any is summed: over NVLink the loads in flight set the
+// rate), sums in float32 in ascending rank order starting from the first row,
+// and writes the bf16 result once. Blocks finish with a "combine_done" count in every peer; block 0
 // waits for all peers, so no rank reuses a buffer another is still reading.
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
