@@ -8,11 +8,18 @@
 Rank 0 prints the per-kernel device times (layout, notify, dispatch, combine)
 next to the wall-clock time of the whole call, which separates kernel time
 from host-side overhead, and writes a Chrome trace (open in Perfetto).
+
+``--host-split`` instead times dispatch calls back to back on the host and
+splits each at the notify wait: host work before it (checks, allocations,
+launches), the wait, host work after it (result views, handle, events), per
+rank (medians). It also prints what single torch calls the dispatch path makes
+cost on this host, which is what decides how far that host work can shrink.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -22,6 +29,72 @@ import deepcomm
 from deepcomm import fp8
 from deepcomm.launch import destroy_distributed, init_distributed
 from deepcomm.routing import node_limited_topk
+
+
+def host_split(stamps: list[tuple[int, int, int, int]]) -> dict[str, float]:
+    """Medians in µs over calls of (start, wait entered, wait left, end) perf_counter_ns stamps."""
+    if not stamps:
+        raise ValueError("stamps: no calls were timed")
+    parts = {"before": (0, 1), "wait": (1, 2), "after": (2, 3), "call": (0, 3)}
+    return {name: statistics.median(s[b] - s[a] for s in stamps) / 1e3 for name, (a, b) in parts.items()}
+
+
+def time_host_ops(device: torch.device, rows: int, world_size: int, iters: int = 2000) -> dict[str, float]:
+    """µs per call of the torch operations a dispatch makes on the host, on ``device``."""
+    small = torch.empty(64, dtype=torch.int32, device=device)
+    region = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    ops = {
+        "empty [64] int32": lambda: torch.empty(64, dtype=torch.int32, device=device),
+        f"empty [{rows}, {world_size}] int32": lambda: torch.empty(rows, world_size, dtype=torch.int32, device=device),
+        "slice": lambda: small[8:16],
+        "byte slice + dtype view + shape view": lambda: region[4096:8192].view(torch.int64).view(64, 8),
+        "as_strided": lambda: small.as_strided((4, 8), (8, 1), 16),
+        "data_ptr": small.data_ptr,
+    }
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        ops |= {
+            "current_stream": lambda: torch.cuda.current_stream(device),
+            "record_stream": lambda: small.record_stream(stream),
+            "Event() + record": lambda: torch.cuda.Event().record(stream),
+            "wait_stream": lambda: stream.wait_stream(torch.cuda.current_stream(device)),
+        }
+    costs = {}
+    for name, op in ops.items():
+        for _ in range(10):
+            op()
+        start = time.perf_counter_ns()
+        for _ in range(iters):
+            op()
+        costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return costs
+
+
+def run_host_split(comm, payload, scales, topk_idx, weights, num_experts: int, iters: int) -> dict[str, float]:
+    """Dispatch ``iters`` times back to back, each call stamped around the backend's notify wait."""
+    impl, marks = comm._impl, []
+    waits = impl._wait_notify
+
+    def stamped_wait(call: int) -> None:
+        marks.append(time.perf_counter_ns())
+        waits(call)
+        marks.append(time.perf_counter_ns())
+
+    impl._wait_notify = stamped_wait
+    stamps = []
+    try:
+        for _ in range(iters):
+            marks.clear()
+            start = time.perf_counter_ns()
+            comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales)
+            end = time.perf_counter_ns()
+            if len(marks) == 2:
+                stamps.append((start, marks[0], marks[1], end))
+    finally:
+        del impl._wait_notify  # the class's method again
+    return host_split(stamps)
 
 
 def main() -> None:
@@ -36,6 +109,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="dispatch payload")
     parser.add_argument("--num-sms", type=int, default=None)
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--host-split", action="store_true",
+                        help="split dispatch's host time at the notify wait, and time single torch calls")
     args = parser.parse_args()
     init_distributed()
     rank = dist.get_rank()
@@ -63,6 +138,23 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     dist.barrier()
+    if args.host_split:
+        split = run_host_split(comm, payload, scales, topk_idx, weights, args.experts, max(args.iters, 100))
+        torch.cuda.synchronize()
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, (split, time_host_ops(device, args.tokens, dist.get_world_size())))
+        if rank == 0:
+            print(f"backend={comm.backend} ranks={dist.get_world_size()} tokens={args.tokens} dispatch={args.dtype}: "
+                  "host µs per dispatch, back to back (medians)")
+            for r, (split, _) in enumerate(per_rank):
+                print(f"  rank {r}: call {split['call']:.1f} = before {split['before']:.1f} + wait "
+                      f"{split['wait']:.1f} + after {split['after']:.1f}")
+            print("host µs per torch call (rank 0):")
+            for name, us in per_rank[0][1].items():
+                print(f"  {name:<40} {us:7.2f}")
+        dist.barrier()
+        destroy_distributed()
+        return
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()

@@ -1,0 +1,47 @@
+"""tools/profile_dispatch.py --host-split: the arithmetic of the split, and the per-op timer on CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import profile_dispatch  # noqa: E402
+
+
+def test_host_split_is_the_median_of_each_part_over_calls():
+    stamps = [(0, 1000, 3000, 4500), (10, 2010, 3010, 5010), (0, 1000, 5000, 6000)]
+    assert profile_dispatch.host_split(stamps) == {"before": 1.0, "wait": 2.0, "after": 1.5, "call": 5.0}
+    with pytest.raises(ValueError, match="^stamps:"):
+        profile_dispatch.host_split([])
+
+
+def test_the_wait_is_stamped_and_the_method_restored():
+    class Impl:
+        def __init__(self):
+            self.waited = []
+
+        def _wait_notify(self, call):
+            self.waited.append(call)
+
+    class Comm:
+        def __init__(self):
+            self._impl, self.calls = Impl(), 0
+
+        def dispatch(self, *args, **kwargs):
+            self.calls += 1
+            self._impl._wait_notify(self.calls)
+
+    comm = Comm()
+    split = profile_dispatch.run_host_split(comm, None, None, None, None, 8, iters=5)
+    assert comm._impl.waited == [1, 2, 3, 4, 5] and split["call"] >= split["wait"] >= 0
+    assert "_wait_notify" not in vars(comm._impl)
+
+
+def test_host_op_costs_on_cpu():
+    costs = profile_dispatch.time_host_ops(torch.device("cpu"), rows=16, world_size=2, iters=20)
+    assert "as_strided" in costs and "empty [16, 2] int32" in costs and all(us > 0 for us in costs.values())
+    assert "record_stream" not in costs  # CUDA only
