@@ -29,7 +29,7 @@ import torch.distributed as dist
 from deepcomm import _ext, fp8
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us, ranks_have_own_gpu, rows_kept_local
 from deepcomm.checks import expected_round_trip
-from deepcomm.communicator import Communicator
+from deepcomm.communicator import TRANSPORTS, Communicator
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
 from deepcomm.launch import destroy_distributed, init_distributed, spawn_local
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the kernels and the reference path in the same run on GPU, reference on CPU; "
                              "with --ranks-per-node below the world size: internode, the flat intranode path on "
                              "the same ranks, and the reference path")
-    parser.add_argument("--transport", choices=("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged"), default="auto",
+    parser.add_argument("--transport", choices=TRANSPORTS, default="auto",
                         help="inter-node leg of the internode path")
     parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")

@@ -74,6 +74,8 @@ def test_nvshmem_calls_before_init_raise():
     assert not core.nvshmem.initialized()
     with pytest.raises(RuntimeError, match="not initialised"):
         core.nvshmem.my_pe()
+    with pytest.raises(RuntimeError, match="^peer_pointer: NVSHMEM is not initialised"):
+        core.nvshmem.peer_pointer(0, 0)
 
 
 @needs_extension

@@ -79,6 +79,9 @@ fi
 
 max_ranks=$(echo $NRANKS | tr ' ' '\n' | sort -n | tail -1)
 mps_started=0
+# Whether an MPS daemon answers in this pipe folder, asked the way the tests ask (a live daemon's pid
+# file beside its socket): any MPS process (pgrep) may be one a killed launcher left elsewhere, or dying.
+mps_answers() { python3 -c 'import sys; from deepcomm.launch import mps_running; sys.exit(not mps_running())'; }
 start_mps() {
   export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/deepcomm-mps/pipe}
   export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/deepcomm-mps/log}
@@ -86,7 +89,7 @@ start_mps() {
   if nvidia-cuda-mps-control -d; then
     mps_started=1; note "mps: started (ranks outnumber GPUs)"
     trap 'stop_mps' EXIT
-  elif python3 -c 'import sys; from deepcomm.launch import mps_running; sys.exit(not mps_running())'; then
+  elif mps_answers; then
     # A daemon of an earlier call (one its time limit ended) still answers in this folder: use it, quit it after.
     mps_started=1; note "mps: a daemon left in $CUDA_MPS_PIPE_DIRECTORY answers; using it"
     trap 'stop_mps' EXIT
@@ -104,9 +107,7 @@ stop_mps() {
 # Several ranks per GPU under MPS (everything on a one-GPU machine; on several GPUs
 # the tests that need more ranks than GPUs, the NVSHMEM ones having run above).
 if step shared && [ "$max_ranks" -gt "$num_gpus" ]; then
-  # Ask the way the tests ask (a live daemon's pid file beside its socket, in this pipe folder):
-  # any MPS process (pgrep) may be one a killed launcher left in another folder, or dying.
-  python3 -c 'import sys; from deepcomm.launch import mps_running; sys.exit(not mps_running())' || start_mps
+  mps_answers || start_mps
   if [ "$num_gpus" -ge 2 ]; then
     pytest_to tests_shared_gpus $TESTS -m gpu -k "not nvshmem"
   else
