@@ -248,12 +248,15 @@ if step overlap; then
   fi
 fi
 
-# Kernel times against wall clock for a decode-size call (torch profiler), and a trace.
+# Kernel times against wall clock for a decode-size call (torch profiler), a trace, and the
+# decode-size dispatch's host time split at the notify wait.
 if step profile; then
   if timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
       --tokens 128 --trace "$OUT/dispatch_trace.json" > "$OUT/profile_decode.log" 2>&1 && \
      timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
-      --tokens 4096 --iters 10 > "$OUT/profile_prefill.log" 2>&1; then
+      --tokens 4096 --iters 10 > "$OUT/profile_prefill.log" 2>&1 && \
+     timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
+      --tokens 128 --host-split > "$OUT/profile_host_split.log" 2>&1; then
     note "profile: ok (profile_*.log, dispatch_trace.json)"
   else
     note "profile: FAILED (see profile_*.log)"
