@@ -32,10 +32,10 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
-    recv_row_shape, SlotViews,
+    DispatchScratch, MailboxErrors, ReceiveSlots, SlotViews, blocks_of, check_capacity, check_invalid_ids,
+    check_slot_sizes, payload_of, recv_row_shape,
 )
-from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
@@ -169,36 +169,32 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         stream = self._stream
 
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
-            send_base, recv_totals = counters[:world], counters[world : 2 * world]
-            per_expert = counters[2 * world : 2 * world + experts_per_rank]
-            num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
-            send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
-            node_rows = torch.empty(num_tokens, num_nodes, dtype=torch.int32, device=self.device)
-            layout = dispatch_layout_cuda(topk_idx, num_experts, topo, num_blocks, num_invalid, send_pos, stream)
+            scratch = DispatchScratch(self.device, num_tokens, world, num_nodes, num_experts, with_node_rows=True)
+            ptr, cuda_stream = scratch.ptr, stream.cuda_stream
+            launch_dispatch_layout(topk_idx, num_experts, topo, num_blocks, cuda_stream, ptr["per_rank"],
+                                   ptr["per_node"], ptr["per_expert_all"], ptr["is_token_in_rank"],
+                                   ptr["num_invalid"], ptr["send_pos"])
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_node.data_ptr(),
-                            layout.num_tokens_per_expert.data_ptr(), num_invalid.data_ptr(), num_experts,
-                            send_base.data_ptr(), recv_totals.data_ptr(), per_expert.data_ptr(),
-                            abort_dispatch.data_ptr(), stream.cuda_stream)
+            self.ctx.notify(call, ptr["per_rank"], ptr["per_node"], ptr["per_expert_all"], ptr["num_invalid"],
+                            num_experts, ptr["send_base"], ptr["recv_totals"], ptr["per_expert"], ptr["abort"],
+                            cuda_stream)
             # Queued before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks
             self.ctx.dispatch(
                 call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
                 topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
-                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
-                recv_totals.data_ptr(), abort_dispatch.data_ptr(),
+                ptr["is_token_in_rank"], ptr["send_pos"], ptr["send_base"], ptr["recv_totals"], ptr["abort"],
                 -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks,
-                node_rows.data_ptr(), stream.cuda_stream,
+                ptr["node_rows"], cuda_stream,
             )
             recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
             if num_recv_tokens is not None:
                 own_layout = _ext.extension().intranode.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols,
                                                                      num_topk)
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
                 result.num_recv_tokens_per_rank = None
             else:
                 self._wait_notify(call)
@@ -206,12 +202,12 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                 totals = self._recv_totals[:world].tolist()
                 own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, topo.rank)
                 num_recv_tokens = totals[topo.rank]
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
                 result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             result.handle = InternodeHandle(
-                num_tokens, hidden, num_recv_tokens, layout.is_token_in_rank, send_pos, send_base, node_rows, slot,
-                self.kernels.num_channels(num_blocks), call, id(self),
+                num_tokens, hidden, num_recv_tokens, scratch.is_token_in_rank, scratch.send_pos, scratch.send_base,
+                scratch.node_rows, slot, self.kernels.num_channels(num_blocks), call, id(self),
             )
             outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
             result.event = hand_back(outputs, self.device, stream, caller, async_finish)

@@ -27,10 +27,10 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    MailboxErrors, ReceiveSlots, blocks_of, check_capacity, check_invalid_ids, check_slot_sizes, payload_of,
-    recv_row_shape, SlotViews,
+    DispatchScratch, MailboxErrors, ReceiveSlots, SlotViews, blocks_of, check_capacity, check_invalid_ids,
+    check_slot_sizes, payload_of, recv_row_shape,
 )
-from deepcomm.layout import dispatch_layout_cuda
+from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
@@ -177,20 +177,17 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         stream = self._stream
 
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            # One allocation for the small per-call outputs of the kernels.
-            counters = torch.empty(2 * world + experts_per_rank + 2, dtype=torch.int32, device=self.device)
-            send_base, recv_totals = counters[:world], counters[world : 2 * world]
-            per_expert = counters[2 * world : 2 * world + experts_per_rank]
-            num_invalid, abort_dispatch = counters[-2:-1], counters[-1:]
-            send_pos = torch.empty(num_tokens, world, dtype=torch.int32, device=self.device)
-            layout = dispatch_layout_cuda(topk_idx, num_experts, self.topology, num_blocks, num_invalid, send_pos,
-                                          stream)
+            scratch = DispatchScratch(self.device, num_tokens, world, self.topology.num_nodes, num_experts,
+                                      with_node_rows=False)
+            ptr, cuda_stream = scratch.ptr, stream.cuda_stream
+            launch_dispatch_layout(topk_idx, num_experts, self.topology, num_blocks, cuda_stream, ptr["per_rank"],
+                                   ptr["per_node"], ptr["per_expert_all"], ptr["is_token_in_rank"],
+                                   ptr["num_invalid"], ptr["send_pos"])
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, layout.num_tokens_per_rank.data_ptr(), layout.num_tokens_per_expert.data_ptr(),
-                            num_invalid.data_ptr(), num_experts, send_base.data_ptr(), recv_totals.data_ptr(),
-                            per_expert.data_ptr(), abort_dispatch.data_ptr(), stream.cuda_stream)
+            self.ctx.notify(call, ptr["per_rank"], ptr["per_expert_all"], ptr["num_invalid"], num_experts,
+                            ptr["send_base"], ptr["recv_totals"], ptr["per_expert"], ptr["abort"], cuda_stream)
             # Dispatch needs no host decision (it reads the counts on the device), so it is queued
             # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
@@ -198,34 +195,32 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             self.ctx.dispatch(
                 call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
                 topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, experts_per_rank,
-                layout.is_token_in_rank.data_ptr(), send_pos.data_ptr(), send_base.data_ptr(),
-                recv_totals.data_ptr(), abort_dispatch.data_ptr(),
-                -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks,
-                stream.cuda_stream,
+                ptr["is_token_in_rank"], ptr["send_pos"], ptr["send_base"], ptr["recv_totals"], ptr["abort"],
+                -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks, cuda_stream,
             )
             recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
             if num_recv_tokens is not None:
                 # The caller knows the size: no host wait. The kernel checks the size (and the ids)
                 # and a mismatch surfaces at the next call or check_errors().
                 own_layout = self.kernels.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols, num_topk)
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
                 result.num_recv_tokens_per_rank = None
-                return self._finish(result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish)
+                return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish)
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
             check_invalid_ids(self._invalid_ids[:world], num_experts)
             totals = matrix.sum(axis=0).tolist()
             # Every rank sees the same counts: on overflow the kernels wrote nothing and every rank raises.
             own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, rank)
-            result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload, per_expert)
+            result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload, scratch.per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            return self._finish(result, layout, send_pos, send_base, totals[rank], call, caller, async_finish)
+            return self._finish(result, scratch, totals[rank], call, caller, async_finish)
 
-    def _finish(self, result, layout, send_pos, send_base, num_recv_tokens, call, caller, async_finish):
-        num_tokens, hidden = layout.is_token_in_rank.shape[0], result.x.shape[1]
-        result.handle = IntranodeHandle(num_tokens, hidden, num_recv_tokens, layout.is_token_in_rank, send_pos,
-                                        send_base, call, id(self))
+    def _finish(self, result, scratch, num_recv_tokens, call, caller, async_finish):
+        num_tokens, hidden = scratch.is_token_in_rank.shape[0], result.x.shape[1]
+        result.handle = IntranodeHandle(num_tokens, hidden, num_recv_tokens, scratch.is_token_in_rank,
+                                        scratch.send_pos, scratch.send_base, call, id(self))
         outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
         result.event = hand_back(outputs, self.device, self._stream, caller, async_finish)
         return result

@@ -9,6 +9,8 @@ hand out received rows as views into a receive slot laid out by
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -60,6 +62,58 @@ def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
         raise ValueError(f"x: {num_tokens} tokens exceed the buffer's max_tokens_per_rank={config.max_tokens_per_rank}")
     if hidden > config.hidden or num_topk > config.num_topk:
         raise ValueError(f"x: hidden {hidden} / top-k {num_topk} exceed the buffer's {config.hidden} / {config.num_topk}")
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch_offsets(num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
+                     with_node_rows: bool) -> tuple[dict[str, int], int]:
+    """DispatchScratch's regions: int32-word offsets by name, and the words in all."""
+    tokens_words = num_tokens * world_size
+    regions = (
+        ("per_rank", world_size + num_nodes + num_experts + 1), ("send_base", world_size),
+        ("recv_totals", world_size), ("per_expert", num_experts // world_size), ("abort", 1),
+        ("send_pos", tokens_words), ("node_rows", num_tokens * num_nodes if with_node_rows else 0),
+        ("is_token_in_rank", -(-tokens_words // 4)),  # bytes, in int32 words
+    )
+    offsets, words = {}, 0
+    for name, size in regions:
+        offsets[name] = words
+        words += -(-size // 4) * 4  # the next region 16-byte aligned
+    # Inside the first region, back to back (one memset zeroes them).
+    offsets["per_node"] = offsets["per_rank"] + world_size
+    offsets["per_expert_all"] = offsets["per_node"] + num_nodes
+    offsets["num_invalid"] = offsets["per_expert_all"] + num_experts
+    return offsets, words
+
+
+class DispatchScratch:
+    """Every small device tensor one dispatch call writes, carved out of one int32 allocation.
+
+    Fresh for each call, since its handle keeps send_base, send_pos, is_token_in_rank (and
+    node_rows) for as long as a combine may come, and its result keeps per_expert; but one
+    allocation where there were seven, and views only of what outlives the call (the kernels get
+    the rest as pointers): a dispatch's host work is its torch calls. Regions (``_scratch_offsets``):
+    [per_rank W | per_node N | per_expert_all E | num_invalid 1] (back to back: the layout launch
+    zeroes them in one memset), send_base W, recv_totals W, per_expert E/W, abort 1, send_pos
+    [T, W], node_rows [T, N] (internode), is_token_in_rank [T, W] bool.
+    """
+
+    def __init__(self, device: torch.device, num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
+                 with_node_rows: bool) -> None:
+        offsets, words = _scratch_offsets(num_tokens, world_size, num_nodes, num_experts, with_node_rows)
+        self.words = torch.empty(words, dtype=torch.int32, device=device)
+        base = self.words.data_ptr()
+        self.ptr = {name: base + 4 * offset for name, offset in offsets.items()}
+
+        def view(name: str, *shape: int) -> torch.Tensor:  # contiguous
+            return self.words.as_strided(shape, (1,) if len(shape) == 1 else (shape[1], 1), offsets[name])
+
+        self.send_base = view("send_base", world_size)
+        self.per_expert = view("per_expert", num_experts // world_size)
+        self.send_pos = view("send_pos", num_tokens, world_size)
+        self.node_rows = view("node_rows", num_tokens, num_nodes) if with_node_rows else None
+        self.is_token_in_rank = self.words.view(torch.bool).as_strided(
+            (num_tokens, world_size), (world_size, 1), 4 * offsets["is_token_in_rank"])
 
 
 class SlotViews:

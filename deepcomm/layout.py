@@ -61,6 +61,33 @@ def dispatch_layout_torch(topk_idx: torch.Tensor, num_experts: int, topology: To
     )
 
 
+def launch_dispatch_layout(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    topology: Topology,
+    num_blocks: int,
+    stream: int,
+    per_rank: int,
+    per_node: int,
+    per_expert: int,
+    in_rank: int,
+    num_invalid: int = 0,
+    send_pos: int = 0,
+) -> None:
+    """Launch the layout kernel on ``stream`` (a ``cudaStream_t`` as an int) into device pointers.
+
+    ``per_rank`` ``[world_size]``, ``per_node`` ``[num_nodes]``, ``per_expert`` ``[num_experts]``
+    int32 counts; ``in_rank`` ``[T, world_size]`` bool; ``num_invalid`` (``[1]`` int32, or 0) the
+    count of ids outside ``[-1, num_experts)``, which the kernel skips; ``send_pos``
+    (``[T, world_size]`` int32, or 0) :func:`send_positions`. Counters laid out back to back
+    (rank, node, expert counts, invalid count) are zeroed in one memset.
+    """
+    _ext.extension().dispatch_layout(
+        topk_idx.data_ptr(), topk_idx.shape[0], topk_idx.shape[1], num_experts, topology.world_size,
+        topology.ranks_per_node, per_rank, per_node, per_expert, in_rank, num_blocks, stream, num_invalid, send_pos,
+    )
+
+
 def dispatch_layout_cuda(
     topk_idx: torch.Tensor,
     num_experts: int,
@@ -76,26 +103,16 @@ def dispatch_layout_cuda(
     of ids outside ``[-1, num_experts)``, which the kernel skips. ``send_pos``
     (``[T, world_size]`` int32), if given, receives :func:`send_positions`.
     """
-    core = _ext.extension()
     world_size, num_nodes = topology.world_size, topology.num_nodes
     device = topk_idx.device
     per_rank = torch.empty(world_size, dtype=torch.int32, device=device)
     per_node = torch.empty(num_nodes, dtype=torch.int32, device=device)
     per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
     in_rank = torch.empty(topk_idx.shape[0], world_size, dtype=torch.bool, device=device)
-    core.dispatch_layout(
-        topk_idx.data_ptr(),
-        topk_idx.shape[0],
-        topk_idx.shape[1],
-        num_experts,
-        world_size,
-        topology.ranks_per_node,
-        per_rank.data_ptr(),
-        per_node.data_ptr(),
-        per_expert.data_ptr(),
-        in_rank.data_ptr(),
-        num_blocks,
+    launch_dispatch_layout(
+        topk_idx, num_experts, topology, num_blocks,
         (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream,
+        per_rank.data_ptr(), per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(),
         num_invalid.data_ptr() if num_invalid is not None else 0,
         send_pos.data_ptr() if send_pos is not None else 0,
     )

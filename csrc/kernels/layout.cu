@@ -141,10 +141,20 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cuda
   // counters, far above any expert count in use.
   DC_CHECK_ARG(shared_bytes <= 48 * 1024, "num_experts: too many experts for the layout kernel's shared counters");
 
-  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int32_t) * args.num_ranks, stream));
-  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_node, 0, sizeof(int32_t) * num_nodes, stream));
-  DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream));
-  if (args.num_invalid != nullptr) DC_CUDA_CHECK(cudaMemsetAsync(args.num_invalid, 0, sizeof(int32_t), stream));
+  // The counters start at zero. Laid out back to back (rank, node, expert counts, then the invalid
+  // count: how a dispatch's scratch holds them) they take one memset, each a host call of its own.
+  const bool counters_adjacent = args.num_tokens_per_node == args.num_tokens_per_rank + args.num_ranks &&
+                                 args.num_tokens_per_expert == args.num_tokens_per_node + num_nodes &&
+                                 args.num_invalid == args.num_tokens_per_expert + args.num_experts;
+  if (counters_adjacent) {
+    DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0,
+                                  sizeof(int32_t) * (args.num_ranks + num_nodes + args.num_experts + 1), stream));
+  } else {
+    DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int32_t) * args.num_ranks, stream));
+    DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_node, 0, sizeof(int32_t) * num_nodes, stream));
+    DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream));
+    if (args.num_invalid != nullptr) DC_CUDA_CHECK(cudaMemsetAsync(args.num_invalid, 0, sizeof(int32_t), stream));
+  }
   if (args.num_tokens == 0) return;
   const int blocks_needed = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
   const int blocks = blocks_needed < num_blocks ? blocks_needed : num_blocks;
