@@ -172,13 +172,13 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
             scratch = DispatchScratch(self.device, num_tokens, world, num_nodes, num_experts, with_node_rows=True)
             ptr, cuda_stream = scratch.ptr, stream.cuda_stream
             launch_dispatch_layout(topk_idx, num_experts, topo, num_blocks, cuda_stream, ptr["per_rank"],
-                                   ptr["per_node"], ptr["per_expert_all"], ptr["is_token_in_rank"],
+                                   ptr["per_node"], ptr["layout_per_expert"], ptr["is_token_in_rank"],
                                    ptr["num_invalid"], ptr["send_pos"])
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["per_node"], ptr["per_expert_all"], ptr["num_invalid"],
-                            num_experts, ptr["send_base"], ptr["recv_totals"], ptr["per_expert"], ptr["abort"],
+            self.ctx.notify(call, ptr["per_rank"], ptr["per_node"], ptr["layout_per_expert"], ptr["num_invalid"],
+                            num_experts, ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"],
                             cuda_stream)
             # Queued before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
@@ -194,7 +194,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
             if num_recv_tokens is not None:
                 own_layout = _ext.extension().intranode.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols,
                                                                      num_topk)
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
+                                     scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None
             else:
                 self._wait_notify(call)
@@ -202,7 +203,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                 totals = self._recv_totals[:world].tolist()
                 own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, topo.rank)
                 num_recv_tokens = totals[topo.rank]
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
+                                     scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
                 result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             result.handle = InternodeHandle(

@@ -181,13 +181,13 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                       with_node_rows=False)
             ptr, cuda_stream = scratch.ptr, stream.cuda_stream
             launch_dispatch_layout(topk_idx, num_experts, self.topology, num_blocks, cuda_stream, ptr["per_rank"],
-                                   ptr["per_node"], ptr["per_expert_all"], ptr["is_token_in_rank"],
+                                   ptr["per_node"], ptr["layout_per_expert"], ptr["is_token_in_rank"],
                                    ptr["num_invalid"], ptr["send_pos"])
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["per_expert_all"], ptr["num_invalid"], num_experts,
-                            ptr["send_base"], ptr["recv_totals"], ptr["per_expert"], ptr["abort"], cuda_stream)
+            self.ctx.notify(call, ptr["per_rank"], ptr["layout_per_expert"], ptr["num_invalid"], num_experts,
+                            ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"], cuda_stream)
             # Dispatch needs no host decision (it reads the counts on the device), so it is queued
             # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
@@ -203,7 +203,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 # The caller knows the size: no host wait. The kernel checks the size (and the ids)
                 # and a mismatch surfaces at the next call or check_errors().
                 own_layout = self.kernels.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols, num_topk)
-                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload, scratch.per_expert)
+                result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
+                                     scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None
                 return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish)
             self._wait_notify(call)
@@ -212,7 +213,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             totals = matrix.sum(axis=0).tolist()
             # Every rank sees the same counts: on overflow the kernels wrote nothing and every rank raises.
             own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, rank)
-            result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload, scratch.per_expert)
+            result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload,
+                                 scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             return self._finish(result, scratch, totals[rank], call, caller, async_finish)

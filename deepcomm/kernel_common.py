@@ -10,6 +10,7 @@ hand out received rows as views into a receive slot laid out by
 from __future__ import annotations
 
 import functools
+import types
 
 import numpy as np
 import torch
@@ -66,12 +67,12 @@ def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _scratch_offsets(num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
-                     with_node_rows: bool) -> tuple[dict[str, int], int]:
+                     with_node_rows: bool) -> tuple[types.MappingProxyType, int]:
     """DispatchScratch's regions: int32-word offsets by name, and the words in all."""
     tokens_words = num_tokens * world_size
     regions = (
         ("per_rank", world_size + num_nodes + num_experts + 1), ("send_base", world_size),
-        ("recv_totals", world_size), ("per_expert", num_experts // world_size), ("abort", 1),
+        ("recv_totals", world_size), ("abort", 1),
         ("send_pos", tokens_words), ("node_rows", num_tokens * num_nodes if with_node_rows else 0),
         ("is_token_in_rank", -(-tokens_words // 4)),  # bytes, in int32 words
     )
@@ -81,21 +82,23 @@ def _scratch_offsets(num_tokens: int, world_size: int, num_nodes: int, num_exper
         words += -(-size // 4) * 4  # the next region 16-byte aligned
     # Inside the first region, back to back (one memset zeroes them).
     offsets["per_node"] = offsets["per_rank"] + world_size
-    offsets["per_expert_all"] = offsets["per_node"] + num_nodes
-    offsets["num_invalid"] = offsets["per_expert_all"] + num_experts
-    return offsets, words
+    offsets["layout_per_expert"] = offsets["per_node"] + num_nodes
+    offsets["num_invalid"] = offsets["layout_per_expert"] + num_experts
+    return types.MappingProxyType(offsets), words
 
 
 class DispatchScratch:
-    """Every small device tensor one dispatch call writes, carved out of one int32 allocation.
+    """The small device tensors one dispatch call writes, carved out of one int32 allocation.
 
     Fresh for each call, since its handle keeps send_base, send_pos, is_token_in_rank (and
-    node_rows) for as long as a combine may come, and its result keeps per_expert; but one
-    allocation where there were seven, and views only of what outlives the call (the kernels get
-    the rest as pointers): a dispatch's host work is its torch calls. Regions (``_scratch_offsets``):
-    [per_rank W | per_node N | per_expert_all E | num_invalid 1] (back to back: the layout launch
-    zeroes them in one memset), send_base W, recv_totals W, per_expert E/W, abort 1, send_pos
-    [T, W], node_rows [T, N] (internode), is_token_in_rank [T, W] bool.
+    node_rows) for as long as a combine may come; but one allocation where there were six, and
+    views only of what the handle keeps (the kernels get the rest as pointers): a dispatch's host
+    work is its torch calls. The received count per local expert goes back in the result and may
+    be kept for long (load statistics), so it has an allocation of its own that pins nothing else.
+    Regions (``_scratch_offsets``), each 16-byte aligned: [per_rank W | per_node N |
+    layout_per_expert E | num_invalid 1] (4-byte words back to back: the layout launch zeroes them
+    in one memset), send_base W, recv_totals W, abort 1, send_pos [T, W], node_rows [T, N]
+    (internode), is_token_in_rank [T, W] bool.
     """
 
     def __init__(self, device: torch.device, num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
@@ -109,7 +112,8 @@ class DispatchScratch:
             return self.words.as_strided(shape, (1,) if len(shape) == 1 else (shape[1], 1), offsets[name])
 
         self.send_base = view("send_base", world_size)
-        self.per_expert = view("per_expert", num_experts // world_size)
+        self.recv_per_expert = torch.empty(num_experts // world_size, dtype=torch.int32, device=device)
+        self.ptr["recv_per_expert"] = self.recv_per_expert.data_ptr()
         self.send_pos = view("send_pos", num_tokens, world_size)
         self.node_rows = view("node_rows", num_tokens, num_nodes) if with_node_rows else None
         self.is_token_in_rank = self.words.view(torch.bool).as_strided(

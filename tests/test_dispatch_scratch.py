@@ -18,8 +18,8 @@ def extent(scratch: DispatchScratch, name: str, nbytes: int) -> tuple[int, int]:
 def test_regions_are_aligned_disjoint_and_inside_one_allocation(num_tokens, world, nodes, experts, node_rows):
     s = DispatchScratch(torch.device("cpu"), num_tokens, world, nodes, experts, with_node_rows=node_rows)
     sizes = {
-        "per_rank": 4 * world, "per_node": 4 * nodes, "per_expert_all": 4 * experts, "num_invalid": 4,
-        "send_base": 4 * world, "recv_totals": 4 * world, "per_expert": 4 * (experts // world), "abort": 4,
+        "per_rank": 4 * world, "per_node": 4 * nodes, "layout_per_expert": 4 * experts, "num_invalid": 4,
+        "send_base": 4 * world, "recv_totals": 4 * world, "abort": 4,
         "send_pos": 4 * num_tokens * world, "is_token_in_rank": num_tokens * world,
     }
     if node_rows:
@@ -29,16 +29,16 @@ def test_regions_are_aligned_disjoint_and_inside_one_allocation(num_tokens, worl
     assert spans[0][0] >= 0 and spans[-1][1] <= 4 * s.words.numel()
     # Back to back, so that the layout launch zeroes them in one memset.
     assert extent(s, "per_rank", 0)[0] + 4 * world == extent(s, "per_node", 0)[0]
-    assert extent(s, "per_node", 0)[0] + 4 * nodes == extent(s, "per_expert_all", 0)[0]
-    assert extent(s, "per_expert_all", 0)[0] + 4 * experts == extent(s, "num_invalid", 0)[0]
-    for name in ("per_rank", "send_base", "recv_totals", "per_expert", "abort", "send_pos", "is_token_in_rank"):
+    assert extent(s, "per_node", 0)[0] + 4 * nodes == extent(s, "layout_per_expert", 0)[0]
+    assert extent(s, "layout_per_expert", 0)[0] + 4 * experts == extent(s, "num_invalid", 0)[0]
+    for name in ("per_rank", "send_base", "recv_totals", "abort", "send_pos", "is_token_in_rank"):
         assert (s.ptr[name] - s.words.data_ptr()) % 16 == 0, name
 
 
 def test_the_kept_tensors_are_views_at_their_pointers():
     s = DispatchScratch(torch.device("cpu"), 5, 4, 2, 16, with_node_rows=True)
     expected = {
-        "send_base": (s.send_base, (4,), torch.int32), "per_expert": (s.per_expert, (4,), torch.int32),
+        "send_base": (s.send_base, (4,), torch.int32), "recv_per_expert": (s.recv_per_expert, (4,), torch.int32),
         "send_pos": (s.send_pos, (5, 4), torch.int32), "node_rows": (s.node_rows, (5, 2), torch.int32),
         "is_token_in_rank": (s.is_token_in_rank, (5, 4), torch.bool),
     }
@@ -52,3 +52,5 @@ def test_the_kept_tensors_are_views_at_their_pointers():
     s.send_pos.fill_(3)
     assert int(s.words[(s.ptr["send_pos"] - s.words.data_ptr()) // 4 + 19]) == 3
     assert DispatchScratch(torch.device("cpu"), 5, 4, 2, 16, with_node_rows=False).node_rows is None
+    # The per-expert counts a caller may keep pin only themselves.
+    assert s.recv_per_expert.untyped_storage().data_ptr() != s.words.untyped_storage().data_ptr()
