@@ -91,10 +91,10 @@ class DispatchScratch:
     """The small device tensors one dispatch call writes, carved out of one int32 allocation.
 
     Fresh for each call, since its handle keeps send_base, send_pos, is_token_in_rank (and
-    node_rows) for as long as a combine may come; but one allocation where there were six, and
-    views only of what the handle keeps (the kernels get the rest as pointers): a dispatch's host
-    work is its torch calls. The received count per local expert goes back in the result and may
-    be kept for long (load statistics), so it has an allocation of its own that pins nothing else.
+    node_rows) for as long as a combine may come; but two allocations where there were six or
+    seven, and views only of what the handle keeps (the kernels get the rest as pointers): a
+    dispatch's host work is its torch calls. The received count per local expert goes back in the
+    result and may be kept for long (load statistics): it is the second allocation, pinning nothing else.
     Regions (``_scratch_offsets``), each 16-byte aligned: [per_rank W | per_node N |
     layout_per_expert E | num_invalid 1] (4-byte words back to back: the layout launch zeroes them
     in one memset), send_base W, recv_totals W, abort 1, send_pos [T, W], node_rows [T, N]
