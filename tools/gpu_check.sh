@@ -256,7 +256,7 @@ if step profile; then
      timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
       --tokens 4096 --iters 10 > "$OUT/profile_prefill.log" 2>&1 && \
      timeout 300 python3 -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_dispatch.py \
-      --tokens 128 --host-split > "$OUT/profile_host_split.log" 2>&1; then
+      --tokens 128 --host-split --host-functions 30 > "$OUT/profile_host_split.log" 2>&1; then
     note "profile: ok (profile_*.log, dispatch_trace.json)"
   else
     note "profile: FAILED (see profile_*.log)"

@@ -19,6 +19,9 @@ cost on this host, which is what decides how far that host work can shrink.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 
@@ -97,6 +100,27 @@ def run_host_split(comm, payload, scales, topk_idx, weights, num_experts: int, i
     return host_split(stamps)
 
 
+def profile_host_functions(comm, payload, scales, topk_idx, weights, num_experts: int, iters: int, top: int,
+                           profiled: bool) -> str:
+    """cProfile's table (self time) of ``iters`` dispatch calls: where the host time goes.
+
+    Every rank dispatches; only the ``profiled`` one runs under cProfile.
+    """
+    profile = cProfile.Profile()
+    dist.barrier()
+    if profiled:
+        profile.enable()
+    for _ in range(iters):
+        comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales)
+    if not profiled:
+        return ""
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return f"host functions of {iters} dispatch calls (cProfile; its own cost inflates every row):\n" + out.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
@@ -111,6 +135,9 @@ def main() -> None:
     parser.add_argument("--trace", default=None)
     parser.add_argument("--host-split", action="store_true",
                         help="split dispatch's host time at the notify wait, and time single torch calls")
+    parser.add_argument("--host-functions", type=int, default=0, metavar="N",
+                        help="with --host-split: also the N Python and native functions of dispatch that take "
+                             "the most host time (cProfile over the timed calls; rank 0)")
     args = parser.parse_args()
     init_distributed()
     rank = dist.get_rank()
@@ -140,6 +167,11 @@ def main() -> None:
     dist.barrier()
     if args.host_split:
         split = run_host_split(comm, payload, scales, topk_idx, weights, args.experts, max(args.iters, 100))
+        if args.host_functions:
+            table = profile_host_functions(comm, payload, scales, topk_idx, weights, args.experts,
+                                           max(args.iters, 100), args.host_functions, profiled=rank == 0)
+            if rank == 0:
+                print(table)
         torch.cuda.synchronize()
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, (split, time_host_ops(device, args.tokens, dist.get_world_size())))
