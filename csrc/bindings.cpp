@@ -13,6 +13,7 @@
 #include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/nvtx_names.h"
+#include "runtime/stream_order.h"
 #include "runtime/ipc.h"
 #include "runtime/mailbox.h"
 #ifdef DEEPCOMM_WITH_NVSHMEM
@@ -56,6 +57,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("name_stream", &deepcomm::name_stream, py::arg("stream"), py::arg("name"),
         "Name a CUDA stream for Nsight Systems (NVTX).");
+  m.def("order_streams", &deepcomm::order_streams, py::arg("waiter"), py::arg("waited"),
+        "Make stream `waiter` wait for the work queued on `waited` so far (cudaStream_t as ints); the host "
+        "does not wait.");
 
   m.attr("IPC_HANDLE_BYTES") = deepcomm::kIpcHandleBytes;
   m.def("ipc_export", [](uintptr_t ptr) {

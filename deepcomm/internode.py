@@ -51,14 +51,27 @@ class InternodeHandle:
     num_tokens: int
     hidden: int
     num_recv_tokens: int
-    is_token_in_rank: torch.Tensor  # [T, W] bool
-    send_pos: torch.Tensor  # [T, W] int32
-    send_base: torch.Tensor  # [W] int32
-    node_rows: torch.Tensor  # [T, N] int32: the token's row in each node's area, -1 if not sent there
+    scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
     slot: int
     channels: int
     dispatch_call: int
     owner: int
+
+    @property
+    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
+        return self.scratch.is_token_in_rank
+
+    @property
+    def send_pos(self) -> torch.Tensor:  # [T, W] int32
+        return self.scratch.send_pos
+
+    @property
+    def send_base(self) -> torch.Tensor:  # [W] int32
+        return self.scratch.send_base
+
+    @property
+    def node_rows(self) -> torch.Tensor:  # [T, N] int32: the token's row in each node's area, -1 if not sent there
+        return self.scratch.node_rows
 
 
 class InternodeCommunicator(MailboxErrors, ReceiveSlots):
@@ -207,12 +220,10 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                                      scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
                 result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            result.handle = InternodeHandle(
-                num_tokens, hidden, num_recv_tokens, scratch.is_token_in_rank, scratch.send_pos, scratch.send_base,
-                scratch.node_rows, slot, self.kernels.num_channels(num_blocks), call, id(self),
-            )
-            outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
-            result.event = hand_back(outputs, self.device, stream, caller, async_finish)
+            result.handle = InternodeHandle(num_tokens, hidden, num_recv_tokens, scratch, slot,
+                                            self.kernels.num_channels(num_blocks), call, id(self))
+            # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
+            result.event = hand_back((result.num_tokens_per_expert,), self.device, stream, caller, async_finish)
             return result
 
     def _check_blocks(self, num_blocks: int) -> None:
@@ -253,9 +264,10 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
             credit_expected = call - 1  # each home rank gives one credit a combine, once it read every partial
             self._combine_calls = call
             self._combine_blocks += num_blocks
+            routing = handle.scratch.ptr
             self.ctx.combine(call, handle.slot, handle.channels, source_offset, y.data_ptr(), handle.hidden,
-                             handle.num_tokens, handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
-                             handle.send_base.data_ptr(), handle.node_rows.data_ptr(), credit_expected,
+                             handle.num_tokens, routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
+                             routing["node_rows"], credit_expected,
                              self._combine_blocks, num_blocks, stream.cuda_stream)
             return y, hand_back((y,), self.device, stream, caller, async_finish)
 

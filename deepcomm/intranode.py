@@ -89,11 +89,21 @@ class IntranodeHandle:
     num_tokens: int
     hidden: int
     num_recv_tokens: int
-    is_token_in_rank: torch.Tensor  # [T, W] bool
-    send_pos: torch.Tensor  # [T, W] int32
-    send_base: torch.Tensor  # [W] int32
+    scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
     dispatch_call: int
     owner: int  # id() of the communicator that made it
+
+    @property
+    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
+        return self.scratch.is_token_in_rank
+
+    @property
+    def send_pos(self) -> torch.Tensor:  # [T, W] int32
+        return self.scratch.send_pos
+
+    @property
+    def send_base(self) -> torch.Tensor:  # [W] int32
+        return self.scratch.send_base
 
 
 class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
@@ -220,11 +230,9 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             return self._finish(result, scratch, totals[rank], call, caller, async_finish)
 
     def _finish(self, result, scratch, num_recv_tokens, call, caller, async_finish):
-        num_tokens, hidden = scratch.is_token_in_rank.shape[0], result.x.shape[1]
-        result.handle = IntranodeHandle(num_tokens, hidden, num_recv_tokens, scratch.is_token_in_rank,
-                                        scratch.send_pos, scratch.send_base, call, id(self))
-        outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
-        result.event = hand_back(outputs, self.device, self._stream, caller, async_finish)
+        result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self))
+        # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
+        result.event = hand_back((result.num_tokens_per_expert,), self.device, self._stream, caller, async_finish)
         return result
 
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:
@@ -251,9 +259,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             call = self._combine_calls + 1
             self._combine_calls = call
             self._combine_blocks += num_blocks
+            routing = handle.scratch.ptr
             self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
-                             handle.is_token_in_rank.data_ptr(), handle.send_pos.data_ptr(),
-                             handle.send_base.data_ptr(), self._combine_blocks, num_blocks, stream.cuda_stream)
+                             routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
+                             self._combine_blocks, num_blocks, stream.cuda_stream)
             return y, hand_back((y,), self.device, stream, caller, async_finish)
 
     def close(self) -> None:

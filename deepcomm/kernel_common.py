@@ -92,14 +92,17 @@ class DispatchScratch:
 
     Fresh for each call, since its handle keeps send_base, send_pos, is_token_in_rank (and
     node_rows) for as long as a combine may come; but two allocations where there were six or
-    seven, and views only of what the handle keeps (the kernels get the rest as pointers): a
-    dispatch's host work is its torch calls. The received count per local expert goes back in the
-    result and may be kept for long (load statistics): it is the second allocation, pinning nothing else.
+    seven, and the kernels get pointers (``ptr``): a dispatch's host work is its torch calls, so
+    the tensor views of those regions are built only when something asks for them. The received
+    count per local expert goes back in the result and may be kept for long (load statistics): it
+    is the second allocation, pinning nothing else.
     Regions (``_scratch_offsets``), each 16-byte aligned: [per_rank W | per_node N |
     layout_per_expert E | num_invalid 1] (4-byte words back to back: the layout launch zeroes them
     in one memset), send_base W, recv_totals W, abort 1, send_pos [T, W], node_rows [T, N]
     (internode), is_token_in_rank [T, W] bool.
     """
+
+    __slots__ = ("words", "ptr", "recv_per_expert", "_shape")
 
     def __init__(self, device: torch.device, num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
                  with_node_rows: bool) -> None:
@@ -107,17 +110,34 @@ class DispatchScratch:
         self.words = torch.empty(words, dtype=torch.int32, device=device)
         base = self.words.data_ptr()
         self.ptr = {name: base + 4 * offset for name, offset in offsets.items()}
-
-        def view(name: str, *shape: int) -> torch.Tensor:  # contiguous
-            return self.words.as_strided(shape, (1,) if len(shape) == 1 else (shape[1], 1), offsets[name])
-
-        self.send_base = view("send_base", world_size)
         self.recv_per_expert = torch.empty(num_experts // world_size, dtype=torch.int32, device=device)
         self.ptr["recv_per_expert"] = self.recv_per_expert.data_ptr()
-        self.send_pos = view("send_pos", num_tokens, world_size)
-        self.node_rows = view("node_rows", num_tokens, num_nodes) if with_node_rows else None
-        self.is_token_in_rank = self.words.view(torch.bool).as_strided(
-            (num_tokens, world_size), (world_size, 1), 4 * offsets["is_token_in_rank"])
+        self._shape = (num_tokens, world_size, num_nodes if with_node_rows else 0, offsets)
+
+    def _view(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        words = self.words if dtype == torch.int32 else self.words.view(dtype)
+        offset = self._shape[3][name] * (4 // dtype.itemsize)
+        return words.as_strided((rows, cols), (cols, 1), offset)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._shape[0]
+
+    @property
+    def send_base(self) -> torch.Tensor:  # [W] int32
+        return self._view("send_base", 1, self._shape[1])[0]
+
+    @property
+    def send_pos(self) -> torch.Tensor:  # [T, W] int32
+        return self._view("send_pos", self._shape[0], self._shape[1])
+
+    @property
+    def node_rows(self) -> torch.Tensor | None:  # [T, N] int32, internode only
+        return self._view("node_rows", self._shape[0], self._shape[2]) if self._shape[2] else None
+
+    @property
+    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
+        return self._view("is_token_in_rank", self._shape[0], self._shape[1], torch.bool)
 
 
 class SlotViews:

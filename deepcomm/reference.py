@@ -30,7 +30,7 @@ from deepcomm import fp8
 from deepcomm.layout import token_rank_mask
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
-from deepcomm.streams import CommStreamScope, hand_back
+from deepcomm.streams import CallerStream, CommStreamScope, hand_back
 from deepcomm.topology import Topology, detect_topology
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
@@ -342,7 +342,7 @@ class ReferenceCommunicator:
     def _on_comm_stream(self, device: torch.device, previous_event: EventHandle | None, inputs: tuple):
         return CommStreamScope(self.comm_stream(device), previous_event, inputs)
 
-    def _finish(self, result: DispatchResult, caller: torch.cuda.Stream | None, async_finish: bool) -> DispatchResult:
+    def _finish(self, result: DispatchResult, caller: CallerStream | None, async_finish: bool) -> DispatchResult:
         device = result.x.device
         outputs = (result.x, result.x_scales, result.topk_idx, result.topk_weights, result.num_tokens_per_expert)
         result.event = hand_back(outputs, device, self.comm_stream(device), caller, async_finish)

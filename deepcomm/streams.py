@@ -1,59 +1,112 @@
-"""Running a call on the communication stream, ordered by events (shared by every backend)."""
+"""Running a call on the communication stream, ordered by events (shared by every backend).
+
+A decode-size dispatch is host-bound, so this path avoids torch's Python stream
+objects where it can: the caller's stream is read as ids and a raw handle, and
+stream-to-stream waits go through the extension's ``order_streams`` (one event
+record and one wait) instead of ``Stream.wait_stream`` (a new Python Event each).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from deepcomm import _ext
 from deepcomm.events import EventHandle
+
+
+class CallerStream:
+    """The stream that was current when a call began, read without building a ``torch.cuda.Stream``."""
+
+    __slots__ = ("ids", "raw", "_stream")
+
+    def __init__(self, device_index: int) -> None:
+        self.ids = torch._C._cuda_getCurrentStream(device_index)  # (stream id, device index, device type)
+        self.raw = torch._C._cuda_getCurrentRawStream(device_index)  # cudaStream_t
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            stream_id, device_index, device_type = self.ids
+            self._stream = torch.cuda.Stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
+        return self._stream
+
+    def make_current(self) -> None:
+        stream_id, device_index, device_type = self.ids
+        torch._C._cuda_setStream(stream_id=stream_id, device_index=device_index, device_type=device_type)
+
+
+def order_streams(waiter: torch.cuda.Stream | CallerStream, waited: torch.cuda.Stream | CallerStream) -> None:
+    """``waiter`` runs nothing queued after this until the work queued on ``waited`` so far is done.
+
+    The host does not wait. Through the extension when it is built, else torch's ``wait_stream``.
+    """
+    if _ext.available():
+        _ext.extension().order_streams(_raw(waiter), _raw(waited))
+    else:
+        _stream(waiter).wait_stream(_stream(waited))
+
+
+def _raw(stream: torch.cuda.Stream | CallerStream) -> int:
+    return stream.raw if isinstance(stream, CallerStream) else stream.cuda_stream
+
+
+def _stream(stream: torch.cuda.Stream | CallerStream) -> torch.cuda.Stream:
+    return stream.stream if isinstance(stream, CallerStream) else stream
 
 
 class CommStreamScope:
     """Run a block on ``stream`` after ``previous_event`` (default: after the caller's stream).
 
-    ``with`` yields the caller's stream (None on the CPU, where everything is
-    synchronous). Inputs are marked as used on the communication stream so the
-    caching allocator does not recycle them while it still reads them.
+    ``with`` yields the caller's :class:`CallerStream` (None on the CPU, where everything is
+    synchronous). Inputs are marked as used on the communication stream so the caching
+    allocator does not recycle them while it still reads them. Tensors the block allocates
+    belong to the communication stream; :func:`hand_back` makes those it returns safe on the caller's.
     """
 
     def __init__(self, stream: torch.cuda.Stream | None, previous_event: EventHandle | None, inputs: tuple) -> None:
         self.stream, self.previous_event, self.inputs = stream, previous_event, inputs
-        self._caller: torch.cuda.Stream | None = None
+        self._caller: CallerStream | None = None
 
-    # The stream switches below are torch.cuda.set_stream, not the torch.cuda.stream context: a
-    # dispatch is host-bound at decode sizes, and the context costs several current-stream lookups.
-    def __enter__(self) -> torch.cuda.Stream | None:
+    def __enter__(self) -> CallerStream | None:
         if self.stream is None:
             return None
-        caller = torch.cuda.current_stream(self.stream.device_index)
+        caller = CallerStream(self.stream.device_index)
         if self.previous_event is not None:
             self.previous_event.wait(self.stream)
         else:
-            self.stream.wait_stream(caller)
+            order_streams(self.stream, caller)
         for t in self.inputs:
             if t is not None:
                 t.record_stream(self.stream)
-        torch.cuda.set_stream(self.stream)  # allocations in the block belong to the communication stream
+        torch._C._cuda_setStream(stream_id=self.stream.stream_id, device_index=self.stream.device_index,
+                                 device_type=self.stream.device_type)
         self._caller = caller
         return caller
 
     def __exit__(self, *exc) -> None:
         if self._caller is not None:
-            torch.cuda.set_stream(self._caller)
+            self._caller.make_current()
 
 
 def hand_back(
-    outputs: tuple, device: torch.device, stream: torch.cuda.Stream | None, caller: torch.cuda.Stream | None,
+    allocated: tuple, device: torch.device, stream: torch.cuda.Stream | None, caller: CallerStream | None,
     async_finish: bool,
 ) -> EventHandle:
-    """Record the end of a call on ``stream``; outputs become usable on the caller's stream.
+    """End a call on ``stream``; its outputs become usable on the caller's stream.
 
-    Unless ``async_finish``, the caller's stream waits for the event (the host never does).
+    ``allocated``: the outputs the call allocated on ``stream`` (views of a communicator's
+    registered buffer need nothing: the allocator never frees it while the communicator lives).
+    With ``async_finish`` the event is recorded on ``stream`` and the caller waits for it; else
+    the caller's stream waits now (the host never does) and the event is the caller's stream,
+    recorded when first used (:meth:`EventHandle.on_first_use`), which is no earlier than the call's end.
     """
-    event = EventHandle.record(device, stream)
-    if caller is not None:
-        for t in outputs:
-            if t is not None:
-                t.record_stream(caller)
-        if not async_finish:
-            event.wait(caller)
-    return event
+    if caller is None:
+        return EventHandle(None)
+    for t in allocated:
+        if t is not None:
+            t.record_stream(caller.stream)
+    if async_finish:
+        return EventHandle.record(device, stream)
+    order_streams(caller, stream)
+    return EventHandle.on_first_use(caller)
