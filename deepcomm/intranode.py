@@ -28,7 +28,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, SlotViews, blocks_of, check_capacity, check_invalid_ids,
-    check_slot_sizes, payload_of, recv_row_shape,
+    check_slot_sizes, payload_of, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
@@ -212,7 +212,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             if num_recv_tokens is not None:
                 # The caller knows the size: no host wait. The kernel checks the size (and the ids)
                 # and a mismatch surfaces at the next call or check_errors().
-                own_layout = self.kernels.recv_layout(num_recv_tokens, recv_row_bytes, scale_cols, num_topk)
+                own_layout = recv_layout(num_recv_tokens, recv_row_bytes, scale_cols, num_topk)
                 result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
                                      scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None

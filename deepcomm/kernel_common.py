@@ -186,19 +186,27 @@ class SlotViews:
         )
 
 
+@functools.lru_cache(maxsize=1024)
+def recv_layout(rows: int, row_bytes: int, scale_cols: int, num_topk: int) -> types.MappingProxyType:
+    """Byte offsets of a receive slot's fields for ``rows`` rows (``intranode.recv_layout``), read-only.
+
+    Cached: a dispatch asks on every call, and at decode sizes the same few row counts recur.
+    """
+    return types.MappingProxyType(_ext.extension().intranode.recv_layout(rows, row_bytes, scale_cols, num_topk))
+
+
 def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int, slot_bytes: int,
                      rank: int) -> dict:
     """This rank's receive-slot layout; raises (on every rank alike) when any rank's rows overflow its slot.
 
     A slot's size grows with its row count, so the rank receiving the most rows is the one to check.
     """
-    layout = _ext.extension().intranode.recv_layout
     row_bytes, scale_cols = recv_row_shape(payload, hidden)
     largest = max(range(len(totals)), key=totals.__getitem__)
-    if layout(totals[largest], row_bytes, scale_cols, num_topk)["total_bytes"] > slot_bytes:
+    if recv_layout(totals[largest], row_bytes, scale_cols, num_topk)["total_bytes"] > slot_bytes:
         raise ValueError(f"x: rank {largest} would receive {totals[largest]} rows, more than its receive "
                          f"slot holds ({slot_bytes} bytes); enlarge BufferConfig")
-    return layout(totals[rank], row_bytes, scale_cols, num_topk)
+    return recv_layout(totals[rank], row_bytes, scale_cols, num_topk)
 
 
 def check_invalid_ids(invalid: np.ndarray, num_experts: int) -> None:

@@ -168,3 +168,36 @@ def test_layout_kernel_counts_invalid_ids_without_routing_them():
     assert int(num_invalid) == 2
     assert layout.num_tokens_per_expert.sum().item() == 6
     assert layout.is_token_in_rank.tolist() == [[True, False], [True, True], [True, False]]
+
+
+def test_order_streams_holds_the_waiter_until_the_waited_work_ends():
+    """streams.order_streams (the extension's event record + wait) orders work like wait_stream, host-free."""
+    _needs_extension()
+    from deepcomm.streams import CallerStream, order_streams
+
+    slow, waiter = torch.cuda.Stream(), torch.cuda.Stream()
+    value = torch.zeros(1 << 20, device="cuda")
+    with torch.cuda.stream(slow):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of spinning before the write
+        value.fill_(7.0)
+        order_streams(waiter, CallerStream(torch.cuda.current_device()))  # the current stream: `slow`
+    with torch.cuda.stream(waiter):
+        copy = value.clone()  # queued behind the fill only through the ordering
+    torch.cuda.synchronize()
+    assert bool((copy == 7.0).all())
+
+
+def test_a_synchronous_dispatch_event_is_recorded_on_first_use_after_the_call():
+    """EventHandle.on_first_use: a point on the caller's stream, recorded when used, never before the call's end."""
+    _needs_extension()
+    from deepcomm.events import EventHandle
+    from deepcomm.streams import CallerStream
+
+    caller = CallerStream(torch.cuda.current_device())
+    event = EventHandle.on_first_use(caller)
+    assert event._event is None  # nothing recorded yet: a call that nobody asks about costs no event
+    torch.cuda._sleep(50_000_000)
+    assert not event.query()  # recorded now, behind the spinning kernel on the caller's stream
+    assert event.cuda_event is not None
+    event.synchronize()
+    assert event.query()
