@@ -24,7 +24,8 @@ def _needs_extension():
 
 @pytest.mark.parametrize("world_size,ranks_per_node", [(1, 1), (2, 1), (8, 4), (16, 8), (64, 8), (256, 8)])
 @pytest.mark.parametrize("routing", ["uniform", "skewed", "empty_experts", "minus_one", "node_limited_2"])
-@pytest.mark.parametrize("num_tokens", [0, 1, 4096, 10000])
+# Up to 256 tokens the layout is one block that stores its counts and scans send positions itself.
+@pytest.mark.parametrize("num_tokens", [0, 1, 128, 256, 257, 4096, 10000])
 def test_layout_kernel_matches_torch(world_size, ranks_per_node, routing, num_tokens):
     _needs_extension()
     topology = Topology(0, world_size, ranks_per_node)
@@ -39,24 +40,29 @@ def test_layout_kernel_matches_torch(world_size, ranks_per_node, routing, num_to
     assert torch.equal(send_pos, send_positions(expected.is_token_in_rank))
 
 
-def test_layout_kernel_overwrites_poisoned_outputs():
+@pytest.mark.parametrize("num_tokens", [0, 100, 777])  # the one-block path (no memset) and the grid
+def test_layout_kernel_overwrites_poisoned_outputs(num_tokens):
     _needs_extension()
     core = _ext.extension()
     topology = Topology(0, 8, 2)
-    topk_idx = make_inputs(1, 0, 777, 8, 8, 64, "minus_one", 4).topk_idx.cuda()
+    topk_idx = make_inputs(1, 0, num_tokens, 8, 8, 64, "minus_one", 4).topk_idx.cuda()
     outputs = [
         torch.full((8,), -7, dtype=torch.int32, device="cuda"),
         torch.full((4,), -7, dtype=torch.int32, device="cuda"),
         torch.full((64,), -7, dtype=torch.int32, device="cuda"),
-        torch.full((777, 8), 0x55, dtype=torch.uint8, device="cuda").view(torch.bool),
+        torch.full((num_tokens, 8), 0x55, dtype=torch.uint8, device="cuda").view(torch.bool),
+        torch.full((1,), -7, dtype=torch.int32, device="cuda"),  # invalid ids
+        torch.full((num_tokens, 8), -7, dtype=torch.int32, device="cuda"),  # send positions
     ]
-    core.dispatch_layout(topk_idx.data_ptr(), 777, 8, 64, 8, 2, *[t.data_ptr() for t in outputs], 3,
-                         torch.cuda.current_stream().cuda_stream)
+    core.dispatch_layout(topk_idx.data_ptr(), num_tokens, 8, 64, 8, 2, *[t.data_ptr() for t in outputs[:4]], 3,
+                         torch.cuda.current_stream().cuda_stream, outputs[4].data_ptr(), outputs[5].data_ptr())
     expected = dispatch_layout_torch(topk_idx, 64, topology)
     assert torch.equal(outputs[0], expected.num_tokens_per_rank)
     assert torch.equal(outputs[1], expected.num_tokens_per_node)
     assert torch.equal(outputs[2], expected.num_tokens_per_expert)
     assert torch.equal(outputs[3].view(torch.uint8), expected.is_token_in_rank.view(torch.uint8))
+    assert int(outputs[4]) == 0
+    assert torch.equal(outputs[5], send_positions(expected.is_token_in_rank))
 
 
 def test_device_queries_agree_with_torch():

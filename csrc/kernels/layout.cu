@@ -6,15 +6,20 @@
 // that rank (node), so each token counts once per destination. The token's row
 // of is_token_in_rank is zeroed and then marked by the same thread.
 //
-// Counters live in shared memory per block ([experts | ranks | nodes]) and are
-// added to the global outputs once per block at the end, so global atomics
-// scale with blocks, not tokens. Integer atomics make the counts exact and
-// independent of scheduling.
+// Counters live in shared memory per block ([experts | ranks | nodes | invalid])
+// and are added to the global outputs once per block at the end, so global
+// atomics scale with blocks, not tokens. Integer atomics make the counts exact
+// and independent of scheduling.
 //
 // Send positions (optional): one block per destination rank scans that
 // column of is_token_in_rank with a block-wide exclusive sum, chunk by chunk,
 // so send_pos[t][r] = tokens before t that go to r. Dispatch writes token t's
 // row for r at that index (plus where this rank's rows start at r).
+//
+// Decode-size calls (every token fits one block) take one launch instead of a
+// memset and two kernels: the block stores its counters (no zeroing needed)
+// and scans each rank's column itself. A dispatch at that size is bound by its
+// host work, and each launch is host work.
 #include "kernels/layout.h"
 
 #include <cub/block/block_scan.cuh>
@@ -27,13 +32,16 @@ namespace {
 
 constexpr int kLayoutThreads = 256;
 
+// kOneBlock: the grid is one block and every token has a thread of its own.
+template <bool kOneBlock>
 __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
   extern __shared__ int32_t block_counts[];
   const int num_nodes = args.num_ranks / args.ranks_per_node;
   int32_t* expert_counts = block_counts;
   int32_t* rank_counts = expert_counts + args.num_experts;
   int32_t* node_counts = rank_counts + args.num_ranks;
-  const int num_counters = args.num_experts + args.num_ranks + num_nodes;
+  int32_t* invalid_count = node_counts + num_nodes;
+  const int num_counters = args.num_experts + args.num_ranks + num_nodes + 1;
   for (int i = threadIdx.x; i < num_counters; i += blockDim.x) block_counts[i] = 0;
   __syncthreads();
 
@@ -48,7 +56,7 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
       // Invalid ids are counted (the caller turns them into an error without a
       // host sync) and never routed, so they cannot write out of bounds.
       if (expert < 0 || expert >= args.num_experts) {
-        if (expert != -1 && args.num_invalid != nullptr) atomicAdd(args.num_invalid, 1);
+        if (expert != -1) atomicAdd(invalid_count, 1);
         continue;
       }
       atomicAdd(&expert_counts[expert], 1);
@@ -72,14 +80,38 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
   __syncthreads();
 
   for (int i = threadIdx.x; i < num_counters; i += blockDim.x) {
-    const int32_t count = block_counts[i];
-    if (count == 0) continue;
+    int32_t* out;
     if (i < args.num_experts) {
-      atomicAdd(&args.num_tokens_per_expert[i], count);
+      out = &args.num_tokens_per_expert[i];
     } else if (i < args.num_experts + args.num_ranks) {
-      atomicAdd(&args.num_tokens_per_rank[i - args.num_experts], count);
+      out = &args.num_tokens_per_rank[i - args.num_experts];
+    } else if (i < args.num_experts + args.num_ranks + num_nodes) {
+      out = &args.num_tokens_per_node[i - args.num_experts - args.num_ranks];
     } else {
-      atomicAdd(&args.num_tokens_per_node[i - args.num_experts - args.num_ranks], count);
+      out = args.num_invalid;
+      if (out == nullptr) continue;
+    }
+    const int32_t count = block_counts[i];
+    if (kOneBlock) {
+      *out = count;  // the only block: its counts are the totals, zeros included
+    } else if (count != 0) {
+      atomicAdd(out, count);
+    }
+  }
+
+  if constexpr (kOneBlock) {
+    if (args.send_pos == nullptr) return;
+    // The thread of token t reads back its own row of is_token_in_rank (its own writes).
+    using BlockScan = cub::BlockScan<int32_t, kLayoutThreads>;
+    __shared__ typename BlockScan::TempStorage scan_storage;
+    const int token = threadIdx.x;
+    const bool has_token = token < args.num_tokens;
+    for (int rank = 0; rank < args.num_ranks; ++rank) {
+      const int32_t goes = has_token && args.is_token_in_rank[static_cast<int64_t>(token) * args.num_ranks + rank];
+      int32_t before = 0;
+      BlockScan(scan_storage).ExclusiveSum(goes, before);
+      if (has_token) args.send_pos[static_cast<int64_t>(token) * args.num_ranks + rank] = before;
+      __syncthreads();  // scan_storage is reused by the next rank's scan
     }
   }
 }
@@ -123,7 +155,7 @@ __global__ void __launch_bounds__(kScanThreads) send_positions_kernel(const bool
 }  // namespace
 
 size_t dispatch_layout_shared_bytes(int num_experts, int num_ranks, int ranks_per_node) {
-  return sizeof(int32_t) * (static_cast<size_t>(num_experts) + num_ranks + num_ranks / ranks_per_node);
+  return sizeof(int32_t) * (static_cast<size_t>(num_experts) + num_ranks + num_ranks / ranks_per_node + 1);
 }
 
 void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cudaStream_t stream) {
@@ -137,12 +169,19 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cuda
   DC_CHECK_ARG(num_blocks > 0, "num_blocks: must be > 0");
   const int num_nodes = args.num_ranks / args.ranks_per_node;
   const size_t shared_bytes = dispatch_layout_shared_bytes(args.num_experts, args.num_ranks, args.ranks_per_node);
-  // 48 KiB is available to every kernel without opting in; that holds ~12k
-  // counters, far above any expert count in use.
-  DC_CHECK_ARG(shared_bytes <= 48 * 1024, "num_experts: too many experts for the layout kernel's shared counters");
+  // 48 KiB is available to every kernel without opting in; less the one-block path's scan storage,
+  // that holds ~11k counters, far above any expert count in use.
+  DC_CHECK_ARG(shared_bytes <= 44 * 1024, "num_experts: too many experts for the layout kernel's shared counters");
 
-  // The counters start at zero. Laid out back to back (rank, node, expert counts, then the invalid
-  // count: how a dispatch's scratch holds them) they take one memset, each a host call of its own.
+  if (args.num_tokens <= kLayoutThreads) {
+    dispatch_layout_kernel<true><<<1, kLayoutThreads, shared_bytes, stream>>>(args);
+    DC_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+
+  // Several blocks add into the counters, which start at zero. Laid out back to back (rank, node,
+  // expert counts, then the invalid count: how a dispatch's scratch holds them) they take one
+  // memset, each a host call of its own.
   const bool counters_adjacent = args.num_tokens_per_node == args.num_tokens_per_rank + args.num_ranks &&
                                  args.num_tokens_per_expert == args.num_tokens_per_node + num_nodes &&
                                  args.num_invalid == args.num_tokens_per_expert + args.num_experts;
@@ -155,10 +194,9 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args, int num_blocks, cuda
     DC_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int32_t) * args.num_experts, stream));
     if (args.num_invalid != nullptr) DC_CUDA_CHECK(cudaMemsetAsync(args.num_invalid, 0, sizeof(int32_t), stream));
   }
-  if (args.num_tokens == 0) return;
   const int blocks_needed = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
   const int blocks = blocks_needed < num_blocks ? blocks_needed : num_blocks;
-  dispatch_layout_kernel<<<blocks, kLayoutThreads, shared_bytes, stream>>>(args);
+  dispatch_layout_kernel<false><<<blocks, kLayoutThreads, shared_bytes, stream>>>(args);
   DC_CUDA_CHECK(cudaGetLastError());
   if (args.send_pos != nullptr) {
     send_positions_kernel<<<args.num_ranks, kScanThreads, 0, stream>>>(args.is_token_in_rank, args.num_tokens,
