@@ -256,9 +256,10 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)
         stream = self._stream
-        with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
+        # Allocated on the caller's stream, which reads it: the scope marks it used on this one.
+        y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+        with CommStreamScope(stream, previous_event, (expert_out, y)) as caller:
             source_offset = self._combine_source(expert_out, handle)
-            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
             credit_expected = call - 1  # each home rank gives one credit a combine, once it read every partial
             self._combine_calls = call
@@ -268,7 +269,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                              handle.num_tokens, routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
                              routing["node_rows"], credit_expected,
                              self._combine_blocks, num_blocks, stream.cuda_stream)
-            return y, hand_back((y,), self.device, stream, caller, async_finish)
+            return y, hand_back((), self.device, stream, caller, async_finish)
 
     def close(self) -> None:
         """Unmap the peers' regions (every rank should close together)."""

@@ -253,9 +253,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream
-        with CommStreamScope(stream, previous_event, (expert_out,)) as caller:
+        # Allocated on the caller's stream, which reads it: the scope marks it used on this one.
+        y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+        with CommStreamScope(stream, previous_event, (expert_out, y)) as caller:
             source_offset = self._combine_source(expert_out, handle)
-            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             call = self._combine_calls + 1
             self._combine_calls = call
             self._combine_blocks += num_blocks
@@ -263,7 +264,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
                              routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
                              self._combine_blocks, num_blocks, stream.cuda_stream)
-            return y, hand_back((y,), self.device, stream, caller, async_finish)
+            return y, hand_back((), self.device, stream, caller, async_finish)
 
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""

@@ -72,16 +72,22 @@ class CommStreamScope:
         if self.stream is None:
             return None
         caller = CallerStream(self.stream.device_index)
-        if self.previous_event is not None:
-            self.previous_event.wait(self.stream)
-        else:
-            order_streams(self.stream, caller)
-        for t in self.inputs:
-            if t is not None:
-                t.record_stream(self.stream)
+        # The communication stream (and so its device) is current first: the ordering event is the
+        # current device's, and a raw handle of 0 means the current device's default stream.
         torch._C._cuda_setStream(stream_id=self.stream.stream_id, device_index=self.stream.device_index,
                                  device_type=self.stream.device_type)
         self._caller = caller
+        try:
+            if self.previous_event is not None:
+                self.previous_event.wait(self.stream)
+            else:
+                order_streams(self.stream, caller)
+            for t in self.inputs:
+                if t is not None:
+                    t.record_stream(self.stream)
+        except BaseException:
+            self.__exit__()
+            raise
         return caller
 
     def __exit__(self, *exc) -> None:
@@ -96,17 +102,17 @@ def hand_back(
     """End a call on ``stream``; its outputs become usable on the caller's stream.
 
     ``allocated``: the outputs the call allocated on ``stream`` (views of a communicator's
-    registered buffer need nothing: the allocator never frees it while the communicator lives).
-    With ``async_finish`` the event is recorded on ``stream`` and the caller waits for it; else
-    the caller's stream waits now (the host never does) and the event is the caller's stream,
-    recorded when first used (:meth:`EventHandle.on_first_use`), which is no earlier than the call's end.
+    registered buffer need nothing: the allocator never frees it while the communicator lives;
+    an output allocated on the caller's stream before the call is one of the scope's inputs).
+    The event marks the call's end on ``stream``. Unless ``async_finish``, the caller's stream
+    waits for it now (the host never does); else the caller waits on the event.
     """
     if caller is None:
         return EventHandle(None)
     for t in allocated:
         if t is not None:
             t.record_stream(caller.stream)
-    if async_finish:
-        return EventHandle.record(device, stream)
-    order_streams(caller, stream)
-    return EventHandle.on_first_use(caller)
+    event = EventHandle.record(device, stream)
+    if not async_finish:
+        order_streams(caller, stream)
+    return event

@@ -192,18 +192,3 @@ def test_order_streams_holds_the_waiter_until_the_waited_work_ends():
     torch.cuda.synchronize()
     assert bool((copy == 7.0).all())
 
-
-def test_a_synchronous_dispatch_event_is_recorded_on_first_use_after_the_call():
-    """EventHandle.on_first_use: a point on the caller's stream, recorded when used, never before the call's end."""
-    _needs_extension()
-    from deepcomm.events import EventHandle
-    from deepcomm.streams import CallerStream
-
-    caller = CallerStream(torch.cuda.current_device())
-    event = EventHandle.on_first_use(caller)
-    assert event._event is None  # nothing recorded yet: a call that nobody asks about costs no event
-    torch.cuda._sleep(50_000_000)
-    assert not event.query()  # recorded now, behind the spinning kernel on the caller's stream
-    assert event.cuda_event is not None
-    event.synchronize()
-    assert event.query()
