@@ -32,8 +32,8 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, SlotViews, blocks_of, check_capacity, check_invalid_ids,
-    check_slot_sizes, payload_of, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_capacity,
+    check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
@@ -45,33 +45,17 @@ from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
 
 @dataclass(frozen=True)
-class InternodeHandle:
+class InternodeHandle(ScratchRouting):
     """What combine needs: where this rank's tokens went, and which dispatch forwarded them."""
 
     num_tokens: int
     hidden: int
     num_recv_tokens: int
-    scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
+    scratch: DispatchScratch  # the dispatch's routing tensors (node_rows too); combine reads them through pointers
     slot: int
     channels: int
     dispatch_call: int
     owner: int
-
-    @property
-    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
-        return self.scratch.is_token_in_rank
-
-    @property
-    def send_pos(self) -> torch.Tensor:  # [T, W] int32
-        return self.scratch.send_pos
-
-    @property
-    def send_base(self) -> torch.Tensor:  # [W] int32
-        return self.scratch.send_base
-
-    @property
-    def node_rows(self) -> torch.Tensor:  # [T, N] int32: the token's row in each node's area, -1 if not sent there
-        return self.scratch.node_rows
 
 
 class InternodeCommunicator(MailboxErrors, ReceiveSlots):

@@ -27,8 +27,8 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, SlotViews, blocks_of, check_capacity, check_invalid_ids,
-    check_slot_sizes, payload_of, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_capacity,
+    check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
@@ -83,7 +83,7 @@ class BufferConfig:
 
 
 @dataclass(frozen=True)
-class IntranodeHandle:
+class IntranodeHandle(ScratchRouting):
     """What combine needs: where this rank's tokens sit in every rank's receive slot."""
 
     num_tokens: int
@@ -92,18 +92,6 @@ class IntranodeHandle:
     scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
     dispatch_call: int
     owner: int  # id() of the communicator that made it
-
-    @property
-    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
-        return self.scratch.is_token_in_rank
-
-    @property
-    def send_pos(self) -> torch.Tensor:  # [T, W] int32
-        return self.scratch.send_pos
-
-    @property
-    def send_base(self) -> torch.Tensor:  # [W] int32
-        return self.scratch.send_base
 
 
 class IntranodeCommunicator(MailboxErrors, ReceiveSlots):

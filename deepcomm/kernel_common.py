@@ -140,6 +140,31 @@ class DispatchScratch:
         return self._view("is_token_in_rank", self._shape[0], self._shape[1], torch.bool)
 
 
+class ScratchRouting:
+    """A handle's routing tensors as views of its dispatch's scratch (``self.scratch``), built when asked.
+
+    Combine passes the kernels ``scratch.ptr`` pointers; these views are for callers and tests.
+    """
+
+    scratch: DispatchScratch
+
+    @property
+    def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
+        return self.scratch.is_token_in_rank
+
+    @property
+    def send_pos(self) -> torch.Tensor:  # [T, W] int32
+        return self.scratch.send_pos
+
+    @property
+    def send_base(self) -> torch.Tensor:  # [W] int32
+        return self.scratch.send_base
+
+    @property
+    def node_rows(self) -> torch.Tensor | None:  # [T, N] int32 (internode): the token's row per node, -1 if none
+        return self.scratch.node_rows
+
+
 class SlotViews:
     """One receive slot (uint8, fields 256-byte aligned by ``recv_layout``) handing out DispatchResults.
 

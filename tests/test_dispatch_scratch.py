@@ -54,3 +54,18 @@ def test_the_kept_tensors_are_views_at_their_pointers():
     assert DispatchScratch(torch.device("cpu"), 5, 4, 2, 16, with_node_rows=False).node_rows is None
     # The per-expert counts a caller may keep pin only themselves.
     assert s.recv_per_expert.untyped_storage().data_ptr() != s.words.untyped_storage().data_ptr()
+
+
+def test_handles_show_their_scratch_as_routing_views():
+    """A handle keeps its dispatch's scratch; its routing tensors are views built when asked."""
+    from deepcomm.internode import InternodeHandle
+    from deepcomm.intranode import IntranodeHandle
+
+    s = DispatchScratch(torch.device("cpu"), 5, 4, 2, 16, with_node_rows=True)
+    s.words.zero_()
+    s.send_pos.fill_(2)
+    for handle in (IntranodeHandle(5, 8, 3, s, 1, 0), InternodeHandle(5, 8, 3, s, 0, 2, 1, 0)):
+        assert handle.send_pos.data_ptr() == s.ptr["send_pos"] and bool((handle.send_pos == 2).all())
+        assert handle.is_token_in_rank.data_ptr() == s.ptr["is_token_in_rank"]
+        assert handle.send_base.data_ptr() == s.ptr["send_base"]
+        assert handle.node_rows.data_ptr() == s.ptr["node_rows"]
