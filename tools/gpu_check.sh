@@ -11,7 +11,10 @@
 #          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
-#   BUILD=0 reuses the extension an earlier call built.
+#   BUILD=0 reuses the extension an earlier call built. INTERNODE=0 leaves the internode rows out of
+#   step bench (the flat intranode path, prefill and decode, beside DeepEP with step deepep):
+#     OUT=/tmp/out NRANKS=2 STEPS="tests bench deepep" INTERNODE=0 \
+#       BENCH_ARGS="--preset prefill --backend intranode --sms 8,24 --dtypes bf16,fp8" tools/gpu_check.sh
 #
 #   A before/after run of the previous commit against the working tree:
 #     mkdir -p .ab/base && git archive HEAD~1 | tar -x -C .ab/base     # .ab/ is git-ignored: carry it
@@ -153,6 +156,7 @@ if step bench; then
     # intranode path on the same ranks; over NVSHMEM too when every PE has its own GPU.
     # nvshmem: stores into the peers NVSHMEM maps (GPUs of this host); nvshmem_staged: puts only, a NIC's path.
     transports="ipc"; [ "$num_gpus" -ge "$n" ] && transports="ipc nvshmem nvshmem_staged"
+    [ "${INTERNODE:-1}" = 1 ] || continue
     for nodes in 2 4; do
       [ $(( n % nodes )) -eq 0 ] && [ $(( n / nodes )) -ge $(( nodes == 2 ? 1 : 2 )) ] || continue
       for t in $transports; do
