@@ -45,3 +45,18 @@ def test_host_op_costs_on_cpu():
     costs = profile_dispatch.time_host_ops(torch.device("cpu"), rows=16, world_size=2, iters=20)
     assert "as_strided" in costs and "empty [16, 2] int32" in costs and all(us > 0 for us in costs.values())
     assert "record_stream" not in costs  # CUDA only
+
+
+def test_host_functions_table_names_what_dispatch_calls(single_rank_group):
+    """--host-functions: cProfile's table of real dispatch calls (the reference path on CPU here)."""
+    import deepcomm
+
+    comm = deepcomm.Communicator(single_rank_group, backend="reference")
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    topk_idx = torch.randint(0, 8, (16, 4))
+    weights = torch.rand(16, 4)
+    table = profile_dispatch.profile_host_functions(comm, x, None, topk_idx, weights, 8, iters=3, top=40,
+                                                    profiled=True)
+    assert table.startswith("host functions of 3 dispatch calls") and "run_dispatch" in table
+    assert profile_dispatch.profile_host_functions(comm, x, None, topk_idx, weights, 8, iters=1, top=5,
+                                                   profiled=False) == ""
