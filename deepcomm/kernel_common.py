@@ -102,7 +102,7 @@ class DispatchScratch:
     (internode), is_token_in_rank [T, W] bool.
     """
 
-    __slots__ = ("words", "ptr", "recv_per_expert", "_shape")
+    __slots__ = ("words", "ptr", "recv_per_expert", "num_tokens", "_world_size", "_node_cols", "_offsets")
 
     def __init__(self, device: torch.device, num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
                  with_node_rows: bool) -> None:
@@ -112,32 +112,28 @@ class DispatchScratch:
         self.ptr = {name: base + 4 * offset for name, offset in offsets.items()}
         self.recv_per_expert = torch.empty(num_experts // world_size, dtype=torch.int32, device=device)
         self.ptr["recv_per_expert"] = self.recv_per_expert.data_ptr()
-        self._shape = (num_tokens, world_size, num_nodes if with_node_rows else 0, offsets)
+        self.num_tokens, self._world_size, self._offsets = num_tokens, world_size, offsets
+        self._node_cols = num_nodes if with_node_rows else 0
 
     def _view(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         words = self.words if dtype == torch.int32 else self.words.view(dtype)
-        offset = self._shape[3][name] * (4 // dtype.itemsize)
-        return words.as_strided((rows, cols), (cols, 1), offset)
-
-    @property
-    def num_tokens(self) -> int:
-        return self._shape[0]
+        return words.as_strided((rows, cols), (cols, 1), self._offsets[name] * (4 // dtype.itemsize))
 
     @property
     def send_base(self) -> torch.Tensor:  # [W] int32
-        return self._view("send_base", 1, self._shape[1])[0]
+        return self._view("send_base", 1, self._world_size)[0]
 
     @property
     def send_pos(self) -> torch.Tensor:  # [T, W] int32
-        return self._view("send_pos", self._shape[0], self._shape[1])
+        return self._view("send_pos", self.num_tokens, self._world_size)
 
     @property
     def node_rows(self) -> torch.Tensor | None:  # [T, N] int32, internode only
-        return self._view("node_rows", self._shape[0], self._shape[2]) if self._shape[2] else None
+        return self._view("node_rows", self.num_tokens, self._node_cols) if self._node_cols else None
 
     @property
     def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
-        return self._view("is_token_in_rank", self._shape[0], self._shape[1], torch.bool)
+        return self._view("is_token_in_rank", self.num_tokens, self._world_size, torch.bool)
 
 
 class ScratchRouting:
