@@ -151,6 +151,7 @@ class Communicator:
         previous_event: EventHandle | None = None,
         num_sms: int | None = None,
         num_recv_tokens: int | None = None,
+        handle: object | None = None,
     ) -> DispatchResult:
         """Send each token once to each rank holding one of its experts (docs/api.md).
 
@@ -159,9 +160,12 @@ class Communicator:
         rank will receive, when the caller knows it; the intranode backend then
         skips the wait, checks the number on the GPU, and reports a wrong one
         at the next call (``num_recv_tokens_per_rank`` is then None).
+        ``handle``: the handle of an earlier dispatch from this same ``topk_idx``
+        tensor; the intranode backend then reuses its routing (no layout, no count
+        exchange, no host wait). Collective: every rank passes one, or none does.
         """
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, False, num_sms, num_recv_tokens)
+                                       power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
 
     def dispatch_async(
         self,
@@ -175,10 +179,11 @@ class Communicator:
         previous_event: EventHandle | None = None,
         num_sms: int | None = None,
         num_recv_tokens: int | None = None,
+        handle: object | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, True, num_sms, num_recv_tokens)
+                                       power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""

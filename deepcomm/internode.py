@@ -149,9 +149,12 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
         self.check_errors()
+        if handle is not None:
+            raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
+                             "dispatch without it")
         topo = self.topology
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, topo.world_size, self.device,
                               check_values=False)

@@ -27,7 +27,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import PeerTensor, export_tensor
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_capacity,
+    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, check_capacity,
     check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
@@ -92,6 +92,7 @@ class IntranodeHandle(ScratchRouting):
     scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
     dispatch_call: int
     owner: int  # id() of the communicator that made it
+    routing: RoutingSource  # what a dispatch reusing this handle must be given
 
 
 class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
@@ -159,7 +160,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
         self.check_errors()
         # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
@@ -170,6 +171,9 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         num_topk = topk_idx.shape[1]
         check_capacity(num_tokens, hidden, num_topk, self.config)
         num_blocks = blocks_of(self.num_sms, num_sms)
+        if handle is not None:
+            return self._dispatch_reusing(handle, x, x_scales, topk_idx, topk_weights, num_experts, payload,
+                                          num_blocks, previous_event, async_finish, num_recv_tokens)
         world, rank = self.topology.world_size, self.topology.rank
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -204,7 +208,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
                                      scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None
-                return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish)
+                return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish,
+                                    RoutingSource.of(topk_idx, num_experts))
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
             check_invalid_ids(self._invalid_ids[:world], num_experts)
@@ -215,10 +220,48 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                  scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            return self._finish(result, scratch, totals[rank], call, caller, async_finish)
+            return self._finish(result, scratch, totals[rank], call, caller, async_finish,
+                                RoutingSource.of(topk_idx, num_experts))
 
-    def _finish(self, result, scratch, num_recv_tokens, call, caller, async_finish):
-        result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self))
+    def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks,
+                          previous_event, async_finish, num_recv_tokens) -> DispatchResult:
+        """Dispatch along ``handle``'s routing: no layout, no count exchange, no host wait.
+
+        The handle's scratch already holds where every row goes (send positions, this rank's
+        first row at every rank, every rank's row total). Notify only meets the peers (a slot's
+        owner must have moved on before anyone writes into it), which all must reuse their
+        handles in the same call.
+        """
+        self._check_handle(handle)
+        handle.routing.check_reused_by(topk_idx, num_experts)
+        rows = handle.num_recv_tokens
+        if num_recv_tokens is not None and num_recv_tokens != rows:
+            raise ValueError(f"num_recv_tokens: the handle's dispatch received {rows} rows, got {num_recv_tokens}")
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        scratch, stream = handle.scratch, self._stream
+        ptr, cuda_stream = scratch.ptr, stream.cuda_stream
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+            call = self._dispatch_calls + 1
+            slot = call % self.config.num_recv_slots
+            self.ctx.meet(call, ptr["abort"], cuda_stream)
+            self._dispatch_calls = call
+            self._dispatch_blocks += num_blocks
+            self.ctx.dispatch(
+                call, slot, payload, x.data_ptr(), x_scales.data_ptr() if x_scales is not None else 0, hidden,
+                topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens, num_topk, num_experts // self.topology.world_size,
+                ptr["is_token_in_rank"], ptr["send_pos"], ptr["send_base"], ptr["recv_totals"], ptr["abort"],
+                rows, self._dispatch_blocks, num_blocks, cuda_stream,
+            )
+            recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
+            result = self._views(slot, recv_layout(rows, recv_row_bytes, scale_cols, num_topk), rows, hidden, num_topk,
+                                 payload, scratch.recv_per_expert)
+            result.num_recv_tokens_per_rank = None
+            return self._finish(result, scratch, rows, call, caller, async_finish, handle.routing)
+
+    def _finish(self, result, scratch, num_recv_tokens, call, caller, async_finish, routing):
+        result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self),
+                                        routing)
         # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
         result.event = hand_back((result.num_tokens_per_expert,), self.device, self._stream, caller, async_finish)
         return result

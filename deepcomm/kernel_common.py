@@ -23,7 +23,7 @@ from deepcomm.results import DispatchResult
 PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
 # csrc/runtime/mailbox_layout.h
-ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS = 1, 2, 3
+ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH = 1, 2, 3, 4
 STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
                6: "combine_credit", 7: "combine_recv"}
 NOTIFY_DONE_WORD = 3
@@ -134,6 +134,34 @@ class DispatchScratch:
     @property
     def is_token_in_rank(self) -> torch.Tensor:  # [T, W] bool
         return self._view("is_token_in_rank", self.num_tokens, self._world_size, torch.bool)
+
+
+class RoutingSource:
+    """The ``topk_idx`` a dispatch routed by, for a later dispatch that reuses its handle.
+
+    A handle's routing (send positions, row counts) was computed from one ``topk_idx``; a dispatch
+    that reuses it skips that computation, so it must be given the very same tensor, unchanged
+    (same object, same in-place version): anything else would send rows where the ids do not say.
+    """
+
+    __slots__ = ("topk_idx", "version", "num_experts")
+
+    def __init__(self, topk_idx: torch.Tensor, version: int, num_experts: int) -> None:
+        self.topk_idx, self.version, self.num_experts = topk_idx, version, num_experts
+
+    @classmethod
+    def of(cls, topk_idx: torch.Tensor, num_experts: int) -> "RoutingSource":
+        return cls(topk_idx, topk_idx._version, num_experts)
+
+    def check_reused_by(self, topk_idx: torch.Tensor, num_experts: int) -> None:
+        if topk_idx is not self.topk_idx:
+            raise ValueError("handle: a dispatch that reuses a handle takes the topk_idx tensor that made it "
+                             "(the same object); dispatch without the handle to route anew")
+        if topk_idx._version != self.version:
+            raise ValueError("topk_idx: modified in place since the dispatch that made the handle; "
+                             "dispatch without the handle to route anew")
+        if num_experts != self.num_experts:
+            raise ValueError(f"num_experts: the handle's dispatch had {self.num_experts}, got {num_experts}")
 
 
 class ScratchRouting:
@@ -248,6 +276,9 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
         return CommunicationError(rank, stage, f"no answer within {timeout_s:g}s", peer=detail)
     if code == ERROR_SIZE_MISMATCH:
         return CommunicationError(rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived")
+    if code == ERROR_MODE_MISMATCH:
+        return CommunicationError(rank, stage, f"ranks disagree on reusing a handle in this dispatch (rank {detail} "
+                                  "differs from this one; every rank passes one, or none does)")
     culprits = {r: int(n) for r, n in enumerate(invalid) if n}
     return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")
 

@@ -184,11 +184,14 @@ class ReferenceCommunicator:
 
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
         """The backend interface Communicator drives (``num_sms`` does not apply here;
-        a given ``num_recv_tokens`` is checked against what arrives)."""
+        a given ``num_recv_tokens`` is checked against what arrives; a given ``handle``
+        is checked for its kind, and the routing computed anew: this path has nothing to skip)."""
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
+        if handle is not None and not isinstance(handle, ReferenceHandle):
+            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
         if quantize_fp8:
             if x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")

@@ -118,3 +118,27 @@ def test_caller_given_receive_size_is_checked(comm):
     assert comm.dispatch(**inputs, num_recv_tokens=rows).x.shape[0] == rows
     with pytest.raises(ValueError, match="^num_recv_tokens:"):
         comm.dispatch(**inputs, num_recv_tokens=rows + 1)
+
+
+def test_dispatch_with_a_handle_on_the_reference_path_routes_anew_and_checks_its_kind(comm):
+    inputs = good_inputs()
+    first = comm.dispatch(**inputs)
+    again = comm.dispatch(**inputs, handle=first.handle)
+    assert torch.equal(again.x, first.x) and torch.equal(again.topk_idx, first.topk_idx)
+    with pytest.raises(TypeError, match="^handle: expected the handle of a reference dispatch"):
+        comm.dispatch(**inputs, handle=object())
+
+
+def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
+    from deepcomm.kernel_common import RoutingSource
+
+    topk_idx = torch.randint(0, E, (T, K))
+    source = RoutingSource.of(topk_idx, E)
+    source.check_reused_by(topk_idx, E)
+    with pytest.raises(ValueError, match="^handle: a dispatch that reuses a handle takes the topk_idx"):
+        source.check_reused_by(topk_idx.clone(), E)
+    with pytest.raises(ValueError, match="^num_experts: the handle's dispatch had 16"):
+        source.check_reused_by(topk_idx, 2 * E)
+    topk_idx[0, 0] = 1
+    with pytest.raises(ValueError, match="^topk_idx: modified in place"):
+        source.check_reused_by(topk_idx, E)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import deepcomm
@@ -133,3 +134,20 @@ print(module.find_nvcc())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "None"
+
+
+def test_kernel_error_vocabulary_matches_python():
+    """The codes the kernels write into the mailbox are the ones Python turns into messages."""
+    from deepcomm import kernel_common as kc
+
+    if not _ext.available():
+        pytest.skip("extension not built")
+    errors = _ext.extension().intranode.ERRORS
+    assert errors == {"timeout": kc.ERROR_TIMEOUT, "size_mismatch": kc.ERROR_SIZE_MISMATCH,
+                      "invalid_ids": kc.ERROR_INVALID_IDS, "mode_mismatch": kc.ERROR_MODE_MISMATCH}
+    for name, stage in _ext.extension().intranode.STAGES.items():
+        assert kc.STAGE_NAMES[stage] == name
+    words = np.zeros(8, dtype=np.int64)
+    words[:3] = (kc.ERROR_MODE_MISMATCH, 1, 3)
+    failure = kc.mailbox_failure(words, 0, 1.0, np.zeros(2, dtype=np.int64))
+    assert failure is not None and "disagree on reusing a handle" in str(failure) and "rank 3" in str(failure)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import deepcomm
+from deepcomm import fp8
 from cases import ROUTINGS, make_inputs
 from dist import run_ranks
 from kernel_checks import combine_from_combine_input, dispatch_both as _dispatch_both
@@ -231,3 +232,74 @@ def test_caller_known_sizes_skip_the_wait_and_are_checked_on_the_gpu():
 def test_intranode_bad_input():
     _require(2)
     run_ranks(_bad_input_worker, 2)
+
+
+def _reuse_worker(rank: int, world_size: int) -> None:
+    comm = _communicator()
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = 8 * world_size
+    for seed, routing in enumerate(ROUTINGS):
+        generator = torch.Generator().manual_seed(100 + seed)
+        num_tokens = [int(v) for v in torch.randint(1, MAX_TOKENS + 1, (world_size,), generator=generator)]
+        num_tokens[seed % world_size] = 0
+        local = make_inputs(100 + seed, rank, num_tokens[rank], HIDDEN, NUM_TOPK, num_experts, routing, 1)
+        local.x, local.topk_idx, local.topk_weights = (t.to(device) for t in (local.x, local.topk_idx, local.topk_weights))
+        first, _ = _dispatch_both(comm, local, "bf16", num_experts, 24)
+        for mode, num_sms in (("bf16", 24), ("fp8", 3), ("quantize", 7)):
+            where = f"{routing}/{mode}/rank{rank}: reused handle"
+            _poison_receive_slots(comm)
+            fresh = make_inputs(200 + seed, rank, num_tokens[rank], HIDDEN, NUM_TOPK, num_experts, routing, 1).x.to(device)
+            kwargs = {}
+            x = fresh
+            if mode == "fp8":
+                x, kwargs["x_scales"] = fp8.quantize_fp8(fresh)
+            elif mode == "quantize":
+                kwargs["quantize_fp8"] = True
+            reused = comm.dispatch(x, local.topk_idx, local.topk_weights, num_experts, num_sms=num_sms,
+                                   handle=first.handle, **kwargs)
+            theirs = comm.reference.dispatch(x, local.topk_idx, local.topk_weights, num_experts, **kwargs)
+            torch.cuda.synchronize()
+            comm.check_errors()
+            assert reused.num_recv_tokens_per_rank is None, where  # the host did not wait
+            for name in ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert"):
+                _same_bits(getattr(reused, name), getattr(theirs, name), f"{where}: {name}")
+            # Its handle combines like the first one, and can be reused in turn.
+            expert_out = theirs.x if mode == "bf16" else fp8.dequantize_fp8(theirs.x, theirs.x_scales)
+            expected = comm.reference.combine(expert_out.cpu(), comm.reference.dispatch(
+                local.x.cpu(), local.topk_idx.cpu(), local.topk_weights.cpu(), num_experts).handle)
+            _same_bits(comm.combine(expert_out, reused.handle), expected, f"{where}: combine")
+            first = reused
+        # Another tensor with the same ids, or one changed in place, is refused on the host (no call made).
+        with pytest.raises(ValueError, match="^handle: a dispatch that reuses a handle takes the topk_idx"):
+            comm.dispatch(local.x, local.topk_idx.clone(), local.topk_weights, num_experts, handle=first.handle)
+        local.topk_idx.add_(0)
+        with pytest.raises(ValueError, match="^topk_idx: modified in place"):
+            comm.dispatch(local.x, local.topk_idx, local.topk_weights, num_experts, handle=first.handle)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_reused_handle_dispatches_the_same_rows_without_layout_or_counts(world_size):
+    _require(world_size)
+    run_ranks(_reuse_worker, world_size)
+
+
+def _mixed_reuse_worker(rank: int, world_size: int) -> None:
+    comm = _communicator(timeout_s=5.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    local = make_inputs(7, rank, 32, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (local.x, local.topk_idx, local.topk_weights))
+    first = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
+    # Rank 0 reuses its handle, the others route anew: nobody may dispatch, every rank must say why.
+    with pytest.raises(deepcomm.CommunicationError, match="disagree on reusing a handle"):
+        handle = first.handle if rank == 0 else None
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, handle=handle)
+        torch.cuda.synchronize()
+        comm.check_errors()
+    dist.barrier()
+
+
+def test_ranks_that_disagree_on_reusing_a_handle_all_raise():
+    _require(2)
+    run_ranks(_mixed_reuse_worker, 2)

@@ -7,6 +7,11 @@
 // this rank's rows start in dst's slot), recv_totals[dst] = rows dst receives
 // (dst's slot layout), and this rank's per-local-expert counts. The matrix also
 // goes to the host mailbox so the host can size the outputs after one wait.
+// A dispatch that reuses a handle's routing (DeepEP's "cached" mode) runs only
+// the meeting: the handle holds send_base, recv_totals and the counts already,
+// and the meeting is what keeps a rank from writing into a slot its owner may
+// still read. Every rank says which kind of call it makes; if they differ,
+// nobody dispatches and every rank reports it.
 //
 // Dispatch (num_blocks persistent blocks, one warp per token, grid-stride):
 // a warp reads its token's row once (16-byte loads, a few in flight per lane)
@@ -62,10 +67,13 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
   const int num_ranks = ctx.num_ranks;
   SignalRegion* own = signals_of(ctx, ctx.rank);
 
-  for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) own->tokens_to_rank[parity][i] = args.tokens_per_rank[i];
-  if (threadIdx.x == 0) own->invalid_ids[parity] = *args.num_invalid;
-  for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
-    own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
+  if (!args.reuse_routing) {
+    for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) own->tokens_to_rank[parity][i] = args.tokens_per_rank[i];
+    if (threadIdx.x == 0) own->invalid_ids[parity] = *args.num_invalid;
+    for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
+      own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
+  }
+  if (threadIdx.x == 0) own->reuses_routing[parity] = args.reuse_routing;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -73,11 +81,24 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
       ptx::store_release_sys(&signals_of(ctx, peer)->notify_arrived[ctx.rank], args.call);
     peers_arrived =
         wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageNotify);
+    for (int peer = 0; peer < num_ranks && peers_arrived; ++peer) {
+      if (*reinterpret_cast<volatile int32_t*>(&signals_of(ctx, peer)->reuses_routing[parity]) != args.reuse_routing) {
+        report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageNotify, peer);
+        peers_arrived = false;
+      }
+    }
   }
   __syncthreads();
-  if (!peers_arrived) {
-    // Dispatch is already queued behind this kernel: make it write nothing.
-    if (threadIdx.x == 0) *args.abort_dispatch = 1;
+  if (!peers_arrived || args.reuse_routing) {
+    // Dispatch is already queued behind this kernel: it writes nothing after a failed meeting, and
+    // reuses the handle's routing after a good one.
+    if (threadIdx.x == 0) {
+      *args.abort_dispatch = !peers_arrived;
+      if (peers_arrived) {
+        __threadfence_system();
+        *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->header.notify_done) = static_cast<int64_t>(args.call);
+      }
+    }
     return;
   }
 
@@ -351,9 +372,11 @@ void check_context(const Context& ctx) {
 
 void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream) {
   check_context(ctx);
-  DC_CHECK_ARG(args.num_experts > 0 && args.num_experts <= kMaxExperts && args.num_experts % ctx.num_ranks == 0,
+  DC_CHECK_ARG(args.reuse_routing ||
+                   (args.num_experts > 0 && args.num_experts <= kMaxExperts && args.num_experts % ctx.num_ranks == 0),
                "num_experts: the intranode path supports up to " + std::to_string(kMaxExperts) +
                    " experts, a multiple of the rank count");
+  DC_CHECK_ARG(args.abort_dispatch != nullptr, "abort_dispatch: null");
   notify_kernel<<<1, kThreads, 0, stream>>>(ctx, args);
   DC_CUDA_CHECK(cudaGetLastError());
 }

@@ -14,7 +14,13 @@ struct MailboxHeader {
   int64_t notify_done;  // sequence number of the last finished notify
 };
 
-enum ErrorCode : int64_t { kErrorNone = 0, kErrorTimeout = 1, kErrorSizeMismatch = 2, kErrorInvalidIds = 3 };
+enum ErrorCode : int64_t {
+  kErrorNone = 0,
+  kErrorTimeout = 1,
+  kErrorSizeMismatch = 2,
+  kErrorInvalidIds = 3,
+  kErrorModeMismatch = 4,  // ranks disagree on reusing a handle's routing in one call; detail: a rank that differs
+};
 
 // Where a kernel was waiting when it gave up.
 enum Stage : int64_t {
