@@ -209,7 +209,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                      scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None
                 return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish,
-                                    RoutingSource.of(topk_idx, num_experts))
+                                    RoutingSource.of(topk_idx, num_experts, call))
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
             check_invalid_ids(self._invalid_ids[:world], num_experts)
@@ -221,7 +221,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             return self._finish(result, scratch, totals[rank], call, caller, async_finish,
-                                RoutingSource.of(topk_idx, num_experts))
+                                RoutingSource.of(topk_idx, num_experts, call))
 
     def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks,
                           previous_event, async_finish, num_recv_tokens) -> DispatchResult:
@@ -229,8 +229,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
         The handle's scratch already holds where every row goes (send positions, this rank's
         first row at every rank, every rank's row total). Notify only meets the peers (a slot's
-        owner must have moved on before anyone writes into it), which all must reuse their
-        handles in the same call.
+        owner must have moved on before anyone writes into it), which all must reuse the routing
+        of the same dispatch in the same call.
         """
         self._check_handle(handle)
         handle.routing.check_reused_by(topk_idx, num_experts)
@@ -244,7 +244,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.meet(call, ptr["abort"], cuda_stream)
+            self.ctx.meet(call, handle.routing.call, ptr["abort"], cuda_stream)
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks
             self.ctx.dispatch(

@@ -139,25 +139,28 @@ class DispatchScratch:
 class RoutingSource:
     """The ``topk_idx`` a dispatch routed by, for a later dispatch that reuses its handle.
 
-    A handle's routing (send positions, row counts) was computed from one ``topk_idx``; a dispatch
-    that reuses it skips that computation, so it must be given the very same tensor, unchanged
-    (same object, same in-place version): anything else would send rows where the ids do not say.
+    A handle's routing (send positions, row counts) was computed from one ``topk_idx`` by dispatch
+    call ``call``; a dispatch that reuses it skips that computation, so it must be given the very
+    same tensor, unchanged (same object, same in-place version): anything else would send rows where
+    the ids do not say. Writes torch does not see (``.data``, custom kernels, raw pointers) and
+    tensors made under ``torch.inference_mode`` (no version counter) escape the version check.
+    The kernels compare ``call`` across ranks: every rank must reuse the same dispatch's routing.
     """
 
-    __slots__ = ("topk_idx", "version", "num_experts")
+    __slots__ = ("topk_idx", "version", "num_experts", "call")
 
-    def __init__(self, topk_idx: torch.Tensor, version: int, num_experts: int) -> None:
-        self.topk_idx, self.version, self.num_experts = topk_idx, version, num_experts
+    def __init__(self, topk_idx: torch.Tensor, version: int | None, num_experts: int, call: int) -> None:
+        self.topk_idx, self.version, self.num_experts, self.call = topk_idx, version, num_experts, call
 
     @classmethod
-    def of(cls, topk_idx: torch.Tensor, num_experts: int) -> "RoutingSource":
-        return cls(topk_idx, topk_idx._version, num_experts)
+    def of(cls, topk_idx: torch.Tensor, num_experts: int, call: int) -> "RoutingSource":
+        return cls(topk_idx, None if topk_idx.is_inference() else topk_idx._version, num_experts, call)
 
     def check_reused_by(self, topk_idx: torch.Tensor, num_experts: int) -> None:
         if topk_idx is not self.topk_idx:
             raise ValueError("handle: a dispatch that reuses a handle takes the topk_idx tensor that made it "
                              "(the same object); dispatch without the handle to route anew")
-        if topk_idx._version != self.version:
+        if self.version is not None and topk_idx._version != self.version:
             raise ValueError("topk_idx: modified in place since the dispatch that made the handle; "
                              "dispatch without the handle to route anew")
         if num_experts != self.num_experts:

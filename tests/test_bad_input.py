@@ -133,7 +133,7 @@ def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
     from deepcomm.kernel_common import RoutingSource
 
     topk_idx = torch.randint(0, E, (T, K))
-    source = RoutingSource.of(topk_idx, E)
+    source = RoutingSource.of(topk_idx, E, call=1)
     source.check_reused_by(topk_idx, E)
     with pytest.raises(ValueError, match="^handle: a dispatch that reuses a handle takes the topk_idx"):
         source.check_reused_by(topk_idx.clone(), E)
@@ -142,3 +142,6 @@ def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
     topk_idx[0, 0] = 1
     with pytest.raises(ValueError, match="^topk_idx: modified in place"):
         source.check_reused_by(topk_idx, E)
+    with torch.inference_mode():  # no version counter: only the identity is checked
+        served = torch.randint(0, E, (T, K))
+    RoutingSource.of(served, E, call=2).check_reused_by(served, E)

@@ -10,8 +10,8 @@
 // A dispatch that reuses a handle's routing (DeepEP's "cached" mode) runs only
 // the meeting: the handle holds send_base, recv_totals and the counts already,
 // and the meeting is what keeps a rank from writing into a slot its owner may
-// still read. Every rank says which kind of call it makes; if they differ,
-// nobody dispatches and every rank reports it.
+// still read. Every rank publishes which call's routing it reuses (0: none);
+// if they differ, nobody dispatches and every rank reports it.
 //
 // Dispatch (num_blocks persistent blocks, one warp per token, grid-stride):
 // a warp reads its token's row once (16-byte loads, a few in flight per lane)
@@ -67,13 +67,14 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
   const int num_ranks = ctx.num_ranks;
   SignalRegion* own = signals_of(ctx, ctx.rank);
 
-  if (!args.reuse_routing) {
+  const bool reuses = args.reused_routing != 0;
+  if (!reuses) {
     for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) own->tokens_to_rank[parity][i] = args.tokens_per_rank[i];
     if (threadIdx.x == 0) own->invalid_ids[parity] = *args.num_invalid;
     for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
       own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
   }
-  if (threadIdx.x == 0) own->reuses_routing[parity] = args.reuse_routing;
+  if (threadIdx.x == 0) own->reused_routing[parity] = args.reused_routing;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -82,14 +83,14 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     peers_arrived =
         wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageNotify);
     for (int peer = 0; peer < num_ranks && peers_arrived; ++peer) {
-      if (*reinterpret_cast<volatile int32_t*>(&signals_of(ctx, peer)->reuses_routing[parity]) != args.reuse_routing) {
+      if (*reinterpret_cast<volatile uint64_t*>(&signals_of(ctx, peer)->reused_routing[parity]) != args.reused_routing) {
         report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageNotify, peer);
         peers_arrived = false;
       }
     }
   }
   __syncthreads();
-  if (!peers_arrived || args.reuse_routing) {
+  if (!peers_arrived || reuses) {
     // Dispatch is already queued behind this kernel: it writes nothing after a failed meeting, and
     // reuses the handle's routing after a good one.
     if (threadIdx.x == 0) {
@@ -372,7 +373,7 @@ void check_context(const Context& ctx) {
 
 void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream) {
   check_context(ctx);
-  DC_CHECK_ARG(args.reuse_routing ||
+  DC_CHECK_ARG(args.reused_routing != 0 ||
                    (args.num_experts > 0 && args.num_experts <= kMaxExperts && args.num_experts % ctx.num_ranks == 0),
                "num_experts: the intranode path supports up to " + std::to_string(kMaxExperts) +
                    " experts, a multiple of the rank count");

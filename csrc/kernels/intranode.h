@@ -21,12 +21,12 @@ struct Context {
   int64_t timeout_ns;           // bounded wait on any peer
 };
 
-// With reuse_routing (a dispatch given the handle of an earlier one with the same routing) notify
-// publishes no counts: it only meets every peer, so that nobody writes into a slot its owner may
-// still read, and checks that every rank reuses too. The count pointers and outputs are then unused.
+// With reused_routing (a dispatch given the handle of an earlier one) notify publishes no counts:
+// it only meets every peer, so that nobody writes into a slot its owner may still read, and checks
+// that every rank reuses the routing of the same call. The count pointers and outputs are then unused.
 struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
-  bool reuse_routing;
+  uint64_t reused_routing;            // the call whose routing (the handle's) this dispatch reuses; 0: none
   const int32_t* tokens_per_rank;     // [num_ranks] from the layout
   const int32_t* tokens_per_expert;   // [num_experts] from the layout
   const int32_t* num_invalid;         // [1] invalid expert ids in this rank's topk_idx (layout kernel)
