@@ -36,6 +36,7 @@ import torch.distributed as dist
 from deepcomm.events import EventHandle
 from deepcomm.fp8 import dequantize_fp8
 from deepcomm.internode import InternodeHandle
+from deepcomm.intranode import IntranodeHandle
 from deepcomm.layout import token_rank_mask
 from deepcomm.reference import ReferenceCommunicator, ReferenceHandle
 from deepcomm.results import DispatchResult
@@ -126,14 +127,19 @@ def _combinable_handle(impl, route: _Route, forward_handle):
     if expired:
         # Its forward maps are overwritten. Every rank counts dispatches alike, so all dispatch again together.
         rows = torch.zeros(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=route.topk_idx.device)
-        handle = _dispatch_again(impl, route, rows, handle.num_recv_tokens).handle
+        handle = _dispatch_again(impl, route, rows, handle).handle
     return handle
 
 
-def _dispatch_again(impl, route: _Route, rows: torch.Tensor, num_recv_tokens: int) -> DispatchResult:
-    # The row count is known: passing it spares the intranode backend its host wait.
+def _dispatch_again(impl, route: _Route, rows: torch.Tensor, handle) -> DispatchResult:
+    """Dispatch ``rows`` along ``route``, whose dispatch made ``handle``; every rank does so together.
+
+    The intranode backend reuses the handle's routing (no layout, no count exchange, no host wait);
+    the others know the row count, which spares the host its wait where a backend has one.
+    """
+    reuse = handle if isinstance(handle, IntranodeHandle) else None
     result = impl.run_dispatch(rows, route.topk_idx, route.topk_weights, route.num_experts,
-                               num_recv_tokens=num_recv_tokens)
+                               num_recv_tokens=handle.num_recv_tokens, handle=reuse)
     route.newest_handle = result.handle
     return result
 
@@ -335,7 +341,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_y):
         if _is_reference(ctx.impl):
             return None, None, None, None, None, ctx.impl.scatter_rows(grad_y.contiguous(), ctx.handle)
-        rows = _dispatch_again(ctx.impl, ctx.route, grad_y.contiguous(), ctx.handle.num_recv_tokens).x
+        rows = _dispatch_again(ctx.impl, ctx.route, grad_y.contiguous(), ctx.handle).x
         return None, None, None, None, None, rows.clone()  # the receive slot is reused by later dispatches
 
 
