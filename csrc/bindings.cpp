@@ -9,6 +9,7 @@
 #include "kernels/copy.h"
 #include "kernels/intranode.h"
 #include "kernels/layout.h"
+#include "kernels/pair_sum.h"
 #include "runtime/build_info.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
@@ -91,6 +92,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
     deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
   }, py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_blocks"), py::arg("stream"));
+
+  m.def("pair_sum", [](uintptr_t out, uintptr_t values, uintptr_t pair_of, uintptr_t weights, int64_t num_rows,
+                       int num_topk, int64_t hidden, uintptr_t stream) {
+    deepcomm::launch_pair_sum({as_ptr<void>(out), as_ptr<const void>(values), as_ptr<const int64_t>(pair_of),
+                               as_ptr<const float>(weights), num_rows, num_topk, hidden}, as_stream(stream));
+  }, py::arg("out"), py::arg("values"), py::arg("pair_of"), py::arg("weights"), py::arg("num_rows"),
+     py::arg("num_topk"), py::arg("hidden"), py::arg("stream"),
+     "out[r] = bf16(sum over k, in order, of weights[r, k] * values[pair_of[r, k]]) in float32 (deepcomm/pair_sum.py).");
 
   namespace in = deepcomm::intranode;
   py::module_ intra = m.def_submodule("intranode", "intranode dispatch/combine kernels");
