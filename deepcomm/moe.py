@@ -177,22 +177,25 @@ def _use_grouped_mm(x: torch.Tensor, weights: torch.Tensor) -> bool:
     return _GROUPED_MM_WORKS[x.device]
 
 
-def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[P, A]`` in groups of ``counts[g]`` consecutive rows, group g times ``weights[g]`` ``[A, B]``.
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[P, A]`` in groups of consecutive rows, group g times ``weights[g]`` ``[A, B]``.
 
-    ``torch._grouped_mm`` where it runs (CUDA bf16 on sm90), else one matmul per
-    group (empty groups allowed). Returns ``[P, B]``.
+    ``ends`` ``[G]`` int32: where each group's rows end (the running sum of the group sizes).
+    ``torch._grouped_mm`` where it runs (CUDA bf16 on sm90), else one matmul per group (empty groups
+    allowed). Returns ``[P, B]``.
     """
     if _use_grouped_mm(x, weights):
-        return torch._grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
-    groups = x.split(counts.tolist())
+        return torch._grouped_mm(x, weights, offs=ends)
+    bounds = [0, *ends.tolist()]
+    groups = x.split([end - start for start, end in zip(bounds, bounds[1:])])
     return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts on rows grouped by expert: ``silu(gate) * up`` then down, per group."""
-    return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, counts)), w_down, counts)
+    """SwiGLU experts on rows grouped by expert (``counts[g]`` rows each): ``silu(gate) * up`` then down."""
+    ends = counts.cumsum(0, dtype=torch.int32)
+    return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, ends)), w_down, ends)
 
 
 # -- the layer ----------------------------------------------------------------------
@@ -295,17 +298,15 @@ class MoELayer(nn.Module):
         """
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights
-        num_topk = local_idx.shape[1]
-        # Entries of no local expert sort last, as expert E_local, and are cut off.
-        keys = torch.where(local_idx >= 0, local_idx, self.num_local_experts).flatten()
-        # Counted by scatter, not bincount: bincount on CUDA reads the keys' range on the host.
-        counts = torch.zeros(self.num_local_experts + 1, dtype=torch.int64, device=keys.device)
-        counts = counts.scatter_add_(0, keys, torch.ones_like(keys))[: self.num_local_experts]
+        counts = received.num_tokens_per_expert  # [E_local]: the (row, k) pairs of each local expert
         per_expert = received.num_recv_tokens_per_expert_list
         num_pairs = int(counts.sum()) if per_expert is None else sum(per_expert)
-        # By expert, then (row, k) as laid out. Sorted as 16-bit keys: a radix sort makes one pass per
-        # key byte, 2 instead of 8 (the order is the same: the sort is stable and the keys small).
-        order = torch.argsort(keys.to(self._sort_dtype), stable=True)[:num_pairs]
+        # By expert, then (row, k) as laid out; entries of other ranks' experts (-1) sort first and are
+        # cut off. Sorted as 16-bit keys: a radix sort makes one pass per key byte, 2 instead of 8 (the
+        # order is the same: the sort is stable and the ids small).
+        keys = local_idx.flatten().to(self._sort_dtype)
+        order = torch.argsort(keys, stable=True)[keys.numel() - num_pairs:]
+        num_topk = local_idx.shape[1]
         out = grouped_swiglu(x[order // num_topk], counts, self.w_gate_up, self.w_down)
         target = None
         if self.dtype == torch.bfloat16 and received.handle is not None:

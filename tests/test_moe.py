@@ -214,8 +214,9 @@ def _received(num_rows: int, hidden: int, num_topk: int, num_experts: int, seed:
     topk_idx[:, 1] = torch.where(topk_idx[:, 1] == topk_idx[:, 0], -1, topk_idx[:, 1])
     topk_idx[topk_idx == 2] = -1  # expert 2 receives nothing
     weights = torch.rand(num_rows, num_topk, generator=generator) * (topk_idx >= 0)
+    per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts).to(torch.int32)
     return DispatchResult(x=torch.randn(num_rows, hidden, generator=generator), x_scales=None, topk_idx=topk_idx,
-                          topk_weights=weights, num_tokens_per_expert=torch.zeros(num_experts, dtype=torch.int32),
+                          topk_weights=weights, num_tokens_per_expert=per_expert,
                           num_recv_tokens_per_rank=[num_rows], handle=None, event=deepcomm.EventHandle())
 
 
@@ -225,7 +226,7 @@ def test_grouped_experts_equal_a_loop_over_pairs(comm, num_rows):
     layer = MoELayer(config, comm, torch.float32, seed=1)
     received = _received(num_rows, config.hidden, config.num_topk, config.num_experts, seed=num_rows)
     expected = _naive_experts(layer, received)
-    actual = layer.experts(received)  # counts its (row, k) pairs itself
+    actual = layer.experts(received)  # sums num_tokens_per_expert on the host itself
     assert actual.shape == (num_rows, config.hidden)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # With dispatch's host-side per-expert counts (no sync): the same bits.
@@ -247,7 +248,8 @@ def test_grouped_matmul_fallback_matches_torch_grouped_mm():
         expected = torch._grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
     except RuntimeError as error:
         pytest.skip(f"torch._grouped_mm does not run on the CPU here: {error}")
-    torch.testing.assert_close(moe.grouped_matmul(x, weights, counts).float(), expected.float(), rtol=2e-2,
+    ends = counts.cumsum(0, dtype=torch.int32)
+    torch.testing.assert_close(moe.grouped_matmul(x, weights, ends).float(), expected.float(), rtol=2e-2,
                                atol=2e-2)
 
 
@@ -414,7 +416,7 @@ def test_grouped_mm_path_equals_per_group_matmuls():
     results = []
     for grouped in (True, False):
         x.grad = weights.grad = None
-        y = moe.grouped_matmul(x, weights, counts) if grouped else torch.cat(
+        y = moe.grouped_matmul(x, weights, counts.cumsum(0, dtype=torch.int32)) if grouped else torch.cat(
             [rows @ weights[g] for g, rows in enumerate(x.split(counts.tolist()))])
         y.backward(upstream)
         results.append((y, x.grad, weights.grad))

@@ -29,9 +29,16 @@ import torch
 import torch.distributed as dist
 
 import deepcomm
-from deepcomm import fp8
+from deepcomm import _ext, fp8
+from deepcomm.events import EventHandle
+from deepcomm.intranode import IntranodeHandle
+from deepcomm.kernel_common import (DispatchScratch, RoutingSource, check_capacity, check_invalid_ids,
+                                    check_slot_sizes, payload_of, recv_layout, recv_row_shape)
+from deepcomm.layout import launch_dispatch_layout
 from deepcomm.launch import destroy_distributed, init_distributed
 from deepcomm.routing import node_limited_topk
+from deepcomm.streams import CallerStream, CommStreamScope, hand_back
+from deepcomm.validation import check_dispatch_inputs
 
 
 def host_split(stamps: list[tuple[int, int, int, int]]) -> dict[str, float]:
@@ -72,6 +79,71 @@ def time_host_ops(device: torch.device, rows: int, world_size: int, iters: int =
         costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return costs
+
+
+def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: int,
+                        iters: int = 2000) -> dict[str, float]:
+    """µs per call of each piece of an intranode dispatch's host work, run alone on this rank's real inputs.
+
+    The pieces, in the order a call runs them; none of them launches a communication kernel (the
+    layout kernel only), so one rank can time them without its peers.
+    """
+    impl, topology, extension = comm._impl, comm.topology, _ext.extension()
+    world, rank, device = topology.world_size, topology.rank, payload.device
+    stream, num_tokens, hidden = impl._stream, payload.shape[0], payload.shape[1]
+    num_topk = topk_idx.shape[1]
+    scratch = DispatchScratch(device, num_tokens, world, topology.num_nodes, num_experts, with_node_rows=False)
+    kind = payload_of(payload, False, False)
+    row_bytes, scale_cols = recv_row_shape(kind, hidden)
+    totals = [num_tokens] * world
+    layout = recv_layout(num_tokens, row_bytes, scale_cols, num_topk)
+
+    def scope():
+        with CommStreamScope(stream, None, (payload, scales, topk_idx, weights)):
+            pass
+
+    def counts():
+        matrix = impl._tokens_matrix[:world, :world]
+        check_invalid_ids(impl._invalid_ids[:world], num_experts)
+        matrix.sum(axis=0).tolist(), matrix[:, rank].tolist()
+        impl._recv_per_expert[: num_experts // world].tolist()
+
+    def finish():
+        caller = CallerStream(device.index)
+        hand_back((scratch.recv_per_expert,), device, stream, caller, False)
+
+    parts = {
+        "check_errors": impl.check_errors,
+        "check_dispatch_inputs": lambda: check_dispatch_inputs(payload, scales, topk_idx, weights, num_experts, world,
+                                                               device, check_values=False),
+        "payload_of + check_capacity": lambda: (payload_of(payload, False, False),
+                                                check_capacity(num_tokens, hidden, num_topk, impl.config)),
+        "CommStreamScope enter + exit": scope,
+        "DispatchScratch": lambda: DispatchScratch(device, num_tokens, world, topology.num_nodes, num_experts, False),
+        "layout launch": lambda: launch_dispatch_layout(
+            topk_idx, num_experts, topology, 8, stream.cuda_stream, scratch.ptr["per_rank"], scratch.ptr["per_node"],
+            scratch.ptr["layout_per_expert"], scratch.ptr["is_token_in_rank"], scratch.ptr["num_invalid"],
+            scratch.ptr["send_pos"]),
+        # A stream ordered after itself returns at once: the cost of crossing into the extension.
+        "an extension call (no work)": lambda: extension.order_streams(stream.cuda_stream, stream.cuda_stream),
+        "counts from the mailbox (numpy)": counts,
+        "check_slot_sizes": lambda: check_slot_sizes(totals, kind, hidden, num_topk, impl.slot_bytes, rank),
+        "result views": lambda: impl._views(0, layout, num_tokens, hidden, num_topk, kind, scratch.recv_per_expert),
+        "RoutingSource + handle": lambda: IntranodeHandle(num_tokens, hidden, num_tokens, scratch, 1, id(impl),
+                                                          RoutingSource.of(topk_idx, num_experts, 1)),
+        "hand_back (record_stream, event, order)": finish,
+        "EventHandle.record alone": lambda: EventHandle.record(device, stream),
+    }
+    costs = {}
+    for name, part in parts.items():
+        for _ in range(10):
+            part()
+        start = time.perf_counter_ns()
+        for _ in range(iters):
+            part()
+        costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
+    torch.cuda.synchronize(device)
     return costs
 
 
@@ -173,6 +245,8 @@ def main() -> None:
             if rank == 0:
                 print(table)
         torch.cuda.synchronize()
+        parts = (time_dispatch_parts(comm, payload, scales, topk_idx, weights, args.experts)
+                 if comm.backend == "intranode" else {})
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, (split, time_host_ops(device, args.tokens, dist.get_world_size())))
         if rank == 0:
@@ -181,6 +255,10 @@ def main() -> None:
             for r, (split, _) in enumerate(per_rank):
                 print(f"  rank {r}: call {split['call']:.1f} = before {split['before']:.1f} + wait "
                       f"{split['wait']:.1f} + after {split['after']:.1f}")
+            if parts:
+                print(f"host µs per piece of the dispatch path, each alone (rank 0; {sum(parts.values()):.1f} in all):")
+                for name, us in parts.items():
+                    print(f"  {name:<40} {us:7.2f}")
             print("host µs per torch call (rank 0):")
             for name, us in per_rank[0][1].items():
                 print(f"  {name:<40} {us:7.2f}")
