@@ -61,6 +61,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("order_streams", &deepcomm::order_streams, py::arg("waiter"), py::arg("waited"),
         "Make stream `waiter` wait for the work queued on `waited` so far (cudaStream_t as ints); the host "
         "does not wait.");
+  py::class_<deepcomm::StreamPoint>(m, "StreamPoint", "The work queued on a stream so far (deepcomm.EventHandle).")
+      .def(py::init<uintptr_t, int>(), py::arg("stream"), py::arg("device"))
+      .def("wait", &deepcomm::StreamPoint::wait, py::arg("stream"))
+      .def("synchronize", &deepcomm::StreamPoint::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("query", &deepcomm::StreamPoint::query);
 
   m.attr("IPC_HANDLE_BYTES") = deepcomm::kIpcHandleBytes;
   m.def("ipc_export", [](uintptr_t ptr) {

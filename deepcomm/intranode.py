@@ -150,6 +150,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self._dispatch_blocks = 0
         self._combine_blocks = 0
         self._failure: CommunicationError | None = None
+        self._spare_scratch: DispatchScratch | None = None  # _take_scratch
         # High priority: as compute blocks retire, the scheduler places communication blocks first.
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         name_stream(self._stream, "deepcomm communication")
@@ -179,8 +180,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         stream = self._stream
 
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            scratch = DispatchScratch(self.device, num_tokens, world, self.topology.num_nodes, num_experts,
-                                      with_node_rows=False)
+            scratch = self._take_scratch(num_tokens, num_experts)
             ptr, cuda_stream = scratch.ptr, stream.cuda_stream
             launch_dispatch_layout(topk_idx, num_experts, self.topology, num_blocks, cuda_stream, ptr["per_rank"],
                                    ptr["per_node"], ptr["layout_per_expert"], ptr["is_token_in_rank"],
@@ -200,6 +200,11 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 ptr["is_token_in_rank"], ptr["send_pos"], ptr["send_base"], ptr["recv_totals"], ptr["abort"],
                 -1 if num_recv_tokens is None else num_recv_tokens, self._dispatch_blocks, num_blocks, cuda_stream,
             )
+            # Everything that needs no count is done while the GPU works towards them: the call's end
+            # (its kernels are all queued), where its routing came from, and (before waiting) the next
+            # call's scratch. Both ranks' host work up to here is what a small call costs.
+            event = hand_back((scratch.recv_per_expert,), self.device, stream, caller, async_finish)
+            routing = RoutingSource.of(topk_idx, num_experts, call)
             recv_row_bytes, scale_cols = recv_row_shape(payload, hidden)
             if num_recv_tokens is not None:
                 # The caller knows the size: no host wait. The kernel checks the size (and the ids)
@@ -208,8 +213,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 result = self._views(slot, own_layout, num_recv_tokens, hidden, num_topk, payload,
                                      scratch.recv_per_expert)
                 result.num_recv_tokens_per_rank = None
-                return self._finish(result, scratch, num_recv_tokens, call, caller, async_finish,
-                                    RoutingSource.of(topk_idx, num_experts, call))
+                return self._finish(result, scratch, num_recv_tokens, call, event, routing)
+            self._spare_scratch = self._new_scratch(num_tokens, num_experts)
             self._wait_notify(call)
             matrix = self._tokens_matrix[:world, :world]
             check_invalid_ids(self._invalid_ids[:world], num_experts)
@@ -220,8 +225,21 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                  scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            return self._finish(result, scratch, totals[rank], call, caller, async_finish,
-                                RoutingSource.of(topk_idx, num_experts, call))
+            return self._finish(result, scratch, totals[rank], call, event, routing)
+
+    def _new_scratch(self, num_tokens: int, num_experts: int) -> DispatchScratch:
+        return DispatchScratch(self.device, num_tokens, self.topology.world_size, self.topology.num_nodes,
+                               num_experts, with_node_rows=False)
+
+    def _take_scratch(self, num_tokens: int, num_experts: int) -> DispatchScratch:
+        """A fresh scratch for this call: the one the previous call allocated while it waited, if it fits.
+
+        Allocated on the communication stream (the scope's), where only this call's kernels use it.
+        """
+        spare, self._spare_scratch = self._spare_scratch, None
+        if spare is not None and spare.fits(num_tokens, num_experts):
+            return spare
+        return self._new_scratch(num_tokens, num_experts)
 
     def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks,
                           previous_event, async_finish, num_recv_tokens) -> DispatchResult:
@@ -257,13 +275,14 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             result = self._views(slot, recv_layout(rows, recv_row_bytes, scale_cols, num_topk), rows, hidden, num_topk,
                                  payload, scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = None
-            return self._finish(result, scratch, rows, call, caller, async_finish, handle.routing)
+            # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
+            event = hand_back((scratch.recv_per_expert,), self.device, stream, caller, async_finish)
+            return self._finish(result, scratch, rows, call, event, handle.routing)
 
-    def _finish(self, result, scratch, num_recv_tokens, call, caller, async_finish, routing):
+    def _finish(self, result, scratch, num_recv_tokens, call, event, routing):
         result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self),
                                         routing)
-        # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
-        result.event = hand_back((result.num_tokens_per_expert,), self.device, self._stream, caller, async_finish)
+        result.event = event
         return result
 
     def _views(self, slot, layout, rows, hidden, num_topk, payload, per_expert) -> DispatchResult:

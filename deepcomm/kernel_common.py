@@ -102,7 +102,8 @@ class DispatchScratch:
     (internode), is_token_in_rank [T, W] bool.
     """
 
-    __slots__ = ("words", "ptr", "recv_per_expert", "num_tokens", "_world_size", "_node_cols", "_offsets")
+    __slots__ = ("words", "ptr", "recv_per_expert", "num_tokens", "_world_size", "_node_cols", "_offsets",
+                 "_num_experts")
 
     def __init__(self, device: torch.device, num_tokens: int, world_size: int, num_nodes: int, num_experts: int,
                  with_node_rows: bool) -> None:
@@ -114,6 +115,11 @@ class DispatchScratch:
         self.ptr["recv_per_expert"] = self.recv_per_expert.data_ptr()
         self.num_tokens, self._world_size, self._offsets = num_tokens, world_size, offsets
         self._node_cols = num_nodes if with_node_rows else 0
+        self._num_experts = num_experts
+
+    def fits(self, num_tokens: int, num_experts: int) -> bool:
+        """Whether a call with this shape (same ranks, nodes and node rows) can use this scratch."""
+        return num_tokens == self.num_tokens and num_experts == self._num_experts
 
     def _view(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         words = self.words if dtype == torch.int32 else self.words.view(dtype)

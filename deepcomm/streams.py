@@ -14,22 +14,29 @@ from deepcomm import _ext
 from deepcomm.events import EventHandle
 
 
+# Stream objects of the callers' streams, by (stream id, device index, device type): the few streams a
+# program calls from, each built once (building a torch.cuda.Stream costs a few µs). A Stream object is
+# nothing but those ids, so a kept one is the same as one built anew.
+_CALLER_STREAMS: dict[tuple[int, int, int], torch.cuda.Stream] = {}
+
+
 class CallerStream:
     """The stream that was current when a call began, read without building a ``torch.cuda.Stream``."""
 
-    __slots__ = ("ids", "raw", "_stream")
+    __slots__ = ("ids", "raw")
 
     def __init__(self, device_index: int) -> None:
         self.ids = torch._C._cuda_getCurrentStream(device_index)  # (stream id, device index, device type)
         self.raw = torch._C._cuda_getCurrentRawStream(device_index)  # cudaStream_t
-        self._stream: torch.cuda.Stream | None = None
 
     @property
     def stream(self) -> torch.cuda.Stream:
-        if self._stream is None:
+        stream = _CALLER_STREAMS.get(self.ids)
+        if stream is None:
             stream_id, device_index, device_type = self.ids
-            self._stream = torch.cuda.Stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
-        return self._stream
+            stream = torch.cuda.Stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
+            _CALLER_STREAMS[self.ids] = stream
+        return stream
 
     def make_current(self) -> None:
         stream_id, device_index, device_type = self.ids

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <mutex>
 #include <vector>
 
 #include "runtime/error.h"
@@ -36,14 +37,78 @@ class OrderingEvents {
   std::vector<cudaEvent_t> events_;
 };
 
+// Free events of StreamPoints, per device (an event is recorded on streams of the device it was
+// made on). Never destroyed: a pool outliving the driver at exit must not call into it.
+class EventPool {
+ public:
+  cudaEvent_t take(int device) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (static_cast<size_t>(device) < free_.size() && !free_[device].empty()) {
+        cudaEvent_t event = free_[device].back();
+        free_[device].pop_back();
+        return event;
+      }
+    }
+    int current = 0;
+    DC_CUDA_CHECK(cudaGetDevice(&current));
+    if (current != device) DC_CUDA_CHECK(cudaSetDevice(device));
+    cudaEvent_t event = nullptr;
+    const cudaError_t status = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+    if (current != device) DC_CUDA_CHECK(cudaSetDevice(current));
+    DC_CUDA_CHECK(status);
+    return event;
+  }
+  void give_back(int device, cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (static_cast<size_t>(device) >= free_.size()) free_.resize(device + 1);
+    free_[device].push_back(event);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::vector<cudaEvent_t>> free_;
+};
+
+EventPool& event_pool() {
+  static EventPool* pool = new EventPool();
+  return *pool;
+}
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
 }  // namespace
 
 void order_streams(uintptr_t waiter, uintptr_t waited) {
   if (waiter == waited) return;
   thread_local OrderingEvents events;
   cudaEvent_t event = events.of_current_device();
-  DC_CUDA_CHECK(cudaEventRecord(event, reinterpret_cast<cudaStream_t>(waited)));
-  DC_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(waiter), event, 0));
+  DC_CUDA_CHECK(cudaEventRecord(event, as_stream(waited)));
+  DC_CUDA_CHECK(cudaStreamWaitEvent(as_stream(waiter), event, 0));
+}
+
+StreamPoint::StreamPoint(uintptr_t stream, int device) : event_(event_pool().take(device)), device_(device) {
+  const cudaError_t status = cudaEventRecord(event_, as_stream(stream));
+  if (status != cudaSuccess) {
+    event_pool().give_back(device_, event_);
+    DC_CUDA_CHECK(status);
+  }
+}
+
+StreamPoint::~StreamPoint() { event_pool().give_back(device_, event_); }
+
+void StreamPoint::wait(uintptr_t stream) const { DC_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), event_, 0)); }
+
+void StreamPoint::synchronize() const { DC_CUDA_CHECK(cudaEventSynchronize(event_)); }
+
+bool StreamPoint::query() const {
+  const cudaError_t status = cudaEventQuery(event_);
+  if (status == cudaErrorNotReady) {
+    (void)cudaGetLastError();  // not an error: clear it
+    return false;
+  }
+  DC_CUDA_CHECK(status);
+  return true;
 }
 
 }  // namespace deepcomm
