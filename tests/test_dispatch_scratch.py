@@ -69,3 +69,28 @@ def test_handles_show_their_scratch_as_routing_views():
         assert handle.is_token_in_rank.data_ptr() == s.ptr["is_token_in_rank"]
         assert handle.send_base.data_ptr() == s.ptr["send_base"]
         assert handle.node_rows.data_ptr() == s.ptr["node_rows"]
+
+
+def test_a_spare_scratch_serves_only_a_call_of_its_shape():
+    """IntranodeCommunicator._take_scratch: the scratch allocated during the last wait, once, if it fits."""
+    from types import SimpleNamespace
+
+    from deepcomm.intranode import IntranodeCommunicator
+
+    made = []
+
+    def new_scratch(num_tokens, num_experts):
+        made.append((num_tokens, num_experts))
+        return DispatchScratch(torch.device("cpu"), num_tokens, 2, 1, num_experts, with_node_rows=False)
+
+    comm = SimpleNamespace(_spare_scratch=None, _new_scratch=new_scratch)
+    take = IntranodeCommunicator._take_scratch
+    first = take(comm, 128, 64)  # no spare yet
+    spare = comm._spare_scratch = new_scratch(128, 64)
+    assert take(comm, 128, 64) is spare and comm._spare_scratch is None  # taken once
+    assert take(comm, 128, 64) is not spare  # gone: a new one
+    comm._spare_scratch = new_scratch(128, 64)
+    other = take(comm, 100, 64)  # another shape: not the spare, which is dropped
+    assert other.num_tokens == 100 and comm._spare_scratch is None
+    assert first is not spare and len(made) == 5
+    assert spare.fits(128, 64) and not spare.fits(128, 32) and not spare.fits(127, 64)

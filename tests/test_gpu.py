@@ -192,3 +192,30 @@ def test_order_streams_holds_the_waiter_until_the_waited_work_ends():
     torch.cuda.synchronize()
     assert bool((copy == 7.0).all())
 
+
+
+@pytest.mark.parametrize("on_current_stream", [True, False])
+def test_event_handle_marks_a_point_others_wait_for(on_current_stream):
+    """EventHandle (the extension's pooled StreamPoint): query, wait and synchronize see the recorded point."""
+    _needs_extension()
+    device = torch.device("cuda", torch.cuda.current_device())
+    slow, waiter = torch.cuda.Stream(), torch.cuda.Stream()
+    value = torch.zeros(1 << 20, device=device)
+    with torch.cuda.stream(slow):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of spinning before the write
+        value.fill_(7.0)
+        event = deepcomm.EventHandle.record(device) if on_current_stream else deepcomm.EventHandle.record(device, slow)
+    assert not event.query()  # the host did not wait
+    event.wait(waiter)
+    with torch.cuda.stream(waiter):
+        copy = value.clone()  # queued behind the fill only through the event
+    event.synchronize()
+    assert event.query()
+    torch.cuda.synchronize()
+    assert bool((copy == 7.0).all())
+    # Points come back to the pool and are recorded again: many at once stay independent.
+    points = [deepcomm.EventHandle.record(device) for _ in range(64)]
+    del points
+    later = deepcomm.EventHandle.record(device)
+    later.synchronize()
+    assert later.query()
