@@ -10,8 +10,6 @@ on failure; ``--sm-share P`` gives each rank P % of the SMs
 (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) so one GPU behaves like several
 smaller ones. If MPS cannot start, the launch fails: without MPS, ranks on one
 GPU are time-sliced and every spin-wait becomes thousands of times slower.
-Each rank is bound to the CPUs next to its GPU (:mod:`deepcomm.affinity`);
-``--bind-cpus none`` leaves placement to the OS.
 
 With plain ``torchrun``, start MPS yourself first (docs/design.md, "Ranks on
 one GPU"); :func:`mps_running` tells whether one answers.
@@ -29,8 +27,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-
-from deepcomm.affinity import BIND_ENV, bind_rank
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
 MPS_PID_FILE = MPS_CONTROL + ".pid"  # the control daemon's, in its pipe folder while it runs
@@ -82,11 +78,8 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_already_running: bool,
-                bind_cpus: str = "gpu") -> LaunchPlan:
+def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_already_running: bool) -> LaunchPlan:
     """Decide MPS and environment; raises SystemExit with the reason when the launch cannot work."""
-    if bind_cpus not in ("gpu", "none"):
-        raise SystemExit(f"--bind-cpus: 'gpu' or 'none', got {bind_cpus!r}")
     if nproc_per_node < 1:
         raise SystemExit("--nproc-per-node: must be >= 1")
     if sm_share is not None and not 1 <= sm_share <= 100:
@@ -96,7 +89,6 @@ def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_al
     plan = LaunchPlan(nproc_per_node, num_gpus, start_mps=needs_mps and not mps_already_running)
     if sm_share is not None:
         plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_share)
-    plan.env[BIND_ENV] = "1" if bind_cpus == "gpu" and num_gpus > 0 else "0"
     if plan.start_mps and shutil.which(MPS_CONTROL) is None:
         raise SystemExit(
             f"deepcomm.launch: {nproc_per_node} ranks on {num_gpus} GPU(s) need CUDA MPS, but {MPS_CONTROL} is not "
@@ -179,7 +171,6 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Separate deepcomm's own options from torchrun's (which pass through untouched)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--sm-share", type=int, default=None)
-    parser.add_argument("--bind-cpus", default="gpu")
     ours, rest = parser.parse_known_args(argv)
     nproc = 1
     for i, arg in enumerate(rest):
@@ -192,17 +183,12 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def local_device():
-    """Pick and set this rank's GPU: local rank round-robin over the visible GPUs; bind the process
-    to the CPUs next to it when the launcher says so (``DEEPCOMM_BIND_CPUS=1``)."""
+    """Pick and set this rank's GPU: local rank round-robin over the visible GPUs."""
     import torch
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    num_gpus = torch.cuda.device_count()
-    device = torch.device("cuda", local_rank % num_gpus)
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    if os.environ.get(BIND_ENV) == "1":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        bind_rank(device.index, local_rank, local_world, num_gpus)
     return device
 
 
@@ -270,7 +256,7 @@ def _spawned(rank: int, nproc: int, port: int, timeout_s: float, fn, args: tuple
 
 def main(argv: list[str] | None = None) -> None:
     ours, torchrun_args = split_arguments(sys.argv[1:] if argv is None else argv)
-    plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running(), ours.bind_cpus)
+    plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running())
     os.environ.update(plan.env)
     from torch.distributed import run as torchrun
 

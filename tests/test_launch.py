@@ -13,7 +13,7 @@ from deepcomm import launch
 
 def test_one_rank_per_gpu_needs_no_mps():
     plan = launch.plan_launch(8, 8, None, mps_already_running=False)
-    assert not plan.start_mps and "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in plan.env
+    assert not plan.start_mps and plan.env == {}
 
 
 def test_ranks_outnumbering_gpus_start_mps(monkeypatch):
@@ -30,7 +30,7 @@ def test_running_mps_is_reused(monkeypatch):
 def test_sm_share_sets_the_mps_thread_percentage(monkeypatch):
     monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
     plan = launch.plan_launch(2, 1, 50, mps_already_running=False)
-    assert plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50" and plan.start_mps
+    assert plan.env == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"} and plan.start_mps
 
 
 @pytest.mark.parametrize("share", [0, 101])
