@@ -33,7 +33,9 @@ class EventHandle:
         """Record on ``stream`` (default: the current stream of ``device``)."""
         if device.type != "cuda":
             return cls(None)
-        index = _device_index(device)
+        # The stream's device, which need not be the current one (a raw handle of 0 means the default
+        # stream of whichever device is current: StreamPoint records with its device current).
+        index = stream.device_index if stream is not None else _device_index(device)
         if _ext.available():
             raw = stream.cuda_stream if stream is not None else torch._C._cuda_getCurrentRawStream(index)
             return cls(_ext.extension().StreamPoint(raw, index))

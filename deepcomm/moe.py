@@ -291,10 +291,12 @@ class MoELayer(nn.Module):
         slot, unseen by autograd). Rows replayed without a handle, or whose slot later dispatches
         already reused, get a new tensor.
 
-        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM. How many there
-        are comes from dispatch's host wait (``num_recv_tokens_per_expert_list``), so this
-        issues its kernels without waiting for the GPU; only when dispatch skipped that wait
-        does counting them cost a host sync.
+        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM, grouped by
+        ``received.num_tokens_per_expert`` (the contract: the (row, k) entries of each local
+        expert; a result built by hand must count them so). How many pairs there are comes from
+        dispatch's host wait (``num_recv_tokens_per_expert_list``), so this issues its kernels
+        without waiting for the GPU; only when dispatch skipped that wait does counting them cost
+        a host sync.
         """
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights

@@ -219,3 +219,19 @@ def test_event_handle_marks_a_point_others_wait_for(on_current_stream):
     later = deepcomm.EventHandle.record(device)
     later.synchronize()
     assert later.query()
+
+
+@pytest.mark.multigpu
+def test_event_handle_records_on_the_streams_device_not_the_current_one():
+    """A point on GPU 1's streams while GPU 0 is current: its default stream, and one given explicitly."""
+    _needs_extension()
+    torch.cuda.set_device(0)
+    other = torch.device("cuda", 1)
+    on_default = deepcomm.EventHandle.record(other)
+    stream = torch.cuda.Stream(other)
+    on_stream = deepcomm.EventHandle.record(torch.device("cuda"), stream)  # the stream's device wins
+    for point in (on_default, on_stream):
+        point.synchronize()
+        assert point.query()
+    on_stream.wait(torch.cuda.current_stream(0))  # another device's stream may wait on it
+    torch.cuda.synchronize(0)

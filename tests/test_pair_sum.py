@@ -114,3 +114,19 @@ def test_kernel_writes_into_a_target_under_autograd():
     assert torch.equal(target, pair_sum_torch(values.detach(), weights, order).to(torch.bfloat16))
     rows, ks = order // 4, order % 4
     assert torch.equal(values.grad, weights[rows, ks].unsqueeze(1).expand(-1, 64).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_inputs_the_kernel_cannot_read_take_the_torch_path():
+    """Misaligned rows, non-float32 weights or a target of another shape: the same sums, by torch ops."""
+    _needs_kernel()
+    values, weights, order = _pairs(50, 4, 0.8, seed=9, device="cuda", hidden=64)
+    expected = pair_sum_torch(values, weights, order).to(torch.bfloat16)
+    storage = torch.empty(values.numel() + 1, dtype=torch.bfloat16, device="cuda")
+    misaligned = storage[1:].view_as(values).copy_(values)  # 2 bytes past a 16-byte boundary
+    with torch.no_grad():
+        assert torch.equal(weighted_pair_sum(misaligned, weights, order), expected)
+        as_double = weighted_pair_sum(values, weights.double(), order)
+        assert as_double.dtype == torch.bfloat16 and as_double.shape == expected.shape
+        with pytest.raises(RuntimeError):  # a target of the wrong shape is not written past its end
+            weighted_pair_sum(values, weights, order, torch.empty(49, 64, dtype=torch.bfloat16, device="cuda"))

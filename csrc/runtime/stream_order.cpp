@@ -88,7 +88,12 @@ void order_streams(uintptr_t waiter, uintptr_t waited) {
 }
 
 StreamPoint::StreamPoint(uintptr_t stream, int device) : event_(event_pool().take(device)), device_(device) {
-  const cudaError_t status = cudaEventRecord(event_, as_stream(stream));
+  // Recorded with `device` current: a stream handle of 0 names the current device's default stream.
+  int current = 0;
+  cudaError_t status = cudaGetDevice(&current);
+  if (status == cudaSuccess && current != device) status = cudaSetDevice(device);
+  if (status == cudaSuccess) status = cudaEventRecord(event_, as_stream(stream));
+  if (current != device) (void)cudaSetDevice(current);
   if (status != cudaSuccess) {
     event_pool().give_back(device_, event_);
     DC_CUDA_CHECK(status);

@@ -24,7 +24,7 @@ void order_streams(uintptr_t waiter, uintptr_t waited);
 // no longer exists.
 class StreamPoint {
  public:
-  StreamPoint(uintptr_t stream, int device);
+  StreamPoint(uintptr_t stream, int device);  // `stream` is one of `device`'s (0: its default stream)
   ~StreamPoint();
   StreamPoint(const StreamPoint&) = delete;
   StreamPoint& operator=(const StreamPoint&) = delete;
