@@ -98,6 +98,25 @@ def test_ab_table_pairs_rows_of_two_builds_and_takes_medians(tmp_path):
     assert empty.returncode != 0 and "no row in common" in empty.stderr
 
 
+def test_ab_table_spread_gives_each_rows_fastest_median_and_slowest_run(tmp_path):
+    runs = [[_row("dispatch", us, 20.0), _row("combine", us / 2, 20.0)] for us in (100.0, 190.0, 110.0)]
+    runs[1][1]["check"] = "FAILED on 1 rank(s)"
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(str(tmp_path / f"decode_{i}.json"))
+        (tmp_path / f"decode_{i}.json").write_text(json.dumps(rows))
+    out = _ab_table("--spread", *paths, "--json", str(tmp_path / "spread.json"))
+    assert out.returncode == 0, out.stderr
+    dispatch, combine = json.loads((tmp_path / "spread.json").read_text())
+    assert (dispatch["min_us"], dispatch["median_us"], dispatch["max_us"]) == (100.0, 110.0, 190.0)
+    assert dispatch["max_over_min"] == 1.9 and dispatch["runs"] == 3 and dispatch["checks"] == "ok"
+    assert combine["checks"] == "FAILED" and "FAILED" in out.stdout.splitlines()[2]
+    both = _ab_table("--spread", paths[0], "--base", paths[1])
+    assert both.returncode != 0 and "--spread" in both.stderr
+    neither = _ab_table("--this", paths[0])
+    assert neither.returncode != 0 and "--base and --this" in neither.stderr
+
+
 def test_ab_table_reads_the_benchmarks_own_rows(tmp_path):
     paths = []
     for side in ("base", "this"):

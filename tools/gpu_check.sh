@@ -11,7 +11,8 @@
 #          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
-#   BUILD=0 reuses the extension an earlier call built. INTERNODE=0 leaves the internode rows out of
+#   DECODE_LAUNCHES=N launches step bench's decode run N times and tabulates each row's spread
+#   (tools/ab_table.py --spread). BUILD=0 reuses the extension an earlier call built. INTERNODE=0 leaves the internode rows out of
 #   step bench (the flat intranode path, prefill and decode, beside DeepEP with step deepep):
 #     OUT=/tmp/out NRANKS=2 STEPS="tests bench deepep" INTERNODE=0 \
 #       BENCH_ARGS="--preset prefill --backend intranode --sms 8,24 --dtypes bf16,fp8" tools/gpu_check.sh
@@ -151,7 +152,20 @@ step bench && finish_deepep_build
 if step bench; then
   for n in $NRANKS; do
     bench "prefill_${n}ranks" "$n" $BENCH_ARGS
-    bench "decode_${n}ranks" "$n" $DECODE_ARGS
+    if [ "${DECODE_LAUNCHES:-1}" -gt 1 ]; then
+      # Decode-size calls move between launches by more than most changes do: launch them several
+      # times and keep the spread (fastest / median / slowest per row) beside the figures.
+      for launch in $(seq "$DECODE_LAUNCHES"); do bench "decode_${n}ranks_launch${launch}" "$n" $DECODE_ARGS; done
+      launched=("$OUT"/decode_${n}ranks_launch*.json)
+      if [ -f "${launched[0]}" ] && python3 tools/ab_table.py --spread "${launched[@]}" \
+          --json "$OUT/decode_${n}ranks_spread.json" > "$OUT/decode_${n}ranks_spread.txt" 2>&1; then
+        note "decode ${n} ranks: ${#launched[@]} of ${DECODE_LAUNCHES} launches ran, spread in decode_${n}ranks_spread.txt"
+      else
+        note "decode ${n} ranks: no spread (no launch wrote its rows)"
+      fi
+    else
+      bench "decode_${n}ranks" "$n" $DECODE_ARGS
+    fi
     # Internode: the ranks split into 2 nodes (and into 4 when each gets 2 or more), beside the flat
     # intranode path on the same ranks; over NVSHMEM too when every PE has its own GPU.
     # nvshmem: stores into the peers NVSHMEM maps (GPUs of this host); nvshmem_staged: puts only, a NIC's path.
@@ -274,4 +288,7 @@ for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/internode_*.log "$OUT
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=)' "$log" | grep -v '^rows written'; }
 done
 [ -f "$OUT/ab_table.txt" ] && { echo; echo "before/after (base: $AB_DIR):"; cat "$OUT/ab_table.txt"; }
+for spread in "$OUT"/decode_*ranks_spread.txt; do
+  [ -f "$spread" ] && { echo; echo "spread between launches ($(basename "$spread")):"; cat "$spread"; }
+done
 exit $status
