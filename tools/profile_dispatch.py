@@ -24,6 +24,7 @@ import io
 import pstats
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,19 @@ def host_split(stamps: list[tuple[int, int, int, int]]) -> dict[str, float]:
     return {name: statistics.median(s[b] - s[a] for s in stamps) / 1e3 for name, (a, b) in parts.items()}
 
 
+def time_each(ops: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+    """µs per call of each callable, called ``iters`` times back to back after 10 warm-up calls."""
+    costs = {}
+    for name, op in ops.items():
+        for _ in range(10):
+            op()
+        start = time.perf_counter_ns()
+        for _ in range(iters):
+            op()
+        costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
+    return costs
+
+
 def time_host_ops(device: torch.device, rows: int, world_size: int, iters: int = 2000) -> dict[str, float]:
     """µs per call of the torch operations a dispatch makes on the host, on ``device``."""
     small = torch.empty(64, dtype=torch.int32, device=device)
@@ -69,14 +83,7 @@ def time_host_ops(device: torch.device, rows: int, world_size: int, iters: int =
             "Event() + record": lambda: torch.cuda.Event().record(stream),
             "wait_stream": lambda: stream.wait_stream(torch.cuda.current_stream(device)),
         }
-    costs = {}
-    for name, op in ops.items():
-        for _ in range(10):
-            op()
-        start = time.perf_counter_ns()
-        for _ in range(iters):
-            op()
-        costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
+    costs = time_each(ops, iters)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return costs
@@ -135,14 +142,7 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
         "hand_back (record_stream, event, order)": finish,
         "EventHandle.record alone": lambda: EventHandle.record(device, stream),
     }
-    costs = {}
-    for name, part in parts.items():
-        for _ in range(10):
-            part()
-        start = time.perf_counter_ns()
-        for _ in range(iters):
-            part()
-        costs[name] = (time.perf_counter_ns() - start) / iters / 1e3
+    costs = time_each(parts, iters)
     torch.cuda.synchronize(device)
     return costs
 
