@@ -28,8 +28,8 @@ from torch import nn
 from deepcomm import autograd
 from deepcomm.errors import SlotReusedError
 from deepcomm.events import EventHandle
-from deepcomm.pair_sum import weighted_pair_sum
 from deepcomm.fp8 import BLOCK_CHANNELS
+from deepcomm.pair_sum import weighted_pair_sum
 from deepcomm.results import DispatchResult
 from deepcomm.routing import node_limited_topk
 
