@@ -28,6 +28,7 @@ from torch import nn
 from deepcomm import autograd
 from deepcomm.errors import SlotReusedError
 from deepcomm.events import EventHandle
+from deepcomm.expert_order import expert_order
 from deepcomm.fp8 import BLOCK_CHANNELS
 from deepcomm.pair_sum import weighted_pair_sum
 from deepcomm.results import DispatchResult
@@ -235,7 +236,6 @@ class MoELayer(nn.Module):
         self.config, self.comm, self.dtype = config, comm, dtype
         self.num_nodes = topology.num_nodes
         self.num_local_experts = config.num_experts // topology.world_size
-        self._sort_dtype = torch.int16 if self.num_local_experts < 2**15 else torch.int32
         hidden, width = config.hidden, config.expert_hidden
 
         # Built on "meta" so that its default initialisation draws nothing from the global generator.
@@ -303,13 +303,8 @@ class MoELayer(nn.Module):
         counts = received.num_tokens_per_expert  # [E_local]: the (row, k) pairs of each local expert
         per_expert = received.num_recv_tokens_per_expert_list
         num_pairs = int(counts.sum()) if per_expert is None else sum(per_expert)
-        # By expert, then (row, k) as laid out; entries of other ranks' experts (-1) sort first and are
-        # cut off. Sorted as 16-bit keys: a radix sort makes one pass per key byte, 2 instead of 8 (the
-        # order is the same: the sort is stable and the ids small).
-        keys = local_idx.flatten().to(self._sort_dtype)
-        order = torch.argsort(keys, stable=True)[keys.numel() - num_pairs:]
-        num_topk = local_idx.shape[1]
-        out = grouped_swiglu(x[order // num_topk], counts, self.w_gate_up, self.w_down)
+        order, rows = expert_order(local_idx, self.num_local_experts, num_pairs)  # by expert, then place
+        out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
         target = None
         if self.dtype == torch.bfloat16 and received.handle is not None:
             # Written where combine reads (the receive slot, whose rows were gathered above), which
