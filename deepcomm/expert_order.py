@@ -25,9 +25,14 @@ def expert_order_torch(local_idx: torch.Tensor, num_experts: int, num_pairs: int
 
 
 def expert_order(local_idx: torch.Tensor, num_experts: int, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order, rows)``, each ``[num_pairs]`` int64; ``num_pairs`` is the count of ids in ``[0, num_experts)``."""
-    if not (local_idx.is_cuda and _ext.available() and local_idx.dtype == torch.int64
-            and local_idx.is_contiguous() and num_experts <= _ext.extension().MAX_SORTED_EXPERTS):
+    """``(order, rows)``, each ``[num_pairs]`` int64; ``num_pairs`` is the count of ids in ``[0, num_experts)``.
+
+    Ids are ``-1`` or in ``[0, num_experts)`` (as dispatch delivers them); the kernel skips others,
+    the torch path would sort them in.
+    """
+    if not (local_idx.is_cuda and _ext.available() and local_idx.dtype == torch.int64 and local_idx.is_contiguous()
+            and local_idx.dim() == 2 and local_idx.shape[1] > 0 and local_idx.numel() < 2**31
+            and 0 < num_experts <= _ext.extension().MAX_SORTED_EXPERTS):
         return expert_order_torch(local_idx, num_experts, num_pairs)
     extension = _ext.extension()
     num_places = local_idx.numel()
@@ -38,6 +43,6 @@ def expert_order(local_idx: torch.Tensor, num_experts: int, num_pairs: int) -> t
     rows = torch.empty(num_pairs, dtype=torch.int64, device=device)
     with torch.cuda.device(device):
         extension.expert_order(local_idx.data_ptr(), num_places, local_idx.shape[1], num_experts,
-                               block_counts.data_ptr(), order.data_ptr(), rows.data_ptr(),
+                               block_counts.data_ptr(), num_pairs, order.data_ptr(), rows.data_ptr(),
                                torch.cuda.current_stream(device).cuda_stream)
     return order, rows

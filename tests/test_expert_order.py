@@ -45,7 +45,8 @@ def test_torch_path_sorts_by_expert_then_place(routing):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_rows,num_topk,num_experts", [(0, 8, 4), (1, 1, 1), (300, 8, 128), (5000, 8, 16),
-                                                           (20000, 6, 1024), (4096, 8, 2)])
+                                                           (20000, 6, 1024), (4096, 8, 2),
+                                                           (70000, 8, 64)])  # 560k places: runs beyond 2048
 @pytest.mark.parametrize("routing", ["uniform", "skewed", "empty_experts", "none", "one_expert"])
 def test_kernel_equals_the_torch_path(num_rows, num_topk, num_experts, routing):
     if not (torch.cuda.is_available() and _ext.available()):

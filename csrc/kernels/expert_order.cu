@@ -87,17 +87,16 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(ExpertOrderArgs args)
     if (id >= 0) {
       int32_t position = next[id] + rank_in_warp;
       for (int w = 0; w < warp; ++w) position += warp_counts[w * experts + id];
-      args.order[position] = place;
-      args.rows[position] = place / args.num_topk;
+      if (position < args.num_pairs) {  // a caller's wrong P gives a wrong order, never a stray write
+        args.order[position] = place;
+        args.rows[position] = place / args.num_topk;
+      }
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < experts; e += kThreads) {
-      int32_t added = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        added += warp_counts[w * experts + e];
-        warp_counts[w * experts + e] = 0;
-      }
-      next[e] += added;
+    // Each warp's leader of an id moves that id on by its warp's count (and clears the count).
+    if (id >= 0 && rank_in_warp == 0) {
+      atomicAdd(&next[id], __popc(same));
+      warp_counts[warp * experts + id] = 0;
     }
     __syncthreads();
   }
@@ -111,11 +110,12 @@ int expert_order_blocks(int64_t num_places) {
 }
 
 void launch_expert_order(const ExpertOrderArgs& args, cudaStream_t stream) {
+  if (args.num_places == 0) return;
   DC_CHECK_ARG(args.num_experts > 0 && args.num_experts <= kMaxSortedExperts,
                "num_experts: must lie in [1, " + std::to_string(kMaxSortedExperts) + "]");
   DC_CHECK_ARG(args.num_topk > 0, "num_topk: must be > 0");
-  DC_CHECK_ARG(args.num_places >= 0 && args.num_places < (int64_t{1} << 31), "num_places: must lie in [0, 2^31)");
-  if (args.num_places == 0) return;
+  DC_CHECK_ARG(args.num_places < (int64_t{1} << 31), "num_places: must lie in [0, 2^31)");
+  DC_CHECK_ARG(args.num_pairs >= 0 && args.num_pairs <= args.num_places, "num_pairs: must lie in [0, num_places]");
   const int blocks = expert_order_blocks(args.num_places);
   count_kernel<<<blocks, kThreads, args.num_experts * sizeof(int32_t), stream>>>(args);
   DC_CUDA_CHECK(cudaGetLastError());

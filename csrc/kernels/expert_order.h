@@ -19,6 +19,7 @@ struct ExpertOrderArgs {
   int num_topk;              // K: a place p is row p / K
   int num_experts;           // local experts, at most kMaxSortedExperts
   int32_t* block_counts;     // [num_blocks, num_experts] scratch
+  int64_t num_pairs;         // P, the places with an id in [0, num_experts): what order and rows hold
   int64_t* order;            // [P]: the places of the pairs (ids >= 0), by expert, then by place
   int64_t* rows;             // [P]: order / K
 };
