@@ -192,10 +192,9 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+def grouped_swiglu(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts on rows grouped by expert (``counts[g]`` rows each): ``silu(gate) * up`` then down."""
-    ends = counts.cumsum(0, dtype=torch.int32)
+    """SwiGLU experts on rows grouped by expert (group g ends at row ``ends[g]``): ``silu(gate) * up`` then down."""
     return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, ends)), w_down, ends)
 
 
@@ -291,20 +290,19 @@ class MoELayer(nn.Module):
         slot, unseen by autograd). Rows replayed without a handle, or whose slot later dispatches
         already reused, get a new tensor.
 
-        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM, grouped by
-        ``received.num_tokens_per_expert`` (the contract: the (row, k) entries of each local
-        expert; a result built by hand must count them so). How many pairs there are comes from
-        dispatch's host wait (``num_recv_tokens_per_expert_list``), so this issues its kernels
-        without waiting for the GPU; only when dispatch skipped that wait does counting them cost
-        a host sync.
+        The (row, k) pairs are sorted by expert (stably, ``deepcomm.expert_order``) for one grouped
+        GEMM. How many there are comes from dispatch's host wait
+        (``num_recv_tokens_per_expert_list``), so this issues its kernels without waiting for the
+        GPU; only when dispatch skipped that wait does summing ``num_tokens_per_expert`` cost a
+        host sync (the contract's count: a result built by hand must count so).
         """
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights
         counts = received.num_tokens_per_expert  # [E_local]: the (row, k) pairs of each local expert
         per_expert = received.num_recv_tokens_per_expert_list
         num_pairs = int(counts.sum()) if per_expert is None else sum(per_expert)
-        order, rows = expert_order(local_idx, self.num_local_experts, num_pairs)  # by expert, then place
-        out = grouped_swiglu(x[rows], counts, self.w_gate_up, self.w_down)
+        order, rows, ends = expert_order(local_idx, self.num_local_experts, num_pairs)  # by expert, then place
+        out = grouped_swiglu(x[rows], ends, self.w_gate_up, self.w_down)
         target = None
         if self.dtype == torch.bfloat16 and received.handle is not None:
             # Written where combine reads (the receive slot, whose rows were gathered above), which

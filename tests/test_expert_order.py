@@ -37,9 +37,11 @@ def _by_hand(local_idx: torch.Tensor) -> list[int]:
 def test_torch_path_sorts_by_expert_then_place(routing):
     local_idx = _local_idx(37, 4, 8, routing, seed=1)
     num_pairs = int((local_idx >= 0).sum())
-    order, rows = expert_order_torch(local_idx, 8, num_pairs)
+    order, rows, ends = expert_order_torch(local_idx, 8, num_pairs)
     assert order.tolist() == _by_hand(local_idx)
     assert torch.equal(rows, order // 4)
+    counts = [int((local_idx == e).sum()) for e in range(8)]
+    assert ends.dtype == torch.int32 and ends.tolist() == torch.tensor(counts).cumsum(0).tolist()
     assert expert_order(local_idx, 8, num_pairs)[0].tolist() == order.tolist()  # CPU: the same path
 
 
@@ -53,6 +55,6 @@ def test_kernel_equals_the_torch_path(num_rows, num_topk, num_experts, routing):
         pytest.skip(f"needs a CUDA GPU and the extension ({deepcomm.features()['extension_error']})")
     local_idx = _local_idx(num_rows, num_topk, num_experts, routing, seed=num_rows).cuda()
     num_pairs = int((local_idx >= 0).sum())
-    expected_order, expected_rows = expert_order_torch(local_idx, num_experts, num_pairs)
-    order, rows = expert_order(local_idx, num_experts, num_pairs)
-    assert torch.equal(order, expected_order) and torch.equal(rows, expected_rows)
+    expected = expert_order_torch(local_idx, num_experts, num_pairs)
+    for actual, wanted in zip(expert_order(local_idx, num_experts, num_pairs), expected, strict=True):
+        assert actual.dtype == wanted.dtype and torch.equal(actual, wanted)

@@ -1,7 +1,8 @@
 // Stable counting sort of places by expert id, in two kernels:
 //   1. each block counts the ids of its consecutive run of places ([blocks, experts]);
 //   2. each block finds where its pairs of each expert start (all pairs of lower experts,
-//      plus this expert's pairs in earlier blocks), then walks its run in order, 256 places
+//      plus this expert's pairs in earlier blocks; block 0 also writes where each expert's
+//      pairs end, the grouped GEMM's offsets), then walks its run in order, 256 places
 //      at a time: a place's position among equal ids of its warp comes from __match_any_sync,
 //      the earlier warps' counts from shared memory. Places keep their order within an
 //      expert, as torch's stable argsort keeps it (deepcomm/expert_order.py, the oracle).
@@ -65,6 +66,7 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(ExpertOrderArgs args)
       const int32_t total = next[e];
       next[e] = start + warp_counts[e];
       start += total;
+      if (blockIdx.x == 0 && args.ends != nullptr) args.ends[e] = start;
     }
   }
   __syncthreads();

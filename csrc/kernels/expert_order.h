@@ -22,6 +22,8 @@ struct ExpertOrderArgs {
   int64_t num_pairs;         // P, the places with an id in [0, num_experts): what order and rows hold
   int64_t* order;            // [P]: the places of the pairs (ids >= 0), by expert, then by place
   int64_t* rows;             // [P]: order / K
+  int32_t* ends;             // [num_experts] or null: where each expert's pairs end in order (the
+                             // grouped GEMM's offsets), a running sum of the per-expert counts
 };
 
 // The number of blocks (and rows of block_counts) the launch uses for num_places places.
