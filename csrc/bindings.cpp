@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/copy.h"
+#include "kernels/expert_order.h"
 #include "kernels/intranode.h"
 #include "kernels/layout.h"
 #include "kernels/pair_sum.h"
@@ -97,6 +98,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
     deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
   }, py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_blocks"), py::arg("stream"));
+
+  m.attr("MAX_SORTED_EXPERTS") = deepcomm::kMaxSortedExperts;
+  m.def("expert_order_blocks", &deepcomm::expert_order_blocks, py::arg("num_places"),
+        "Rows of the [blocks, num_experts] int32 scratch expert_order needs.");
+  m.def("expert_order", [](uintptr_t local_idx, int64_t num_places, int num_topk, int num_experts,
+                           uintptr_t block_counts, int64_t num_pairs, uintptr_t order, uintptr_t rows,
+                           uintptr_t ends, uintptr_t stream) {
+    deepcomm::launch_expert_order({as_ptr<const int64_t>(local_idx), num_places, num_topk, num_experts,
+                                   as_ptr<int32_t>(block_counts), num_pairs, as_ptr<int64_t>(order),
+                                   as_ptr<int64_t>(rows), as_ptr<int32_t>(ends)},
+                                  as_stream(stream));
+  }, py::arg("local_idx"), py::arg("num_places"), py::arg("num_topk"), py::arg("num_experts"),
+     py::arg("block_counts"), py::arg("num_pairs"), py::arg("order"), py::arg("rows"), py::arg("ends"),
+     py::arg("stream"),
+     "The places of local_idx's pairs (ids >= 0) by expert, then place, and their rows (deepcomm/expert_order.py).");
 
   m.def("pair_sum", [](uintptr_t out, uintptr_t values, uintptr_t pair_of, uintptr_t weights, int64_t num_rows,
                        int num_topk, int64_t hidden, uintptr_t stream) {

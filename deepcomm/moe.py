@@ -28,6 +28,7 @@ from torch import nn
 from deepcomm import autograd
 from deepcomm.errors import SlotReusedError
 from deepcomm.events import EventHandle
+from deepcomm.expert_order import expert_order
 from deepcomm.fp8 import BLOCK_CHANNELS
 from deepcomm.pair_sum import weighted_pair_sum
 from deepcomm.results import DispatchResult
@@ -191,10 +192,9 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+def grouped_swiglu(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts on rows grouped by expert (``counts[g]`` rows each): ``silu(gate) * up`` then down."""
-    ends = counts.cumsum(0, dtype=torch.int32)
+    """SwiGLU experts on rows grouped by expert (group g ends at row ``ends[g]``): ``silu(gate) * up`` then down."""
     return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, ends)), w_down, ends)
 
 
@@ -235,7 +235,6 @@ class MoELayer(nn.Module):
         self.config, self.comm, self.dtype = config, comm, dtype
         self.num_nodes = topology.num_nodes
         self.num_local_experts = config.num_experts // topology.world_size
-        self._sort_dtype = torch.int16 if self.num_local_experts < 2**15 else torch.int32
         hidden, width = config.hidden, config.expert_hidden
 
         # Built on "meta" so that its default initialisation draws nothing from the global generator.
@@ -291,25 +290,19 @@ class MoELayer(nn.Module):
         slot, unseen by autograd). Rows replayed without a handle, or whose slot later dispatches
         already reused, get a new tensor.
 
-        The (row, k) pairs are sorted by expert (stably) for one grouped GEMM, grouped by
-        ``received.num_tokens_per_expert`` (the contract: the (row, k) entries of each local
-        expert; a result built by hand must count them so). How many pairs there are comes from
-        dispatch's host wait (``num_recv_tokens_per_expert_list``), so this issues its kernels
-        without waiting for the GPU; only when dispatch skipped that wait does counting them cost
-        a host sync.
+        The (row, k) pairs are sorted by expert (stably, ``deepcomm.expert_order``) for one grouped
+        GEMM. How many there are comes from dispatch's host wait
+        (``num_recv_tokens_per_expert_list``), so this issues its kernels without waiting for the
+        GPU; only when dispatch skipped that wait does summing ``num_tokens_per_expert`` cost a
+        host sync (the contract's count: a result built by hand must count so).
         """
         x = received.x.to(self.dtype)  # fp8 rows arrive as bf16
         local_idx, weights = received.topk_idx, received.topk_weights
         counts = received.num_tokens_per_expert  # [E_local]: the (row, k) pairs of each local expert
         per_expert = received.num_recv_tokens_per_expert_list
         num_pairs = int(counts.sum()) if per_expert is None else sum(per_expert)
-        # By expert, then (row, k) as laid out; entries of other ranks' experts (-1) sort first and are
-        # cut off. Sorted as 16-bit keys: a radix sort makes one pass per key byte, 2 instead of 8 (the
-        # order is the same: the sort is stable and the ids small).
-        keys = local_idx.flatten().to(self._sort_dtype)
-        order = torch.argsort(keys, stable=True)[keys.numel() - num_pairs:]
-        num_topk = local_idx.shape[1]
-        out = grouped_swiglu(x[order // num_topk], counts, self.w_gate_up, self.w_down)
+        order, rows, ends = expert_order(local_idx, self.num_local_experts, num_pairs)  # by expert, then place
+        out = grouped_swiglu(x[rows], ends, self.w_gate_up, self.w_down)
         target = None
         if self.dtype == torch.bfloat16 and received.handle is not None:
             # Written where combine reads (the receive slot, whose rows were gathered above), which
