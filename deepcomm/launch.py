@@ -1,6 +1,6 @@
 """``python -m deepcomm.launch``: torchrun plus what ranks sharing a GPU need.
 
-    python -m deepcomm.launch --nproc-per-node 4 [--sm-share 50] script.py [args]
+    python -m deepcomm.launch --nproc-per-node 4 [--sm-share 50] [--cpu-bind cores|none] script.py [args]
 
 Every torchrun argument passes through (this is ``torch.distributed.run``).
 Ranks are placed on the visible GPUs round-robin (scripts call
@@ -10,6 +10,11 @@ on failure; ``--sm-share P`` gives each rank P % of the SMs
 (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) so one GPU behaves like several
 smaller ones. If MPS cannot start, the launch fails: without MPS, ranks on one
 GPU are time-sliced and every spin-wait becomes thousands of times slower.
+
+Each local rank runs on CPU cores of its own (``--cpu-bind cores``, the
+default: an equal share of the cores each, at most ``--cores-per-rank N``;
+:mod:`deepcomm.cpu_binding` says why); ``--cpu-bind none`` leaves placement to
+the OS.
 
 With plain ``torchrun``, start MPS yourself first (docs/design.md, "Ranks on
 one GPU"); :func:`mps_running` tells whether one answers.
@@ -27,6 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+
+from deepcomm import cpu_binding
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
 MPS_PID_FILE = MPS_CONTROL + ".pid"  # the control daemon's, in its pipe folder while it runs
@@ -78,17 +85,25 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_already_running: bool) -> LaunchPlan:
+def plan_launch(nproc_per_node: int, num_gpus: int, sm_share: int | None, mps_already_running: bool,
+                cpu_bind: str = "cores", cores_per_rank: int | None = None) -> LaunchPlan:
     """Decide MPS and environment; raises SystemExit with the reason when the launch cannot work."""
     if nproc_per_node < 1:
         raise SystemExit("--nproc-per-node: must be >= 1")
     if sm_share is not None and not 1 <= sm_share <= 100:
         raise SystemExit(f"--sm-share: a percentage in [1, 100], got {sm_share}")
+    if cpu_bind not in cpu_binding.BIND_MODES:
+        raise SystemExit(f"--cpu-bind: one of {', '.join(cpu_binding.BIND_MODES)}, got {cpu_bind!r}")
+    if cores_per_rank is not None and (cores_per_rank < 1 or cpu_bind == "none"):
+        raise SystemExit(f"--cores-per-rank: a positive count with --cpu-bind cores, got {cores_per_rank}")
     shared = num_gpus > 0 and nproc_per_node > num_gpus
     needs_mps = shared or sm_share is not None
     plan = LaunchPlan(nproc_per_node, num_gpus, start_mps=needs_mps and not mps_already_running)
     if sm_share is not None:
         plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_share)
+    plan.env[cpu_binding.BIND_ENV] = cpu_bind
+    if cores_per_rank is not None:
+        plan.env[cpu_binding.CORES_PER_RANK_ENV] = str(cores_per_rank)
     if plan.start_mps and shutil.which(MPS_CONTROL) is None:
         raise SystemExit(
             f"deepcomm.launch: {nproc_per_node} ranks on {num_gpus} GPU(s) need CUDA MPS, but {MPS_CONTROL} is not "
@@ -171,6 +186,8 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Separate deepcomm's own options from torchrun's (which pass through untouched)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--sm-share", type=int, default=None)
+    parser.add_argument("--cpu-bind", default="cores")
+    parser.add_argument("--cores-per-rank", type=int, default=None)
     ours, rest = parser.parse_known_args(argv)
     nproc = 1
     for i, arg in enumerate(rest):
@@ -196,10 +213,13 @@ def init_distributed(timeout_s: float = 300.0):
     """Initialise the default group from torchrun's environment.
 
     NCCL when every local rank has its own GPU, gloo when ranks share one
-    (NCCL wants one GPU per rank) or there is no GPU.
+    (NCCL wants one GPU per rank) or there is no GPU. First binds this rank to its
+    CPU cores when the launcher asked for it, so the group's threads inherit them.
     """
     import torch
     import torch.distributed as dist
+
+    cpu_binding.bind_from_environment()
 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     one_gpu_each = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
@@ -256,7 +276,8 @@ def _spawned(rank: int, nproc: int, port: int, timeout_s: float, fn, args: tuple
 
 def main(argv: list[str] | None = None) -> None:
     ours, torchrun_args = split_arguments(sys.argv[1:] if argv is None else argv)
-    plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running())
+    plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running(), ours.cpu_bind,
+                       ours.cores_per_rank)
     os.environ.update(plan.env)
     from torch.distributed import run as torchrun
 

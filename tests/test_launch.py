@@ -13,7 +13,7 @@ from deepcomm import launch
 
 def test_one_rank_per_gpu_needs_no_mps():
     plan = launch.plan_launch(8, 8, None, mps_already_running=False)
-    assert not plan.start_mps and plan.env == {}
+    assert not plan.start_mps and "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in plan.env
 
 
 def test_ranks_outnumbering_gpus_start_mps(monkeypatch):
@@ -30,7 +30,7 @@ def test_running_mps_is_reused(monkeypatch):
 def test_sm_share_sets_the_mps_thread_percentage(monkeypatch):
     monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
     plan = launch.plan_launch(2, 1, 50, mps_already_running=False)
-    assert plan.env == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"} and plan.start_mps
+    assert plan.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50" and plan.start_mps
 
 
 @pytest.mark.parametrize("share", [0, 101])
@@ -130,3 +130,19 @@ def test_launch_runs_the_benchmark_on_cpu(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ranks=2" in out.stdout and "FAILED" not in out.stdout
+
+
+def test_ranks_are_bound_to_cores_by_default_and_can_opt_out():
+    assert launch.plan_launch(2, 2, None, False).env == {"DEEPCOMM_CPU_BIND": "cores"}
+    assert launch.plan_launch(2, 2, None, False, "none").env == {"DEEPCOMM_CPU_BIND": "none"}
+    plan = launch.plan_launch(2, 2, None, False, "cores", 1)
+    assert plan.env == {"DEEPCOMM_CPU_BIND": "cores", "DEEPCOMM_CORES_PER_RANK": "1"}
+    ours, rest = launch.split_arguments(["--cpu-bind", "none", "--nproc-per-node", "2", "x.py"])
+    assert ours.cpu_bind == "none" and ours.cores_per_rank is None and rest == ["--nproc-per-node", "2", "x.py"]
+
+
+@pytest.mark.parametrize("bind, per_rank, match", [("numa", None, "--cpu-bind"), ("cores", 0, "--cores-per-rank"),
+                                                   ("none", 2, "--cores-per-rank")])
+def test_bad_cpu_binding_arguments(bind, per_rank, match):
+    with pytest.raises(SystemExit, match=match):
+        launch.plan_launch(2, 2, None, False, bind, per_rank)

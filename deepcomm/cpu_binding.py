@@ -1,0 +1,101 @@
+"""Each local rank on CPU cores of its own.
+
+A dispatch's host path spins on a mailbox while its peers launch their half of
+the count exchange, and a small (decode-size) call costs little more than that
+host work. Left to the scheduler, ranks move between cores from one launch to
+the next: on ``nvidia-h200-x2`` the decode rows of the same build split into a
+fast and a slow group between launches (reused-handle dispatch 60–97 µs),
+while each rank kept on a core of its own gave 55–56 µs in every launch; with
+two ranks on one core a dispatch took a millisecond (one spins on the counts
+while the other, whose launch it waits for, is not running). The runs are in
+docs/benchmarks.md.
+
+:func:`bind_from_environment` applies what ``python -m deepcomm.launch``
+asked for (``--cpu-bind``, ``--cores-per-rank``); :func:`init_distributed`
+calls it before any thread of the process group exists, so they inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+BIND_ENV = "DEEPCOMM_CPU_BIND"  # "cores" or "none"
+CORES_PER_RANK_ENV = "DEEPCOMM_CORES_PER_RANK"  # optional: fewer cores than an even share
+BIND_MODES = ("cores", "none")
+
+
+def physical_cores(cpus: Sequence[int], siblings_of=None) -> list[tuple[int, ...]]:
+    """``cpus`` grouped by physical core (hyperthreads together), in order of each core's first CPU.
+
+    ``siblings_of(cpu)`` gives the CPUs sharing ``cpu``'s core (default: sysfs); a CPU
+    whose siblings cannot be read is a core of its own.
+    """
+    siblings_of = siblings_of or _sysfs_siblings
+    allowed = set(cpus)
+    cores: dict[tuple[int, ...], None] = {}
+    for cpu in sorted(allowed):
+        core = tuple(sorted(c for c in siblings_of(cpu) if c in allowed)) or (cpu,)
+        cores.setdefault(core, None)
+    return sorted(cores, key=lambda core: core[0])
+
+
+def cpus_for_local_rank(
+    cores: Sequence[tuple[int, ...]], local_rank: int, local_world_size: int, cores_per_rank: int | None = None
+) -> list[int] | None:
+    """The CPUs of ``local_rank``: its contiguous part of ``cores``, an equal share each.
+
+    Contiguous, so that on the usual numbering a rank's cores share a socket with each other
+    and with the GPUs of the same local ranks. ``None`` when there are fewer cores than local
+    ranks: sharing a core is the slow case, so no binding is better than a forced one.
+    """
+    if local_world_size < 1 or not 0 <= local_rank < local_world_size:
+        raise ValueError(f"local_rank: expected 0 <= local_rank < {local_world_size}, got {local_rank}")
+    share = len(cores) // local_world_size
+    if cores_per_rank is not None:
+        if cores_per_rank < 1:
+            raise ValueError(f"cores_per_rank: expected a positive int, got {cores_per_rank}")
+        share = min(share, cores_per_rank)
+    if share == 0:
+        return None
+    mine = cores[local_rank * share : (local_rank + 1) * share]
+    return sorted(cpu for core in mine for cpu in core)
+
+
+def bind_from_environment(environ=os.environ) -> list[int] | None:
+    """Bind this process to its local rank's CPUs if the launcher asked to; the CPUs, or ``None``."""
+    mode = environ.get(BIND_ENV, "none")
+    if mode not in BIND_MODES:
+        raise ValueError(f"{BIND_ENV}: expected one of {BIND_MODES}, got {mode!r}")
+    if mode == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    per_rank = environ.get(CORES_PER_RANK_ENV)
+    cpus = cpus_for_local_rank(
+        physical_cores(sorted(os.sched_getaffinity(0))),
+        int(environ.get("LOCAL_RANK", 0)),
+        int(environ.get("LOCAL_WORLD_SIZE", 1)),
+        int(per_rank) if per_rank else None,
+    )
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def _sysfs_siblings(cpu: int) -> list[int]:
+    path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+    try:
+        with open(path) as f:
+            return parse_cpu_list(f.read())
+    except OSError:
+        return [cpu]
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``"0-3,8,10-11"`` → ``[0, 1, 2, 3, 8, 10, 11]`` (the kernel's CPU list format)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
