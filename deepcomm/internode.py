@@ -168,7 +168,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         experts_per_rank = num_experts // world
         stream = self._stream
 
-        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights),
+                             async_finish) as caller:
             scratch = DispatchScratch(self.device, num_tokens, world, num_nodes, num_experts, with_node_rows=True)
             ptr, cuda_stream = scratch.ptr, stream.cuda_stream
             launch_dispatch_layout(topk_idx, num_experts, topo, num_blocks, cuda_stream, ptr["per_rank"],
@@ -245,7 +246,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         stream = self._stream
         # Allocated on the caller's stream, which reads it: the scope marks it used on this one.
         y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
-        with CommStreamScope(stream, previous_event, (expert_out, y)) as caller:
+        with CommStreamScope(stream, previous_event, (expert_out, y), async_finish) as caller:
             source_offset = self._combine_source(expert_out, handle)
             call = self._combine_calls + 1
             credit_expected = call - 1  # each home rank gives one credit a combine, once it read every partial

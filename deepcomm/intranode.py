@@ -179,7 +179,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         experts_per_rank = num_experts // world
         stream = self._stream
 
-        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights),
+                             async_finish) as caller:
             scratch = self._take_scratch(num_tokens, num_experts)
             ptr, cuda_stream = scratch.ptr, stream.cuda_stream
             launch_dispatch_layout(topk_idx, num_experts, self.topology, num_blocks, cuda_stream, ptr["per_rank"],
@@ -259,7 +260,8 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         num_topk = topk_idx.shape[1]
         scratch, stream = handle.scratch, self._stream
         ptr, cuda_stream = scratch.ptr, stream.cuda_stream
-        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights),
+                             async_finish) as caller:
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
             self.ctx.meet(call, handle.routing.call, ptr["abort"], cuda_stream)
@@ -305,7 +307,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         stream = self._stream
         # Allocated on the caller's stream, which reads it: the scope marks it used on this one.
         y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
-        with CommStreamScope(stream, previous_event, (expert_out, y)) as caller:
+        with CommStreamScope(stream, previous_event, (expert_out, y), async_finish) as caller:
             source_offset = self._combine_source(expert_out, handle)
             call = self._combine_calls + 1
             self._combine_calls = call

@@ -235,3 +235,37 @@ def test_event_handle_records_on_the_streams_device_not_the_current_one():
         assert point.query()
     on_stream.wait(torch.cuda.current_stream(0))  # another device's stream may wait on it
     torch.cuda.synchronize(0)
+
+
+class _Input:
+    """Stands in for an input tensor: counts the streams it is marked as used on."""
+
+    def __init__(self) -> None:
+        self.marked = []
+
+    def record_stream(self, stream) -> None:
+        self.marked.append(stream)
+
+
+@pytest.mark.parametrize("async_finish", [True, False])
+def test_inputs_are_marked_on_the_comm_stream_only_when_the_call_finishes_asynchronously(async_finish):
+    """Synchronous finish: the caller's stream waits for the call, so its inputs need no marking; a
+    call that fails inside the scope still orders the caller after what it queued."""
+    from deepcomm.streams import CommStreamScope, hand_back
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    comm, given = torch.cuda.Stream(), _Input()
+    with CommStreamScope(comm, None, (given, None), async_finish) as caller:
+        hand_back((), device, comm, caller, async_finish)
+    assert given.marked == ([comm] if async_finish else [])
+
+    value = torch.zeros(1 << 20, device=device)
+    with pytest.raises(RuntimeError, match="failed"):
+        with CommStreamScope(comm, None, (_Input(),), async_finish=False):
+            torch.cuda._sleep(50_000_000)  # ~25 ms on the comm stream, then the write
+            value.fill_(7.0)
+            raise RuntimeError("failed after queueing")
+    assert torch.cuda.current_stream() != comm  # the caller's stream is current again
+    copy = value.clone()  # on the caller's stream: behind the fill only through the ordering
+    torch.cuda.synchronize()
+    assert bool((copy == 7.0).all())
