@@ -259,9 +259,10 @@ def main() -> None:
                 print(f"host µs per piece of the dispatch path, each alone (rank 0; {sum(parts.values()):.1f} in all):")
                 for name, us in parts.items():
                     print(f"  {name:<40} {us:7.2f}")
-            print("host µs per torch call (rank 0):")
-            for name, us in per_rank[0][1].items():
-                print(f"  {name:<40} {us:7.2f}")
+            # Every rank's column: a rank whose plain torch calls are slower runs on a slower CPU.
+            print("host µs per torch call, rank " + " / ".join(str(r) for r in range(len(per_rank))) + ":")
+            for name in per_rank[0][1]:
+                print(f"  {name:<40} " + " / ".join(f"{ops[name]:.2f}" for _, ops in per_rank))
         dist.barrier()
         destroy_distributed()
         return
