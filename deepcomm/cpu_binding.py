@@ -1,14 +1,14 @@
 """Each local rank on CPU cores of its own.
 
 A dispatch's host path spins on a mailbox while its peers launch their half of
-the count exchange, and a small (decode-size) call costs little more than that
-host work. Left to the scheduler, ranks move between cores from one launch to
-the next: on ``nvidia-h200-x2`` the decode rows of the same build split into a
-fast and a slow group between launches (reused-handle dispatch 60–97 µs),
-while each rank kept on a core of its own gave 55–56 µs in every launch; with
-two ranks on one core a dispatch took a millisecond (one spins on the counts
-while the other, whose launch it waits for, is not running). The runs are in
-docs/benchmarks.md.
+the count exchange, so a rank must never share a core with another: two ranks
+on one CPU of ``nvidia-h200-x2`` took a millisecond per decode-size dispatch
+(one spins while the other, whose launch it waits for, is not running), against
+about 0.1 ms apart. Bound, a rank's threads also stay on its own share instead of
+moving wherever the scheduler puts them. Binding does not make every launch
+equally fast on those lent VMs: bound or not, and for DeepEP alike, some launches
+run a decode dispatch at half the speed of others (docs/benchmarks.md, "Decode
+size: where the ranks run").
 
 :func:`bind_from_environment` applies what ``python -m deepcomm.launch``
 asked for (``--cpu-bind``, ``--cores-per-rank``); :func:`init_distributed`
