@@ -36,9 +36,19 @@ def test_the_wait_is_stamped_and_the_method_restored():
             self._impl._wait_notify(self.calls)
 
     comm = Comm()
-    split = profile_dispatch.run_host_split(comm, None, None, None, None, 8, iters=5)
+    split, steps = profile_dispatch.run_host_split(comm, None, None, None, None, 8, iters=5)
     assert comm._impl.waited == [1, 2, 3, 4, 5] and split["call"] >= split["wait"] >= 0
     assert "_wait_notify" not in vars(comm._impl)
+    assert list(steps) == ["call … _wait_notify", "_wait_notify", "_wait_notify end … return"]
+
+
+def test_segments_name_each_stretch_by_what_ran_there():
+    marks = [("call", 0), ("layout", 100), ("layout end", 300), ("hand_back", 350), ("hand_back end", 400),
+             ("hand_back", 410), ("hand_back end", 470), ("return", 500)]
+    assert profile_dispatch.segments(marks) == {
+        "call … layout": 100, "layout": 200, "layout end … hand_back": 50, "hand_back": 50,
+        "hand_back end … hand_back": 10, "hand_back #2": 60, "hand_back end … return": 30,
+    }
 
 
 def test_host_op_costs_on_cpu():

@@ -106,8 +106,8 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
     totals = [num_tokens] * world
     layout = recv_layout(num_tokens, row_bytes, scale_cols, num_topk)
 
-    def scope():
-        with CommStreamScope(stream, None, (payload, scales, topk_idx, weights)):
+    def scope():  # a synchronous call's: inputs unmarked
+        with CommStreamScope(stream, None, (payload, scales, topk_idx, weights), async_finish=False):
             pass
 
     def counts():
@@ -147,29 +147,91 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
     return costs
 
 
-def run_host_split(comm, payload, scales, topk_idx, weights, num_experts: int, iters: int) -> dict[str, float]:
-    """Dispatch ``iters`` times back to back, each call stamped around the backend's notify wait."""
+# What --host-split stamps inside an intranode dispatch: methods of the communicator, the names its
+# module calls, and the kernel launches of its extension context (entry and exit of each).
+STAMPED_METHODS = ("_take_scratch", "_new_scratch", "_wait_notify", "_views", "_finish")
+STAMPED_FUNCTIONS = ("launch_dispatch_layout", "hand_back", "check_invalid_ids", "check_slot_sizes")
+STAMPED_LAUNCHES = ("notify", "dispatch")
+
+
+class _StampedContext:
+    """The extension context with its kernel launches stamped; everything else passes through."""
+
+    def __init__(self, ctx, stamped: Callable) -> None:
+        self._ctx, self._stamped = ctx, stamped
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._ctx, name)
+        return self._stamped(name, attr) if name in STAMPED_LAUNCHES else attr
+
+
+def segments(marks: list[tuple[str, int]]) -> dict[str, int]:
+    """ns between consecutive (name, perf_counter_ns) marks of one call, named by what ran there.
+
+    A mark is ``name`` at a function's entry and ``name + " end"`` at its exit: the stretch from
+    the one to the other is that function (``"X"``); any other stretch is the Python between two
+    stamped points (``"X end … Y"``). A name repeated within a call gets its count appended.
+    """
+    out: dict[str, int] = {}
+    for (first, t0), (second, t1) in zip(marks, marks[1:]):
+        name = first if second == first + " end" else f"{first} … {second}"
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name} #{n}"
+        out[key] = t1 - t0
+    return out
+
+
+def run_host_split(comm, payload, scales, topk_idx, weights, num_experts: int,
+                   iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Dispatch ``iters`` times back to back, each call stamped around the backend's notify wait and,
+    on the intranode backend, around every stamped step (STAMPED_*).
+
+    Returns the split (``host_split``) and the median µs of each segment (``segments``), in call order.
+    """
+    import deepcomm.intranode as intranode_module
+
     impl, marks = comm._impl, []
-    waits = impl._wait_notify
 
-    def stamped_wait(call: int) -> None:
-        marks.append(time.perf_counter_ns())
-        waits(call)
-        marks.append(time.perf_counter_ns())
+    def stamped(name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            marks.append((name, time.perf_counter_ns()))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                marks.append((name + " end", time.perf_counter_ns()))
+        return wrapper
 
-    impl._wait_notify = stamped_wait
-    stamps = []
+    detailed = isinstance(impl, intranode_module.IntranodeCommunicator)
+    methods = STAMPED_METHODS if detailed else ("_wait_notify",)
+    functions = {name: getattr(intranode_module, name) for name in STAMPED_FUNCTIONS} if detailed else {}
+    for name in methods:
+        setattr(impl, name, stamped(name, getattr(impl, name)))
+    for name, fn in functions.items():
+        setattr(intranode_module, name, stamped(name, fn))
+    if detailed:
+        impl.ctx = _StampedContext(impl.ctx, stamped)
+    stamps, per_call = [], []
     try:
         for _ in range(iters):
             marks.clear()
-            start = time.perf_counter_ns()
+            marks.append(("call", time.perf_counter_ns()))
             comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales)
-            end = time.perf_counter_ns()
-            if len(marks) == 2:
-                stamps.append((start, marks[0], marks[1], end))
+            marks.append(("return", time.perf_counter_ns()))
+            waits = [t for name, t in marks if name.startswith("_wait_notify")]
+            if len(waits) == 2:
+                stamps.append((marks[0][1], waits[0], waits[1], marks[-1][1]))
+                per_call.append(segments(marks))
     finally:
-        del impl._wait_notify  # the class's method again
-    return host_split(stamps)
+        for name in methods:
+            delattr(impl, name)  # the class's methods again
+        for name, fn in functions.items():
+            setattr(intranode_module, name, fn)
+        if detailed:
+            impl.ctx = impl.ctx._ctx
+    medians = {key: statistics.median(c.get(key, 0) for c in per_call) / 1e3 for key in per_call[0]} if per_call else {}
+    return host_split(stamps), medians
 
 
 def profile_host_functions(comm, payload, scales, topk_idx, weights, num_experts: int, iters: int, top: int,
@@ -238,7 +300,7 @@ def main() -> None:
     torch.cuda.synchronize()
     dist.barrier()
     if args.host_split:
-        split = run_host_split(comm, payload, scales, topk_idx, weights, args.experts, max(args.iters, 100))
+        split, steps = run_host_split(comm, payload, scales, topk_idx, weights, args.experts, max(args.iters, 100))
         if args.host_functions:
             table = profile_host_functions(comm, payload, scales, topk_idx, weights, args.experts,
                                            max(args.iters, 100), args.host_functions, profiled=rank == 0)
@@ -248,13 +310,19 @@ def main() -> None:
         parts = (time_dispatch_parts(comm, payload, scales, topk_idx, weights, args.experts)
                  if comm.backend == "intranode" else {})
         per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, (split, time_host_ops(device, args.tokens, dist.get_world_size())))
+        dist.all_gather_object(per_rank, (split, time_host_ops(device, args.tokens, dist.get_world_size()), steps))
         if rank == 0:
             print(f"backend={comm.backend} ranks={dist.get_world_size()} tokens={args.tokens} dispatch={args.dtype}: "
                   "host µs per dispatch, back to back (medians)")
-            for r, (split, _) in enumerate(per_rank):
+            for r, (split, _, _) in enumerate(per_rank):
                 print(f"  rank {r}: call {split['call']:.1f} = before {split['before']:.1f} + wait "
                       f"{split['wait']:.1f} + after {split['after']:.1f}")
+            if per_rank[0][2]:
+                ranks = " / ".join(str(r) for r in range(len(per_rank)))
+                print(f"host µs per stretch of those calls (medians), rank {ranks}; \"X\" is inside X, "
+                      "\"X end … Y\" the Python between:")
+                for name in per_rank[0][2]:
+                    print(f"  {name:<52} " + " / ".join(f"{steps.get(name, 0.0):.2f}" for _, _, steps in per_rank))
             if parts:
                 print(f"host µs per piece of the dispatch path, each alone (rank 0; {sum(parts.values()):.1f} in all):")
                 for name, us in parts.items():
@@ -262,7 +330,7 @@ def main() -> None:
             # Every rank's column: a rank whose plain torch calls are slower runs on a slower CPU.
             print("host µs per torch call, rank " + " / ".join(str(r) for r in range(len(per_rank))) + ":")
             for name in per_rank[0][1]:
-                print(f"  {name:<40} " + " / ".join(f"{ops[name]:.2f}" for _, ops in per_rank))
+                print(f"  {name:<40} " + " / ".join(f"{ops[name]:.2f}" for _, ops, _ in per_rank))
         dist.barrier()
         destroy_distributed()
         return

@@ -8,6 +8,18 @@
 
 namespace deepcomm {
 
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+}  // namespace
+
 MailboxWait wait_notify(uintptr_t mailbox_address, int64_t call, double timeout_s) {
   auto* mailbox = reinterpret_cast<MailboxHeader*>(mailbox_address);
   volatile int64_t* done = &mailbox->notify_done;
@@ -19,11 +31,15 @@ MailboxWait wait_notify(uintptr_t mailbox_address, int64_t call, double timeout_
       return MailboxWait::kDone;
     }
     if (*error != 0) return MailboxWait::kKernelError;
-    // Notify takes tens of microseconds. After the first few (4096 reads of a cached line), yield
-    // on every round: if a peer rank shares this CPU, it is the one we wait for, and spinning
-    // through our time slice would hold up its launch (1 ms a call, measured with two ranks on
-    // one CPU); with nobody else runnable a yield returns at once.
-    if (spins > (1u << 12)) std::this_thread::yield();
+    // The peer we wait for may run on this core's other hardware thread (a VM's vCPUs can be
+    // hyperthreads of one core without saying so): a pause per round leaves it the core's
+    // execution units instead of racing through reads of one cached line.
+    cpu_relax();
+    // Notify takes tens of microseconds. After the first few, yield on every round: if a peer
+    // rank shares this CPU, it is the one we wait for, and spinning through our time slice would
+    // hold up its launch (1 ms a call, measured with two ranks on one CPU); with nobody else
+    // runnable a yield returns at once.
+    if (spins > 512) std::this_thread::yield();
     if ((spins & 1023) == 0 && std::chrono::steady_clock::now() > deadline) return MailboxWait::kHostTimeout;
   }
 }
