@@ -18,11 +18,13 @@ calls it before any thread of the process group exists, so they inherit it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, MutableMapping, Sequence
 
-BIND_ENV = "DEEPCOMM_CPU_BIND"  # "cores" or "none"
+BIND_ENV = "DEEPCOMM_CPU_BIND"  # "cores" or "none" from the launcher; "bound" once applied
 CORES_PER_RANK_ENV = "DEEPCOMM_CORES_PER_RANK"  # optional: fewer cores than an even share
 BIND_MODES = ("cores", "none")
+BOUND = "bound"
 
 
 def physical_cores(cpus: Sequence[int], siblings_of=None) -> list[tuple[int, ...]]:
@@ -45,11 +47,14 @@ def cpus_for_local_rank(
 ) -> list[int] | None:
     """The CPUs of ``local_rank``: its contiguous part of ``cores``, an equal share each.
 
-    Contiguous, so that on the usual numbering a rank's cores share a socket with each other
-    and with the GPUs of the same local ranks. ``None`` when there are fewer cores than local
-    ranks: sharing a core is the slow case, so no binding is better than a forced one.
+    Contiguous, so that on the usual numbering a rank's cores are neighbours (one socket, shared
+    caches). GPUs are not consulted: with one rank per GPU and GPUs numbered socket by socket
+    the shares line up with them, otherwise they need not. ``None`` when there are fewer cores
+    than local ranks: sharing a core is the slow case, so no binding is better than a forced one.
     """
-    if local_world_size < 1 or not 0 <= local_rank < local_world_size:
+    if local_world_size < 1:
+        raise ValueError(f"local_world_size: expected a positive int, got {local_world_size}")
+    if not 0 <= local_rank < local_world_size:
         raise ValueError(f"local_rank: expected 0 <= local_rank < {local_world_size}, got {local_rank}")
     share = len(cores) // local_world_size
     if cores_per_rank is not None:
@@ -62,23 +67,53 @@ def cpus_for_local_rank(
     return sorted(cpu for core in mine for cpu in core)
 
 
-def bind_from_environment(environ=os.environ) -> list[int] | None:
-    """Bind this process to its local rank's CPUs if the launcher asked to; the CPUs, or ``None``."""
+def bind_from_environment(environ: MutableMapping[str, str] = os.environ) -> list[int] | None:
+    """Bind every thread of this process to its local rank's CPUs if the launcher asked to; the CPUs, or None.
+
+    The share is cut from the CPUs this process may use, so launches given disjoint CPU sets
+    (``taskset``, cgroups) stay apart; two launches given the same set would bind their ranks to
+    the same cores (use ``--cpu-bind none`` or separate sets). Once applied, ``DEEPCOMM_CPU_BIND``
+    reads ``bound``: a second call, or a child process inheriting both, leaves the binding as it
+    is (a share of the share would halve it again).
+    """
     mode = environ.get(BIND_ENV, "none")
-    if mode not in BIND_MODES:
+    if mode not in BIND_MODES + (BOUND,):
         raise ValueError(f"{BIND_ENV}: expected one of {BIND_MODES}, got {mode!r}")
-    if mode == "none" or not hasattr(os, "sched_setaffinity"):
+    if mode != "cores" or not hasattr(os, "sched_setaffinity"):
         return None
-    per_rank = environ.get(CORES_PER_RANK_ENV)
-    cpus = cpus_for_local_rank(
-        physical_cores(sorted(os.sched_getaffinity(0))),
-        int(environ.get("LOCAL_RANK", 0)),
-        int(environ.get("LOCAL_WORLD_SIZE", 1)),
-        int(per_rank) if per_rank else None,
-    )
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
+    local_rank = _int_from(environ, "LOCAL_RANK", 0)
+    local_world_size = _int_from(environ, "LOCAL_WORLD_SIZE", _int_from(environ, "WORLD_SIZE", 1))
+    cores = physical_cores(sorted(os.sched_getaffinity(0)))
+    cpus = cpus_for_local_rank(cores, local_rank, local_world_size, _int_from(environ, CORES_PER_RANK_ENV, None))
+    if cpus is None:
+        warnings.warn(f"deepcomm: {len(cores)} CPU cores for {local_world_size} local ranks; the ranks are left "
+                      "unbound (a core each is the least; --cpu-bind none silences this)", stacklevel=2)
+        return None
+    for thread in _threads():
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+    environ[BIND_ENV] = BOUND
     return cpus
+
+
+def _int_from(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
+    value = environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _threads() -> list[int]:
+    """Ids of this process's threads (sched_setaffinity binds one thread; those started later inherit it)."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]  # the calling thread
 
 
 def _sysfs_siblings(cpu: int) -> list[int]:

@@ -305,9 +305,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
         stream = self._stream
-        # Allocated on the caller's stream, which reads it: the scope marks it used on this one.
-        y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
-        with CommStreamScope(stream, previous_event, (expert_out, y), async_finish) as caller:
+        with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
+            # On the communication stream, which writes it (after previous_event, the caller's stream may
+            # still be using memory it freed); hand_back makes it safe on the caller's.
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             source_offset = self._combine_source(expert_out, handle)
             call = self._combine_calls + 1
             self._combine_calls = call
@@ -316,7 +317,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
                              routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
                              self._combine_blocks, num_blocks, stream.cuda_stream)
-            return y, hand_back((), self.device, stream, caller, async_finish)
+            return y, hand_back((y,), self.device, stream, caller, async_finish)
 
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""

@@ -182,21 +182,50 @@ class MpsDaemon:
         self.stop()
 
 
-def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Separate deepcomm's own options from torchrun's (which pass through untouched)."""
-    parser = argparse.ArgumentParser(add_help=False)
+def _our_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deepcomm.launch", add_help=False, allow_abbrev=False)
     parser.add_argument("--sm-share", type=int, default=None)
     parser.add_argument("--cpu-bind", default="cores")
     parser.add_argument("--cores-per-rank", type=int, default=None)
-    ours, rest = parser.parse_known_args(argv)
-    nproc = 1
-    for i, arg in enumerate(rest):
-        if arg in ("--nproc-per-node", "--nproc_per_node") and i + 1 < len(rest):
-            nproc = int(rest[i + 1])
-        elif arg.startswith(("--nproc-per-node=", "--nproc_per_node=")):
-            nproc = int(arg.split("=", 1)[1])
-    ours.nproc_per_node = nproc
-    return ours, rest
+    return parser
+
+
+def _torchrun_options() -> dict[str, bool]:
+    """torchrun's option strings, each with whether it takes a value."""
+    from torch.distributed.run import get_args_parser
+
+    return {name: action.nargs != 0 for action in get_args_parser()._actions for name in action.option_strings}
+
+
+def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Separate deepcomm's own options from torchrun's, which pass through untouched.
+
+    Only the launcher's part of the command line is searched: it ends at the script (or module, or
+    command), the first word that is neither an option nor an option's value, so a script's own
+    ``--cpu-bind`` or ``--sm-share`` stays the script's. deepcomm's options may sit anywhere before it.
+    """
+    ours_names = {name for action in _our_parser()._actions for name in action.option_strings}
+    torchrun = _torchrun_options()
+    ours, rest, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        name = word.split("=", 1)[0]
+        if not word.startswith("-") or word == "--":
+            break  # the script: it and everything after it are the script's
+        takes_value = name in ours_names or torchrun.get(name, False)
+        width = 2 if takes_value and "=" not in word and i + 1 < len(argv) else 1
+        (ours if name in ours_names else rest).extend(argv[i : i + width])
+        i += width
+    launcher, rest = rest, rest + argv[i:]
+    parsed = _our_parser().parse_args(ours)
+    parsed.nproc_per_node = 1
+    for i, word in enumerate(launcher):
+        if word in ("--nproc-per-node", "--nproc_per_node") and i + 1 < len(launcher):
+            parsed.nproc_per_node = int(launcher[i + 1])
+        elif word.startswith(("--nproc-per-node=", "--nproc_per_node=")):
+            parsed.nproc_per_node = int(word.split("=", 1)[1])
+    parsed.torchrun_binds = any(w.split("=", 1)[0] in ("--numa-binding", "--numa_binding") for w in launcher)
+    return parsed, rest
 
 
 def local_device():
@@ -276,6 +305,11 @@ def _spawned(rank: int, nproc: int, port: int, timeout_s: float, fn, args: tuple
 
 def main(argv: list[str] | None = None) -> None:
     ours, torchrun_args = split_arguments(sys.argv[1:] if argv is None else argv)
+    if ours.torchrun_binds and ours.cpu_bind == "cores":
+        # torchrun's --numa-binding places the ranks itself; cutting a share of its share would halve it again.
+        ours.cpu_bind = "none"
+        if ours.cores_per_rank is not None:
+            raise SystemExit("--cores-per-rank: not with torchrun's --numa-binding, which places the ranks itself")
     plan = plan_launch(ours.nproc_per_node, visible_gpu_count(), ours.sm_share, mps_running(), ours.cpu_bind,
                        ours.cores_per_rank)
     os.environ.update(plan.env)

@@ -107,10 +107,12 @@ class CommStreamScope:
     def __exit__(self, exc_type=None, *exc) -> None:
         if self._caller is None:
             return
-        if exc_type is not None and not self.async_finish:
-            # The call failed before hand_back: its queued kernels may still read the unmarked inputs.
-            order_streams(self._caller, self.stream)
-        self._caller.make_current()
+        try:
+            if exc_type is not None and not self.async_finish:
+                # The call failed before hand_back: its queued kernels may still read the unmarked inputs.
+                order_streams(self._caller, self.stream)
+        finally:
+            self._caller.make_current()
 
 
 def hand_back(

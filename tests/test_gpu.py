@@ -249,8 +249,7 @@ class _Input:
 
 @pytest.mark.parametrize("async_finish", [True, False])
 def test_inputs_are_marked_on_the_comm_stream_only_when_the_call_finishes_asynchronously(async_finish):
-    """Synchronous finish: the caller's stream waits for the call, so its inputs need no marking; a
-    call that fails inside the scope still orders the caller after what it queued."""
+    """Synchronous finish: the caller's stream waits for the call, so its inputs need no marking."""
     from deepcomm.streams import CommStreamScope, hand_back
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -259,6 +258,13 @@ def test_inputs_are_marked_on_the_comm_stream_only_when_the_call_finishes_asynch
         hand_back((), device, comm, caller, async_finish)
     assert given.marked == ([comm] if async_finish else [])
 
+
+def test_a_synchronous_call_failing_in_its_scope_still_orders_the_caller_after_it():
+    """Its inputs were not marked, so the caller's stream must not run ahead of what the call queued."""
+    from deepcomm.streams import CommStreamScope
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    comm = torch.cuda.Stream()
     value = torch.zeros(1 << 20, device=device)
     with pytest.raises(RuntimeError, match="failed"):
         with CommStreamScope(comm, None, (_Input(),), async_finish=False):

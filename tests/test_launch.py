@@ -141,6 +141,38 @@ def test_ranks_are_bound_to_cores_by_default_and_can_opt_out():
     assert ours.cpu_bind == "none" and ours.cores_per_rank is None and rest == ["--nproc-per-node", "2", "x.py"]
 
 
+def test_the_scripts_own_options_stay_the_scripts():
+    """Only the launcher's part of the command line is searched, and no abbreviations are taken."""
+    argv = ["--nproc-per-node", "2", "--cores-per-rank=2", "--standalone", "-m", "train", "--cores", "4", "--cpu-bind",
+            "none", "--sm-share", "9"]
+    ours, rest = launch.split_arguments(argv)
+    assert (ours.cores_per_rank, ours.cpu_bind, ours.sm_share, ours.nproc_per_node) == (2, "cores", None, 2)
+    assert rest == ["--nproc-per-node", "2", "--standalone", "-m", "train", "--cores", "4", "--cpu-bind", "none",
+                    "--sm-share", "9"]
+    # A torchrun option's value is not the script, even when it looks like a word.
+    ours, rest = launch.split_arguments(["--rdzv-backend", "c10d", "--sm-share", "50", "x.py", "--sm-share", "1"])
+    assert ours.sm_share == 50 and rest == ["--rdzv-backend", "c10d", "x.py", "--sm-share", "1"]
+    # An abbreviation of ours is not ours: it passes to torchrun, which rejects it.
+    ours, rest = launch.split_arguments(["--cpu", "none", "x.py"])
+    assert ours.cpu_bind == "cores" and rest == ["--cpu", "none", "x.py"]
+
+
+def test_torchruns_numa_binding_turns_ours_off(monkeypatch):
+    planned = []
+
+    def plan_launch(*args):
+        planned.append(args)
+        raise SystemExit("planned")
+
+    monkeypatch.setattr(launch, "plan_launch", plan_launch)
+    monkeypatch.setattr(launch, "visible_gpu_count", lambda: 2)
+    with pytest.raises(SystemExit, match="planned"):
+        launch.main(["--nproc-per-node", "2", "--numa-binding", "node", "x.py"])
+    assert planned[0][4] == "none"  # cpu_bind
+    with pytest.raises(SystemExit, match="--cores-per-rank"):
+        launch.main(["--nproc-per-node", "2", "--numa-binding=node", "--cores-per-rank", "2", "x.py"])
+
+
 @pytest.mark.parametrize("bind, per_rank, match", [("numa", None, "--cpu-bind"), ("cores", 0, "--cores-per-rank"),
                                                    ("none", 2, "--cores-per-rank")])
 def test_bad_cpu_binding_arguments(bind, per_rank, match):

@@ -39,7 +39,80 @@ def test_the_wait_is_stamped_and_the_method_restored():
     split, steps = profile_dispatch.run_host_split(comm, None, None, None, None, 8, iters=5)
     assert comm._impl.waited == [1, 2, 3, 4, 5] and split["call"] >= split["wait"] >= 0
     assert "_wait_notify" not in vars(comm._impl)
-    assert list(steps) == ["call … _wait_notify", "_wait_notify", "_wait_notify end … return"]
+    assert steps == {}  # stretches only on the intranode backend
+
+
+class _Context:
+    def notify(self, *args):
+        pass
+
+    def dispatch(self, *args):
+        pass
+
+
+def _stub_intranode(fail_at: int | None = None):
+    """An IntranodeCommunicator whose dispatch walks the stamped steps in order, on CPU."""
+    import deepcomm.intranode as intranode
+
+    class Stub(intranode.IntranodeCommunicator):
+        def __init__(self):
+            self.ctx, self.calls = _Context(), 0
+
+        def _take_scratch(self):
+            pass
+
+        _new_scratch = _views = _finish = _take_scratch
+
+        def _wait_notify(self, call):
+            if call == fail_at:
+                raise RuntimeError("peer gone")
+
+        def run(self):
+            self.calls += 1
+            self._take_scratch()
+            intranode.launch_dispatch_layout()
+            self.ctx.notify()
+            self.ctx.dispatch()
+            intranode.hand_back()
+            if self.calls % 4 == 1:
+                self._new_scratch()  # one call in four allocates a spare
+            self._wait_notify(self.calls)
+            intranode.check_slot_sizes()
+            self._views()
+            self._finish()
+
+    class Comm:
+        def __init__(self):
+            self._impl = Stub()
+
+        def dispatch(self, *args, **kwargs):
+            self._impl.run()
+
+    return Comm()
+
+
+def test_every_step_of_an_intranode_dispatch_is_stamped_and_everything_restored(monkeypatch):
+    import deepcomm.intranode as intranode
+
+    for name in profile_dispatch.STAMPED_FUNCTIONS:
+        monkeypatch.setattr(intranode, name, lambda *args: None)
+    originals = {name: getattr(intranode, name) for name in profile_dispatch.STAMPED_FUNCTIONS}
+    comm = _stub_intranode()
+    context = comm._impl.ctx
+    split, steps = profile_dispatch.run_host_split(comm, None, None, None, None, 8, iters=4)
+    assert split["call"] >= split["before"] + split["wait"] >= 0
+    assert list(steps)[:4] == ["call … _take_scratch", "_take_scratch", "_take_scratch end … launch_dispatch_layout",
+                               "launch_dispatch_layout"]
+    assert {"notify", "dispatch", "hand_back", "_wait_notify", "_views", "_finish", "_finish end … return"} <= set(steps)
+    assert "_new_scratch" in steps  # in one call of four: its median is over that call, not padded with zeros
+    assert {name: getattr(intranode, name) for name in originals} == originals
+    assert comm._impl.ctx is context and not set(vars(comm._impl)) - {"ctx", "calls"}
+
+    failing = _stub_intranode(fail_at=6)  # in the second, fully stamped run
+    with pytest.raises(RuntimeError, match="peer gone"):
+        profile_dispatch.run_host_split(failing, None, None, None, None, 8, iters=4)
+    assert {name: getattr(intranode, name) for name in originals} == originals
+    assert not set(vars(failing._impl)) - {"ctx", "calls"} and isinstance(failing._impl.ctx, _Context)
 
 
 def test_segments_name_each_stretch_by_what_ran_there():

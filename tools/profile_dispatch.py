@@ -12,8 +12,10 @@ from host-side overhead, and writes a Chrome trace (open in Perfetto).
 ``--host-split`` instead times dispatch calls back to back on the host and
 splits each at the notify wait: host work before it (checks, allocations,
 launches), the wait, host work after it (result views, handle, events), per
-rank (medians). It also prints what single torch calls the dispatch path makes
-cost on this host, which is what decides how far that host work can shrink.
+rank (medians). On the intranode backend a second run of calls stamps every
+step and prints each stretch per rank. It also prints what single torch calls
+the dispatch path makes cost on this host (every rank), which is what decides
+how far that host work can shrink, and each piece of the path timed alone.
 """
 
 from __future__ import annotations
@@ -185,53 +187,76 @@ def segments(marks: list[tuple[str, int]]) -> dict[str, int]:
 
 def run_host_split(comm, payload, scales, topk_idx, weights, num_experts: int,
                    iters: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Dispatch ``iters`` times back to back, each call stamped around the backend's notify wait and,
-    on the intranode backend, around every stamped step (STAMPED_*).
-
-    Returns the split (``host_split``) and the median µs of each segment (``segments``), in call order.
+    """Dispatch ``iters`` times back to back, twice: stamped around the notify wait only (the split,
+    ``host_split``), then, on the intranode backend, around every step in STAMPED_* too (the median µs
+    of each stretch, ``segments``, in call order; empty on other backends). Two passes, because each
+    stamp costs host time that the split should not count.
     """
     import deepcomm.intranode as intranode_module
 
+    detailed = isinstance(comm._impl, intranode_module.IntranodeCommunicator)
+    calls = _stamped_calls(comm, (payload, topk_idx, weights, num_experts, scales), iters, detailed=False)
+    stamps = []
+    for marks in calls:
+        waits = [t for name, t in marks if name.startswith("_wait_notify")]
+        if len(waits) == 2:
+            stamps.append((marks[0][1], waits[0], waits[1], marks[-1][1]))
+    stretches: dict[str, list[int]] = {}
+    if detailed:
+        for marks in _stamped_calls(comm, (payload, topk_idx, weights, num_experts, scales), iters, detailed=True):
+            for name, ns in segments(marks).items():
+                stretches.setdefault(name, []).append(ns)
+    # Over the calls that had the stretch (a call that found a spare scratch skips one allocation).
+    return host_split(stamps), {name: statistics.median(ns) / 1e3 for name, ns in stretches.items()}
+
+
+def _stamped_calls(comm, args: tuple, iters: int, detailed: bool) -> list[list[tuple[str, int]]]:
+    """The (name, perf_counter_ns) marks of ``iters`` dispatch calls: around the notify wait, and with
+    ``detailed`` around every STAMPED_* step of the intranode backend. Everything is restored after."""
+    import deepcomm.intranode as intranode_module
+
     impl, marks = comm._impl, []
+    payload, topk_idx, weights, num_experts, scales = args
 
     def stamped(name: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
+        def wrapper(*a, **kw):
             marks.append((name, time.perf_counter_ns()))
             try:
-                return fn(*args, **kwargs)
+                return fn(*a, **kw)
             finally:
                 marks.append((name + " end", time.perf_counter_ns()))
         return wrapper
 
-    detailed = isinstance(impl, intranode_module.IntranodeCommunicator)
     methods = STAMPED_METHODS if detailed else ("_wait_notify",)
-    functions = {name: getattr(intranode_module, name) for name in STAMPED_FUNCTIONS} if detailed else {}
-    for name in methods:
-        setattr(impl, name, stamped(name, getattr(impl, name)))
-    for name, fn in functions.items():
-        setattr(intranode_module, name, stamped(name, fn))
-    if detailed:
-        impl.ctx = _StampedContext(impl.ctx, stamped)
-    stamps, per_call = [], []
+    functions = STAMPED_FUNCTIONS if detailed else ()
+    saved_methods = {name: vars(impl).get(name) for name in methods}
+    saved_functions = {name: getattr(intranode_module, name) for name in functions}
+    saved_ctx = impl.ctx if detailed else None
+    calls = []
     try:
+        for name in methods:
+            setattr(impl, name, stamped(name, getattr(impl, name)))
+        for name, fn in saved_functions.items():
+            setattr(intranode_module, name, stamped(name, fn))
+        if detailed:
+            impl.ctx = _StampedContext(saved_ctx, stamped)
         for _ in range(iters):
             marks.clear()
             marks.append(("call", time.perf_counter_ns()))
             comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales)
             marks.append(("return", time.perf_counter_ns()))
-            waits = [t for name, t in marks if name.startswith("_wait_notify")]
-            if len(waits) == 2:
-                stamps.append((marks[0][1], waits[0], waits[1], marks[-1][1]))
-                per_call.append(segments(marks))
+            calls.append(list(marks))
     finally:
-        for name in methods:
-            delattr(impl, name)  # the class's methods again
-        for name, fn in functions.items():
+        for name, before in saved_methods.items():
+            if before is None:
+                vars(impl).pop(name, None)  # the class's method again
+            else:
+                setattr(impl, name, before)
+        for name, fn in saved_functions.items():
             setattr(intranode_module, name, fn)
         if detailed:
-            impl.ctx = impl.ctx._ctx
-    medians = {key: statistics.median(c.get(key, 0) for c in per_call) / 1e3 for key in per_call[0]} if per_call else {}
-    return host_split(stamps), medians
+            impl.ctx = saved_ctx
+    return calls
 
 
 def profile_host_functions(comm, payload, scales, topk_idx, weights, num_experts: int, iters: int, top: int,
@@ -268,7 +293,8 @@ def main() -> None:
     parser.add_argument("--num-sms", type=int, default=None)
     parser.add_argument("--trace", default=None)
     parser.add_argument("--host-split", action="store_true",
-                        help="split dispatch's host time at the notify wait, and time single torch calls")
+                        help="split dispatch's host time at the notify wait, and per step (intranode); time single "
+                             "torch calls and the path's pieces")
     parser.add_argument("--host-functions", type=int, default=0, metavar="N",
                         help="with --host-split: also the N Python and native functions of dispatch that take "
                              "the most host time (cProfile over the timed calls; rank 0)")

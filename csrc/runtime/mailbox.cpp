@@ -39,8 +39,11 @@ MailboxWait wait_notify(uintptr_t mailbox_address, int64_t call, double timeout_
     // rank shares this CPU, it is the one we wait for, and spinning through our time slice would
     // hold up its launch (1 ms a call, measured with two ranks on one CPU); with nobody else
     // runnable a yield returns at once.
-    if (spins > 512) std::this_thread::yield();
-    if ((spins & 1023) == 0 && std::chrono::steady_clock::now() > deadline) return MailboxWait::kHostTimeout;
+    if (spins > 512) {
+      std::this_thread::yield();
+      // A yield may take a whole time slice under contention: look at the clock every round.
+      if (std::chrono::steady_clock::now() > deadline) return MailboxWait::kHostTimeout;
+    }
   }
 }
 
