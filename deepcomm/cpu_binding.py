@@ -1,18 +1,20 @@
 """Each local rank on CPU cores of its own.
 
 A dispatch's host path spins on a mailbox while its peers launch their half of
-the count exchange, so a rank must never share a core with another: two ranks
+the count exchange, so a rank should not share a core with another: two ranks
 on one CPU of ``nvidia-h200-x2`` took a millisecond per decode-size dispatch
 (one spins while the other, whose launch it waits for, is not running), against
-about 0.1 ms apart. Bound, a rank's threads also stay on its own share instead of
-moving wherever the scheduler puts them. Binding does not make every launch
+about 0.1 ms apart; with the wait now yielding early, 0.27 ms. Bound, a rank's
+threads also stay on its own share instead of moving wherever the scheduler
+puts them. Binding does not make every launch
 equally fast on those lent VMs: bound or not, and for DeepEP alike, some launches
 run a decode dispatch at half the speed of others (docs/benchmarks.md, "Decode
 size: where the ranks run").
 
 :func:`bind_from_environment` applies what ``python -m deepcomm.launch``
-asked for (``--cpu-bind``, ``--cores-per-rank``); :func:`init_distributed`
-calls it before any thread of the process group exists, so they inherit it.
+asked for (``--cpu-bind``, ``--cores-per-rank``) to every thread of the
+process; :func:`deepcomm.launch.init_distributed` calls it before the process
+group starts, so the group's threads inherit it too.
 """
 
 from __future__ import annotations
