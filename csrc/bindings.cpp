@@ -11,6 +11,7 @@
 #include "kernels/intranode.h"
 #include "kernels/layout.h"
 #include "kernels/pair_sum.h"
+#include "runtime/addresses.h"
 #include "runtime/build_info.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
@@ -23,19 +24,10 @@
 #endif
 
 namespace py = pybind11;
+using deepcomm::as_ptr;
+using deepcomm::as_stream;
 
 void bind_internode(py::module_& m);  // bindings_internode.cpp
-
-namespace {
-
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepcomm C++/CUDA core (no torch headers: pointers, sizes and streams are ints)";

@@ -7,19 +7,15 @@
 #include <vector>
 
 #include "kernels/internode.h"
+#include "runtime/addresses.h"
 #include "runtime/error.h"
 
 namespace py = pybind11;
+using deepcomm::as_ptr;
+using deepcomm::as_stream;
 namespace inter = deepcomm::internode;
 
 namespace {
-
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 py::dict layout_dict(const inter::TransportLayout& t) {
   py::dict d;

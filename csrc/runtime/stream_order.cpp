@@ -5,6 +5,7 @@
 #include <mutex>
 #include <vector>
 
+#include "runtime/addresses.h"
 #include "runtime/error.h"
 
 namespace deepcomm {
@@ -74,8 +75,6 @@ EventPool& event_pool() {
   static EventPool* pool = new EventPool();
   return *pool;
 }
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 }  // namespace
 
