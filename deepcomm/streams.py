@@ -122,8 +122,7 @@ def hand_back(
     """End a call on ``stream``; its outputs become usable on the caller's stream.
 
     ``allocated``: the outputs the call allocated on ``stream`` (views of a communicator's
-    registered buffer need nothing: the allocator never frees it while the communicator lives;
-    an output allocated on the caller's stream before the call is one of the scope's inputs).
+    registered buffer need nothing: the allocator never frees it while the communicator lives).
     The event marks the call's end on ``stream``. Unless ``async_finish``, the caller's stream
     waits for it now (the host never does); else the caller waits on the event.
     """
