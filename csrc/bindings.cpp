@@ -28,6 +28,7 @@ using deepcomm::as_ptr;
 using deepcomm::as_stream;
 
 void bind_internode(py::module_& m);  // bindings_internode.cpp
+void bind_low_latency(py::module_& m);  // bindings_low_latency.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepcomm C++/CUDA core (no torch headers: pointers, sizes and streams are ints)";
@@ -206,6 +207,7 @@ PYBIND11_MODULE(_C, m) {
         in::launch_combine(ctx, args, as_stream(stream));
       });
   bind_internode(m);
+  bind_low_latency(m);
 
 #ifdef DEEPCOMM_WITH_NVSHMEM
   py::module_ nv = m.def_submodule("nvshmem", "NVSHMEM host runtime (bootstrap by unique id)");

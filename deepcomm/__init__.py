@@ -7,6 +7,7 @@ from deepcomm.communicator import Communicator
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
+from deepcomm.low_latency import LowLatencyConfig, LowLatencyResult
 from deepcomm.results import DispatchResult
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "DispatchResult",
     "EventHandle",
     "FeatureUnavailable",
+    "LowLatencyConfig",
+    "LowLatencyResult",
     "SlotReusedError",
     "__version__",
     "autograd",

@@ -24,7 +24,9 @@ from deepcomm import _ext
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
+from deepcomm.low_latency import LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult
 from deepcomm.reference import ReferenceCommunicator
+from deepcomm.reference_low_latency import ReferenceLowLatency
 from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
 
@@ -51,6 +53,10 @@ class Communicator:
         transport: the inter-node leg of ``"internode"``: ``"nvshmem"``, or
             CUDA IPC (``"ipc"``) when every rank shares one host; ``"auto"``
             picks ``"ipc"`` on one host and ``"nvshmem"`` across hosts.
+        low_latency: sizes of the low-latency mode's buffers (decode); without
+            it the ``low_latency_*`` methods raise. The kernels run whenever the
+            backend is not ``"reference"`` and CUDA and the extension are there
+            (every rank on one host); else the reference path implements it.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class Communicator:
         buffer: BufferConfig | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
+        low_latency: LowLatencyConfig | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -86,6 +93,19 @@ class Communicator:
                                                transport.removesuffix("_staged"), transport.endswith("_staged"))
         else:
             self._impl = self._reference
+        self._low_latency = None
+        if low_latency is not None:
+            self._low_latency = self._make_low_latency(group, backend, low_latency, num_sms, timeout_s)
+
+    def _make_low_latency(self, group, backend, config, num_sms, timeout_s):
+        if not isinstance(config, LowLatencyConfig):
+            raise TypeError(f"low_latency: expected a deepcomm.LowLatencyConfig, got {type(config).__name__}")
+        if backend == "reference" or not torch.cuda.is_available() or not _ext.available():
+            return ReferenceLowLatency(self._reference, config)
+        if not self._single_host(group):
+            raise ValueError("low_latency: the low-latency kernels reach every rank by CUDA IPC and need them on one "
+                             "host (an NVSHMEM transport for them is not built); use backend='reference'")
+        return LowLatencyKernels(group, self._reference.topology, config, num_sms, timeout_s)
 
     @staticmethod
     def _choose(backend: str, topology: Topology, buffer: BufferConfig | None) -> str:
@@ -127,13 +147,14 @@ class Communicator:
         Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
         that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
         """
-        close = getattr(self._impl, "close", None)
-        if close is None:  # the reference path maps nothing
+        closers = [impl.close for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
+        if not closers:  # the reference path maps nothing
             return
-        torch.cuda.synchronize(self._impl.device)
-        dist.barrier(group=self._impl.group)
-        close()
-        dist.barrier(group=self._impl.group)
+        torch.cuda.synchronize()
+        dist.barrier(group=self._reference.group)
+        for close in closers:
+            close()
+        dist.barrier(group=self._reference.group)
 
     @property
     def world_size(self) -> int:
@@ -213,6 +234,71 @@ class Communicator:
         """
         return self._impl.combine_input(handle)
 
+    # -- low-latency mode (decode) ------------------------------------------
+
+    def _low_latency_impl(self):
+        if self._low_latency is None:
+            raise ValueError("low_latency: this communicator has no low-latency buffers; pass "
+                             "Communicator(..., low_latency=deepcomm.LowLatencyConfig(...))")
+        return self._low_latency
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        x_scales: torch.Tensor | None = None,
+        quantize_fp8: bool = False,
+        power_of_two_scales: bool = False,
+        previous_event: EventHandle | None = None,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        num_sms: int | None = None,
+    ) -> LowLatencyResult:
+        """Send each token to each expert it names, into fixed-capacity slots; no host wait (docs/api.md).
+
+        Returns ``x`` ``[E/world, world * max_tokens_per_rank, H]`` (expert e's rows are
+        ``x[e, :num_tokens_per_expert[e]]``, by source rank then token), the counts on the
+        device, and a handle. ``async_finish``: the caller waits on ``result.event``.
+        ``return_recv_hook``: only send now; ``result.hook()`` queues the receive (no SM
+        waits in between) and makes the current stream wait for it.
+        """
+        return self._low_latency_impl().dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                                 previous_event, async_finish, return_recv_hook, num_sms)
+
+    def low_latency_combine(
+        self,
+        expert_out: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        num_sms: int | None = None,
+    ) -> torch.Tensor:
+        """``[T, H]`` bf16: per token, the sum over k of ``topk_weights[t, k]`` times its expert's
+        output row (``expert_out`` in the dispatch's layout), in float32, k ascending."""
+        y, _, _ = self._low_latency_impl().combine(expert_out, topk_weights, handle, None, False, False, num_sms)
+        return y
+
+    def low_latency_combine_async(
+        self,
+        expert_out: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        previous_event: EventHandle | None = None,
+        return_recv_hook: bool = False,
+        num_sms: int | None = None,
+    ) -> tuple[torch.Tensor, EventHandle, object]:
+        """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
+        hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
+        (until then no SM waits for the peers) and makes the current stream wait for it."""
+        return self._low_latency_impl().combine(expert_out, topk_weights, handle, previous_event, True,
+                                                return_recv_hook, num_sms)
+
+    def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """``[E/world, world * max_tokens_per_rank, H]`` bf16 for the expert outputs of ``handle``'s
+        dispatch: on the kernels, its receive area, which combine reads in place (any other tensor
+        is copied in first). Writing it overwrites the dispatched rows."""
+        return self._low_latency_impl().combine_input(handle)
+
     def traffic(self) -> dict[str, int]:
         """Bytes this rank's kernels moved so far on each leg (internode backend; waits for them).
 
@@ -228,6 +314,7 @@ class Communicator:
 
     def check_errors(self) -> None:
         """Raise a CommunicationError that a kernel reported since the last call, if any."""
-        check = getattr(self._impl, "check_errors", None)
-        if check is not None:
-            check()
+        for impl in (self._impl, self._low_latency):
+            check = getattr(impl, "check_errors", None)
+            if check is not None:
+                check()

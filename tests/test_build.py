@@ -145,7 +145,8 @@ def test_kernel_error_vocabulary_matches_python():
     errors = _ext.extension().intranode.ERRORS
     assert errors == {"timeout": kc.ERROR_TIMEOUT, "size_mismatch": kc.ERROR_SIZE_MISMATCH,
                       "invalid_ids": kc.ERROR_INVALID_IDS, "mode_mismatch": kc.ERROR_MODE_MISMATCH}
-    for name, stage in _ext.extension().intranode.STAGES.items():
+    core = _ext.extension()
+    for name, stage in {**core.intranode.STAGES, **core.low_latency.STAGES}.items():
         assert kc.STAGE_NAMES[stage] == name
     words = np.zeros(8, dtype=np.int64)
     words[:3] = (kc.ERROR_MODE_MISMATCH, 1, 3)

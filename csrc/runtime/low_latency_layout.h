@@ -1,0 +1,73 @@
+// Memory shared by the ranks for the low-latency kernels (decode: no host wait,
+// capturable in a CUDA graph); included by host and device code and mirrored to
+// Python through the bindings.
+//
+// Each rank owns one registered buffer, mapped into every peer by CUDA IPC:
+//
+//   [ SignalRegion | pad to 4 KiB | receive area 0 | receive area 1 ]
+//
+// A dispatch uses area (its call number % 2), so two results can be alive at
+// once (two micro-batches). A receive area holds, for every local expert, room
+// for world_size * max_tokens rows, packed: the rows of expert e from rank 0
+// first, then those from rank 1, ..., each source's in token order, so the
+// layout is deterministic and an expert's rows are [0, count). Senders write
+// every row straight to that place (bf16 or fp8 rows, packed). The rows part
+// is sized for bf16 whatever was dispatched, so the experts can write their
+// bf16 outputs over their inputs (combine_input), where the owners of the
+// tokens pull them from:
+//
+//   receive area = [ rows: local_experts * world * max_tokens * 2 * hidden bytes |
+//                    fp8 scales: same rows * hidden / 128 float32 ]
+//
+// Flags hold epochs, not call numbers: a rank's epoch for an area lives on the
+// device and the send kernel advances it, so a captured graph replays correctly.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/mailbox_layout.h"
+
+namespace deepcomm::low_latency {
+
+constexpr int kMaxRanks = 8;        // every rank is reached by CUDA IPC (one host)
+constexpr int kMaxExperts = 1024;
+constexpr int kMaxTopk = 16;
+constexpr int kNumAreas = 2;
+
+struct SignalRegion {
+  // Written by peer s into this rank's region, per receive area:
+  uint64_t counts_ready[kNumAreas][kMaxRanks];   // epoch at which s's counts[area][s] are complete
+  uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which all of s's rows for this rank are written
+  uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
+  int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
+  // This rank's own:
+  uint64_t epoch[kNumAreas];         // of the last dispatch on each area (the send kernel advances it)
+  uint32_t blocks_done[kNumAreas];   // send blocks finished; the last one signals and resets it
+};
+
+constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
+
+// Byte sizes of one receive area; rows per local expert = num_ranks * max_tokens.
+struct AreaLayout {
+  int64_t rows_per_expert, row_stride, scales, total_bytes;  // row_stride: of the bf16 rows
+};
+
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline AreaLayout area_layout(int64_t local_experts, int64_t num_ranks, int64_t max_tokens, int64_t hidden) {
+  AreaLayout layout;
+  layout.rows_per_expert = num_ranks * max_tokens;
+  layout.row_stride = 2 * hidden;
+  const int64_t rows = local_experts * layout.rows_per_expert;
+  layout.scales = (rows * layout.row_stride + 255) / 256 * 256;
+  layout.total_bytes = (layout.scales + rows * (hidden / 128) * 4 + 4095) / 4096 * 4096;
+  return layout;
+}
+
+// The host mailbox: the shared header only (errors; the low-latency path never reports counts to the host).
+struct HostMailbox {
+  MailboxHeader header;
+};
+
+}  // namespace deepcomm::low_latency

@@ -1,0 +1,359 @@
+"""Low-latency dispatch/combine for decode (csrc/kernels/low_latency.cu).
+
+The normal path sizes its output on the host: one wait per dispatch. Here
+every (expert, source rank) has a fixed capacity instead, the received layout
+is fixed (``[local experts, world * max_tokens_per_rank, H]``), and nothing
+waits on the host, so a call costs a few launches and can be captured in a
+CUDA graph. The rows of local expert ``e`` are ``x[e, :num_tokens_per_expert[e]]``:
+those from rank 0 first, then rank 1, ..., each rank's in token order (the
+same in every run). A token sends one row to each distinct expert it names.
+
+Combine takes the experts' bf16 outputs in that layout and returns, per token,
+the sum over k (ascending) of ``topk_weights[t, k] * output of expert k`` in
+float32, rounded once to bf16: the weighted reduction is part of combine.
+
+Two receive areas alternate between calls, so a result stays valid until two
+further dispatches (two micro-batches in flight). With ``return_recv_hook``
+a call only sends; ``hook()`` queues the receive when the caller wants the
+data, and no SM waits in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from deepcomm import _ext, fp8
+from deepcomm.errors import CommunicationError, SlotReusedError
+from deepcomm.events import EventHandle
+from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.kernel_common import ERROR_INVALID_IDS, blocks_of, mailbox_failure, payload_of
+from deepcomm.profiling import name_stream
+from deepcomm.streams import CommStreamScope, hand_back, order_streams, CallerStream
+from deepcomm.topology import Topology
+from deepcomm.validation import check_num_experts, check_tensor, check_topk_idx
+
+MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
+MAX_EXPERTS = 1024
+MAX_RANKS = 8
+MAX_SHARED_BYTES = 200 * 1024  # the send kernel's routing masks must fit one SM's shared memory
+
+
+@dataclass(frozen=True)
+class LowLatencyConfig:
+    """Sizes the low-latency buffers; one buffer per rank, allocated once.
+
+    max_tokens_per_rank: most tokens a rank passes to one call (the capacity of
+        each (expert, source rank)).
+    hidden: the hidden size (every call uses exactly this one).
+    num_experts: experts in the model (every call uses exactly this many).
+    num_topk: the largest K.
+    """
+
+    max_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    num_topk: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_per_rank", "hidden", "num_experts", "num_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.hidden % 8:
+            raise ValueError(f"hidden: must be a multiple of 8 (16-byte bf16 rows), got {self.hidden}")
+        if self.num_topk > MAX_TOPK:
+            raise ValueError(f"num_topk: the low-latency path supports at most {MAX_TOPK}, got {self.num_topk}")
+        if self.num_experts > MAX_EXPERTS:
+            raise ValueError(f"num_experts: the low-latency path supports at most {MAX_EXPERTS}, got {self.num_experts}")
+        masks = self.num_experts * (-(-self.max_tokens_per_rank // 32)) * 4 + self.num_experts * 4
+        if masks > MAX_SHARED_BYTES:
+            raise ValueError(f"max_tokens_per_rank: {self.max_tokens_per_rank} tokens x {self.num_experts} experts "
+                             f"need {masks} bytes of routing masks per SM, more than {MAX_SHARED_BYTES}")
+
+    def check_world(self, world_size: int) -> None:
+        if world_size > MAX_RANKS:
+            raise ValueError(f"low_latency: the low-latency path supports at most {MAX_RANKS} ranks, got {world_size}")
+        check_num_experts(self.num_experts, world_size)
+
+    def rows_per_expert(self, world_size: int) -> int:
+        return world_size * self.max_tokens_per_rank
+
+    def recv_shape(self, world_size: int) -> tuple[int, int, int]:
+        """``(local experts, rows per expert, hidden)``: the shape of a received ``x``."""
+        return self.num_experts // world_size, self.rows_per_expert(world_size), self.hidden
+
+    def area_bytes(self, world_size: int) -> int:
+        local, rows, hidden = self.recv_shape(world_size)
+        return _ext.extension().low_latency.area_layout(local, world_size, self.max_tokens_per_rank,
+                                                        hidden)["total_bytes"]
+
+    def total_bytes(self, world_size: int) -> int:
+        """Bytes of the one buffer each rank allocates (signals + two receive areas)."""
+        core = _ext.extension().low_latency
+        return core.DATA_OFFSET + core.NUM_AREAS * self.area_bytes(world_size)
+
+
+@dataclass
+class LowLatencyResult:
+    """What a low-latency dispatch returns.
+
+    x:                     ``[E/world, world * max_tokens_per_rank, H]`` bf16, or fp8 e4m3; rows of
+                           local expert e are ``x[e, :num_tokens_per_expert[e]]``, the rest unspecified
+    x_scales:              ``[E/world, world * max_tokens_per_rank, H/128]`` float32 for fp8, else None
+    num_tokens_per_expert: ``[E/world]`` int32 on the device (the host never learns it)
+    handle:                what :meth:`low_latency_combine` needs
+    event:                 reached when the outputs are ready (with a hook: when the send ended)
+    hook:                  with ``return_recv_hook``: call it to queue the receive; afterwards the
+                           caller's stream may use the outputs. None otherwise
+    """
+
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    num_tokens_per_expert: torch.Tensor
+    handle: "LowLatencyHandle"
+    event: EventHandle
+    hook: Callable[[], EventHandle] | None = None
+
+
+@dataclass(frozen=True)
+class LowLatencyHandle:
+    """Where each of this rank's (token, k) pairs went: ``pair_rows[t, k] = expert * rows_per_expert + row``
+    (-1: none), and which call and area it belongs to."""
+
+    pair_rows: torch.Tensor  # [T, K] int32
+    num_tokens_per_expert: torch.Tensor  # [E/world] int32, this rank's received rows per local expert
+    num_tokens: int
+    hidden: int
+    area: int
+    call: int
+    owner: int  # id() of the communicator that made it
+
+
+def check_low_latency_dispatch(config: LowLatencyConfig, world_size: int, x, x_scales, topk_idx, num_experts,
+                               device, check_values: bool) -> None:
+    """The argument checks of a low-latency dispatch, shared by the kernels and the reference path."""
+    check_tensor("x", x, (torch.bfloat16, fp8.FP8_DTYPE), 2, device)
+    num_tokens, hidden = x.shape
+    if hidden != config.hidden:
+        raise ValueError(f"x: hidden size {hidden}, but the low-latency buffer is for {config.hidden}")
+    if num_tokens > config.max_tokens_per_rank:
+        raise ValueError(f"x: {num_tokens} tokens exceed the low-latency buffer's max_tokens_per_rank="
+                         f"{config.max_tokens_per_rank}")
+    if x.dtype == fp8.FP8_DTYPE:
+        if x_scales is None:
+            raise ValueError("x_scales: required when x is fp8 (float32 [tokens, hidden/128])")
+        check_tensor("x_scales", x_scales, (torch.float32,), 2, x.device)
+        if tuple(x_scales.shape) != (num_tokens, fp8.num_scale_blocks(hidden)):
+            raise ValueError(f"x_scales: expected shape {[num_tokens, hidden // fp8.BLOCK_CHANNELS]}, "
+                             f"got {list(x_scales.shape)}")
+    elif x_scales is not None:
+        raise ValueError("x_scales: only valid with fp8 x; pass None for bf16")
+    if num_experts != config.num_experts:
+        raise ValueError(f"num_experts: the low-latency buffer is for {config.num_experts}, got {num_experts!r}")
+    check_num_experts(num_experts, world_size)
+    check_topk_idx(topk_idx, num_tokens, num_experts, x.device, check_values)
+    if topk_idx.shape[1] > config.num_topk:
+        raise ValueError(f"topk_idx: K={topk_idx.shape[1]} exceeds the low-latency buffer's num_topk={config.num_topk}")
+
+
+def check_low_latency_combine(config: LowLatencyConfig, world_size: int, expert_out, topk_weights, handle,
+                              device) -> None:
+    check_tensor("expert_out", expert_out, (torch.bfloat16,), 3, device)
+    if tuple(expert_out.shape) != config.recv_shape(world_size):
+        raise ValueError(f"expert_out: expected shape {list(config.recv_shape(world_size))} (the dispatched layout), "
+                         f"got {list(expert_out.shape)}")
+    check_tensor("topk_weights", topk_weights, (torch.float32,), 2, device)
+    if tuple(topk_weights.shape) != tuple(handle.pair_rows.shape):
+        raise ValueError(f"topk_weights: expected shape {list(handle.pair_rows.shape)} (the dispatch's topk_idx), "
+                         f"got {list(topk_weights.shape)}")
+
+
+class LowLatencyKernels:
+    """The low-latency kernels among ``topology.world_size`` ranks of one host (CUDA IPC)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, topology: Topology, config: LowLatencyConfig,
+                 num_sms: int, timeout_s: float) -> None:
+        if not isinstance(config, LowLatencyConfig):
+            raise TypeError(f"low_latency: expected a deepcomm.LowLatencyConfig, got {type(config).__name__}")
+        config.check_world(topology.world_size)
+        core = _ext.extension().low_latency
+        self.kernels = core
+        self.group, self.topology, self.config, self.num_sms, self.timeout_s = group, topology, config, num_sms, timeout_s
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        world = topology.world_size
+        self._area_bytes = config.area_bytes(world)
+        layout = core.area_layout(config.num_experts // world, world, config.max_tokens_per_rank, config.hidden)
+        self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
+        self.buffer[: core.DATA_OFFSET].zero_()
+        self._views = [self._area_views(area, layout) for area in range(core.NUM_AREAS)]
+        self.mailbox = torch.zeros(core.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
+        self._mailbox_words = self.mailbox.numpy()
+        torch.cuda.synchronize(self.device)
+        handles: list = [None] * world
+        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
+        self._peers = [PeerTensor(h, self.device) if r != topology.rank else None for r, h in enumerate(handles)]
+        regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self.ctx = core.Context(regions, topology.rank, config.num_experts, config.max_tokens_per_rank, config.hidden,
+                                self.mailbox.data_ptr(), int(timeout_s * 1e9))
+        self._calls = 0
+        self._failure: CommunicationError | None = None
+        self._closed = False
+        self._stream = torch.cuda.Stream(self.device, priority=-1)
+        name_stream(self._stream, "deepcomm communication (low latency)")
+        dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
+
+    def _area_views(self, area: int, layout: dict) -> dict[torch.dtype | str, torch.Tensor]:
+        """The fixed views of one receive area: rows as bf16 and as fp8, and the fp8 scales."""
+        local, rows, hidden = self.config.recv_shape(self.topology.world_size)
+        start = self.kernels.DATA_OFFSET + area * self._area_bytes
+        region = self.buffer[start : start + self._area_bytes]
+        bf16 = region[: local * rows * 2 * hidden].view(torch.bfloat16).view(local, rows, hidden)
+        as_fp8 = region[: local * rows * hidden].view(fp8.FP8_DTYPE).view(local, rows, hidden)
+        scales = region[layout["scales"] : layout["scales"] + local * rows * (hidden // 128) * 4]
+        scales = scales.view(torch.float32).view(local, rows, hidden // 128) if hidden % 128 == 0 else None
+        return {torch.bfloat16: bf16, fp8.FP8_DTYPE: as_fp8, "scales": scales}
+
+    # -- errors ---------------------------------------------------------
+
+    def check_errors(self) -> None:
+        if self._closed:
+            raise RuntimeError("communicator: closed (close() unmapped the peers' buffers); make a new one")
+        if self._failure is None and self._mailbox_words[0] != 0:
+            words = self._mailbox_words
+            invalid = np.zeros(self.topology.world_size, dtype=np.int64)
+            if int(words[0]) == ERROR_INVALID_IDS:
+                invalid[int(words[2])] = 1
+            self._failure = mailbox_failure(words, self.topology.rank, self.timeout_s, invalid)
+            self._stream.synchronize()  # this rank's kernels finish giving up before anything is torn down
+        if self._failure is not None:
+            raise self._failure
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
+            raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
+        if self._calls - handle.call >= self.kernels.NUM_AREAS:
+            raise SlotReusedError(f"handle: {self._calls - handle.call} low-latency dispatches ran since the one that "
+                                  f"made it and reused its receive area (results stay valid for "
+                                  f"{self.kernels.NUM_AREAS - 1} further dispatch)")
+
+    # -- dispatch -------------------------------------------------------
+
+    def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
+        self.check_errors()
+        world = self.topology.world_size
+        # Expert ids are range-checked on the GPU (invalid ones skipped, reported at the next call).
+        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, self.device, False)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        num_tokens, num_topk = topk_idx.shape
+        stream = self._stream
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), async_finish) as caller:
+            call = self._calls + 1
+            area = call % self.kernels.NUM_AREAS
+            # One allocation: the pairs' rows [T, K] then the received counts [E/world].
+            local_experts = num_experts // world
+            words = torch.empty(num_tokens * num_topk + local_experts, dtype=torch.int32, device=self.device)
+            pair_rows = words[: num_tokens * num_topk].view(num_tokens, num_topk)
+            counts = words[num_tokens * num_topk :]
+            cuda_stream = stream.cuda_stream
+            self.ctx.dispatch_send(area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(),
+                                   topk_idx.data_ptr(), num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(),
+                                   num_blocks, cuda_stream)
+            self._calls = call
+            views = self._views[area]
+            recv_x = views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE]
+            handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
+            if return_recv_hook:
+                event = hand_back((words,), self.device, stream, caller, True)
+                result = LowLatencyResult(recv_x, None if payload == 0 else views["scales"], counts, handle, event)
+                result.hook = self._receive_hook(handle)
+                return result
+            self.ctx.dispatch_recv(area, cuda_stream)
+            event = hand_back((words,), self.device, stream, caller, async_finish)
+            return LowLatencyResult(recv_x, None if payload == 0 else views["scales"], counts, handle, event)
+
+    def _receive_hook(self, handle: LowLatencyHandle) -> Callable[[], EventHandle]:
+        called = False
+
+        def hook() -> EventHandle:
+            """Queue the receive of the dispatch; the current stream waits for it (the host does not)."""
+            nonlocal called
+            if called:
+                raise RuntimeError("hook: already called")
+            self.check_errors()
+            self._check_handle(handle)
+            called = True
+            caller = CallerStream(self.device.index)
+            order_streams(self._stream, caller)
+            self.ctx.dispatch_recv(handle.area, self._stream.cuda_stream)
+            event = EventHandle.record(self.device, self._stream)
+            order_streams(caller, self._stream)
+            return event
+
+        return hook
+
+    # -- combine --------------------------------------------------------
+
+    def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The receive area of ``handle``'s dispatch as bf16 ``[E/world, rows, H]``: outputs written here
+        are pulled where they are (no staging copy). Writing it overwrites the dispatched rows."""
+        self._check_handle(handle)
+        return self._views[handle.area][torch.bfloat16]
+
+    def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
+                return_recv_hook=False, num_sms=None):
+        self.check_errors()
+        self._check_handle(handle)
+        check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        stream = self._stream
+        with CommStreamScope(stream, previous_event, (expert_out, topk_weights), async_finish) as caller:
+            cuda_stream = stream.cuda_stream
+            if expert_out.data_ptr() != self._views[handle.area][torch.bfloat16].data_ptr():
+                self.ctx.stage_outputs(handle.area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
+                                       num_blocks, cuda_stream)
+            self.ctx.combine_send(handle.area, cuda_stream)
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+
+            def receive() -> None:
+                self.ctx.combine_recv(handle.area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(),
+                                      handle.num_tokens, handle.pair_rows.shape[1], y.data_ptr(), num_blocks,
+                                      self._stream.cuda_stream)
+
+            if not return_recv_hook:
+                receive()
+                return y, hand_back((y,), self.device, stream, caller, async_finish), None
+            event = hand_back((y,), self.device, stream, caller, True)
+            topk_weights.record_stream(stream)  # read when the hook runs, after the caller may have dropped it
+
+        called = False
+
+        def hook() -> EventHandle:
+            """Queue the pull and reduction; the current stream waits for it (the host does not)."""
+            nonlocal called
+            if called:
+                raise RuntimeError("hook: already called")
+            self.check_errors()
+            self._check_handle(handle)
+            called = True
+            now = CallerStream(self.device.index)
+            order_streams(self._stream, now)
+            receive()
+            done = EventHandle.record(self.device, self._stream)
+            order_streams(now, self._stream)
+            return done
+
+        return y, event, hook
+
+    def close(self) -> None:
+        self._closed = True
+        for peer in self._peers:
+            if peer is not None:
+                peer.close()
+        self._peers = []

@@ -1,0 +1,159 @@
+"""The low-latency contract (deepcomm/low_latency.py) in torch ops over ``torch.distributed``.
+
+The oracle the kernels are checked against bit for bit, and the low-latency
+path where no GPU exists. Unlike the kernels it waits on the host (it moves
+rows with ``all_to_all_single``); the received layout, the counts and combine's
+reduction are the kernels' exactly. Rows past an expert's count are zero here
+(unspecified in the contract).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from deepcomm import fp8
+from deepcomm.events import EventHandle
+from deepcomm.low_latency import (
+    LowLatencyConfig, LowLatencyHandle, LowLatencyResult, check_low_latency_combine, check_low_latency_dispatch,
+)
+from deepcomm.reference import ReferenceCommunicator, _as_bytes, _split_columns
+from deepcomm.streams import hand_back
+
+
+def weighted_sum_in_k_order(values: torch.Tensor, weights: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``[T, H]`` float32: sum over k ascending of ``weights[:, k] * values[:, k]``, each product and sum
+    rounded on its own, starting from k = 0; an absent pair adds +0.0 (deepcomm/pair_sum.py's order)."""
+    terms = torch.where(present.unsqueeze(-1), values.float() * weights.unsqueeze(-1), 0.0)
+    acc = terms[:, 0]
+    for k in range(1, terms.shape[1]):
+        acc = acc + terms[:, k]
+    return acc
+
+
+class ReferenceLowLatency:
+    """Low-latency dispatch/combine on the reference communicator's group."""
+
+    def __init__(self, reference: ReferenceCommunicator, config: LowLatencyConfig) -> None:
+        if not isinstance(config, LowLatencyConfig):
+            raise TypeError(f"low_latency: expected a deepcomm.LowLatencyConfig, got {type(config).__name__}")
+        config.check_world(reference.topology.world_size)
+        self.reference, self.config, self.topology = reference, config, reference.topology
+        self._calls = 0
+
+    def check_errors(self) -> None:
+        """Nothing is reported later on this path: bad input raises at once."""
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
+            raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
+
+    def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
+        world = self.topology.world_size
+        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True)
+        if quantize_fp8:
+            if x.dtype != torch.bfloat16:
+                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
+        with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx)) as caller:
+            result = self._dispatch(x, x_scales, topk_idx)
+            result.event = hand_back((result.x, result.x_scales, result.num_tokens_per_expert,
+                                      result.handle.pair_rows), x.device, self.reference.comm_stream(x.device),
+                                     caller, async_finish)
+        if return_recv_hook:
+            result.hook = lambda: result.event  # the rows arrived already
+        return result
+
+    def _dispatch(self, x, x_scales, topk_idx) -> LowLatencyResult:
+        config, topo = self.config, self.topology
+        world, rank, device = topo.world_size, topo.rank, x.device
+        num_tokens, hidden = x.shape
+        local_experts, rows_per_expert, _ = config.recv_shape(world)
+        num_experts = config.num_experts
+
+        # chosen[t, e]: token t sends one row to expert e (naming it twice still sends one).
+        valid = topk_idx >= 0
+        chosen = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=device)
+        token_of = torch.arange(num_tokens, device=device).unsqueeze(1).expand_as(topk_idx)
+        chosen[token_of[valid], topk_idx[valid]] = True
+        counts = chosen.sum(0)  # [E]
+        every_count = [torch.empty_like(counts) for _ in range(world)]
+        self.reference._stage("low_latency/counts", dist.all_gather, every_count, counts, group=self.reference.group)
+        every_count = torch.stack(every_count)  # [W, E]
+        # This rank's rows for expert e follow the lower ranks', in token order.
+        row_of = every_count[:rank].sum(0) + chosen.long().cumsum(0) - 1  # [T, E], meaningful where chosen
+        picked_row = row_of.gather(1, topk_idx.clamp(min=0))
+        pair_rows = torch.where(valid, topk_idx * rows_per_expert + picked_row, -1).to(torch.int32)
+
+        # One packed row per chosen (token, expert), by destination rank, then expert, then token.
+        expert_idx, token_idx = chosen.t().nonzero(as_tuple=True)
+        owner = expert_idx // local_experts
+        flat_row = (expert_idx % local_experts) * rows_per_expert + row_of[token_idx, expert_idx]
+        fields = [x[token_idx]] + ([x_scales[token_idx]] if x_scales is not None else []) + [flat_row.unsqueeze(1)]
+        byte_fields = [_as_bytes(f) for f in fields]
+        send_counts = torch.bincount(owner, minlength=world)
+        recv_counts = torch.empty_like(send_counts)
+        self.reference._stage("low_latency/sizes", dist.all_to_all_single, recv_counts, send_counts,
+                              group=self.reference.group)
+        received = self.reference._all_to_all("low_latency/rows", torch.cat(byte_fields, dim=1),
+                                              send_counts.tolist(), recv_counts.tolist())
+        parts = _split_columns(received, [f.shape[1] for f in byte_fields])
+        places = parts[-1].view(torch.int64).view(-1)
+
+        # Placed as bytes: index_put is not defined for every dtype (fp8) on every device.
+        out_x = torch.zeros(local_experts * rows_per_expert, hidden * x.element_size(), dtype=torch.uint8,
+                            device=device)
+        out_x[places] = parts[0]
+        out_x = out_x.view(x.dtype)
+        out_scales = None
+        if x_scales is not None:
+            out_scales = torch.zeros(local_experts * rows_per_expert, x_scales.shape[1], dtype=torch.float32,
+                                     device=device)
+            out_scales[places] = parts[1].view(torch.float32).view(-1, x_scales.shape[1])
+            out_scales = out_scales.view(local_experts, rows_per_expert, -1)
+        per_expert = every_count[:, rank * local_experts : (rank + 1) * local_experts].sum(0).to(torch.int32)
+        self._calls += 1
+        handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, id(self))
+        return LowLatencyResult(out_x.view(local_experts, rows_per_expert, hidden), out_scales, per_expert, handle,
+                                EventHandle(None))
+
+    def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
+        self._check_handle(handle)
+        local_experts, rows_per_expert, hidden = self.config.recv_shape(self.topology.world_size)
+        return torch.zeros(local_experts, rows_per_expert, hidden, dtype=torch.bfloat16,
+                           device=handle.pair_rows.device)
+
+    def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
+                return_recv_hook=False, num_sms=None):
+        self._check_handle(handle)
+        world = self.topology.world_size
+        check_low_latency_combine(self.config, world, expert_out, topk_weights, handle, None)
+        device = expert_out.device
+        with self.reference._on_comm_stream(device, previous_event, (expert_out, topk_weights)) as caller:
+            y = self._combine(expert_out, topk_weights, handle)
+            event = hand_back((y,), device, self.reference.comm_stream(device), caller, async_finish)
+        return y, event, ((lambda: event) if return_recv_hook else None)
+
+    def _combine(self, expert_out, topk_weights, handle) -> torch.Tensor:
+        local_experts, rows_per_expert, hidden = expert_out.shape
+        owner_rows = local_experts * rows_per_expert
+        pairs = handle.pair_rows.reshape(-1).long()
+        present = pairs >= 0
+        wanted = pairs[present]
+        owner = wanted // owner_rows
+        order = torch.argsort(owner, stable=True)
+        send_counts = torch.bincount(owner, minlength=self.topology.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        ref = self.reference
+        ref._stage("low_latency/requests", dist.all_to_all_single, recv_counts, send_counts, group=ref.group)
+        sends, recvs = send_counts.tolist(), recv_counts.tolist()
+        asked = ref._all_to_all("low_latency/requests", (wanted % owner_rows)[order].contiguous(), sends, recvs)
+        rows = ref._all_to_all("low_latency/outputs", expert_out.reshape(owner_rows, hidden)[asked].contiguous(),
+                               recvs, sends)
+        values = torch.zeros(pairs.numel(), hidden, dtype=torch.bfloat16, device=expert_out.device)
+        values[present.nonzero().squeeze(1)[order]] = rows
+        num_tokens, num_topk = handle.pair_rows.shape
+        summed = weighted_sum_in_k_order(values.view(num_tokens, num_topk, hidden), topk_weights,
+                                         present.view(num_tokens, num_topk))
+        return summed.to(torch.bfloat16)

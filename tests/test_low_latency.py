@@ -1,0 +1,383 @@
+"""The low-latency mode: the reference path against a brute-force oracle (CPU, gloo), and the
+kernels against the reference path bit for bit (GPU; ranks sharing the GPU under MPS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deepcomm
+from deepcomm import fp8
+from deepcomm.errors import CommunicationError, SlotReusedError
+from deepcomm.reference_low_latency import ReferenceLowLatency
+from cases import ROUTINGS, make_inputs
+from dist import run_ranks
+from kernel_checks import require_ranks, same_bits
+
+HIDDEN = 256
+NUM_TOPK = 6
+MAX_TOKENS = 40
+
+
+def _config(world_size: int, **kwargs) -> deepcomm.LowLatencyConfig:
+    return deepcomm.LowLatencyConfig(max_tokens_per_rank=MAX_TOKENS, hidden=HIDDEN, num_experts=4 * world_size,
+                                     num_topk=8, **kwargs)
+
+
+def _token_counts(seed: int, world_size: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    counts = [int(v) for v in torch.randint(1, MAX_TOKENS + 1, (world_size,), generator=generator)]
+    counts[seed % world_size] = 0  # a rank with no tokens
+    counts[(seed + 1) % world_size] = MAX_TOKENS  # and one at capacity
+    return counts
+
+
+def _every_rank_inputs(seed: int, routing: str, world_size: int, num_experts: int):
+    counts = _token_counts(seed, world_size)
+    inputs = [make_inputs(seed, r, counts[r], HIDDEN, NUM_TOPK, num_experts, routing, 1) for r in range(world_size)]
+    if counts[0] > 1 and routing == "uniform":
+        inputs[0].topk_idx[1, 1] = inputs[0].topk_idx[1, 0]  # one token names an expert twice
+    return inputs
+
+
+def _oracle_layout(inputs, rank: int, world_size: int, num_experts: int, max_tokens: int):
+    """What rank ``rank`` receives, by brute force: per local expert, rows by source rank then token."""
+    local = num_experts // world_size
+    rows = torch.zeros(local, world_size * max_tokens, HIDDEN, dtype=torch.bfloat16)
+    counts = [0] * local
+    for src in range(world_size):
+        for e_local in range(local):
+            expert = rank * local + e_local
+            for t in range(inputs[src].x.shape[0]):
+                if expert in inputs[src].topk_idx[t].tolist():
+                    rows[e_local, counts[e_local]] = inputs[src].x[t]
+                    counts[e_local] += 1
+    return rows, counts
+
+
+def _oracle_pair_rows(inputs, rank: int, world_size: int, num_experts: int, max_tokens: int) -> torch.Tensor:
+    mine = inputs[rank].topk_idx
+    out = torch.full(mine.shape, -1, dtype=torch.int32)
+    for t in range(mine.shape[0]):
+        for k in range(mine.shape[1]):
+            expert = int(mine[t, k])
+            if expert < 0:
+                continue
+            before = sum(int((inputs[src].topk_idx == expert).any(dim=1).sum()) for src in range(rank))
+            earlier = int((mine[:t] == expert).any(dim=1).sum())
+            out[t, k] = expert * world_size * max_tokens + before + earlier
+    return out
+
+
+def _oracle_combine(outputs, pair_rows, weights, owner_rows: int, hidden: int) -> torch.Tensor:
+    """Per token: acc = w0 * row0, then acc + wk * rowk (float32, no fused multiply-add), +0.0 for none."""
+    y = torch.zeros(pair_rows.shape[0], hidden, dtype=torch.bfloat16)
+    for t in range(pair_rows.shape[0]):
+        acc = None
+        for k in range(pair_rows.shape[1]):
+            row = int(pair_rows[t, k])
+            term = torch.zeros(hidden)
+            if row >= 0:
+                owner, local_row = divmod(row, owner_rows)
+                term = outputs[owner].reshape(owner_rows, hidden)[local_row].float() * weights[t, k]
+            acc = term if acc is None else acc + term
+        y[t] = acc.to(torch.bfloat16)
+    return y
+
+
+def _random_outputs(seed: int, rank: int, shape) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed * 7 + rank)) * 2).to(torch.bfloat16)
+
+
+# ------------------------------------------------------------------ CPU: reference path
+
+
+def _reference_worker(rank: int, world_size: int) -> None:
+    config = _config(world_size)
+    comm = deepcomm.Communicator(backend="reference", low_latency=config)
+    num_experts = config.num_experts
+    local, rows_per_expert, _ = config.recv_shape(world_size)
+    for seed, routing in enumerate(("uniform", "skewed", "empty_experts", "minus_one")):
+        inputs = _every_rank_inputs(seed, routing, world_size, num_experts)
+        mine = inputs[rank]
+        result = comm.low_latency_dispatch(mine.x, mine.topk_idx, num_experts)
+        rows, counts = _oracle_layout(inputs, rank, world_size, num_experts, MAX_TOKENS)
+        assert result.num_tokens_per_expert.tolist() == counts, routing
+        assert result.x.shape == (local, rows_per_expert, HIDDEN) and result.x_scales is None
+        for e in range(local):
+            assert torch.equal(result.x[e, : counts[e]], rows[e, : counts[e]]), f"{routing}: expert {e}"
+        assert torch.equal(result.handle.pair_rows, _oracle_pair_rows(inputs, rank, world_size, num_experts,
+                                                                      MAX_TOKENS)), routing
+
+        # Combine: every rank's outputs are random rows; the oracle rebuilds them all.
+        shape = (local, rows_per_expert, HIDDEN)
+        outputs = [_random_outputs(seed, r, shape) for r in range(world_size)]
+        y = comm.low_latency_combine(outputs[rank], mine.topk_weights, result.handle)
+        expected = _oracle_combine(outputs, result.handle.pair_rows, mine.topk_weights, local * rows_per_expert,
+                                   HIDDEN)
+        same_bits(y, expected, f"{routing}: combine")
+
+        # fp8: quantised rows and scales land where bf16 rows do.
+        quantised = comm.low_latency_dispatch(mine.x, mine.topk_idx, num_experts, quantize_fp8=True)
+        q_rows, q_scales = fp8.quantize_fp8(rows.view(-1, HIDDEN))
+        q_rows, q_scales = q_rows.view(local, -1, HIDDEN), q_scales.view(local, -1, HIDDEN // 128)
+        for e in range(local):
+            same_bits(quantised.x[e, : counts[e]], q_rows[e, : counts[e]], f"{routing}: fp8 rows of {e}")
+            same_bits(quantised.x_scales[e, : counts[e]], q_scales[e, : counts[e]], f"{routing}: scales of {e}")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reference_low_latency_matches_a_brute_force_oracle(world_size):
+    run_ranks(_reference_worker, world_size)
+
+
+def _reference_bad_input_worker(rank: int, world_size: int) -> None:
+    config = _config(world_size)
+    comm = deepcomm.Communicator(backend="reference", low_latency=config)
+    E = config.num_experts
+    x = torch.randn(4, HIDDEN).to(torch.bfloat16)
+    idx = torch.zeros(4, 2, dtype=torch.int64)
+    cases = [
+        (dict(x=x[:, :128].contiguous()), "x: hidden size"),
+        (dict(x=torch.randn(MAX_TOKENS + 1, HIDDEN).to(torch.bfloat16),
+              topk_idx=torch.zeros(MAX_TOKENS + 1, 2, dtype=torch.int64)), "x: 41 tokens exceed"),
+        (dict(topk_idx=torch.zeros(4, 9, dtype=torch.int64)), "topk_idx: K=9"),
+        (dict(topk_idx=torch.full((4, 2), E, dtype=torch.int64)), "topk_idx: expert ids must lie"),
+        (dict(topk_idx=torch.full((4, 2), -2, dtype=torch.int64)), "topk_idx: expert ids must lie"),
+        (dict(num_experts=E + world_size), "num_experts: the low-latency buffer is for"),
+        (dict(x=x.float()), "x: expected dtype"),
+        (dict(x_scales=torch.ones(4, 2)), "x_scales: only valid"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, topk_idx=idx, num_experts=E)
+        args.update(change)
+        with pytest.raises((TypeError, ValueError), match=message):
+            comm.low_latency_dispatch(**args)
+    result = comm.low_latency_dispatch(x, idx, E)
+    out = comm.low_latency_combine_input(result.handle)
+    weights = torch.ones(4, 2)
+    with pytest.raises(ValueError, match="expert_out: expected shape"):
+        comm.low_latency_combine(out[:1], weights, result.handle)
+    with pytest.raises(ValueError, match="topk_weights: expected shape"):
+        comm.low_latency_combine(out, weights[:, :1].contiguous(), result.handle)
+    with pytest.raises(TypeError, match="handle: expected the handle"):
+        comm.low_latency_combine(out, weights, object())
+    plain = deepcomm.Communicator(backend="reference")
+    with pytest.raises(ValueError, match="low_latency: this communicator has no low-latency buffers"):
+        plain.low_latency_dispatch(x, idx, E)
+
+
+def test_reference_low_latency_bad_input_names_the_argument():
+    run_ranks(_reference_bad_input_worker, 2)
+
+
+def test_low_latency_config_checks_its_fields():
+    with pytest.raises(ValueError, match="max_tokens_per_rank: expected a positive int"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=0, hidden=128, num_experts=8)
+    with pytest.raises(ValueError, match="hidden: must be a multiple of 8"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=100, num_experts=8)
+    with pytest.raises(ValueError, match="num_topk: the low-latency path supports at most 16"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=8, num_topk=17)
+    with pytest.raises(ValueError, match="num_experts: the low-latency path supports at most"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=2048)
+    with pytest.raises(ValueError, match="max_tokens_per_rank: 4096 tokens x 1024 experts"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=4096, hidden=128, num_experts=1024)
+    config = deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=6)
+    with pytest.raises(ValueError, match="num_experts: must be a positive multiple of the world size 4"):
+        config.check_world(4)
+    with pytest.raises(ValueError, match="low_latency: the low-latency path supports at most 8 ranks"):
+        config.check_world(12)
+
+
+def test_the_buffer_layout_and_limits_agree_with_the_extension():
+    from deepcomm import _ext, low_latency
+
+    if not _ext.available():
+        pytest.skip("extension not built")
+    core = _ext.extension().low_latency
+    assert (core.MAX_TOPK, core.MAX_EXPERTS, core.MAX_RANKS) == (low_latency.MAX_TOPK, low_latency.MAX_EXPERTS,
+                                                                 low_latency.MAX_RANKS)
+    # Decode on 2 ranks: 144 local experts x 256 rows of 7168 bf16, then the fp8 scales.
+    layout = core.area_layout(144, 2, 128, 7168)
+    assert layout["rows_per_expert"] == 256 and layout["row_stride"] == 2 * 7168
+    assert layout["scales"] >= 144 * 256 * 2 * 7168
+    assert layout["total_bytes"] >= layout["scales"] + 144 * 256 * 56 * 4 and layout["total_bytes"] % 4096 == 0
+    config = deepcomm.LowLatencyConfig(max_tokens_per_rank=128, hidden=7168, num_experts=288)
+    assert config.total_bytes(2) == core.DATA_OFFSET + 2 * layout["total_bytes"]
+    assert core.dispatch_shared_bytes(288, 128) == 288 * 4 * 4 + 288 * 4
+
+
+# ------------------------------------------------------------------ GPU: the kernels
+
+
+def _kernel_communicator(world_size: int, **kwargs) -> deepcomm.Communicator:
+    torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    comm = deepcomm.Communicator(low_latency=_config(world_size), **kwargs)
+    assert type(comm._low_latency).__name__ == "LowLatencyKernels"
+    return comm
+
+
+def _poison(comm) -> None:
+    """0xFF over this rank's receive areas, after every rank finished reading them."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    impl = comm._low_latency
+    impl.buffer[impl.kernels.DATA_OFFSET :].fill_(0xFF)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _check_received(ours, theirs, where: str) -> None:
+    counts = theirs.num_tokens_per_expert.tolist()
+    assert ours.num_tokens_per_expert.tolist() == counts, where
+    same_bits(ours.handle.pair_rows, theirs.handle.pair_rows, f"{where}: pair_rows")
+    for e, n in enumerate(counts):  # rows past the count are unspecified; every row before it was written
+        same_bits(ours.x[e, :n], theirs.x[e, :n], f"{where}: rows of expert {e}")
+        if theirs.x_scales is not None:
+            same_bits(ours.x_scales[e, :n], theirs.x_scales[e, :n], f"{where}: scales of expert {e}")
+
+
+def _agreement_worker(rank: int, world_size: int) -> None:
+    comm = _kernel_communicator(world_size)
+    oracle = ReferenceLowLatency(comm.reference, comm._low_latency.config)
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = comm._low_latency.config.num_experts
+    local, rows_per_expert, _ = comm._low_latency.config.recv_shape(world_size)
+    for seed, routing in enumerate(ROUTINGS[:4]):
+        inputs = _every_rank_inputs(seed, routing, world_size, num_experts)[rank]
+        x, idx = inputs.x.to(device), inputs.topk_idx.to(device)
+        for mode, num_sms in (("bf16", 24), ("bf16", 1), ("fp8", 3), ("quantize", 24), ("quantize_pow2", 5)):
+            where = f"{routing}/{mode}/sms{num_sms}/rank{rank}"
+            kwargs, cpu_kwargs = {}, {}
+            if mode == "fp8":
+                q, s = fp8.quantize_fp8(inputs.x)
+                x_in, kwargs["x_scales"], cpu_x, cpu_kwargs["x_scales"] = q.to(device), s.to(device), q, s
+            else:
+                x_in, cpu_x = x, inputs.x
+                if mode.startswith("quantize"):
+                    kwargs = cpu_kwargs = dict(quantize_fp8=True, power_of_two_scales=mode.endswith("pow2"))
+            _poison(comm)
+            ours = comm.low_latency_dispatch(x_in, idx, num_experts, num_sms=num_sms, **kwargs)
+            theirs = oracle.dispatch(cpu_x, inputs.topk_idx, num_experts, **cpu_kwargs)
+            comm.check_errors()
+            _check_received(ours, theirs, where)
+
+        # Combine: random outputs staged from outside the buffer, then written in place.
+        ours = comm.low_latency_dispatch(x, idx, num_experts)
+        theirs = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts)
+        outputs = _random_outputs(seed, rank, (local, rows_per_expert, HIDDEN))
+        expected = oracle.combine(outputs, inputs.topk_weights, theirs.handle)[0]
+        weights = inputs.topk_weights.to(device)
+        for num_sms in (24, 2):
+            same_bits(comm.low_latency_combine(outputs.to(device), weights, ours.handle, num_sms=num_sms), expected,
+                      f"{routing}: combine staged, sms{num_sms}")
+        in_place = comm.low_latency_combine_input(ours.handle)
+        in_place.copy_(outputs)
+        same_bits(comm.low_latency_combine(in_place, weights, ours.handle), expected, f"{routing}: combine in place")
+        comm.check_errors()
+    comm.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_low_latency_kernels_match_the_reference_bit_for_bit(world_size):
+    require_ranks(world_size)
+    run_ranks(_agreement_worker, world_size)
+
+
+def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
+    comm = _kernel_communicator(world_size)
+    oracle = ReferenceLowLatency(comm.reference, comm._low_latency.config)
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = comm._low_latency.config.num_experts
+    inputs = _every_rank_inputs(5, "uniform", world_size, num_experts)[rank]
+    x, idx, weights = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
+    theirs = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts)
+    expected = oracle.combine(oracle.combine_input(theirs.handle).copy_(theirs.x), inputs.topk_weights,
+                              theirs.handle)[0]
+
+    # Two micro-batches in flight with hooks: both send, then both receive.
+    first = comm.low_latency_dispatch(x, idx, num_experts, return_recv_hook=True)
+    second = comm.low_latency_dispatch(x, idx, num_experts, return_recv_hook=True)
+    first.hook()
+    second.hook()
+    _check_received(first, theirs, "hook, first")
+    _check_received(second, theirs, "hook, second")
+    y, event, hook = comm.low_latency_combine_async(first.x.clone(), weights, first.handle, return_recv_hook=True)
+    hook()
+    same_bits(y, expected, "combine with a hook")
+    with pytest.raises(RuntimeError, match="hook: already called"):
+        hook()
+    third = comm.low_latency_dispatch(x, idx, num_experts)
+    with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
+        comm.low_latency_combine(first.x, weights, first.handle)
+    y, event, _ = comm.low_latency_combine_async(third.x.clone(), weights, third.handle)
+    event.wait()
+    same_bits(y, expected, "async combine")
+
+    # A captured dispatch + combine replays with fresh inputs (the epochs live on the device).
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warm = comm.low_latency_dispatch(static_x, idx, num_experts)
+        comm.low_latency_combine(warm.x.clone(), weights, warm.handle)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = comm.low_latency_dispatch(static_x, idx, num_experts)
+        y_static = comm.low_latency_combine(captured.x, weights, captured.handle)
+    for replay in range(3):
+        torch.cuda.synchronize()
+        dist.barrier()
+        fresh = (torch.randn(x.shape, generator=torch.Generator().manual_seed(replay * 10 + rank)) * 2).to(torch.bfloat16)
+        static_x.copy_(fresh.to(device))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = oracle.dispatch(fresh, inputs.topk_idx, num_experts)
+        _check_received(captured, replayed, f"replay {replay}")
+        want = oracle.combine(oracle.combine_input(replayed.handle).copy_(replayed.x), inputs.topk_weights,
+                              replayed.handle)[0]
+        same_bits(y_static, want, f"replay {replay}: combine")
+    comm.check_errors()
+    comm.close()
+
+
+@pytest.mark.gpu
+def test_receive_hooks_two_micro_batches_and_graph_replays():
+    require_ranks(2)
+    run_ranks(_hooks_and_graphs_worker, 2)
+
+
+def _failure_worker(rank: int, world_size: int) -> None:
+    comm = _kernel_communicator(world_size, timeout_s=2.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = comm._low_latency.config.num_experts
+    x = torch.randn(8, HIDDEN, device=device).to(torch.bfloat16)
+    idx = torch.zeros(8, 2, dtype=torch.int64, device=device)
+    if rank == 1:
+        idx[3, 1] = num_experts  # invalid: skipped on the GPU, reported at the next call
+    comm.low_latency_dispatch(x, idx, num_experts)
+    torch.cuda.synchronize()
+    if rank == 1:
+        with pytest.raises(CommunicationError, match="topk_idx had invalid expert ids"):
+            comm.check_errors()
+    dist.barrier()
+    # On a second communicator rank 0 stops answering: the others' waits give up naming the stage and rank 0.
+    silent = _kernel_communicator(world_size, timeout_s=2.0)
+    if rank != 0:
+        silent.low_latency_dispatch(x, torch.zeros_like(idx), num_experts)
+        torch.cuda.synchronize()
+        with pytest.raises(CommunicationError, match="low_latency_counts") as info:
+            silent.check_errors()
+        assert info.value.peer == 0
+    dist.barrier()
+
+
+@pytest.mark.gpu
+def test_bad_ids_and_a_silent_rank_are_reported_naming_them():
+    require_ranks(3)
+    run_ranks(_failure_worker, 3, timeout_s=60)
