@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext, fp8
+from deepcomm.bench_low_latency import low_latency_rows
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us, ranks_have_own_gpu, rows_kept_local
 from deepcomm.checks import expected_round_trip
 from deepcomm.communicator import TRANSPORTS, Communicator
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inter-node leg of the internode path")
     parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")
+    parser.add_argument("--mode", choices=("normal", "low-latency", "both"), default="normal",
+                        help="normal dispatch/combine, the low-latency mode (deepcomm.bench_low_latency), or both")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -255,7 +258,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         flat = {"per_rank_ratio": float(totals[1] / max(totals[0], 1)),
                 "per_expert_ratio": float(totals[2] / max(totals[0], 1))}
 
-    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.mode != "low-latency" else []
+    for dtype in dtypes:
         if dtype == "bf16":
             payload, scales, reference_x = x, None, x
         elif dtype == "fp8":
@@ -336,6 +340,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                                     int(mean_over_ranks(combine_bytes)), combine_floor, combine_ok, combine_note))
     if on_cuda and "intranode" in comms and args.overlap:
         rows += overlap_rows(comms["intranode"], x, topk_idx, topk_weights, shape, timer, row, device)
+    if args.mode != "normal":
+        rows += low_latency_rows(args, shape, topo, x, topk_idx, topk_weights, timer, row, device, own_gpu, sms_values,
+                                 all_ok, mean_over_ranks)
     return rows
 
 

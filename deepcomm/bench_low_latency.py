@@ -1,0 +1,106 @@
+"""The low-latency rows of ``python -m deepcomm.bench --mode low-latency``.
+
+Stages, each on the kernels (path ``low_latency``) and on the reference path:
+``ll_dispatch`` (bf16 rows, or ``fp8``: bf16 quantised on the way, as DeepEP's
+low-latency mode does), ``ll_combine`` (the received bf16 rows pulled back and
+reduced, weighted) and ``ll_round_trip`` (both). Bytes are counted as DeepEP's
+low-latency test counts them: received (token, expert) rows times their bytes
+for dispatch, the same rows in bf16 for combine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from deepcomm import _ext
+from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us
+from deepcomm.communicator import Communicator
+from deepcomm.low_latency import LowLatencyConfig
+from deepcomm.reference_low_latency import weighted_sum_in_k_order
+
+
+def distinct_pairs(topk_idx: torch.Tensor, first_expert: int = 0, num_experts: int | None = None) -> int:
+    """(token, expert) rows a routing sends, a token naming an expert twice counted once; only experts in
+    ``[first_expert, first_expert + num_experts)`` when given."""
+    idx = topk_idx.cpu()
+    last = idx.max().item() + 1 if num_experts is None else first_expert + num_experts
+    keep = (idx >= first_expert) & (idx < last)
+    rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[keep]
+    return int(torch.unique(rows * (last + 1) + idx[keep]).numel())
+
+
+def round_trip_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Combine of the received rows themselves: per token, its weights times x in k order (bf16)."""
+    num_tokens, num_topk = topk_idx.shape
+    values = x.unsqueeze(1).expand(num_tokens, num_topk, x.shape[1])
+    return weighted_sum_in_k_order(values, topk_weights, topk_idx >= 0).to(torch.bfloat16)
+
+
+def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: Callable, row: Callable,
+                     device: torch.device, own_gpu: bool, sms_values: list[int], all_ok: Callable,
+                     mean_over_ranks: Callable) -> list:
+    config = LowLatencyConfig(shape["tokens"], shape["hidden"], shape["experts"], shape["topk"])
+    experts = shape["experts"]
+    local = experts // topo.world_size
+    paths = {"reference": Communicator(backend="reference", low_latency=config)}
+    if device.type == "cuda" and _ext.available():
+        paths["low_latency"] = Communicator(num_sms=sms_values[0], low_latency=config, timeout_s=args.timeout)
+    # Rows this rank keeps (its tokens to its own experts): on GPUs of their own, the floor is the rest.
+    kept = distinct_pairs(topk_idx, topo.rank * local, local)
+    expected = round_trip_expected(x, topk_idx, topk_weights)
+    sent = torch.tensor([distinct_pairs(topk_idx)], dtype=torch.int64)
+    dist.all_reduce(sent.cuda() if dist.get_backend() == "nccl" else sent)
+    rows = []
+    for path, comm in paths.items():
+        for sms in sms_values if path == "low_latency" else [None]:
+            floor_sms = sms or sms_values[0]
+
+            def floor(nbytes: int, row_bytes: int) -> float | None:
+                if device.type != "cuda":
+                    return None
+                if own_gpu:
+                    return peer_copy_floor_us(timer, nbytes - kept * row_bytes, floor_sms, device)
+                return copy_floor_us(timer, nbytes, floor_sms, device)
+
+            for dtype in ("bf16", "fp8"):
+                def dispatch():
+                    return comm.low_latency_dispatch(x, topk_idx, experts, quantize_fp8=dtype == "fp8", num_sms=sms)
+
+                result = dispatch()
+                received = int(result.num_tokens_per_expert.sum())
+                row_bytes = 2 * shape["hidden"] if dtype == "bf16" else shape["hidden"] + shape["hidden"] // 32
+                # Every row sent arrives somewhere: the totals over ranks agree.
+                total = torch.tensor([received], dtype=torch.int64)
+                dist.all_reduce(total.cuda() if dist.get_backend() == "nccl" else total)
+                check = all_ok(int(total) == int(sent))
+                nbytes = received * row_bytes
+                rows.append(row(path, dtype, "ll_dispatch", sms, timer(dispatch), int(mean_over_ranks(nbytes)),
+                                floor(nbytes, row_bytes), check, "no host wait" if path == "low_latency" else ""))
+
+            result = dispatch_bf16 = comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms)
+            received = int(result.num_tokens_per_expert.sum())
+            nbytes = received * 2 * shape["hidden"]
+            # On the kernels the received rows are combine's input in place (the experts' outputs would be).
+            rows_in = result.x if path == "low_latency" else comm.low_latency_combine_input(result.handle).copy_(result.x)
+            combined = comm.low_latency_combine(rows_in, topk_weights, dispatch_bf16.handle, num_sms=sms)
+            check = all_ok(torch.equal(combined, expected))
+            rows.append(row(path, "bf16", "ll_combine", sms,
+                            timer(lambda: comm.low_latency_combine(rows_in, topk_weights, dispatch_bf16.handle,
+                                                                   num_sms=sms)),
+                            int(mean_over_ranks(nbytes)), floor(nbytes, 2 * shape["hidden"]), check, "weighted"))
+
+            def round_trip():
+                out = comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms)
+                back = out.x if path == "low_latency" else comm.low_latency_combine_input(out.handle).copy_(out.x)
+                return comm.low_latency_combine(back, topk_weights, out.handle, num_sms=sms)
+
+            check = all_ok(torch.equal(round_trip(), expected))
+            rows.append(row(path, "bf16", "ll_round_trip", sms, timer(round_trip), int(mean_over_ranks(2 * nbytes)),
+                            None, check))
+    for comm in paths.values():
+        comm.close()
+    return rows
+
