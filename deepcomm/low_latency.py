@@ -200,6 +200,11 @@ class LowLatencyKernels:
         regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
         self.ctx = core.Context(regions, topology.rank, config.num_experts, config.max_tokens_per_rank, config.hidden,
                                 self.mailbox.data_ptr(), int(timeout_s * 1e9))
+        local_experts = config.num_experts // world
+        self._routing_words = [torch.empty(local_experts + config.max_tokens_per_rank * config.num_topk,
+                                           dtype=torch.int32, device=self.device) for _ in range(core.NUM_AREAS)]
+        self._routing: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._core = _ext.extension()
         self._calls = 0
         self._failure: CommunicationError | None = None
         self._closed = False
@@ -252,31 +257,56 @@ class LowLatencyKernels:
         payload = payload_of(x, quantize_fp8, power_of_two_scales)
         num_blocks = blocks_of(self.num_sms, num_sms)
         num_tokens, num_topk = topk_idx.shape
-        stream = self._stream
-        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), async_finish) as caller:
-            call = self._calls + 1
-            area = call % self.kernels.NUM_AREAS
-            # One allocation: the pairs' rows [T, K] then the received counts [E/world].
-            local_experts = num_experts // world
-            words = torch.empty(num_tokens * num_topk + local_experts, dtype=torch.int32, device=self.device)
-            pair_rows = words[: num_tokens * num_topk].view(num_tokens, num_topk)
-            counts = words[num_tokens * num_topk :]
-            cuda_stream = stream.cuda_stream
-            self.ctx.dispatch_send(area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(),
-                                   topk_idx.data_ptr(), num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(),
-                                   num_blocks, cuda_stream)
+        call = self._calls + 1
+        area = call % self.kernels.NUM_AREAS
+        pair_rows, counts = self._routing_of(area, num_tokens, num_topk)
+        views = self._views[area]
+        handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
+        result = LowLatencyResult(views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE],
+                                  None if payload == 0 else views["scales"], counts, handle, EventHandle(None))
+        send = (area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(), topk_idx.data_ptr(),
+                num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
+        caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
+        if caller is not None:  # synchronous: nothing to gain from another stream
+            self.ctx.dispatch_send(*send, caller)
+            self.ctx.dispatch_recv(area, caller)
             self._calls = call
-            views = self._views[area]
-            recv_x = views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE]
-            handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
+            result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
+            return result
+        stream = self._stream
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
+            self.ctx.dispatch_send(*send, stream.cuda_stream)
+            self._calls = call
             if return_recv_hook:
-                event = hand_back((words,), self.device, stream, caller, True)
-                result = LowLatencyResult(recv_x, None if payload == 0 else views["scales"], counts, handle, event)
+                result.event = hand_back((), self.device, stream, caller_stream, True)
                 result.hook = self._receive_hook(handle)
                 return result
-            self.ctx.dispatch_recv(area, cuda_stream)
-            event = hand_back((words,), self.device, stream, caller, async_finish)
-            return LowLatencyResult(recv_x, None if payload == 0 else views["scales"], counts, handle, event)
+            self.ctx.dispatch_recv(area, stream.cuda_stream)
+            result.event = hand_back((), self.device, stream, caller_stream, async_finish)
+            return result
+
+    def _caller_stream(self, previous_event, asynchronous: bool) -> int | None:
+        """The caller's current stream (cudaStream_t) when a call may run on it, else None.
+
+        A synchronous call with no event to wait for runs where the caller would wait for it anyway:
+        no stream switch, no events between streams, inputs and outputs already ordered.
+        """
+        if asynchronous or previous_event is not None or torch.cuda.current_device() != self.device.index:
+            return None
+        return torch._C._cuda_getCurrentRawStream(self.device.index)
+
+    def _routing_of(self, area: int, num_tokens: int, num_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An area's pair rows ``[T, K]`` and received counts, in memory of its own (no allocation per call:
+        they live as long as the area's rows, and a captured graph finds them at the same address)."""
+        key = (area, num_tokens, num_topk)
+        views = self._routing.get(key)
+        if views is None:
+            words = self._routing_words[area]
+            local_experts = self.config.num_experts // self.topology.world_size
+            views = (words[local_experts : local_experts + num_tokens * num_topk].view(num_tokens, num_topk),
+                     words[:local_experts])
+            self._routing[key] = views
+        return views
 
     def _receive_hook(self, handle: LowLatencyHandle) -> Callable[[], EventHandle]:
         called = False
@@ -308,30 +338,38 @@ class LowLatencyKernels:
 
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
+        """``(y, event, hook)``; with a hook, ``topk_weights`` must live until ``hook()`` was called."""
         self.check_errors()
         self._check_handle(handle)
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
-        stream = self._stream
-        with CommStreamScope(stream, previous_event, (expert_out, topk_weights), async_finish) as caller:
-            cuda_stream = stream.cuda_stream
-            if expert_out.data_ptr() != self._views[handle.area][torch.bfloat16].data_ptr():
-                self.ctx.stage_outputs(handle.area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
+        area = handle.area
+        staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
+
+        def send(cuda_stream: int) -> torch.Tensor:
+            if staged:  # peers read registered memory only
+                self.ctx.stage_outputs(area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
                                        num_blocks, cuda_stream)
-            self.ctx.combine_send(handle.area, cuda_stream)
-            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+            self.ctx.combine_send(area, cuda_stream)
+            return torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
 
-            def receive() -> None:
-                self.ctx.combine_recv(handle.area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(),
-                                      handle.num_tokens, handle.pair_rows.shape[1], y.data_ptr(), num_blocks,
-                                      self._stream.cuda_stream)
+        def receive(y: torch.Tensor, cuda_stream: int) -> None:
+            self.ctx.combine_recv(area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(), handle.num_tokens,
+                                  handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
 
+        caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
+        if caller is not None:  # synchronous: on the caller's stream, y allocated there
+            y = send(caller)
+            receive(y, caller)
+            return y, EventHandle(self._core.StreamPoint(caller, self.device.index)), None
+        stream = self._stream
+        with CommStreamScope(stream, previous_event, (expert_out, topk_weights), True) as caller_stream:
+            # y belongs to the communication stream, which writes it; hand_back makes it safe on the caller's.
+            y = send(stream.cuda_stream)
             if not return_recv_hook:
-                receive()
-                return y, hand_back((y,), self.device, stream, caller, async_finish), None
-            event = hand_back((y,), self.device, stream, caller, True)
-            topk_weights.record_stream(stream)  # read when the hook runs, after the caller may have dropped it
-
+                receive(y, stream.cuda_stream)
+                return y, hand_back((y,), self.device, stream, caller_stream, async_finish), None
+            event = hand_back((y,), self.device, stream, caller_stream, True)
         called = False
 
         def hook() -> EventHandle:
@@ -343,10 +381,10 @@ class LowLatencyKernels:
             self._check_handle(handle)
             called = True
             now = CallerStream(self.device.index)
-            order_streams(self._stream, now)
-            receive()
-            done = EventHandle.record(self.device, self._stream)
-            order_streams(now, self._stream)
+            order_streams(stream, now)
+            receive(y, stream.cuda_stream)
+            done = EventHandle.record(self.device, stream)
+            order_streams(now, stream)
             return done
 
         return y, event, hook

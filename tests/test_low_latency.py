@@ -309,8 +309,14 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     same_bits(y, expected, "combine with a hook")
     with pytest.raises(RuntimeError, match="hook: already called"):
         hook()
+    # On the communication stream: asynchronous (wait on the event), and after an event (the caller's stream waits).
+    third = comm.low_latency_dispatch(x, idx, num_experts, async_finish=True)
+    third.event.wait()
+    _check_received(third, theirs, "async dispatch")
+    after_event = comm.low_latency_dispatch(x, idx, num_experts, previous_event=third.event)
+    _check_received(after_event, theirs, "dispatch after an event")
     third = comm.low_latency_dispatch(x, idx, num_experts)
-    with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
+    with pytest.raises(SlotReusedError, match="handle: 4 low-latency dispatches ran"):
         comm.low_latency_combine(first.x, weights, first.handle)
     y, event, _ = comm.low_latency_combine_async(third.x.clone(), weights, third.handle)
     event.wait()

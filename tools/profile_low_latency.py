@@ -1,0 +1,130 @@
+"""Where a low-latency call's time goes: host work, each kernel, and the call end to end.
+
+    python -m deepcomm.launch --standalone --nproc-per-node 2 tools/profile_low_latency.py \
+        --tokens 128 --hidden 7168 --experts 288 --trace /tmp/ll_trace.json
+
+Per rank: the host time of one call (perf_counter around calls queued back to back, the GPU
+left to run behind), the device time of each kernel (torch profiler), and the time per call
+end to end on the GPU (CUDA events around back-to-back calls, as deepcomm.bench times them).
+When the host time is the larger, the host sets the pace; else the kernels do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+import deepcomm
+from deepcomm.launch import destroy_distributed, init_distributed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=288)
+    parser.add_argument("--num-sms", type=int, default=24)
+    parser.add_argument("--fp8", action="store_true", help="quantise to fp8 in dispatch")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace here")
+    return parser.parse_args(argv)
+
+
+def host_us(fn, iters: int) -> float:
+    """Median host µs per call, calls queued back to back (the GPU may run behind)."""
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - start) / 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def device_us(fn, iters: int) -> float:
+    """Median µs per call between CUDA events around back-to-back calls."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+
+
+def kernel_name(name: str) -> str:
+    """``dispatch_send_kernel`` out of a demangled ``void ns::(anonymous namespace)::dispatch_send_kernel<...>(...)``."""
+    found = re.findall(r"(\w+_kernel)\b", name)
+    return found[0] if found else name[:40]
+
+
+def kernel_us(fn, iters: int, trace: str | None) -> dict[str, float]:
+    """Mean device µs per call of each kernel (torch profiler), by kernel name."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[kernel_name(event.name)] += event.device_time
+    if trace:
+        prof.export_chrome_trace(trace)
+    return {name: total / iters for name, total in totals.items()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    init_distributed(600)
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device())
+        config = deepcomm.LowLatencyConfig(args.tokens, args.hidden, args.experts, args.topk)
+        comm = deepcomm.Communicator(num_sms=args.num_sms, low_latency=config)
+        generator = torch.Generator().manual_seed(rank)
+        x = torch.randn(args.tokens, args.hidden, generator=generator).to(device, torch.bfloat16)
+        topk_idx = torch.rand(args.tokens, args.experts, generator=generator).topk(args.topk, dim=1).indices.to(device)
+        weights = torch.rand(args.tokens, args.topk, generator=generator).to(device)
+
+        def dispatch():
+            return comm.low_latency_dispatch(x, topk_idx, args.experts, quantize_fp8=args.fp8)
+
+        held = comm.low_latency_dispatch(x, topk_idx, args.experts)
+
+        def combine():
+            return comm.low_latency_combine(held.x, weights, held.handle)
+
+        rows = {}
+        for name, fn in (("dispatch", dispatch), ("combine", combine)):
+            for _ in range(5):
+                fn()
+            rows[name] = (host_us(fn, args.iters), device_us(fn, args.iters),
+                          kernel_us(fn, args.iters, args.trace if rank == 0 and name == "dispatch" else None))
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, rows)
+        if rank == 0:
+            print(f"low-latency call, {args.tokens} tokens x {args.hidden} hidden, top-{args.topk} of "
+                  f"{args.experts}, {world} ranks, {args.num_sms} SMs, {'fp8' if args.fp8 else 'bf16'} (µs, medians)")
+            for name in ("dispatch", "combine"):
+                for r, per_rank in enumerate(everyone):
+                    host, wall, kernels = per_rank[name]
+                    listed = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+                    print(f"{name:<9} rank {r}: host {host:6.1f}  on the GPU per call {wall:6.1f}  kernels: {listed}")
+        comm.close()
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
