@@ -1,15 +1,22 @@
 """tools/bench_deepep.py --mode low-latency: what runs without a GPU or DeepEP (arguments, bytes,
-the routing's expected counts, the handle's packing, the probe's one-line reason)."""
+the routing's expected counts, the handle's packing, the probe's one-line reason), and its checks
+and rows on CPU ranks against a stand-in for DeepEP's low-latency Buffer (written here from its
+documented behaviour: the real one is only exercised on the GPU machine)."""
 
 from __future__ import annotations
 
 import importlib.util
+import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+
+from dist import run_ranks
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_deepep.py"
 _spec = importlib.util.spec_from_file_location("bench_deepep", TOOL)
@@ -127,3 +134,102 @@ def test_error_line_of_a_bare_assert_says_where():
     assert line.startswith("AssertionError at test_bench_deepep_ll.py:") and "raise AssertionError()" in line
     assert bench_deepep.error_line(RuntimeError("Failed: Assertion error\nmore")) == \
         "RuntimeError: Failed: Assertion error"
+
+
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+class StandInBuffer:
+    """DeepEP's LL dispatch/combine as documented, on CPU over the group: per local expert,
+    the source ranks' rows in a random order of ranks and tokens; fp8 with a float scale per 128
+    channels (column-major); combine returns each token's weighted sum. ``corrupt`` breaks it."""
+
+    corrupt = ""
+
+    def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=0,
+                 allow_nvlink_for_low_latency_mode=False, explicitly_destroy=False):
+        assert low_latency_mode and explicitly_destroy and num_rdma_bytes > 0 and allow_nvlink_for_low_latency_mode
+        self.rank, self.world = group.rank(), group.size()
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(tokens, hidden, ranks, experts):
+        return 1 << 20
+
+    def low_latency_dispatch(self, x, topk_idx, max_tokens, experts, use_fp8=True):
+        local, hidden = experts // self.world, x.shape[1]
+        xs, ids = _gather(x), _gather(topk_idx)
+        recv = torch.zeros(local, self.world * max_tokens, hidden, dtype=torch.bfloat16)
+        src = torch.zeros(local, self.world * max_tokens, dtype=torch.int32)
+        layout = torch.zeros(local, self.world, dtype=torch.int64)
+        counts = torch.zeros(local, dtype=torch.int32)
+        for e in range(local):
+            end = 0
+            for r in random.sample(range(self.world), self.world):
+                tokens = (ids[r] == self.rank * local + e).any(1).nonzero().flatten()
+                tokens = tokens[torch.randperm(len(tokens))]
+                layout[e, r] = (end << 32) | len(tokens)
+                recv[e, end:end + len(tokens)] = xs[r][tokens]
+                src[e, end:end + len(tokens)] = tokens.to(torch.int32)
+                end += len(tokens)
+            counts[e] = end
+        if self.corrupt == "rows":
+            recv[:, [0, 1]] = recv[:, [1, 0]]
+        handle = (src, layout, max_tokens, hidden, experts)
+        if not use_fp8:
+            return recv, counts, handle, None, None
+        blocks = recv.float().unflatten(-1, (hidden // 128, 128))
+        scale = blocks.abs().amax(-1).clamp_min(1e-4) / 448
+        values = (blocks / scale.unsqueeze(-1)).flatten(-2).to(torch.float8_e4m3fn)
+        scales = torch.empty(local, hidden // 128, self.world * max_tokens).transpose(1, 2)
+        scales.copy_(scale * (1.2 if self.corrupt == "scales" else 1.0))
+        return (values, scales), counts, handle, None, None
+
+    def low_latency_combine(self, rows, topk_idx, topk_weights, handle):
+        src, layout, max_tokens, hidden, experts = handle
+        local = experts // self.world
+        ids, weights = _gather(topk_idx), _gather(topk_weights)
+        partial = torch.zeros(self.world, max_tokens, hidden)
+        for e in range(local):
+            for r in range(self.world):
+                begin, count = int(layout[e, r]) >> 32, int(layout[e, r]) & 0xFFFFFFFF
+                tokens = src[e, begin:begin + count].long()
+                weight = (weights[r][tokens] * (ids[r][tokens] == self.rank * local + e)).sum(1, keepdim=True)
+                partial[r, tokens] += weight * rows[e, begin:begin + count].float()
+        return sum(p[self.rank] for p in _gather(partial)).to(torch.bfloat16), None, None
+
+    def destroy(self):
+        pass
+
+
+def _low_latency_rows(rank: int, world: int, corrupt: str, out: dict) -> None:
+    StandInBuffer.corrupt = corrupt
+    deep_ep = types.SimpleNamespace(Buffer=StandInBuffer, topk_idx_t=torch.int64)
+    args = bench_deepep.parse_args(["--mode", "low-latency", "--tokens", "16", "--hidden", "256", "--experts", "8",
+                                    "--topk", "3", "--iters", "1", "--warmup", "0"])
+    rows = bench_deepep.run_low_latency(args, deep_ep, dist.group.WORLD)
+    if rank == 0:
+        out.update({(r.stage, r.dtype): r for r in rows})
+
+
+def _check_rows(rank: int, world: int, corrupt: str) -> None:
+    rows: dict = {}
+    _low_latency_rows(rank, world, corrupt, rows)
+    if rank:
+        return
+    assert list(rows) == [("ll_dispatch", "bf16"), ("ll_dispatch", "fp8"), ("ll_combine", "bf16"),
+                          ("ll_round_trip", "bf16"), ("ll_round_trip", "fp8")]
+    failed = {key for key, row in rows.items() if row.check != "ok"}
+    expect = {"": set(), "rows": set(rows), "scales": {("ll_dispatch", "fp8"), ("ll_round_trip", "fp8")}}[corrupt]
+    assert failed == expect, (corrupt, failed)
+    for (stage, dtype), row in rows.items():
+        assert row.path == "deepep_ll" and row.ranks == world and row.sms is None and row.us > 0
+        # Top-3 of 8 experts, 16 tokens a rank: averaged over ranks each receives 16 * 3 rows.
+        assert row.bytes_per_rank == bench_deepep.ll_stage_bytes(stage, dtype, 16 * 3, 256)
+
+
+@pytest.mark.parametrize("corrupt", ["", "rows", "scales"])
+def test_checks_and_rows_against_a_stand_in_on_two_cpu_ranks(corrupt):
+    run_ranks(_check_rows, 2, corrupt)

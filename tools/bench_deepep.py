@@ -27,8 +27,9 @@ mapping, no NIC needed). Rows (path "deepep_ll"):
   ll_dispatch   bf16 / fp8  low_latency_dispatch(use_fp8=False / True), no hook, synchronous
   ll_combine    bf16        low_latency_combine of the rows a bf16 dispatch received, passed back
                             unchanged, zero-copy off, the handle reused
-  ll_round_trip bf16 / fp8  a dispatch, then combine with its handle: of the rows it received
-                            (bf16); of fixed bf16 rows of that shape (fp8: DeepEP's test does so)
+  ll_round_trip bf16 / fp8  a dispatch, then combine with its handle: bf16, of the rows it
+                            received; fp8, of fixed bf16 rows (an earlier fp8 dispatch's rows,
+                            dequantised), as DeepEP's test times it
 Checked before timing, on every rank: each local expert's received count equals the count the
 gathered routing gives; each received row is its source token's row (bf16: bit for bit; fp8:
 dequantised, within e4m3 rounding of its scale); combine returns x times the sum of the token's
@@ -39,8 +40,8 @@ ranks it equals the sent (token, expert) selections DeepEP's test counts). ll_di
 hidden*2 bytes (bf16) or hidden + 4*hidden/128 + 16 bytes (fp8: values, a float scale per 128
 channels, the 16-byte message header); ll_combine: R rows of hidden*2; ll_round_trip: the sum of
 its dispatch and combine bytes. No floor column: LL kernels pick their own SM count.
-Before timing, each rank starts a short probe in a child process (DeepEP's Buffer, one dispatch
-and combine of each kind): NVSHMEM failing to initialise can abort the process or trap on the
+Before timing, each rank starts a short probe in a child process (DeepEP's Buffer, a dispatch
+of each kind and a combine): NVSHMEM failing to initialise can abort the process or trap on the
 GPU, so when the probe fails the benchmark prints one line with the reason and exits 0, no rows.
 """
 
@@ -98,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_path", default=None, help="write every row to this file")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--mode", choices=MODES, default="normal",
-                        help="normal: DeepEP's intranode kernels; low-latency: its LL kernels (needs NVSHMEM)")
+                        help="normal: DeepEP's intranode kernels; low-latency: its LL kernels (needs an NVSHMEM "
+                             "build; --sms and the chunk sweeps do not apply)")
     parser.add_argument("--probe-timeout", type=float, default=180.0,
                         help="low-latency: seconds the start-up probe may take")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the probe's child process
@@ -175,9 +177,10 @@ def probe_reason(text: str, code: int | None, timeout_s: float) -> str:
     if not reason:
         hits = [line for line in lines
                 if re.search(r"error|fail|assert|abort|unable|trap|timeout|exception|terminate", line, re.I)]
+        last = hits[-1] if hits else lines[-1] if lines else ""
         reason = f"timed out after {timeout_s:.0f} s" if code is None else f"exit code {code}"
-        if hits:
-            reason += f": {hits[-1][:300]}"
+        if last:
+            reason += f": {last[:300]}"
     if device and device not in reason:
         reason += f"; {device}"
     return reason
@@ -308,7 +311,8 @@ def make_ll_buffer(deep_ep, group, shape: dict, world: int):
 
 def run_low_latency(args: argparse.Namespace, deep_ep, group) -> list[bench.Row]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device())
+    on_cuda = torch.cuda.is_available()  # always, but for a check of this function with a stand-in
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     shape = bench.workload(args, on_cuda=True)
     tokens, hidden, experts = shape["tokens"], shape["hidden"], shape["experts"]
     local = experts // world
@@ -318,12 +322,13 @@ def run_low_latency(args: argparse.Namespace, deep_ep, group) -> list[bench.Row]
     weights = topk_weights.to(torch.float32).contiguous()
     buffer, num_rdma_bytes = make_ll_buffer(deep_ep, group, shape, world)
     timer = bench.Timer(device, args.warmup, args.iters)
-    device_name = torch.cuda.get_device_name(device)
+    device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
 
     # What every rank sends, to check what arrives here.
     all_topk_idx = bench.gather_host(topk_idx.to(torch.int64).cpu())  # [ranks, tokens, topk]
-    all_x = torch.empty(world, tokens, hidden, dtype=x.dtype, device=device)
-    dist.all_gather_into_tensor(all_x, x.contiguous())
+    all_x = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(all_x, x.contiguous())
+    all_x = torch.stack(all_x)  # [ranks, tokens, hidden]
     want_counts = local_expert_counts(all_topk_idx, experts, rank, world)
     recv_rows = int(want_counts.sum())
     expected = x.float() * weights.sum(dim=1, keepdim=True)  # every top-k id is valid here
@@ -413,7 +418,8 @@ def run_low_latency(args: argparse.Namespace, deep_ep, group) -> list[bench.Row]
     rows.append(row("fp8", "ll_round_trip", timer(partial(round_trip, True, fixed_rows)), check,
                     "fp8 dispatch, combine of fixed bf16 rows (as DeepEP's test)"))
     del received, recv_bf16, handle_bf16, recv_fp8, handle_fp8
-    torch.cuda.synchronize()
+    if on_cuda:
+        torch.cuda.synchronize()
     dist.barrier()
     buffer.destroy()
     return rows

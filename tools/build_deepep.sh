@@ -61,7 +61,8 @@ CCCL=$CUDA_HOME/include/cccl
 export CPLUS_INCLUDE_PATH=$CCCL${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
 # torch's ATen/cuda headers include the cuSPARSE/cuBLAS/cuSOLVER headers. A minimal toolkit
 # (nvcc + cudart only) lacks them; the nvidia-* wheels that torch depends on carry them.
-site=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+site=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))') \
+  || fail "$PYTHON cannot import torch"
 for header in cusparse.h cublas_v2.h cublasLt.h cusolverDn.h cusolver_common.h; do
   [ -f "$CUDA_HOME/include/$header" ] && continue
   found=$(ls "$site"/nvidia/*/include/"$header" 2>/dev/null | head -1 || true)
@@ -135,13 +136,28 @@ CPP
 # libibverbs-dev; headers only, nothing links against it). A machine without a NIC rarely has
 # it and the GPU machine cannot fetch it: take it from a libibverbs-dev .deb carried in
 # .peer/debs/ (here: apt-get download libibverbs-dev) or named by DEEPEP_IBVERBS_DEB.
+unpack_deb() {  # DEB DIR: with dpkg-deb where there is one, else with ar and tar
+  if command -v dpkg-deb > /dev/null; then
+    dpkg-deb -x "$1" "$2"
+    return
+  fi
+  local member
+  member=$(ar t "$1" | grep '^data\.tar') || return 1
+  mkdir -p "$2"
+  case $member in
+    *.xz) ar p "$1" "$member" | tar -xJ -C "$2" ;;
+    *.zst) ar p "$1" "$member" | tar --zstd -x -C "$2" ;;
+    *.gz) ar p "$1" "$member" | tar -xz -C "$2" ;;
+    *) ar p "$1" "$member" | tar -x -C "$2" ;;
+  esac
+}
 EXTRA_NVCC_INCLUDES=""
 if [ "$WITH_NVSHMEM" = 1 ]; then
   EXTRA_NVCC_INCLUDES=$CCCL
   if ! echo '#include <infiniband/mlx5dv.h>' | g++ -E -x c++ - > /dev/null 2>&1; then
     deb=${DEEPEP_IBVERBS_DEB:-$(ls "$PWD"/.peer/debs/libibverbs-dev_*.deb 2>/dev/null | head -1 || true)}
     [ -n "$deb" ] && [ -f "$deb" ] || fail "no <infiniband/mlx5dv.h>: apt-get install libibverbs-dev, or carry its .deb in .peer/debs/ (apt-get download libibverbs-dev)"
-    dpkg-deb -x "$deb" "$BUILD_TMP/ibverbs" || fail "could not unpack $deb"
+    unpack_deb "$deb" "$BUILD_TMP/ibverbs" || fail "could not unpack $deb"
     CPLUS_INCLUDE_PATH+=":$BUILD_TMP/ibverbs/usr/include"
     EXTRA_NVCC_INCLUDES+=":$BUILD_TMP/ibverbs/usr/include"
     echo '#include <infiniband/mlx5dv.h>' | g++ -E -x c++ - > /dev/null 2>&1 \
