@@ -9,6 +9,7 @@
 #   STEPS: tests (one GPU per rank; several GPUs only) shared (ranks share GPUs, MPS)
 #          nvshmem (PEs sharing one GPU) bench deepep (deepep_build: build only)
 #          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
+#          lowlatency (decode in the low-latency mode: bench rows and a profile per rank count)
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
 #   DECODE_LAUNCHES=N launches step bench's decode run N times and tabulates each row's spread
@@ -28,7 +29,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 NRANKS=${NRANKS:-"2 4"}
 TESTS=${TESTS:-tests}
-STEPS=${STEPS:-"tests shared nvshmem bench deepep overlap profile"}
+STEPS=${STEPS:-"tests shared nvshmem bench deepep lowlatency overlap profile"}
+LL_ARGS=${LL_ARGS:-"--preset decode --mode low-latency --sms 24 --iters 50 --warmup 5"}
 BENCH_ARGS=${BENCH_ARGS:-"--preset prefill --sms 8,16,24,32 --overlap --iters 20 --warmup 3"}
 DECODE_ARGS=${DECODE_ARGS:-"--preset decode --backend intranode --dtypes bf16,fp8 --sms 24 --iters 50 --warmup 5"}
 [ "${BENCH:-1}" = 0 ] && STEPS=${STEPS//bench/} && STEPS=${STEPS//deepep/} && STEPS=${STEPS//overlap/} && STEPS=${STEPS//profile/}
@@ -243,6 +245,15 @@ if step deepep; then
   fi
 fi
 
+# The low-latency mode on the decode workload: its rows (and the reference path's), and where a call's time goes.
+if step lowlatency; then
+  for n in $NRANKS; do
+    bench "ll_decode_${n}ranks" "$n" $LL_ARGS
+    timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py \
+      > "$OUT/profile_ll_${n}ranks.log" 2>&1 || note "profile low-latency ${n} ranks: FAILED (see profile_ll_${n}ranks.log)"
+  done
+fi
+
 # Two-micro-batch overlap: a DeepSeek-V3-width block on 2 ranks with half the SMs each, and
 # the small model trained plain and overlapped on the same ranks.
 if step overlap; then
@@ -283,9 +294,9 @@ fi
 
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
-for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
+for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/ll_decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
            "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/profile_*.log; do
-  [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=)' "$log" | grep -v '^rows written'; }
+  [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=|low-latency call)' "$log" | grep -v '^rows written'; }
 done
 [ -f "$OUT/ab_table.txt" ] && { echo; echo "before/after (base: $AB_DIR):"; cat "$OUT/ab_table.txt"; }
 for spread in "$OUT"/decode_*ranks_spread.txt; do
