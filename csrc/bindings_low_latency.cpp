@@ -34,6 +34,9 @@ void bind_low_latency(py::module_& m) {
     d["rows_per_expert"] = l.rows_per_expert;
     d["row_stride"] = l.row_stride;
     d["scales"] = l.scales;
+    d["staged"] = l.staged;
+    d["staged_scales"] = l.staged_scales;
+    d["staging_tags"] = l.staging_tags;
     d["total_bytes"] = l.total_bytes;
     return d;
   }, py::arg("local_experts"), py::arg("num_ranks"), py::arg("max_tokens"), py::arg("hidden"));
@@ -66,9 +69,11 @@ void bind_low_latency(py::module_& m) {
       }, py::arg("area"), py::arg("payload"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"),
          py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"), py::arg("recv_counts"),
          py::arg("num_blocks"), py::arg("stream"))
-      .def("dispatch_recv", [](const ll::Context& ctx, int area, uintptr_t stream) {
-        ll::launch_dispatch_recv(ctx, area, as_stream(stream));
-      }, py::arg("area"), py::arg("stream"))
+      .def("dispatch_recv", [](const ll::Context& ctx, int area, int payload, int num_tokens, int num_blocks,
+                               uintptr_t stream) {
+        ll::launch_dispatch_recv(ctx, area, static_cast<ll::Payload>(payload), num_tokens, num_blocks,
+                                 as_stream(stream));
+      }, py::arg("area"), py::arg("payload"), py::arg("num_tokens"), py::arg("num_blocks"), py::arg("stream"))
       .def("combine_send", [](const ll::Context& ctx, int area, uintptr_t stream) {
         ll::launch_combine_send(ctx, area, as_stream(stream));
       }, py::arg("area"), py::arg("stream"))

@@ -51,8 +51,8 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
     # Rows this rank keeps (its tokens to its own experts): on GPUs of their own, the floor is the rest.
     kept = distinct_pairs(topk_idx, topo.rank * local, local)
     expected = round_trip_expected(x, topk_idx, topk_weights)
-    sent = torch.tensor([distinct_pairs(topk_idx)], dtype=torch.int64)
-    dist.all_reduce(sent.cuda() if dist.get_backend() == "nccl" else sent)
+    world = dist.get_world_size()
+    sent = round(mean_over_ranks(distinct_pairs(topk_idx)) * world)
     rows = []
     for path, comm in paths.items():
         for sms in sms_values if path == "low_latency" else [None]:
@@ -73,9 +73,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                 received = int(result.num_tokens_per_expert.sum())
                 row_bytes = 2 * shape["hidden"] if dtype == "bf16" else shape["hidden"] + shape["hidden"] // 32
                 # Every row sent arrives somewhere: the totals over ranks agree.
-                total = torch.tensor([received], dtype=torch.int64)
-                dist.all_reduce(total.cuda() if dist.get_backend() == "nccl" else total)
-                check = all_ok(int(total) == int(sent))
+                check = all_ok(round(mean_over_ranks(received) * world) == sent)
                 nbytes = received * row_bytes
                 rows.append(row(path, dtype, "ll_dispatch", sms, timer(dispatch), int(mean_over_ranks(nbytes)),
                                 floor(nbytes, row_bytes), check, "no host wait" if path == "low_latency" else ""))

@@ -205,6 +205,8 @@ class LowLatencyKernels:
                                            dtype=torch.int32, device=self.device) for _ in range(core.NUM_AREAS)]
         self._routing: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._core = _ext.extension()
+        self._comm_stream_used = False  # since the last call on the caller's stream (_caller_stream)
+        self._last_on_caller: EventHandle | None = None  # the end of the last call on the caller's stream
         self._calls = 0
         self._failure: CommunicationError | None = None
         self._closed = False
@@ -269,19 +271,20 @@ class LowLatencyKernels:
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
         if caller is not None:  # synchronous: nothing to gain from another stream
             self.ctx.dispatch_send(*send, caller)
-            self.ctx.dispatch_recv(area, caller)
+            self.ctx.dispatch_recv(area, payload, num_tokens, num_blocks, caller)
             self._calls = call
-            result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
+            result.event = self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
+            self._after_calls_on_caller()
             self.ctx.dispatch_send(*send, stream.cuda_stream)
             self._calls = call
             if return_recv_hook:
                 result.event = hand_back((), self.device, stream, caller_stream, True)
-                result.hook = self._receive_hook(handle)
+                result.hook = self._receive_hook(handle, payload, num_blocks)
                 return result
-            self.ctx.dispatch_recv(area, stream.cuda_stream)
+            self.ctx.dispatch_recv(area, payload, num_tokens, num_blocks, stream.cuda_stream)
             result.event = hand_back((), self.device, stream, caller_stream, async_finish)
             return result
 
@@ -292,8 +295,22 @@ class LowLatencyKernels:
         no stream switch, no events between streams, inputs and outputs already ordered.
         """
         if asynchronous or previous_event is not None or torch.cuda.current_device() != self.device.index:
+            self._comm_stream_used = True
             return None
-        return torch._C._cuda_getCurrentRawStream(self.device.index)
+        caller = torch._C._cuda_getCurrentRawStream(self.device.index)
+        if self._comm_stream_used:
+            # Every kernel of this rank must run in call order (a peer reads an area again only after this
+            # rank's next call on it has started): after calls on the communication stream, wait for them once.
+            self._core.order_streams(caller, self._stream.cuda_stream)
+            self._comm_stream_used = False
+        return caller
+
+    def _after_calls_on_caller(self) -> None:
+        """The communication stream waits for the last call run on the caller's stream (a previous_event
+        need not cover it), so this rank's kernels run in call order."""
+        if self._last_on_caller is not None:
+            self._last_on_caller.wait(self._stream)
+            self._last_on_caller = None
 
     def _routing_of(self, area: int, num_tokens: int, num_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """An area's pair rows ``[T, K]`` and received counts, in memory of its own (no allocation per call:
@@ -308,7 +325,7 @@ class LowLatencyKernels:
             self._routing[key] = views
         return views
 
-    def _receive_hook(self, handle: LowLatencyHandle) -> Callable[[], EventHandle]:
+    def _receive_hook(self, handle: LowLatencyHandle, payload: int, num_blocks: int) -> Callable[[], EventHandle]:
         called = False
 
         def hook() -> EventHandle:
@@ -321,7 +338,7 @@ class LowLatencyKernels:
             called = True
             caller = CallerStream(self.device.index)
             order_streams(self._stream, caller)
-            self.ctx.dispatch_recv(handle.area, self._stream.cuda_stream)
+            self.ctx.dispatch_recv(handle.area, payload, handle.num_tokens, num_blocks, self._stream.cuda_stream)
             event = EventHandle.record(self.device, self._stream)
             order_streams(caller, self._stream)
             return event
@@ -361,9 +378,11 @@ class LowLatencyKernels:
         if caller is not None:  # synchronous: on the caller's stream, y allocated there
             y = send(caller)
             receive(y, caller)
-            return y, EventHandle(self._core.StreamPoint(caller, self.device.index)), None
+            self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
+            return y, self._last_on_caller, None
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out, topk_weights), True) as caller_stream:
+            self._after_calls_on_caller()
             # y belongs to the communication stream, which writes it; hand_back makes it safe on the caller's.
             y = send(stream.cuda_stream)
             if not return_recv_hook:

@@ -128,6 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
       for (int w = 0; w < words; ++w) count += __popc(masks[e * words + w]);
       for (int dst = 0; dst < num_ranks; ++dst) signals_of(ctx, dst)->counts[area][rank][e] = count;
     }
+    for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) signals_of(ctx, dst)->tokens[area][rank] = num_tokens;
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence_system();
@@ -165,29 +166,52 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
     const int first_channel = chunk * chunking.channels;
     const int channels = min(chunking.channels, hidden - first_channel);
 
-    // Lane k: pair (token, k). Its place, and where its chunk goes unless a lower lane has the same expert.
+    // Lane k: pair (token, k) and its place. Its chunk goes straight there when the expert is this rank's
+    // (once per expert: a lower lane naming the same expert writes it); a peer's experts get the chunk once per
+    // peer, in its staging row, from the lowest lane bound there.
     const int64_t expert = lane < num_topk ? args.topk_idx[static_cast<int64_t>(token) * num_topk + lane] : -1;
     const bool valid = expert >= 0 && expert < num_experts;
-    const unsigned long long key = valid ? static_cast<unsigned long long>(expert) : num_experts + lane;
-    const bool first_of_expert = (__match_any_sync(0xffffffffu, key) & ((1u << lane) - 1u)) == 0;
+    const int dst = valid ? static_cast<int>(expert / local_experts) : -1;
+    const uint32_t lower = (1u << lane) - 1u;
+    const bool first_of_expert =
+        (__match_any_sync(0xffffffffu, valid ? static_cast<unsigned long long>(expert) : num_experts + lane) & lower) == 0;
+    const bool first_of_rank = (__match_any_sync(0xffffffffu, valid ? dst : num_ranks + lane) & lower) == 0;
     uint8_t* x_target = nullptr;
     float* scale_target = nullptr;
     int32_t row = -1;
+    int64_t local_row = -1;
     if (valid) {
       const uint32_t* mask = masks + expert * words;
       int32_t earlier = __popc(mask[token / 32] & ((1u << (token % 32)) - 1u));
       for (int w = 0; w < token / 32; ++w) earlier += __popc(mask[w]);
       row = row_base[expert] + earlier;
-      if (first_of_expert) {
-        const int64_t local_row = (expert % local_experts) * rows_per_expert + row;
-        uint8_t* owner_area = area_of(ctx, static_cast<int>(expert / local_experts), area, layout);
+      local_row = (expert % local_experts) * rows_per_expert + row;
+      uint8_t* owner_area = area_of(ctx, dst, area, layout);
+      if (dst == rank && first_of_expert) {
         x_target = owner_area + (local_row * hidden + first_channel) * kRecvBytesPerChannel;
         if constexpr (kHasScales)
           scale_target = reinterpret_cast<float*>(owner_area + layout.scales) + local_row * scale_cols + first_channel / 128;
+      } else if (dst != rank && first_of_rank) {
+        const int64_t staged_row = static_cast<int64_t>(rank) * ctx.max_tokens + token;
+        x_target = owner_area + layout.staged + (staged_row * hidden + first_channel) * kRecvBytesPerChannel;
+        if constexpr (kHasScales)
+          scale_target = reinterpret_cast<float*>(owner_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128;
       }
     }
-    if (chunk == 0 && lane < num_topk)
-      args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] = valid ? static_cast<int32_t>(expert * rows_per_expert + row) : -1;
+    if (chunk == 0) {
+      if (lane < num_topk)
+        args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] = valid ? static_cast<int32_t>(expert * rows_per_expert + row) : -1;
+      // Each peer bound for gets the token's staging tag: this call's epoch, then where each k goes (-1: elsewhere).
+      uint32_t peers = __ballot_sync(0xffffffffu, valid && dst != rank && first_of_rank);
+      while (peers) {
+        const int peer = __shfl_sync(0xffffffffu, dst, __ffs(peers) - 1);
+        peers &= peers - 1;
+        int32_t* tag = reinterpret_cast<int32_t*>(area_of(ctx, peer, area, layout) + layout.staging_tags) +
+                       (static_cast<int64_t>(rank) * ctx.max_tokens + token) * kTagInts;
+        if (lane < kMaxTopk) tag[1 + lane] = dst == peer && first_of_expert ? static_cast<int32_t>(local_row) : -1;
+        if (lane == 0) tag[0] = static_cast<int32_t>(epoch);
+      }
+    }
 
     const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) +
                                                        (static_cast<int64_t>(token) * hidden + first_channel) * kSourceBytesPerChannel);
@@ -226,10 +250,69 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
   }
 }
 
-__global__ void dispatch_recv_kernel(Context ctx, int area) {
+// Waits for every rank's rows, then copies each row a peer staged here to its places (local copies:
+// the row crossed once, however many of this rank's experts it goes to). kFp8: rows of hidden bytes
+// plus scales, else bf16 rows.
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Context ctx, int area, Chunking chunking) {
+  __shared__ bool arrived;
+  __shared__ int first_item[kMaxRanks + 1];  // items of the staged rows of each peer, back to back
   SignalRegion* own = signals_of(ctx, ctx.rank);
-  wait_for_peers(own->rows_done[area], ctx.num_ranks, epoch_of(own, area), ctx.timeout_ns, &ctx.mailbox->header,
-                 kStageLowLatencyRows);
+  const uint64_t epoch = epoch_of(own, area);
+  if (threadIdx.x == 0) {
+    arrived = wait_for_peers(own->rows_done[area], ctx.num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
+                             kStageLowLatencyRows);
+    first_item[0] = 0;
+    for (int src = 0; src < ctx.num_ranks; ++src) {
+      const int tokens = src == ctx.rank ? 0 : *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]);
+      first_item[src + 1] = first_item[src] + tokens * chunking.count;
+    }
+  }
+  __syncthreads();
+  if (!arrived) return;
+
+  constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
+  const AreaLayout layout = layout_of(ctx);
+  uint8_t* own_area = area_of(ctx, ctx.rank, area, layout);
+  const int hidden = ctx.hidden, scale_cols = kFp8 ? hidden / 128 : 0;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int item = blockIdx.x * kWarps + warp; item < first_item[ctx.num_ranks]; item += gridDim.x * kWarps) {
+    int src = 0;
+    while (item >= first_item[src + 1]) ++src;
+    const int token = (item - first_item[src]) / chunking.count, chunk = (item - first_item[src]) % chunking.count;
+    const int64_t staged_row = static_cast<int64_t>(src) * ctx.max_tokens + token;
+    const int32_t* tag = reinterpret_cast<const int32_t*>(own_area + layout.staging_tags) + staged_row * kTagInts;
+    // A tag of another epoch: the row was staged by an earlier call (this one sent the token elsewhere).
+    if (__shfl_sync(0xffffffffu, lane == 0 ? *reinterpret_cast<const volatile int32_t*>(tag) : 0, 0) !=
+        static_cast<int32_t>(epoch))
+      continue;
+    const int32_t place = lane < kMaxTopk ? *reinterpret_cast<const volatile int32_t*>(tag + 1 + lane) : -1;
+    const int first_channel = chunk * chunking.channels;
+    const int channels = min(chunking.channels, hidden - first_channel);
+    uint8_t* x_target = place >= 0 ? own_area + (static_cast<int64_t>(place) * hidden + first_channel) * kBytesPerChannel : nullptr;
+    float* scale_target = nullptr;
+    if (kFp8 && place >= 0)
+      scale_target = reinterpret_cast<float*>(own_area + layout.scales) + static_cast<int64_t>(place) * scale_cols + first_channel / 128;
+    const int4* source = reinterpret_cast<const int4*>(own_area + layout.staged + (staged_row * hidden + first_channel) * kBytesPerChannel);
+    for (int group = 0; group < kMaxTopk; group += kTargetGroup) {
+      uint8_t* x_targets[kTargetGroup];
+      float* scale_targets[kTargetGroup];
+#pragma unroll
+      for (int j = 0; j < kTargetGroup; ++j) {
+        x_targets[j] = reinterpret_cast<uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(x_target), group + j));
+        scale_targets[j] = reinterpret_cast<float*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_target), group + j));
+      }
+      if (__ballot_sync(0xffffffffu, place >= 0 && lane >= group && lane < group + kTargetGroup) == 0) continue;
+      rows::PendingScales<true> scales;
+      if constexpr (kFp8)
+        scales.load(reinterpret_cast<const float*>(own_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128,
+                    channels / 128, lane);
+      rows::copy_row<kTargetGroup, true>(source, channels * kBytesPerChannel / 16, x_targets, lane);
+      if constexpr (kFp8) scales.store(scale_targets, lane);
+    }
+  }
 }
 
 // -------------------------------------------------------------- combine
@@ -374,10 +457,15 @@ void launch_dispatch_send(const Context& ctx, const DispatchArgs& args, cudaStre
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_dispatch_recv(const Context& ctx, int area, cudaStream_t stream) {
+void launch_dispatch_recv(const Context& ctx, int area, Payload payload, int num_tokens, int num_blocks,
+                          cudaStream_t stream) {
   check_context(ctx);
   check_area(area);
-  dispatch_recv_kernel<<<1, 1, 0, stream>>>(ctx, area);
+  DC_CHECK_ARG(num_blocks > 0, "num_sms: must be > 0");
+  // Sized for what this rank sends (the peers' token counts are known only on the GPU).
+  const Chunking chunking = chunking_of(ctx.hidden, num_tokens * (ctx.num_ranks - 1), num_blocks);
+  if (payload == Payload::kBf16) dispatch_recv_kernel<false><<<num_blocks, kThreads, 0, stream>>>(ctx, area, chunking);
+  else dispatch_recv_kernel<true><<<num_blocks, kThreads, 0, stream>>>(ctx, area, chunking);
   DC_CUDA_CHECK(cudaGetLastError());
 }
 

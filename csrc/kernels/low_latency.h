@@ -53,8 +53,10 @@ int64_t dispatch_shared_bytes(int num_experts, int max_tokens);
 // Send: exchange per-expert counts with every rank, then write every (token, expert) row to its
 // packed place in the expert owner's receive area; ends without waiting for incoming rows.
 void launch_dispatch_send(const Context& ctx, const DispatchArgs& args, cudaStream_t stream);
-// Receive: wait (one block) until every rank's rows for this rank are written.
-void launch_dispatch_recv(const Context& ctx, int area, cudaStream_t stream);
+// Receive: wait until every rank's rows for this rank are written, then copy the rows peers staged
+// here to their places (num_tokens: this rank's, to size the work; payload: bf16 or fp8 rows).
+void launch_dispatch_recv(const Context& ctx, int area, Payload payload, int num_tokens, int num_blocks,
+                          cudaStream_t stream);
 // Send: tell every rank that this rank's expert outputs of `area` are in place (one thread, no wait).
 void launch_combine_send(const Context& ctx, int area, cudaStream_t stream);
 // Copy expert outputs from `outputs` ([local experts, rows per expert, H] bf16) into this rank's

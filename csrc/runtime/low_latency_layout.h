@@ -10,14 +10,22 @@
 // once (two micro-batches). A receive area holds, for every local expert, room
 // for world_size * max_tokens rows, packed: the rows of expert e from rank 0
 // first, then those from rank 1, ..., each source's in token order, so the
-// layout is deterministic and an expert's rows are [0, count). Senders write
-// every row straight to that place (bf16 or fp8 rows, packed). The rows part
-// is sized for bf16 whatever was dispatched, so the experts can write their
-// bf16 outputs over their inputs (combine_input), where the owners of the
-// tokens pull them from:
+// layout is deterministic and an expert's rows are [0, count). The rows part
+// is sized for bf16 whatever was dispatched (bf16 or fp8 rows, packed), so the
+// experts can write their bf16 outputs over their inputs (combine_input), where
+// the owners of the tokens pull them from.
+//
+// A token bound for several experts of one peer crosses to that peer once: into
+// the peer's staging row [source][token], with the places of its rows there
+// (the staging tag carries the epoch, so a row of an earlier call is never
+// taken for this one's). The peer's receive kernel copies each staged row to
+// its places. Rows for this rank's own experts are written in place directly.
 //
 //   receive area = [ rows: local_experts * world * max_tokens * 2 * hidden bytes |
-//                    fp8 scales: same rows * hidden / 128 float32 ]
+//                    fp8 scales: same rows * hidden / 128 float32 |
+//                    staged rows: world * max_tokens * 2 * hidden bytes |
+//                    staged scales: world * max_tokens * hidden / 128 float32 |
+//                    staging tags: world * max_tokens * (1 + kMaxTopk) int32 ]
 //
 // Flags hold epochs, not call numbers: a rank's epoch for an area lives on the
 // device and the send kernel advances it, so a captured graph replays correctly.
@@ -40,6 +48,7 @@ struct SignalRegion {
   uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which all of s's rows for this rank are written
   uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
   int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
+  int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows to look at)
   // This rank's own:
   uint64_t epoch[kNumAreas];         // of the last dispatch on each area (the send kernel advances it)
   uint32_t blocks_done[kNumAreas];   // send blocks finished; the last one signals and resets it
@@ -47,21 +56,32 @@ struct SignalRegion {
 
 constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
 
-// Byte sizes of one receive area; rows per local expert = num_ranks * max_tokens.
+// Byte offsets in one receive area; rows per local expert = num_ranks * max_tokens.
 struct AreaLayout {
-  int64_t rows_per_expert, row_stride, scales, total_bytes;  // row_stride: of the bf16 rows
+  int64_t rows_per_expert, row_stride, scales;  // row_stride: of the bf16 rows
+  int64_t staged, staged_scales, staging_tags, total_bytes;
 };
 
+constexpr int64_t kTagInts = 1 + kMaxTopk;  // a staged row's epoch (low 32 bits), then its K places (-1: none)
+
 #ifdef __CUDACC__
-__host__ __device__
+#define DC_LL_HOST_DEVICE __host__ __device__
+#else
+#define DC_LL_HOST_DEVICE
 #endif
-inline AreaLayout area_layout(int64_t local_experts, int64_t num_ranks, int64_t max_tokens, int64_t hidden) {
+
+DC_LL_HOST_DEVICE inline int64_t align_to(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
+
+DC_LL_HOST_DEVICE inline AreaLayout area_layout(int64_t local_experts, int64_t num_ranks, int64_t max_tokens, int64_t hidden) {
   AreaLayout layout;
   layout.rows_per_expert = num_ranks * max_tokens;
   layout.row_stride = 2 * hidden;
-  const int64_t rows = local_experts * layout.rows_per_expert;
-  layout.scales = (rows * layout.row_stride + 255) / 256 * 256;
-  layout.total_bytes = (layout.scales + rows * (hidden / 128) * 4 + 4095) / 4096 * 4096;
+  const int64_t rows = local_experts * layout.rows_per_expert, staged_rows = num_ranks * max_tokens;
+  layout.scales = align_to(rows * layout.row_stride, 256);
+  layout.staged = align_to(layout.scales + rows * (hidden / 128) * 4, 256);
+  layout.staged_scales = align_to(layout.staged + staged_rows * layout.row_stride, 256);
+  layout.staging_tags = align_to(layout.staged_scales + staged_rows * (hidden / 128) * 4, 256);
+  layout.total_bytes = align_to(layout.staging_tags + staged_rows * kTagInts * 4, 4096);
   return layout;
 }
 
