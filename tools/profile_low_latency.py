@@ -62,8 +62,9 @@ def device_us(fn, iters: int) -> float:
 
 
 def kernel_name(name: str) -> str:
-    """``dispatch_send_kernel`` out of a demangled ``void ns::(anonymous namespace)::dispatch_send_kernel<...>(...)``."""
-    found = re.findall(r"(\w+_kernel)\b", name)
+    """``dispatch_send_kernel`` out of a kernel's name as the profiler gives it (demangled, or mangled
+    as for kernels in an anonymous namespace: ``..._cu_6a66627220dispatch_send_kernelILN...``)."""
+    found = re.findall(r"([a-z_]+_kernel)", name)
     return found[0] if found else name[:40]
 
 
