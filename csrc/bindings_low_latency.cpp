@@ -15,15 +15,27 @@ using deepcomm::as_ptr;
 using deepcomm::as_stream;
 namespace ll = deepcomm::low_latency;
 
+namespace {
+
+ll::Phases phases_of(int phases) {
+  DC_CHECK_ARG(phases >= 1 && phases <= 3, "phases: 1 (send), 2 (receive) or 3 (both)");
+  return static_cast<ll::Phases>(phases);
+}
+
+}  // namespace
+
 void bind_low_latency(py::module_& m) {
   py::module_ mod = m.def_submodule("low_latency", "low-latency (decode) dispatch/combine kernels");
   mod.attr("MAX_RANKS") = ll::kMaxRanks;
   mod.attr("MAX_EXPERTS") = ll::kMaxExperts;
   mod.attr("MAX_TOPK") = ll::kMaxTopk;
   mod.attr("NUM_AREAS") = ll::kNumAreas;
+  mod.attr("SEND") = static_cast<int>(ll::Phases::kSend);
+  mod.attr("RECEIVE") = static_cast<int>(ll::Phases::kReceive);
+  mod.attr("BOTH") = static_cast<int>(ll::Phases::kBoth);
   mod.attr("DATA_OFFSET") = ll::kDataOffset;
   mod.attr("MAILBOX_BYTES") = sizeof(ll::HostMailbox);
-  mod.attr("STAGES") = py::dict(py::arg("low_latency_counts") = static_cast<int>(deepcomm::kStageLowLatencyCounts),
+  mod.attr("STAGES") = py::dict(py::arg("low_latency_staging") = static_cast<int>(deepcomm::kStageLowLatencyStaging),
                                 py::arg("low_latency_rows") = static_cast<int>(deepcomm::kStageLowLatencyRows),
                                 py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs));
   mod.def("dispatch_shared_bytes", &ll::dispatch_shared_bytes, py::arg("num_experts"), py::arg("max_tokens"),
@@ -59,34 +71,27 @@ void bind_low_latency(py::module_& m) {
            }),
            py::arg("regions"), py::arg("rank"), py::arg("num_experts"), py::arg("max_tokens"), py::arg("hidden"),
            py::arg("mailbox"), py::arg("timeout_ns"))
-      .def("dispatch_send", [](const ll::Context& ctx, int area, int payload, uintptr_t x, uintptr_t x_scales,
-                               uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t pair_rows,
-                               uintptr_t recv_counts, int num_blocks, uintptr_t stream) {
+      .def("dispatch", [](const ll::Context& ctx, int phases, int area, int payload, uintptr_t x, uintptr_t x_scales,
+                          uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t pair_rows, uintptr_t recv_counts,
+                          int num_blocks, uintptr_t stream) {
         ll::DispatchArgs args{area, static_cast<ll::Payload>(payload), as_ptr<const void>(x),
                               as_ptr<const float>(x_scales), as_ptr<const int64_t>(topk_idx), num_tokens, num_topk,
                               as_ptr<int32_t>(pair_rows), as_ptr<int32_t>(recv_counts), num_blocks};
-        ll::launch_dispatch_send(ctx, args, as_stream(stream));
-      }, py::arg("area"), py::arg("payload"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"),
-         py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"), py::arg("recv_counts"),
-         py::arg("num_blocks"), py::arg("stream"))
-      .def("dispatch_recv", [](const ll::Context& ctx, int area, int payload, int num_tokens, int num_blocks,
-                               uintptr_t stream) {
-        ll::launch_dispatch_recv(ctx, area, static_cast<ll::Payload>(payload), num_tokens, num_blocks,
-                                 as_stream(stream));
-      }, py::arg("area"), py::arg("payload"), py::arg("num_tokens"), py::arg("num_blocks"), py::arg("stream"))
-      .def("combine_send", [](const ll::Context& ctx, int area, uintptr_t stream) {
-        ll::launch_combine_send(ctx, area, as_stream(stream));
-      }, py::arg("area"), py::arg("stream"))
+        ll::launch_dispatch(ctx, args, phases_of(phases), as_stream(stream));
+      }, py::arg("phases"), py::arg("area"), py::arg("payload"), py::arg("x"), py::arg("x_scales"),
+         py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"),
+         py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"),
+         "phases: 1 send, 2 receive, 3 both (csrc/kernels/low_latency.h).")
       .def("stage_outputs", [](const ll::Context& ctx, int area, uintptr_t outputs, uintptr_t recv_counts,
                                int num_blocks, uintptr_t stream) {
         ll::launch_stage_outputs(ctx, area, as_ptr<const void>(outputs), as_ptr<const int32_t>(recv_counts),
                                  num_blocks, as_stream(stream));
       }, py::arg("area"), py::arg("outputs"), py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"))
-      .def("combine_recv", [](const ll::Context& ctx, int area, uintptr_t pair_rows, uintptr_t topk_weights,
-                              int num_tokens, int num_topk, uintptr_t y, int num_blocks, uintptr_t stream) {
+      .def("combine", [](const ll::Context& ctx, int phases, int area, uintptr_t pair_rows, uintptr_t topk_weights,
+                         int num_tokens, int num_topk, uintptr_t y, int num_blocks, uintptr_t stream) {
         ll::CombineArgs args{area, as_ptr<const int32_t>(pair_rows), as_ptr<const float>(topk_weights), num_tokens,
                              num_topk, as_ptr<void>(y), num_blocks};
-        ll::launch_combine_recv(ctx, args, as_stream(stream));
-      }, py::arg("area"), py::arg("pair_rows"), py::arg("topk_weights"), py::arg("num_tokens"), py::arg("num_topk"),
-         py::arg("y"), py::arg("num_blocks"), py::arg("stream"));
+        ll::launch_combine(ctx, args, phases_of(phases), as_stream(stream));
+      }, py::arg("phases"), py::arg("area"), py::arg("pair_rows"), py::arg("topk_weights"), py::arg("num_tokens"),
+         py::arg("num_topk"), py::arg("y"), py::arg("num_blocks"), py::arg("stream"));
 }

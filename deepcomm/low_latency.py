@@ -70,7 +70,7 @@ class LowLatencyConfig:
             raise ValueError(f"num_topk: the low-latency path supports at most {MAX_TOPK}, got {self.num_topk}")
         if self.num_experts > MAX_EXPERTS:
             raise ValueError(f"num_experts: the low-latency path supports at most {MAX_EXPERTS}, got {self.num_experts}")
-        masks = self.num_experts * (-(-self.max_tokens_per_rank // 32)) * 4 + self.num_experts * 4
+        masks = self.num_experts * (-(-self.max_tokens_per_rank // 32)) * 4
         if masks > MAX_SHARED_BYTES:
             raise ValueError(f"max_tokens_per_rank: {self.max_tokens_per_rank} tokens x {self.num_experts} experts "
                              f"need {masks} bytes of routing masks per SM, more than {MAX_SHARED_BYTES}")
@@ -207,6 +207,7 @@ class LowLatencyKernels:
         self._core = _ext.extension()
         self._comm_stream_used = False  # since the last call on the caller's stream (_caller_stream)
         self._last_on_caller: EventHandle | None = None  # the end of the last call on the caller's stream
+        self._unreceived: set[int] = set()  # dispatches sent with a receive hook not called yet
         self._calls = 0
         self._failure: CommunicationError | None = None
         self._closed = False
@@ -240,6 +241,11 @@ class LowLatencyKernels:
         if self._failure is not None:
             raise self._failure
 
+    def _check_received(self, handle) -> None:
+        self._check_handle(handle)
+        if handle.call in self._unreceived:
+            raise ValueError("handle: its dispatch has not received yet; call the result's hook() first")
+
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
@@ -266,25 +272,26 @@ class LowLatencyKernels:
         handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
         result = LowLatencyResult(views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE],
                                   None if payload == 0 else views["scales"], counts, handle, EventHandle(None))
-        send = (area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(), topk_idx.data_ptr(),
+        args = (area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(), topk_idx.data_ptr(),
                 num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
+        kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
-        if caller is not None:  # synchronous: nothing to gain from another stream
-            self.ctx.dispatch_send(*send, caller)
-            self.ctx.dispatch_recv(area, payload, num_tokens, num_blocks, caller)
+        if caller is not None:  # synchronous: one launch on the caller's stream
+            self.ctx.dispatch(kernels.BOTH, *args, caller)
             self._calls = call
             result.event = self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
             self._after_calls_on_caller()
-            self.ctx.dispatch_send(*send, stream.cuda_stream)
             self._calls = call
             if return_recv_hook:
+                self.ctx.dispatch(kernels.SEND, *args, stream.cuda_stream)
+                self._unreceived.add(call)
                 result.event = hand_back((), self.device, stream, caller_stream, True)
-                result.hook = self._receive_hook(handle, payload, num_blocks)
+                result.hook = self._receive_hook(handle, args)
                 return result
-            self.ctx.dispatch_recv(area, payload, num_tokens, num_blocks, stream.cuda_stream)
+            self.ctx.dispatch(kernels.BOTH, *args, stream.cuda_stream)
             result.event = hand_back((), self.device, stream, caller_stream, async_finish)
             return result
 
@@ -325,20 +332,17 @@ class LowLatencyKernels:
             self._routing[key] = views
         return views
 
-    def _receive_hook(self, handle: LowLatencyHandle, payload: int, num_blocks: int) -> Callable[[], EventHandle]:
-        called = False
-
+    def _receive_hook(self, handle: LowLatencyHandle, args: tuple) -> Callable[[], EventHandle]:
         def hook() -> EventHandle:
             """Queue the receive of the dispatch; the current stream waits for it (the host does not)."""
-            nonlocal called
-            if called:
+            if handle.call not in self._unreceived:
                 raise RuntimeError("hook: already called")
             self.check_errors()
             self._check_handle(handle)
-            called = True
+            self._unreceived.discard(handle.call)
             caller = CallerStream(self.device.index)
             order_streams(self._stream, caller)
-            self.ctx.dispatch_recv(handle.area, payload, handle.num_tokens, num_blocks, self._stream.cuda_stream)
+            self.ctx.dispatch(self.kernels.RECEIVE, *args, self._stream.cuda_stream)
             event = EventHandle.record(self.device, self._stream)
             order_streams(caller, self._stream)
             return event
@@ -350,45 +354,45 @@ class LowLatencyKernels:
     def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The receive area of ``handle``'s dispatch as bf16 ``[E/world, rows, H]``: outputs written here
         are pulled where they are (no staging copy). Writing it overwrites the dispatched rows."""
-        self._check_handle(handle)
+        self._check_received(handle)
         return self._views[handle.area][torch.bfloat16]
 
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
         """``(y, event, hook)``; with a hook, ``topk_weights`` must live until ``hook()`` was called."""
         self.check_errors()
-        self._check_handle(handle)
+        self._check_received(handle)
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = blocks_of(self.num_sms, num_sms)
         area = handle.area
         staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
 
-        def send(cuda_stream: int) -> torch.Tensor:
+        def send(cuda_stream: int, phases: int) -> torch.Tensor:
             if staged:  # peers read registered memory only
                 self.ctx.stage_outputs(area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
                                        num_blocks, cuda_stream)
-            self.ctx.combine_send(area, cuda_stream)
-            return torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
+            receive(y, cuda_stream, phases)
+            return y
 
-        def receive(y: torch.Tensor, cuda_stream: int) -> None:
-            self.ctx.combine_recv(area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(), handle.num_tokens,
-                                  handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
+        def receive(y: torch.Tensor, cuda_stream: int, phases: int) -> None:
+            self.ctx.combine(phases, area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(), handle.num_tokens,
+                             handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
 
+        kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
-        if caller is not None:  # synchronous: on the caller's stream, y allocated there
-            y = send(caller)
-            receive(y, caller)
+        if caller is not None:  # synchronous: one launch on the caller's stream, y allocated there
+            y = send(caller, kernels.BOTH)
             self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return y, self._last_on_caller, None
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out, topk_weights), True) as caller_stream:
             self._after_calls_on_caller()
             # y belongs to the communication stream, which writes it; hand_back makes it safe on the caller's.
-            y = send(stream.cuda_stream)
+            y = send(stream.cuda_stream, kernels.SEND if return_recv_hook else kernels.BOTH)
+            event = hand_back((y,), self.device, stream, caller_stream, async_finish or return_recv_hook)
             if not return_recv_hook:
-                receive(y, stream.cuda_stream)
-                return y, hand_back((y,), self.device, stream, caller_stream, async_finish), None
-            event = hand_back((y,), self.device, stream, caller_stream, True)
+                return y, event, None
         called = False
 
         def hook() -> EventHandle:
@@ -401,7 +405,7 @@ class LowLatencyKernels:
             called = True
             now = CallerStream(self.device.index)
             order_streams(stream, now)
-            receive(y, stream.cuda_stream)
+            receive(y, stream.cuda_stream, kernels.RECEIVE)
             done = EventHandle.record(self.device, stream)
             order_streams(now, stream)
             return done

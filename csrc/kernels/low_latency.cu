@@ -85,23 +85,32 @@ __device__ __forceinline__ uint64_t epoch_of(const SignalRegion* own, int area) 
 
 // ------------------------------------------------------------ dispatch
 
+// Counts the arrival of one block of this rank at the end of a phase; true for the last of the grid (which
+// resets the count for the next call). Every block's writes are fenced before it counts.
+__device__ __forceinline__ bool last_block_done(uint32_t* blocks_done) {
+  __threadfence_system();
+  if (atomicAdd(blocks_done, 1u) + 1u != gridDim.x) return false;
+  *blocks_done = 0;
+  __threadfence_system();
+  return true;
+}
+
+// Send: route, publish this rank's counts, write each token once to each rank it goes to (staging
+// row + tag), raise rows_done. Returns the call's epoch (in every thread).
 template <Payload kPayload>
-__global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx, DispatchArgs args, Chunking chunking) {
+__device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint32_t* masks) {
   constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
   constexpr bool kHasScales = kPayload != Payload::kBf16;
   constexpr int kSourceBytesPerChannel = kPayload == Payload::kBf16 || kQuantize ? 2 : 1;
   constexpr int kRecvBytesPerChannel = kPayload == Payload::kBf16 ? 2 : 1;
-  extern __shared__ uint32_t shared[];
   __shared__ uint64_t epoch;
   __shared__ int invalid_ids;
-  __shared__ bool counts_here;
+  __shared__ bool staging_free;
 
   const int num_experts = ctx.num_experts, num_ranks = ctx.num_ranks, rank = ctx.rank;
   const int local_experts = num_experts / num_ranks;
   const int num_tokens = args.num_tokens, num_topk = args.num_topk, area = args.area;
-  const int words = (num_tokens + 31) / 32;
-  uint32_t* masks = shared;                                                  // [E][words]
-  int32_t* row_base = reinterpret_cast<int32_t*>(masks + num_experts * words);  // [E]
+  const int words = (num_tokens + 31) / 32;  // masks: [E][words], bit t: token t names the expert
   SignalRegion* own = signals_of(ctx, rank);
   const AreaLayout layout = layout_of(ctx);
 
@@ -109,6 +118,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
   if (threadIdx.x == 0) {
     epoch = epoch_of(own, area) + 1;
     invalid_ids = 0;
+    // Every rank must have placed the rows this rank staged there in the last call on this area (almost
+    // always long done: a local read).
+    staging_free = wait_for_peers(own->staging_free[area], num_ranks, epoch - 1, ctx.timeout_ns,
+                                  &ctx.mailbox->header, kStageLowLatencyStaging);
   }
   __syncthreads();
   for (int p = threadIdx.x; p < num_tokens * num_topk; p += blockDim.x) {
@@ -119,56 +132,30 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
   }
   __syncthreads();
 
-  if (blockIdx.x == 0) {
+  if (blockIdx.x == 0 && staging_free) {
     // An invalid id is skipped (it names no owner) and reported; the host raises at its next check.
     if (threadIdx.x == 0 && invalid_ids)
-      report_error(&ctx.mailbox->header, kErrorInvalidIds, kStageLowLatencyCounts, rank);
+      report_error(&ctx.mailbox->header, kErrorInvalidIds, kStageLowLatencyRows, rank);
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
       int32_t count = 0;
       for (int w = 0; w < words; ++w) count += __popc(masks[e * words + w]);
       for (int dst = 0; dst < num_ranks; ++dst) signals_of(ctx, dst)->counts[area][rank][e] = count;
     }
     for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) signals_of(ctx, dst)->tokens[area][rank] = num_tokens;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      for (int dst = 0; dst < num_ranks; ++dst)
-        ptx::store_release_sys(&signals_of(ctx, dst)->counts_ready[area][rank], epoch);
-    }
   }
-  if (threadIdx.x == 0)
-    counts_here = wait_for_peers(own->counts_ready[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
-                                 kStageLowLatencyCounts);
-  __syncthreads();
-
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    int32_t base = 0;
-    for (int src = 0; src < rank; ++src) base += *reinterpret_cast<volatile int32_t*>(&own->counts[area][src][e]);
-    row_base[e] = base;
-  }
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < local_experts; e += blockDim.x) {
-      int32_t total = 0;
-      for (int src = 0; src < num_ranks; ++src)
-        total += *reinterpret_cast<volatile int32_t*>(&own->counts[area][src][rank * local_experts + e]);
-      args.recv_counts[e] = counts_here ? total : 0;
-    }
-  }
-  __syncthreads();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int hidden = ctx.hidden;
   const int scale_cols = kHasScales ? hidden / 128 : 0;
-  const int64_t rows_per_expert = layout.rows_per_expert;
-  const int num_items = counts_here ? num_tokens * chunking.count : 0;
+  const int num_items = staging_free ? num_tokens * chunking.count : 0;
   for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
     const int token = item / chunking.count, chunk = item % chunking.count;
     const int first_channel = chunk * chunking.channels;
     const int channels = min(chunking.channels, hidden - first_channel);
 
-    // Lane k: pair (token, k) and its place. Its chunk goes straight there when the expert is this rank's
-    // (once per expert: a lower lane naming the same expert writes it); a peer's experts get the chunk once per
-    // peer, in its staging row, from the lowest lane bound there.
+    // Lane k: pair (token, k) and its place among this rank's rows for the expert. The chunk goes to each
+    // rank the token names once, from the lowest lane bound there; a lower lane naming the same expert
+    // places it for the others.
     const int64_t expert = lane < num_topk ? args.topk_idx[static_cast<int64_t>(token) * num_topk + lane] : -1;
     const bool valid = expert >= 0 && expert < num_experts;
     const int dst = valid ? static_cast<int>(expert / local_experts) : -1;
@@ -176,39 +163,33 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
     const bool first_of_expert =
         (__match_any_sync(0xffffffffu, valid ? static_cast<unsigned long long>(expert) : num_experts + lane) & lower) == 0;
     const bool first_of_rank = (__match_any_sync(0xffffffffu, valid ? dst : num_ranks + lane) & lower) == 0;
+    int32_t place = -1;
     uint8_t* x_target = nullptr;
     float* scale_target = nullptr;
-    int32_t row = -1;
-    int64_t local_row = -1;
+    const int64_t staged_row = static_cast<int64_t>(rank) * ctx.max_tokens + token;
     if (valid) {
       const uint32_t* mask = masks + expert * words;
-      int32_t earlier = __popc(mask[token / 32] & ((1u << (token % 32)) - 1u));
-      for (int w = 0; w < token / 32; ++w) earlier += __popc(mask[w]);
-      row = row_base[expert] + earlier;
-      local_row = (expert % local_experts) * rows_per_expert + row;
-      uint8_t* owner_area = area_of(ctx, dst, area, layout);
-      if (dst == rank && first_of_expert) {
-        x_target = owner_area + (local_row * hidden + first_channel) * kRecvBytesPerChannel;
-        if constexpr (kHasScales)
-          scale_target = reinterpret_cast<float*>(owner_area + layout.scales) + local_row * scale_cols + first_channel / 128;
-      } else if (dst != rank && first_of_rank) {
-        const int64_t staged_row = static_cast<int64_t>(rank) * ctx.max_tokens + token;
+      place = __popc(mask[token / 32] & ((1u << (token % 32)) - 1u));
+      for (int w = 0; w < token / 32; ++w) place += __popc(mask[w]);
+      if (first_of_rank) {
+        uint8_t* owner_area = area_of(ctx, dst, area, layout);
         x_target = owner_area + layout.staged + (staged_row * hidden + first_channel) * kRecvBytesPerChannel;
         if constexpr (kHasScales)
           scale_target = reinterpret_cast<float*>(owner_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128;
       }
     }
     if (chunk == 0) {
+      // The pair's row without the lower ranks' counts; the receive adds them.
       if (lane < num_topk)
-        args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] = valid ? static_cast<int32_t>(expert * rows_per_expert + row) : -1;
-      // Each peer bound for gets the token's staging tag: this call's epoch, then where each k goes (-1: elsewhere).
-      uint32_t peers = __ballot_sync(0xffffffffu, valid && dst != rank && first_of_rank);
-      while (peers) {
-        const int peer = __shfl_sync(0xffffffffu, dst, __ffs(peers) - 1);
-        peers &= peers - 1;
-        int32_t* tag = reinterpret_cast<int32_t*>(area_of(ctx, peer, area, layout) + layout.staging_tags) +
-                       (static_cast<int64_t>(rank) * ctx.max_tokens + token) * kTagInts;
-        if (lane < kMaxTopk) tag[1 + lane] = dst == peer && first_of_expert ? static_cast<int32_t>(local_row) : -1;
+        args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] =
+            valid ? static_cast<int32_t>(expert * (static_cast<int64_t>(num_ranks) * ctx.max_tokens) + place) : -1;
+      uint32_t ranks = __ballot_sync(0xffffffffu, valid && first_of_rank);
+      while (ranks) {
+        const int to = __shfl_sync(0xffffffffu, dst, __ffs(ranks) - 1);
+        ranks &= ranks - 1;
+        int32_t* tag = reinterpret_cast<int32_t*>(area_of(ctx, to, area, layout) + layout.staging_tags) + staged_row * kTagInts;
+        if (lane < kMaxTopk)
+          tag[1 + lane] = dst == to && first_of_expert ? static_cast<int32_t>((expert % local_experts) * ctx.max_tokens + place) : -1;
         if (lane == 0) tag[0] = static_cast<int32_t>(epoch);
       }
     }
@@ -216,6 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
     const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) +
                                                        (static_cast<int64_t>(token) * hidden + first_channel) * kSourceBytesPerChannel);
     for (int group = 0; group < num_topk; group += kTargetGroup) {
+      if (__ballot_sync(0xffffffffu, x_target != nullptr && lane >= group && lane < group + kTargetGroup) == 0) continue;
       uint8_t* x_targets[kTargetGroup];
       float* scale_targets[kTargetGroup];
 #pragma unroll
@@ -238,63 +220,86 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Context ctx,
   }
 
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    if (atomicAdd(&own->blocks_done[area], 1u) + 1u == gridDim.x) {
-      // Every block has read the old epoch and written its rows.
-      own->blocks_done[area] = 0;
-      own->epoch[area] = epoch;
-      __threadfence_system();
-      for (int dst = 0; dst < num_ranks; ++dst) ptx::store_release_sys(&signals_of(ctx, dst)->rows_done[area][rank], epoch);
-    }
+  if (threadIdx.x == 0 && last_block_done(&own->send_blocks_done[area])) {
+    own->epoch[area] = epoch;  // every block has read the old one
+    for (int to = 0; to < num_ranks; ++to) ptx::store_release_sys(&signals_of(ctx, to)->rows_done[area][rank], epoch);
   }
+  return epoch;
 }
 
-// Waits for every rank's rows, then copies each row a peer staged here to its places (local copies:
-// the row crossed once, however many of this rank's experts it goes to). kFp8: rows of hidden bytes
-// plus scales, else bf16 rows.
+// Receive: wait for every rank's rows; finish this rank's pair rows (add the lower ranks' counts) and the
+// received counts; copy each staged row to its places (lower ranks' rows for the expert first, then by
+// token: rows land in their final order); tell every rank its staging rows here are free again.
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Context ctx, int area, Chunking chunking) {
+__device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch) {
   __shared__ bool arrived;
-  __shared__ int first_item[kMaxRanks + 1];  // items of the staged rows of each peer, back to back
-  SignalRegion* own = signals_of(ctx, ctx.rank);
-  const uint64_t epoch = epoch_of(own, area);
+  __shared__ int first_item[kMaxRanks + 1];  // items of each source's staged rows, back to back
+  __shared__ int32_t base[kMaxExperts];      // [source][local expert]: rows of lower sources before its own
+  const int num_ranks = ctx.num_ranks, rank = ctx.rank, area = args.area;
+  const int local_experts = ctx.num_experts / num_ranks;
+  SignalRegion* own = signals_of(ctx, rank);
   if (threadIdx.x == 0) {
-    arrived = wait_for_peers(own->rows_done[area], ctx.num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
+    arrived = wait_for_peers(own->rows_done[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
                              kStageLowLatencyRows);
     first_item[0] = 0;
-    for (int src = 0; src < ctx.num_ranks; ++src) {
-      const int tokens = src == ctx.rank ? 0 : *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]);
-      first_item[src + 1] = first_item[src] + tokens * chunking.count;
+    for (int src = 0; src < num_ranks; ++src)
+      first_item[src + 1] = first_item[src] + *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]) * chunking.count;
+  }
+  __syncthreads();
+  const AreaLayout layout = layout_of(ctx);
+  if (arrived) {
+    auto count = [&](int src, int64_t expert) {
+      return *reinterpret_cast<const volatile int32_t*>(&own->counts[area][src][expert]);
+    };
+    for (int i = threadIdx.x; i < num_ranks * local_experts; i += blockDim.x) {
+      const int src = i / local_experts, expert = rank * local_experts + i % local_experts;
+      int32_t before = 0;
+      for (int r = 0; r < src; ++r) before += count(r, expert);
+      base[i] = before;
+      if (blockIdx.x == 0 && src == num_ranks - 1) args.recv_counts[i % local_experts] = before + count(src, expert);
+    }
+    const int64_t rows_per_expert = layout.rows_per_expert;
+    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < args.num_tokens * args.num_topk;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int32_t pair_row = args.pair_rows[p];
+      if (pair_row < 0) continue;
+      int32_t before = 0;
+      for (int r = 0; r < rank; ++r) before += count(r, pair_row / rows_per_expert);
+      args.pair_rows[p] = pair_row + before;
     }
   }
   __syncthreads();
-  if (!arrived) return;
 
   constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
-  const AreaLayout layout = layout_of(ctx);
-  uint8_t* own_area = area_of(ctx, ctx.rank, area, layout);
+  uint8_t* own_area = area_of(ctx, rank, area, layout);
   const int hidden = ctx.hidden, scale_cols = kFp8 ? hidden / 128 : 0;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int item = blockIdx.x * kWarps + warp; item < first_item[ctx.num_ranks]; item += gridDim.x * kWarps) {
+  const int num_items = arrived ? first_item[num_ranks] : 0;
+  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
     int src = 0;
     while (item >= first_item[src + 1]) ++src;
     const int token = (item - first_item[src]) / chunking.count, chunk = (item - first_item[src]) % chunking.count;
     const int64_t staged_row = static_cast<int64_t>(src) * ctx.max_tokens + token;
     const int32_t* tag = reinterpret_cast<const int32_t*>(own_area + layout.staging_tags) + staged_row * kTagInts;
-    // A tag of another epoch: the row was staged by an earlier call (this one sent the token elsewhere).
+    // A tag of another epoch: the source staged this row in an earlier call (this time the token went elsewhere).
     if (__shfl_sync(0xffffffffu, lane == 0 ? *reinterpret_cast<const volatile int32_t*>(tag) : 0, 0) !=
         static_cast<int32_t>(epoch))
       continue;
-    const int32_t place = lane < kMaxTopk ? *reinterpret_cast<const volatile int32_t*>(tag + 1 + lane) : -1;
+    const int32_t code = lane < kMaxTopk ? *reinterpret_cast<const volatile int32_t*>(tag + 1 + lane) : -1;
+    int64_t row = -1;
+    if (code >= 0) {
+      const int expert = code / ctx.max_tokens;
+      row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
+    }
     const int first_channel = chunk * chunking.channels;
     const int channels = min(chunking.channels, hidden - first_channel);
-    uint8_t* x_target = place >= 0 ? own_area + (static_cast<int64_t>(place) * hidden + first_channel) * kBytesPerChannel : nullptr;
+    uint8_t* x_target = row >= 0 ? own_area + (row * hidden + first_channel) * kBytesPerChannel : nullptr;
     float* scale_target = nullptr;
-    if (kFp8 && place >= 0)
-      scale_target = reinterpret_cast<float*>(own_area + layout.scales) + static_cast<int64_t>(place) * scale_cols + first_channel / 128;
+    if (kFp8 && row >= 0)
+      scale_target = reinterpret_cast<float*>(own_area + layout.scales) + row * scale_cols + first_channel / 128;
     const int4* source = reinterpret_cast<const int4*>(own_area + layout.staged + (staged_row * hidden + first_channel) * kBytesPerChannel);
     for (int group = 0; group < kMaxTopk; group += kTargetGroup) {
+      if (__ballot_sync(0xffffffffu, row >= 0 && lane >= group && lane < group + kTargetGroup) == 0) continue;
       uint8_t* x_targets[kTargetGroup];
       float* scale_targets[kTargetGroup];
 #pragma unroll
@@ -304,7 +309,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Context ctx,
         scale_targets[j] = reinterpret_cast<float*>(
             __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_target), group + j));
       }
-      if (__ballot_sync(0xffffffffu, place >= 0 && lane >= group && lane < group + kTargetGroup) == 0) continue;
       rows::PendingScales<true> scales;
       if constexpr (kFp8)
         scales.load(reinterpret_cast<const float*>(own_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128,
@@ -313,16 +317,35 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Context ctx,
       if constexpr (kFp8) scales.store(scale_targets, lane);
     }
   }
+
+  __syncthreads();
+  if (threadIdx.x == 0 && arrived && last_block_done(&own->place_blocks_done[area]))
+    for (int src = 0; src < num_ranks; ++src)
+      ptx::store_release_sys(&signals_of(ctx, src)->staging_free[area][rank], epoch);
+}
+
+// kSend and kReceive: the whole call in one launch (synchronous calls); one of them: a send now and the
+// receive later (receive hooks), so that no SM waits in between.
+template <Payload kPayload, bool kSend, bool kReceive>
+__global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args, Chunking send_chunks,
+                                                               Chunking place_chunks) {
+  extern __shared__ uint32_t masks[];
+  uint64_t epoch = 0;
+  if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks);
+  else epoch = epoch_of(signals_of(ctx, ctx.rank), args.area);  // the send kernel, earlier on this stream, advanced it
+  if constexpr (kReceive) place_rows<kPayload != Payload::kBf16>(ctx, args, place_chunks, epoch);
 }
 
 // -------------------------------------------------------------- combine
 
-__global__ void combine_send_kernel(Context ctx, int area) {
+__device__ __forceinline__ void publish_outputs(const Context& ctx, int area) {
   const uint64_t epoch = epoch_of(signals_of(ctx, ctx.rank), area);
   __threadfence_system();  // the experts' outputs (earlier kernels) before the flag, for every GPU
   for (int dst = 0; dst < ctx.num_ranks; ++dst)
     ptx::store_release_sys(&signals_of(ctx, dst)->outputs_ready[area][ctx.rank], epoch);
 }
+
+__global__ void combine_send_kernel(Context ctx, int area) { publish_outputs(ctx, area); }
 
 // Expert outputs computed elsewhere, copied into this rank's receive area where peers can pull them:
 // only each local expert's received rows, [0, count), one warp per row.
@@ -340,9 +363,12 @@ __global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx,
   }
 }
 
+// kPublish: the send's flag first (a synchronous call's one launch).
+template <bool kPublish>
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
   __shared__ bool ready;
   SignalRegion* own = signals_of(ctx, ctx.rank);
+  if (kPublish && blockIdx.x == 0 && threadIdx.x == 0) publish_outputs(ctx, args.area);
   if (threadIdx.x == 0)
     ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch_of(own, args.area), ctx.timeout_ns,
                            &ctx.mailbox->header, kStageLowLatencyOutputs);
@@ -429,10 +455,32 @@ void check_area(int area) { DC_CHECK_ARG(area >= 0 && area < kNumAreas, "area: 0
 }  // namespace
 
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens) {
-  return static_cast<int64_t>(num_experts) * ((max_tokens + 31) / 32) * 4 + static_cast<int64_t>(num_experts) * 4;
+  return static_cast<int64_t>(num_experts) * ((max_tokens + 31) / 32) * 4;
 }
 
-void launch_dispatch_send(const Context& ctx, const DispatchArgs& args, cudaStream_t stream) {
+namespace {
+
+template <Payload kPayload>
+void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases phases, cudaStream_t stream) {
+  const Chunking send_chunks = chunking_of(ctx.hidden, args.num_tokens, args.num_blocks);
+  // Sized for what this rank sends (the peers' token counts are known only on the GPU).
+  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, args.num_blocks);
+  const int64_t shared_bytes = phases == Phases::kReceive ? 0 : dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
+  auto launch = [&](auto kernel) {
+    if (shared_bytes > kDefaultSharedBytes)
+      DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+    kernel<<<args.num_blocks, kThreads, shared_bytes, stream>>>(ctx, args, send_chunks, place_chunks);
+  };
+  switch (phases) {
+    case Phases::kSend: launch(dispatch_kernel<kPayload, true, false>); break;
+    case Phases::kReceive: launch(dispatch_kernel<kPayload, false, true>); break;
+    case Phases::kBoth: launch(dispatch_kernel<kPayload, true, true>); break;
+  }
+}
+
+}  // namespace
+
+void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases, cudaStream_t stream) {
   check_context(ctx);
   check_area(args.area);
   DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
@@ -441,38 +489,12 @@ void launch_dispatch_send(const Context& ctx, const DispatchArgs& args, cudaStre
   DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk,
                "topk_idx: the low-latency path supports 1 to " + std::to_string(kMaxTopk) + " experts per token");
   DC_CHECK_ARG(args.payload == Payload::kBf16 || ctx.hidden % 128 == 0, "x: fp8 needs a hidden size that is a multiple of 128");
-  const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, args.num_blocks);
-  const int64_t shared_bytes = dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
-  auto launch = [&](auto kernel) {
-    if (shared_bytes > kDefaultSharedBytes)
-      DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
-    kernel<<<args.num_blocks, kThreads, shared_bytes, stream>>>(ctx, args, chunking);
-  };
   switch (args.payload) {
-    case Payload::kBf16: launch(dispatch_send_kernel<Payload::kBf16>); break;
-    case Payload::kFp8: launch(dispatch_send_kernel<Payload::kFp8>); break;
-    case Payload::kBf16ToFp8: launch(dispatch_send_kernel<Payload::kBf16ToFp8>); break;
-    case Payload::kBf16ToFp8Pow2: launch(dispatch_send_kernel<Payload::kBf16ToFp8Pow2>); break;
+    case Payload::kBf16: launch_dispatch_phases<Payload::kBf16>(ctx, args, phases, stream); break;
+    case Payload::kFp8: launch_dispatch_phases<Payload::kFp8>(ctx, args, phases, stream); break;
+    case Payload::kBf16ToFp8: launch_dispatch_phases<Payload::kBf16ToFp8>(ctx, args, phases, stream); break;
+    case Payload::kBf16ToFp8Pow2: launch_dispatch_phases<Payload::kBf16ToFp8Pow2>(ctx, args, phases, stream); break;
   }
-  DC_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_dispatch_recv(const Context& ctx, int area, Payload payload, int num_tokens, int num_blocks,
-                          cudaStream_t stream) {
-  check_context(ctx);
-  check_area(area);
-  DC_CHECK_ARG(num_blocks > 0, "num_sms: must be > 0");
-  // Sized for what this rank sends (the peers' token counts are known only on the GPU).
-  const Chunking chunking = chunking_of(ctx.hidden, num_tokens * (ctx.num_ranks - 1), num_blocks);
-  if (payload == Payload::kBf16) dispatch_recv_kernel<false><<<num_blocks, kThreads, 0, stream>>>(ctx, area, chunking);
-  else dispatch_recv_kernel<true><<<num_blocks, kThreads, 0, stream>>>(ctx, area, chunking);
-  DC_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_combine_send(const Context& ctx, int area, cudaStream_t stream) {
-  check_context(ctx);
-  check_area(area);
-  combine_send_kernel<<<1, 1, 0, stream>>>(ctx, area);
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -485,13 +507,19 @@ void launch_stage_outputs(const Context& ctx, int area, const void* outputs, con
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_combine_recv(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream) {
   check_context(ctx);
   check_area(args.area);
-  DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
-  DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
-  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
-  combine_recv_kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking_of(ctx.hidden, args.num_tokens, args.num_blocks));
+  if (phases == Phases::kSend) {
+    combine_send_kernel<<<1, 1, 0, stream>>>(ctx, args.area);
+  } else {
+    DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+    DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
+    DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
+    const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, args.num_blocks);
+    if (phases == Phases::kBoth) combine_recv_kernel<true><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
+    else combine_recv_kernel<false><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
+  }
   DC_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -32,8 +32,8 @@ struct DispatchArgs {
   const int64_t* topk_idx;  // [T, K], -1 = none
   int num_tokens;
   int num_topk;
-  int32_t* pair_rows;       // out [T, K]: expert * rows_per_expert + row of the pair, -1 for none
-  int32_t* recv_counts;     // out [local experts]: rows each local expert receives
+  int32_t* pair_rows;       // out [T, K]: expert * rows_per_expert + row of the pair, -1 for none (final after the receive)
+  int32_t* recv_counts;     // out [local experts]: rows each local expert receives (written by the receive)
   int num_blocks;
 };
 
@@ -47,23 +47,24 @@ struct CombineArgs {
   int num_blocks;
 };
 
-// Dynamic shared memory of the send kernel (routing bit masks and row bases), for config checks.
+// Dynamic shared memory of the send (routing bit masks), for config checks.
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens);
 
-// Send: exchange per-expert counts with every rank, then write every (token, expert) row to its
-// packed place in the expert owner's receive area; ends without waiting for incoming rows.
-void launch_dispatch_send(const Context& ctx, const DispatchArgs& args, cudaStream_t stream);
-// Receive: wait until every rank's rows for this rank are written, then copy the rows peers staged
-// here to their places (num_tokens: this rank's, to size the work; payload: bf16 or fp8 rows).
-void launch_dispatch_recv(const Context& ctx, int area, Payload payload, int num_tokens, int num_blocks,
-                          cudaStream_t stream);
-// Send: tell every rank that this rank's expert outputs of `area` are in place (one thread, no wait).
-void launch_combine_send(const Context& ctx, int area, cudaStream_t stream);
+// Which part of a call a launch runs: both (a synchronous call, one launch), or the send now and the
+// receive later (a receive hook: no SM waits in between).
+enum class Phases : int { kSend = 1, kReceive = 2, kBoth = 3 };
+
+// Dispatch. Send: publish this rank's per-expert counts to every rank and write each token once to each
+// rank it names (a staging row tagged with the epoch and the token's place for each of its experts there);
+// never waits for another rank's data. Receive: wait for every rank's rows, add the lower ranks' counts to
+// the places, copy each staged row to its final rows, fill recv_counts and finish pair_rows.
+void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases, cudaStream_t stream);
 // Copy expert outputs from `outputs` ([local experts, rows per expert, H] bf16) into this rank's
 // receive area, only each expert's received rows (recv_counts from the dispatch).
 void launch_stage_outputs(const Context& ctx, int area, const void* outputs, const int32_t* recv_counts,
                           int num_blocks, cudaStream_t stream);
-// Receive: wait for every rank's outputs, then pull each token's rows and reduce them, weighted.
-void launch_combine_recv(const Context& ctx, const CombineArgs& args, cudaStream_t stream);
+// Combine. Send: tell every rank that this rank's expert outputs are in place. Receive: wait for every
+// rank's, then pull each token's rows and reduce them, weighted.
+void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream);
 
 }  // namespace deepcomm::low_latency

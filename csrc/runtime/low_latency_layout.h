@@ -15,11 +15,12 @@
 // experts can write their bf16 outputs over their inputs (combine_input), where
 // the owners of the tokens pull them from.
 //
-// A token bound for several experts of one peer crosses to that peer once: into
-// the peer's staging row [source][token], with the places of its rows there
-// (the staging tag carries the epoch, so a row of an earlier call is never
-// taken for this one's). The peer's receive kernel copies each staged row to
-// its places. Rows for this rank's own experts are written in place directly.
+// A token bound for several experts of one rank crosses to it once: into the
+// rank's staging row [source][token], tagged with the epoch (so a row of an
+// earlier call is never taken for this one's) and, per k, the expert and the
+// token's place among the source's rows for that expert. The receive kernel
+// adds the lower ranks' counts (sent with the rows) and copies each staged row
+// to its final places. So the send never waits for another rank's counts.
 //
 //   receive area = [ rows: local_experts * world * max_tokens * 2 * hidden bytes |
 //                    fp8 scales: same rows * hidden / 128 float32 |
@@ -44,14 +45,15 @@ constexpr int kNumAreas = 2;
 
 struct SignalRegion {
   // Written by peer s into this rank's region, per receive area:
-  uint64_t counts_ready[kNumAreas][kMaxRanks];   // epoch at which s's counts[area][s] are complete
-  uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which all of s's rows for this rank are written
+  uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which s's rows (and counts) for this rank are written
+  uint64_t staging_free[kNumAreas][kMaxRanks];   // epoch at which s finished placing the rows staged there
   uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
   int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
   int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows to look at)
   // This rank's own:
-  uint64_t epoch[kNumAreas];         // of the last dispatch on each area (the send kernel advances it)
-  uint32_t blocks_done[kNumAreas];   // send blocks finished; the last one signals and resets it
+  uint64_t epoch[kNumAreas];              // of the last dispatch on each area (the send kernel advances it)
+  uint32_t send_blocks_done[kNumAreas];   // blocks past the send; the last one signals and resets it
+  uint32_t place_blocks_done[kNumAreas];  // blocks past the placing; the last one signals and resets it
 };
 
 constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
@@ -62,7 +64,8 @@ struct AreaLayout {
   int64_t staged, staged_scales, staging_tags, total_bytes;
 };
 
-constexpr int64_t kTagInts = 1 + kMaxTopk;  // a staged row's epoch (low 32 bits), then its K places (-1: none)
+// A staged row's tag: its epoch (low 32 bits), then for each k local_expert * max_tokens + place (-1: none).
+constexpr int64_t kTagInts = 1 + kMaxTopk;
 
 #ifdef __CUDACC__
 #define DC_LL_HOST_DEVICE __host__ __device__
