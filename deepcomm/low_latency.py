@@ -20,6 +20,7 @@ data, and no SM waits in between.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -188,6 +189,13 @@ class LowLatencyKernels:
         world = topology.world_size
         self._area_bytes = config.area_bytes(world)
         layout = core.area_layout(config.num_experts // world, world, config.max_tokens_per_rank, config.hidden)
+        # A whole call can be one launch whose blocks wait for each other's rows: ranks sharing a GPU must fit
+        # every rank's blocks at once.
+        props = torch.cuda.get_device_properties(self.device)
+        gpus: list = [None] * world
+        dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
+        self._ranks_on_gpu, self._num_device_sms = gpus.count(gpus[topology.rank]), props.multi_processor_count
+        self._blocks(None)
         self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
         self.buffer[: core.DATA_OFFSET].zero_()
         self._views = [self._area_views(area, layout) for area in range(core.NUM_AREAS)]
@@ -241,6 +249,13 @@ class LowLatencyKernels:
         if self._failure is not None:
             raise self._failure
 
+    def _blocks(self, num_sms: int | None) -> int:
+        blocks = blocks_of(self.num_sms, num_sms)
+        if blocks * self._ranks_on_gpu > self._num_device_sms:
+            raise ValueError(f"num_sms: {self._ranks_on_gpu} rank(s) on this GPU and every rank's blocks must run at "
+                             f"once: ranks x num_sms <= {self._num_device_sms}, got {blocks}")
+        return blocks
+
     def _check_received(self, handle) -> None:
         self._check_handle(handle)
         if handle.call in self._unreceived:
@@ -263,10 +278,13 @@ class LowLatencyKernels:
         # Expert ids are range-checked on the GPU (invalid ones skipped, reported at the next call).
         check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, self.device, False)
         payload = payload_of(x, quantize_fp8, power_of_two_scales)
-        num_blocks = blocks_of(self.num_sms, num_sms)
+        num_blocks = self._blocks(num_sms)
         num_tokens, num_topk = topk_idx.shape
         call = self._calls + 1
         area = call % self.kernels.NUM_AREAS
+        if call - self.kernels.NUM_AREAS in self._unreceived:
+            raise ValueError(f"return_recv_hook: dispatch {call - self.kernels.NUM_AREAS} on the same receive area has "
+                             "not received yet; call its hook() before this dispatch")
         pair_rows, counts = self._routing_of(area, num_tokens, num_topk)
         views = self._views[area]
         handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
@@ -363,7 +381,7 @@ class LowLatencyKernels:
         self.check_errors()
         self._check_received(handle)
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
-        num_blocks = blocks_of(self.num_sms, num_sms)
+        num_blocks = self._blocks(num_sms)
         area = handle.area
         staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
 

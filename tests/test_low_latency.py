@@ -330,6 +330,8 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     second = comm.low_latency_dispatch(x, idx, num_experts, return_recv_hook=True)
     with pytest.raises(ValueError, match="handle: its dispatch has not received yet"):
         comm.low_latency_combine_input(first.handle)
+    with pytest.raises(ValueError, match="return_recv_hook: dispatch 1 on the same receive area"):
+        comm.low_latency_dispatch(x, idx, num_experts)
     first.hook()
     second.hook()
     _check_received(first, theirs, "hook, first")

@@ -2,34 +2,34 @@
 // flag an epoch kept on the device, so a call can be captured in a CUDA graph.
 //
 // Dispatch, send (num_blocks persistent blocks). Each block builds, in shared
-// memory, one bit mask over this rank's tokens per expert (bit t: token t chose
+// memory, one bit mask over this rank's tokens per expert (bit t: token t names
 // the expert). A pair's place among this rank's rows for its expert is the
 // number of earlier tokens in that mask, so places follow token order no matter
-// which warp gets there first. Block 0 publishes the popcounts (this rank's
-// count per expert) in every rank's region and raises "counts_ready"; every
-// block waits for every rank's counts and adds up the lower ranks' counts per
-// expert: where this rank's rows for that expert start in the owner's packed
-// rows. Then one warp per (token, chunk of the hidden size) reads the chunk
-// once (quantising to fp8 on the way when asked) and writes it to the place of
-// each of the token's experts in their owners' receive areas (a token that
-// names one expert twice sends one row). The last block to finish raises
-// "rows_done" in every rank and advances this rank's epoch for the area.
-// The count exchange is the only wait: in return every row is written once, at
-// its final place, and the received layout is the same in every run.
+// which warp gets there first. Block 0 sends the popcounts (this rank's count
+// per expert) to every rank. One warp per (token, chunk of the hidden size)
+// reads the chunk once (quantising to fp8 on the way when asked) and writes it
+// once to each rank the token names, into that rank's staging row for (this
+// rank, token), with a tag: the epoch, and per k the expert and place. The last
+// block raises "rows_done" in every rank. The send waits for no other rank's
+// data: only, before writing, for every rank to have placed the rows staged
+// there on this area last time ("staging_free", normally long set).
 //
-// Dispatch, receive (one thread): wait until every rank's rows_done carries the
-// epoch. With a receive hook this runs when the caller asks, so no SM is held
-// while the rows travel.
+// Dispatch, receive: wait for every rank's rows_done; the lower ranks' counts
+// per expert give where each source's rows start, so each staged row is copied
+// to its final rows (packed by source rank, then token: the same in every run);
+// finish this rank's pair rows and the received counts; raise staging_free in
+// every rank. A synchronous call runs both in one launch; with a receive hook
+// the receive is a launch of its own, queued when the caller asks.
 //
 // Combine: the experts' bf16 outputs sit in the receive area, over their
-// inputs. Send (one thread) raises "outputs_ready" in every rank; receive
-// waits for every rank's, then one warp per (token, chunk) pulls the token's
-// rows from their owners and sums weight * row over k in ascending order in
-// float32, each product and sum rounded on its own, a missing pair adding
-// +0.0 (deepcomm/pair_sum.py's order, so the reference path agrees bit for bit).
-// Nobody waits for the pulls to end: a rank writes into an area again only in
-// its next dispatch on that area, after every rank has published counts for
-// it, which each does only after its combine on the area is done.
+// inputs. Send raises "outputs_ready" in every rank; receive waits for every
+// rank's, then one warp per (token, chunk) pulls the token's rows from their
+// owners and sums weight * row over k in ascending order in float32, each
+// product and sum rounded on its own, a missing pair adding +0.0
+// (deepcomm/pair_sum.py's order, so the reference path agrees bit for bit).
+// Nobody waits for the pulls to end: a rank overwrites its rows only in its
+// next receive on the area, after every rank's rows_done for it, which each
+// raises only after its combine on the area is done (stream order).
 #include <cuda_runtime.h>
 
 #include "kernels/common/peer_wait.cuh"
@@ -222,7 +222,9 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   __syncthreads();
   if (threadIdx.x == 0 && last_block_done(&own->send_blocks_done[area])) {
     own->epoch[area] = epoch;  // every block has read the old one
-    for (int to = 0; to < num_ranks; ++to) ptx::store_release_sys(&signals_of(ctx, to)->rows_done[area][rank], epoch);
+    // After a timeout nothing was sent: the ranks' receives then time out too, and every rank raises.
+    for (int to = 0; to < num_ranks && staging_free; ++to)
+      ptx::store_release_sys(&signals_of(ctx, to)->rows_done[area][rank], epoch);
   }
   return epoch;
 }
