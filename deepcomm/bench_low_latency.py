@@ -39,6 +39,20 @@ def round_trip_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     return weighted_sum_in_k_order(values, topk_weights, topk_idx >= 0).to(torch.bfloat16)
 
 
+def captured(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
+    """One call of ``fn`` captured in a CUDA graph (after a warm-up call on a side stream, as torch asks):
+    ``(replay, outputs)``, the outputs rewritten by each replay. Collective: every rank captures together."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph.replay, outputs
+
+
 def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: Callable, row: Callable,
                      device: torch.device, own_gpu: bool, sms_values: list[int], all_ok: Callable,
                      mean_over_ranks: Callable) -> list:
@@ -98,6 +112,16 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
             check = all_ok(torch.equal(round_trip(), expected))
             rows.append(row(path, "bf16", "ll_round_trip", sms, timer(round_trip), int(mean_over_ranks(2 * nbytes)),
                             None, check))
+            if path == "low_latency":  # as decode runs in serving engines: no host work per call
+                replay, graph_out = captured(lambda: comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms))
+                us = timer(replay)
+                check = all_ok(round(mean_over_ranks(int(graph_out.num_tokens_per_expert.sum())) * world) == sent)
+                rows.append(row(path, "bf16", "ll_dispatch(graph)", sms, us, int(mean_over_ranks(nbytes)),
+                                floor(nbytes, 2 * shape["hidden"]), check, "CUDA graph replay"))
+                replay, graph_y = captured(round_trip)
+                us = timer(replay)
+                rows.append(row(path, "bf16", "ll_round_trip(graph)", sms, us, int(mean_over_ranks(2 * nbytes)),
+                                None, all_ok(torch.equal(graph_y, expected)), "CUDA graph replay"))
     for comm in paths.values():
         comm.close()
     return rows
