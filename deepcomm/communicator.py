@@ -55,8 +55,9 @@ class Communicator:
             picks ``"ipc"`` on one host and ``"nvshmem"`` across hosts.
         low_latency: sizes of the low-latency mode's buffers (decode); without
             it the ``low_latency_*`` methods raise. The kernels run whenever the
-            backend is not ``"reference"`` and CUDA and the extension are there
-            (every rank on one host); else the reference path implements it.
+            backend is not ``"reference"`` and CUDA and the extension are there;
+            they need every rank on one host (else ValueError naming
+            ``low_latency``). Otherwise the reference path implements it.
     """
 
     def __init__(
@@ -150,7 +151,9 @@ class Communicator:
         closers = [impl.close for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
         if not closers:  # the reference path maps nothing
             return
-        torch.cuda.synchronize()
+        for impl in (self._impl, self._low_latency):
+            if hasattr(impl, "close"):
+                torch.cuda.synchronize(impl.device)
         dist.barrier(group=self._reference.group)
         for close in closers:
             close()

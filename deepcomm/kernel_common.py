@@ -32,6 +32,9 @@ NOTIFY_DONE_WORD = 3
 
 def payload_of(x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -> int:
     hidden = x.shape[1]
+    if x.data_ptr() % 16 != 0:  # the kernels move (and quantise) rows in 16-byte units
+        raise ValueError(f"x: must start at a 16-byte boundary for the kernels (a view at storage offset "
+                         f"{x.storage_offset()}); pass x.clone()")
     if quantize_fp8:
         if x.dtype != torch.bfloat16:
             raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
@@ -39,9 +42,6 @@ def payload_of(x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -
         return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
     if (hidden * x.element_size()) % 16 != 0:
         raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")
-    if x.data_ptr() % 16 != 0:  # the kernels move rows in 16-byte units
-        raise ValueError(f"x: must start at a 16-byte boundary for the kernels (a view at storage offset "
-                         f"{x.storage_offset()}); pass x.clone()")
     return PAYLOAD_FP8 if x.dtype == fp8.FP8_DTYPE else PAYLOAD_BF16
 
 

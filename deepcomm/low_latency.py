@@ -12,10 +12,10 @@ Combine takes the experts' bf16 outputs in that layout and returns, per token,
 the sum over k (ascending) of ``topk_weights[t, k] * output of expert k`` in
 float32, rounded once to bf16: the weighted reduction is part of combine.
 
-Two receive areas alternate between calls, so a result stays valid until two
-further dispatches (two micro-batches in flight). With ``return_recv_hook``
-a call only sends; ``hook()`` queues the receive when the caller wants the
-data, and no SM waits in between.
+Two receive areas alternate between calls, so a result stays valid through one
+further dispatch (two micro-batches in flight). With ``return_recv_hook`` a
+call only sends; ``hook()`` queues the receive when the caller wants the data,
+and no SM waits in between. Each dispatch is combined at most once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.ipc import PeerTensor, export_tensor
-from deepcomm.kernel_common import ERROR_INVALID_IDS, blocks_of, mailbox_failure, payload_of
+from deepcomm.kernel_common import ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, blocks_of, mailbox_failure, payload_of
 from deepcomm.profiling import name_stream
 from deepcomm.streams import CommStreamScope, hand_back, order_streams, CallerStream
 from deepcomm.topology import Topology
@@ -42,6 +42,7 @@ MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
 MAX_EXPERTS = 1024
 MAX_RANKS = 8
 MAX_SHARED_BYTES = 200 * 1024  # the send kernel's routing masks must fit one SM's shared memory
+SEND_STATIC_SHARED_BYTES = 8 * 1024  # beside the masks: the receive's bases (4 KiB) and a few words
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class LowLatencyResult:
 @dataclass(frozen=True)
 class LowLatencyHandle:
     """Where each of this rank's (token, k) pairs went: ``pair_rows[t, k] = expert * rows_per_expert + row``
-    (-1: none), and which call and area it belongs to."""
+    (-1: none), and which call and area it belongs to. ``pair_rows`` and the counts are final once the
+    dispatch has received (at once, or when its hook ran); in memory of the area, like the rows."""
 
     pair_rows: torch.Tensor  # [T, K] int32
     num_tokens_per_expert: torch.Tensor  # [E/world] int32, this rank's received rows per local expert
@@ -187,8 +189,8 @@ class LowLatencyKernels:
         self.group, self.topology, self.config, self.num_sms, self.timeout_s = group, topology, config, num_sms, timeout_s
         self.device = torch.device("cuda", torch.cuda.current_device())
         world = topology.world_size
-        self._area_bytes = config.area_bytes(world)
         layout = core.area_layout(config.num_experts // world, world, config.max_tokens_per_rank, config.hidden)
+        self._area_bytes = layout["total_bytes"]
         # A whole call can be one launch whose blocks wait for each other's rows: ranks sharing a GPU must fit
         # every rank's blocks at once.
         props = torch.cuda.get_device_properties(self.device)
@@ -196,8 +198,17 @@ class LowLatencyKernels:
         dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
         self._ranks_on_gpu, self._num_device_sms = gpus.count(gpus[topology.rank]), props.multi_processor_count
         self._blocks(None)
-        self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
+        shared = core.dispatch_shared_bytes(config.num_experts, config.max_tokens_per_rank) + SEND_STATIC_SHARED_BYTES
+        optin = _ext.extension().device_info(self.device.index)["max_shared_memory_per_block_optin"]
+        if shared > optin:
+            raise ValueError(f"max_tokens_per_rank: the send's routing masks need {shared} bytes of shared memory, "
+                             f"more than this GPU gives a block ({optin})")
+        self.buffer = torch.empty(core.DATA_OFFSET + core.NUM_AREAS * self._area_bytes, dtype=torch.uint8,
+                                  device=self.device)
         self.buffer[: core.DATA_OFFSET].zero_()
+        for area in range(core.NUM_AREAS):  # no staged row is ever taken for one of this call (-1: no epoch)
+            start = core.DATA_OFFSET + area * self._area_bytes
+            self.buffer[start + layout["staging_tags"] : start + self._area_bytes].fill_(0xFF)
         self._views = [self._area_views(area, layout) for area in range(core.NUM_AREAS)]
         self.mailbox = torch.zeros(core.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
         self._mailbox_words = self.mailbox.numpy()
@@ -213,9 +224,9 @@ class LowLatencyKernels:
                                            dtype=torch.int32, device=self.device) for _ in range(core.NUM_AREAS)]
         self._routing: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._core = _ext.extension()
-        self._comm_stream_used = False  # since the last call on the caller's stream (_caller_stream)
-        self._last_on_caller: EventHandle | None = None  # the end of the last call on the caller's stream
+        self._last_stream: int | None = None  # where this rank's last low-latency kernel was queued (_follow)
         self._unreceived: set[int] = set()  # dispatches sent with a receive hook not called yet
+        self._combined: set[int] = set()  # dispatches combined already (once each)
         self._calls = 0
         self._failure: CommunicationError | None = None
         self._closed = False
@@ -245,7 +256,11 @@ class LowLatencyKernels:
             if int(words[0]) == ERROR_INVALID_IDS:
                 invalid[int(words[2])] = 1
             self._failure = mailbox_failure(words, self.topology.rank, self.timeout_s, invalid)
-            self._stream.synchronize()  # this rank's kernels finish giving up before anything is torn down
+            if int(words[0]) == ERROR_MODE_MISMATCH:
+                self._failure = CommunicationError(self.topology.rank, "low_latency_rows",
+                                                   f"rank {int(words[2])} dispatched the other row format (bf16 / fp8) "
+                                                   "in this call; every rank must send the same")
+            torch.cuda.synchronize(self.device)  # this rank's kernels finish giving up before anything is torn down
         if self._failure is not None:
             raise self._failure
 
@@ -260,6 +275,9 @@ class LowLatencyKernels:
         self._check_handle(handle)
         if handle.call in self._unreceived:
             raise ValueError("handle: its dispatch has not received yet; call the result's hook() first")
+        if handle.call in self._combined:
+            # A peer may still be pulling the outputs of the first combine: rewriting them would race with it.
+            raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
@@ -294,14 +312,16 @@ class LowLatencyKernels:
                 num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
+        self._combined.discard(call - kernels.NUM_AREAS)
         if caller is not None:  # synchronous: one launch on the caller's stream
+            self._follow(caller)
             self.ctx.dispatch(kernels.BOTH, *args, caller)
             self._calls = call
-            result.event = self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
+            result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
-            self._after_calls_on_caller()
+            self._follow(stream.cuda_stream)
             self._calls = call
             if return_recv_hook:
                 self.ctx.dispatch(kernels.SEND, *args, stream.cuda_stream)
@@ -320,22 +340,23 @@ class LowLatencyKernels:
         no stream switch, no events between streams, inputs and outputs already ordered.
         """
         if asynchronous or previous_event is not None or torch.cuda.current_device() != self.device.index:
-            self._comm_stream_used = True
             return None
-        caller = torch._C._cuda_getCurrentRawStream(self.device.index)
-        if self._comm_stream_used:
-            # Every kernel of this rank must run in call order (a peer reads an area again only after this
-            # rank's next call on it has started): after calls on the communication stream, wait for them once.
-            self._core.order_streams(caller, self._stream.cuda_stream)
-            self._comm_stream_used = False
-        return caller
+        return torch._C._cuda_getCurrentRawStream(self.device.index)
 
-    def _after_calls_on_caller(self) -> None:
-        """The communication stream waits for the last call run on the caller's stream (a previous_event
-        need not cover it), so this rank's kernels run in call order."""
-        if self._last_on_caller is not None:
-            self._last_on_caller.wait(self._stream)
-            self._last_on_caller = None
+    def _follow(self, stream: int) -> None:
+        """Queue this call's kernels after this rank's previous low-latency kernels, whatever stream those
+        went to: the protocol needs every rank's calls to run in call order (a peer writes into an area
+        again once this rank's next call on it has started, and reads it until its own has).
+
+        Under CUDA graph capture nothing is ordered (torch.cuda.graph synchronises the device before it
+        captures) and nothing is remembered (a replay runs where the caller puts it).
+        """
+        if torch._C._cuda_isCurrentStreamCapturing():
+            self._last_stream = None
+            return
+        if self._last_stream is not None and self._last_stream != stream:
+            self._core.order_streams(stream, self._last_stream)
+        self._last_stream = stream
 
     def _routing_of(self, area: int, num_tokens: int, num_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """An area's pair rows ``[T, K]`` and received counts, in memory of its own (no allocation per call:
@@ -360,6 +381,7 @@ class LowLatencyKernels:
             self._unreceived.discard(handle.call)
             caller = CallerStream(self.device.index)
             order_streams(self._stream, caller)
+            self._follow(self._stream.cuda_stream)
             self.ctx.dispatch(self.kernels.RECEIVE, *args, self._stream.cuda_stream)
             event = EventHandle.record(self.device, self._stream)
             order_streams(caller, self._stream)
@@ -377,13 +399,16 @@ class LowLatencyKernels:
 
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
-        """``(y, event, hook)``; with a hook, ``topk_weights`` must live until ``hook()`` was called."""
+        """``(y, event, hook)``; once per dispatch (a second combine raises)."""
         self.check_errors()
         self._check_received(handle)
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = self._blocks(num_sms)
         area = handle.area
         staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
+        if staged and expert_out.data_ptr() % 16:
+            raise ValueError("expert_out: must start at a 16-byte boundary for the kernels; pass expert_out.clone()")
+        self._combined.add(handle.call)
 
         def send(cuda_stream: int, phases: int) -> torch.Tensor:
             if staged:  # peers read registered memory only
@@ -400,12 +425,12 @@ class LowLatencyKernels:
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
         if caller is not None:  # synchronous: one launch on the caller's stream, y allocated there
+            self._follow(caller)
             y = send(caller, kernels.BOTH)
-            self._last_on_caller = EventHandle(self._core.StreamPoint(caller, self.device.index))
-            return y, self._last_on_caller, None
+            return y, EventHandle(self._core.StreamPoint(caller, self.device.index)), None
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out, topk_weights), True) as caller_stream:
-            self._after_calls_on_caller()
+            self._follow(stream.cuda_stream)
             # y belongs to the communication stream, which writes it; hand_back makes it safe on the caller's.
             y = send(stream.cuda_stream, kernels.SEND if return_recv_hook else kernels.BOTH)
             event = hand_back((y,), self.device, stream, caller_stream, async_finish or return_recv_hook)
@@ -423,6 +448,7 @@ class LowLatencyKernels:
             called = True
             now = CallerStream(self.device.index)
             order_streams(stream, now)
+            self._follow(stream.cuda_stream)
             receive(y, stream.cuda_stream, kernels.RECEIVE)
             done = EventHandle.record(self.device, stream)
             order_streams(now, stream)

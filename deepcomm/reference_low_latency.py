@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import fp8
+from deepcomm.errors import SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.low_latency import (
     LowLatencyConfig, LowLatencyHandle, LowLatencyResult, check_low_latency_combine, check_low_latency_dispatch,
@@ -40,13 +41,21 @@ class ReferenceLowLatency:
         config.check_world(reference.topology.world_size)
         self.reference, self.config, self.topology = reference, config, reference.topology
         self._calls = 0
+        self._outputs: dict[tuple[int, torch.device], torch.Tensor] = {}  # combine_input, per area and device
+        self._combined: set[int] = set()
 
     def check_errors(self) -> None:
         """Nothing is reported later on this path: bad input raises at once."""
 
     def _check_handle(self, handle) -> None:
+        """The kernels' checks, so that a program that runs here runs there."""
         if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
+        if self._calls - handle.call >= 2:
+            raise SlotReusedError(f"handle: {self._calls - handle.call} low-latency dispatches ran since the one that "
+                                  "made it and reused its receive area (results stay valid for 1 further dispatch)")
+        if handle.call in self._combined:
+            raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
@@ -114,21 +123,26 @@ class ReferenceLowLatency:
             out_scales = out_scales.view(local_experts, rows_per_expert, -1)
         per_expert = every_count[:, rank * local_experts : (rank + 1) * local_experts].sum(0).to(torch.int32)
         self._calls += 1
+        self._combined.discard(self._calls - 2)
         handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, id(self))
         return LowLatencyResult(out_x.view(local_experts, rows_per_expert, hidden), out_scales, per_expert, handle,
                                 EventHandle(None))
 
     def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """One tensor per receive area, as on the kernels (written, then passed to combine)."""
         self._check_handle(handle)
-        local_experts, rows_per_expert, hidden = self.config.recv_shape(self.topology.world_size)
-        return torch.zeros(local_experts, rows_per_expert, hidden, dtype=torch.bfloat16,
-                           device=handle.pair_rows.device)
+        key = (handle.area, handle.pair_rows.device)
+        if key not in self._outputs:
+            shape = self.config.recv_shape(self.topology.world_size)
+            self._outputs[key] = torch.zeros(shape, dtype=torch.bfloat16, device=handle.pair_rows.device)
+        return self._outputs[key]
 
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
         self._check_handle(handle)
         world = self.topology.world_size
         check_low_latency_combine(self.config, world, expert_out, topk_weights, handle, None)
+        self._combined.add(handle.call)
         device = expert_out.device
         with self.reference._on_comm_stream(device, previous_event, (expert_out, topk_weights)) as caller:
             y = self._combine(expert_out, topk_weights, handle)

@@ -156,6 +156,7 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
             comm.low_latency_dispatch(**args)
     result = comm.low_latency_dispatch(x, idx, E)
     out = comm.low_latency_combine_input(result.handle)
+    assert comm.low_latency_combine_input(result.handle) is out  # one per area, as on the kernels
     weights = torch.ones(4, 2)
     with pytest.raises(ValueError, match="expert_out: expected shape"):
         comm.low_latency_combine(out[:1], weights, result.handle)
@@ -163,6 +164,13 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
         comm.low_latency_combine(out, weights[:, :1].contiguous(), result.handle)
     with pytest.raises(TypeError, match="handle: expected the handle"):
         comm.low_latency_combine(out, weights, object())
+    comm.low_latency_combine(out, weights, result.handle)
+    with pytest.raises(ValueError, match="handle: its dispatch was combined already"):
+        comm.low_latency_combine(out, weights, result.handle)
+    comm.low_latency_dispatch(x, idx, E)
+    comm.low_latency_dispatch(x, idx, E)
+    with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
+        comm.low_latency_combine_input(result.handle)
     plain = deepcomm.Communicator(backend="reference")
     with pytest.raises(ValueError, match="low_latency: this communicator has no low-latency buffers"):
         plain.low_latency_dispatch(x, idx, E)
@@ -265,18 +273,21 @@ def _agreement_worker(rank: int, world_size: int) -> None:
             comm.check_errors()
             _check_received(ours, theirs, where)
 
-        # Combine: random outputs staged from outside the buffer, then written in place.
-        ours = comm.low_latency_dispatch(x, idx, num_experts)
+        # Combine (once per dispatch): random outputs staged from outside the buffer, then written in place.
         theirs = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts)
         outputs = _random_outputs(seed, rank, (local, rows_per_expert, HIDDEN))
         expected = oracle.combine(outputs, inputs.topk_weights, theirs.handle)[0]
         weights = inputs.topk_weights.to(device)
         for num_sms in (24, 2):
+            ours = comm.low_latency_dispatch(x, idx, num_experts)
             same_bits(comm.low_latency_combine(outputs.to(device), weights, ours.handle, num_sms=num_sms), expected,
                       f"{routing}: combine staged, sms{num_sms}")
+        ours = comm.low_latency_dispatch(x, idx, num_experts)
         in_place = comm.low_latency_combine_input(ours.handle)
         in_place.copy_(outputs)
         same_bits(comm.low_latency_combine(in_place, weights, ours.handle), expected, f"{routing}: combine in place")
+        with pytest.raises(ValueError, match="handle: its dispatch was combined already"):
+            comm.low_latency_combine(in_place, weights, ours.handle)
         comm.check_errors()
     comm.close()
 
@@ -286,6 +297,41 @@ def _agreement_worker(rank: int, world_size: int) -> None:
 def test_low_latency_kernels_match_the_reference_bit_for_bit(world_size):
     require_ranks(world_size)
     run_ranks(_agreement_worker, world_size)
+
+
+def _odd_shapes_worker(rank: int, world_size: int) -> None:
+    """Row sizes whose 16-byte units leave part of a warp idle in the last pass (640 channels: 80 units;
+    136: 17, bf16 only), each on a fresh communicator that may get the memory of the one before."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device())
+    for hidden, modes in ((640, ("bf16", "quantize")), (136, ("bf16",)), (640, ("bf16",))):
+        config = deepcomm.LowLatencyConfig(max_tokens_per_rank=MAX_TOKENS, hidden=hidden,
+                                           num_experts=4 * world_size, num_topk=8)
+        comm = deepcomm.Communicator(low_latency=config)
+        oracle = ReferenceLowLatency(comm.reference, config)
+        local, rows_per_expert, _ = config.recv_shape(world_size)
+        for call, mode in enumerate(modes * 2):
+            generator = torch.Generator().manual_seed(call * 10 + rank)
+            x = (torch.randn(24, hidden, generator=generator) * 2).to(torch.bfloat16)
+            idx = torch.rand(24, config.num_experts, generator=generator).topk(NUM_TOPK, dim=1).indices
+            weights = torch.rand(24, NUM_TOPK, generator=generator)
+            kwargs = dict(quantize_fp8=True) if mode == "quantize" else {}
+            ours = comm.low_latency_dispatch(x.to(device), idx.to(device), config.num_experts, **kwargs)
+            theirs = oracle.dispatch(x, idx, config.num_experts, **kwargs)
+            _check_received(ours, theirs, f"hidden {hidden}, {mode}, call {call}, rank {rank}")
+            outputs = _random_outputs(call, rank, (local, rows_per_expert, hidden))
+            expected = oracle.combine(outputs, weights, theirs.handle)[0]
+            same_bits(comm.low_latency_combine(outputs.to(device), weights.to(device), ours.handle), expected,
+                      f"hidden {hidden}, combine, call {call}")
+        comm.check_errors()
+        comm.close()
+        del comm
+
+
+@pytest.mark.gpu
+def test_odd_row_sizes_and_a_communicator_on_reused_memory():
+    require_ranks(2)
+    run_ranks(_odd_shapes_worker, 2)
 
 
 def _back_to_back_worker(rank: int, world_size: int) -> None:
@@ -341,6 +387,13 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     same_bits(y, expected, "combine with a hook")
     with pytest.raises(RuntimeError, match="hook: already called"):
         hook()
+    # Calls from two streams keep their order: a dispatch from a side stream, its combine from the main one.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        from_side = comm.low_latency_dispatch(x, idx, num_experts)
+    torch.cuda.current_stream().wait_stream(side)
+    same_bits(comm.low_latency_combine(from_side.x.clone(), weights, from_side.handle), expected, "two streams")
     # On the communication stream: asynchronous (wait on the event), and after an event (the caller's stream waits).
     third = comm.low_latency_dispatch(x, idx, num_experts, async_finish=True)
     third.event.wait()
@@ -348,7 +401,7 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     after_event = comm.low_latency_dispatch(x, idx, num_experts, previous_event=third.event)
     _check_received(after_event, theirs, "dispatch after an event")
     third = comm.low_latency_dispatch(x, idx, num_experts)
-    with pytest.raises(SlotReusedError, match="handle: 4 low-latency dispatches ran"):
+    with pytest.raises(SlotReusedError, match="handle: 5 low-latency dispatches ran"):
         comm.low_latency_combine(first.x, weights, first.handle)
     y, event, _ = comm.low_latency_combine_async(third.x.clone(), weights, third.handle)
     event.wait()

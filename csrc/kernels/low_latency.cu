@@ -85,6 +85,20 @@ __device__ __forceinline__ uint64_t epoch_of(const SignalRegion* own, int area) 
 
 // ------------------------------------------------------------ dispatch
 
+// Every lane's copy of the row and scale targets that lanes [group, group + kTargetGroup) hold
+// (copy_row and quantize_row keep all of a warp's targets in registers).
+__device__ __forceinline__ void targets_of_lanes(uint8_t* x_target, float* scale_target, int group,
+                                                 uint8_t* (&x_targets)[kTargetGroup],
+                                                 float* (&scale_targets)[kTargetGroup]) {
+#pragma unroll
+  for (int j = 0; j < kTargetGroup; ++j) {
+    x_targets[j] = reinterpret_cast<uint8_t*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(x_target), group + j));
+    scale_targets[j] = reinterpret_cast<float*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_target), group + j));
+  }
+}
+
 // Counts the arrival of one block of this rank at the end of a phase; true for the last of the grid (which
 // resets the count for the next call). Every block's writes are fenced before it counts.
 __device__ __forceinline__ bool last_block_done(uint32_t* blocks_done) {
@@ -141,7 +155,8 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
       for (int w = 0; w < words; ++w) count += __popc(masks[e * words + w]);
       for (int dst = 0; dst < num_ranks; ++dst) signals_of(ctx, dst)->counts[area][rank][e] = count;
     }
-    for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) signals_of(ctx, dst)->tokens[area][rank] = num_tokens;
+    for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x)
+      signals_of(ctx, dst)->tokens[area][rank] = num_tokens | (kRecvBytesPerChannel == 1 ? kFp8RowsBit : 0);
   }
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -200,13 +215,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
       if (__ballot_sync(0xffffffffu, x_target != nullptr && lane >= group && lane < group + kTargetGroup) == 0) continue;
       uint8_t* x_targets[kTargetGroup];
       float* scale_targets[kTargetGroup];
-#pragma unroll
-      for (int j = 0; j < kTargetGroup; ++j) {
-        x_targets[j] = reinterpret_cast<uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(x_target), group + j));
-        scale_targets[j] = reinterpret_cast<float*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_target), group + j));
-      }
+      targets_of_lanes(x_target, scale_target, group, x_targets, scale_targets);
       if constexpr (kQuantize) {
         rows::quantize_row<kPayload == Payload::kBf16ToFp8Pow2>(source, channels, x_targets, scale_targets, lane);
       } else {
@@ -244,8 +253,13 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     arrived = wait_for_peers(own->rows_done[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
                              kStageLowLatencyRows);
     first_item[0] = 0;
-    for (int src = 0; src < num_ranks; ++src)
-      first_item[src + 1] = first_item[src] + *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]) * chunking.count;
+    for (int src = 0; src < num_ranks; ++src) {
+      const int32_t word = *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]);
+      // A source that sent the other row format (bf16 / fp8) in this call: nothing of it is placed.
+      const bool same_rows = ((word & kFp8RowsBit) != 0) == kFp8;
+      if (arrived && !same_rows && blockIdx.x == 0) report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageLowLatencyRows, src);
+      first_item[src + 1] = first_item[src] + (same_rows ? (word & ~kFp8RowsBit) * chunking.count : 0);
+    }
   }
   __syncthreads();
   const AreaLayout layout = layout_of(ctx);
@@ -289,7 +303,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       continue;
     const int32_t code = lane < kMaxTopk ? *reinterpret_cast<const volatile int32_t*>(tag + 1 + lane) : -1;
     int64_t row = -1;
-    if (code >= 0) {
+    if (code >= 0 && code < local_experts * ctx.max_tokens) {
       const int expert = code / ctx.max_tokens;
       row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
     }
@@ -304,13 +318,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       if (__ballot_sync(0xffffffffu, row >= 0 && lane >= group && lane < group + kTargetGroup) == 0) continue;
       uint8_t* x_targets[kTargetGroup];
       float* scale_targets[kTargetGroup];
-#pragma unroll
-      for (int j = 0; j < kTargetGroup; ++j) {
-        x_targets[j] = reinterpret_cast<uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(x_target), group + j));
-        scale_targets[j] = reinterpret_cast<float*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(scale_target), group + j));
-      }
+      targets_of_lanes(x_target, scale_target, group, x_targets, scale_targets);
       rows::PendingScales<true> scales;
       if constexpr (kFp8)
         scales.load(reinterpret_cast<const float*>(own_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128,
@@ -321,7 +329,8 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   }
 
   __syncthreads();
-  if (threadIdx.x == 0 && arrived && last_block_done(&own->place_blocks_done[area]))
+  // Every block counts, so the count stays whole after a timeout; staging is freed only after a good receive.
+  if (threadIdx.x == 0 && last_block_done(&own->place_blocks_done[area]) && arrived)
     for (int src = 0; src < num_ranks; ++src)
       ptx::store_release_sys(&signals_of(ctx, src)->staging_free[area][rank], epoch);
 }
@@ -398,7 +407,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
     }
     int4* out = reinterpret_cast<int4*>(args.y) + token * row_units + first_unit;
 
-    for (int base = lane; base < units; base += 32 * kCombineUnroll) {
+    // The loop runs the same number of times in every lane: the shuffles below need the whole warp.
+    for (int first = 0; first < units; first += 32 * kCombineUnroll) {
+      const int base = first + lane;
       float acc[kCombineUnroll][8];
       for (int group = 0; group < num_topk; group += kTargetGroup) {
         const int4* sources[kTargetGroup];

@@ -49,12 +49,14 @@ struct SignalRegion {
   uint64_t staging_free[kNumAreas][kMaxRanks];   // epoch at which s finished placing the rows staged there
   uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
   int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
-  int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows to look at)
+  int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows), | kFp8RowsBit
   // This rank's own:
   uint64_t epoch[kNumAreas];              // of the last dispatch on each area (the send kernel advances it)
   uint32_t send_blocks_done[kNumAreas];   // blocks past the send; the last one signals and resets it
   uint32_t place_blocks_done[kNumAreas];  // blocks past the placing; the last one signals and resets it
 };
+
+constexpr int32_t kFp8RowsBit = 1 << 30;  // in SignalRegion::tokens: the source sent fp8 rows
 
 constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
 
