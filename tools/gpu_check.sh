@@ -63,6 +63,11 @@ if { step deepep || step deepep_build; } && [ -d .peer/DeepEP ] && [ ! -f .peer/
   tools/build_deepep.sh .peer/site > "$OUT/deepep_build.log" 2>&1 & deepep_build=$!
 fi
 
+deepep_ll_build=""
+if step lowlatency && [ -d .peer/DeepEP ] && [ ! -f .peer/site_ll/deep_ep/__init__.py ]; then
+  DEEPEP_WITH_NVSHMEM=1 tools/build_deepep.sh .peer/site_ll > "$OUT/deepep_ll_build.log" 2>&1 & deepep_ll_build=$!
+fi
+
 # The other tree of a before/after comparison builds alongside, in place (its own deepcomm/_C).
 ab_build=""
 if step ab && [ -d "${AB_DIR:-}" ]; then
@@ -245,12 +250,24 @@ if step deepep; then
   fi
 fi
 
-# The low-latency mode on the decode workload: its rows (and the reference path's), and where a call's time goes.
+# The low-latency mode on the decode workload: its rows (and the reference path's), where a call's time goes, and
+# DeepEP v1's low-latency mode beside it when its source is carried and every rank has a GPU (its NVSHMEM build,
+# into .peer/site_ll, started at the top).
 if step lowlatency; then
   for n in $NRANKS; do
     bench "ll_decode_${n}ranks" "$n" $LL_ARGS
     timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py \
       > "$OUT/profile_ll_${n}ranks.log" 2>&1 || note "profile low-latency ${n} ranks: FAILED (see profile_ll_${n}ranks.log)"
+    if [ -n "$deepep_ll_build" ] && [ "$num_gpus" -ge "$n" ]; then
+      wait "$deepep_ll_build"; deepep_ll_build=""
+      note "deepep (NVSHMEM) build: $(tail -1 "$OUT/deepep_ll_build.log")"
+    fi
+    if [ -f .peer/site_ll/deep_ep/__init__.py ] && [ "$num_gpus" -ge "$n" ]; then
+      PYTHONPATH="$PWD/.peer/site_ll${PYTHONPATH:+:$PYTHONPATH}" timeout 300 python3 -m deepcomm.launch --standalone \
+        --nproc-per-node "$n" tools/bench_deepep.py --mode low-latency --preset decode --iters 50 --warmup 5 \
+        --json "$OUT/deepep_ll_decode_${n}ranks.json" > "$OUT/deepep_ll_decode_${n}ranks.log" 2>&1 \
+        && note "deepep low-latency ${n} ranks: ok" || note "deepep low-latency ${n} ranks: FAILED (see its log)"
+    fi
   done
 fi
 
@@ -294,7 +311,7 @@ fi
 
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
-for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/ll_decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
+for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/ll_decode_*.log "$OUT"/deepep_ll_decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
            "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/profile_*.log; do
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=|low-latency call)' "$log" | grep -v '^rows written'; }
 done
