@@ -259,7 +259,7 @@ class LowLatencyKernels:
             if int(words[0]) == ERROR_MODE_MISMATCH:
                 self._failure = CommunicationError(self.topology.rank, "low_latency_rows",
                                                    f"rank {int(words[2])} dispatched the other row format (bf16 / fp8) "
-                                                   "in this call; every rank must send the same")
+                                                   "in this call; every rank must send the same", peer=int(words[2]))
             torch.cuda.synchronize(self.device)  # this rank's kernels finish giving up before anything is torn down
         if self._failure is not None:
             raise self._failure
@@ -312,24 +312,27 @@ class LowLatencyKernels:
                 num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
-        self._combined.discard(call - kernels.NUM_AREAS)
         if caller is not None:  # synchronous: one launch on the caller's stream
             self._follow(caller)
             self.ctx.dispatch(kernels.BOTH, *args, caller)
             self._calls = call
+            self._combined.discard(call - kernels.NUM_AREAS)
             result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
         with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
             self._follow(stream.cuda_stream)
-            self._calls = call
             if return_recv_hook:
                 self.ctx.dispatch(kernels.SEND, *args, stream.cuda_stream)
+                self._calls = call
+                self._combined.discard(call - kernels.NUM_AREAS)
                 self._unreceived.add(call)
                 result.event = hand_back((), self.device, stream, caller_stream, True)
                 result.hook = self._receive_hook(handle, args)
                 return result
             self.ctx.dispatch(kernels.BOTH, *args, stream.cuda_stream)
+            self._calls = call
+            self._combined.discard(call - kernels.NUM_AREAS)
             result.event = hand_back((), self.device, stream, caller_stream, async_finish)
             return result
 
@@ -378,13 +381,14 @@ class LowLatencyKernels:
                 raise RuntimeError("hook: already called")
             self.check_errors()
             self._check_handle(handle)
-            self._unreceived.discard(handle.call)
-            caller = CallerStream(self.device.index)
-            order_streams(self._stream, caller)
-            self._follow(self._stream.cuda_stream)
-            self.ctx.dispatch(self.kernels.RECEIVE, *args, self._stream.cuda_stream)
-            event = EventHandle.record(self.device, self._stream)
-            order_streams(caller, self._stream)
+            with torch.cuda.device(self.device):  # the events that order the streams are the current device's
+                caller = CallerStream(self.device.index)
+                order_streams(self._stream, caller)
+                self._follow(self._stream.cuda_stream)
+                self.ctx.dispatch(self.kernels.RECEIVE, *args, self._stream.cuda_stream)
+                self._unreceived.discard(handle.call)
+                event = EventHandle.record(self.device, self._stream)
+                order_streams(caller, self._stream)
             return event
 
         return hook
@@ -408,7 +412,6 @@ class LowLatencyKernels:
         staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
         if staged and expert_out.data_ptr() % 16:
             raise ValueError("expert_out: must start at a 16-byte boundary for the kernels; pass expert_out.clone()")
-        self._combined.add(handle.call)
 
         def send(cuda_stream: int, phases: int) -> torch.Tensor:
             if staged:  # peers read registered memory only
@@ -427,12 +430,14 @@ class LowLatencyKernels:
         if caller is not None:  # synchronous: one launch on the caller's stream, y allocated there
             self._follow(caller)
             y = send(caller, kernels.BOTH)
+            self._combined.add(handle.call)
             return y, EventHandle(self._core.StreamPoint(caller, self.device.index)), None
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out, topk_weights), True) as caller_stream:
             self._follow(stream.cuda_stream)
             # y belongs to the communication stream, which writes it; hand_back makes it safe on the caller's.
             y = send(stream.cuda_stream, kernels.SEND if return_recv_hook else kernels.BOTH)
+            self._combined.add(handle.call)
             event = hand_back((y,), self.device, stream, caller_stream, async_finish or return_recv_hook)
             if not return_recv_hook:
                 return y, event, None
@@ -445,13 +450,14 @@ class LowLatencyKernels:
                 raise RuntimeError("hook: already called")
             self.check_errors()
             self._check_handle(handle)
-            called = True
-            now = CallerStream(self.device.index)
-            order_streams(stream, now)
-            self._follow(stream.cuda_stream)
-            receive(y, stream.cuda_stream, kernels.RECEIVE)
-            done = EventHandle.record(self.device, stream)
-            order_streams(now, stream)
+            with torch.cuda.device(self.device):  # the events that order the streams are the current device's
+                now = CallerStream(self.device.index)
+                order_streams(stream, now)
+                self._follow(stream.cuda_stream)
+                receive(y, stream.cuda_stream, kernels.RECEIVE)
+                called = True
+                done = EventHandle.record(self.device, stream)
+                order_streams(now, stream)
             return done
 
         return y, event, hook

@@ -457,7 +457,15 @@ def _failure_worker(rank: int, world_size: int) -> None:
         with pytest.raises(CommunicationError, match="topk_idx had invalid expert ids"):
             comm.check_errors()
     dist.barrier()
-    # On a second communicator rank 0 stops answering: the others' waits give up naming the stage and rank 0.
+    # Ranks sending different row formats in one call: every rank raises, naming a rank that differs.
+    mixed = _kernel_communicator(world_size)
+    mixed.low_latency_dispatch(x, torch.zeros_like(idx), num_experts, quantize_fp8=rank > 0)
+    torch.cuda.synchronize()
+    with pytest.raises(CommunicationError, match="dispatched the other row format") as info:
+        mixed.check_errors()
+    assert info.value.peer == (1 if rank == 0 else 0)
+    dist.barrier()
+    # On a further communicator rank 0 stops answering: the others' waits give up naming the stage and rank 0.
     silent = _kernel_communicator(world_size, timeout_s=2.0)
     if rank != 0:
         silent.low_latency_dispatch(x, torch.zeros_like(idx), num_experts)

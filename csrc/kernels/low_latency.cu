@@ -48,6 +48,7 @@ constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kDefaultSharedBytes = 48 * 1024;
+constexpr int kStaticSharedBound = 8 * 1024;  // the kernels' static shared arrays stay below this
 
 // The hidden size in chunks of whole 128-channel blocks, so that a decode-size call (few tokens)
 // still gives every warp work; a chunk never splits an fp8 scale block.
@@ -480,8 +481,13 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
   const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, args.num_blocks);
   const int64_t shared_bytes = phases == Phases::kReceive ? 0 : dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
   auto launch = [&](auto kernel) {
-    if (shared_bytes > kDefaultSharedBytes)
-      DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+    // Past 48 KiB of shared memory in all (the kernel's static arrays count too) a launch needs the opt-in.
+    if (shared_bytes > kDefaultSharedBytes - kStaticSharedBound) {
+      cudaFuncAttributes attributes{};
+      DC_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+      if (shared_bytes + static_cast<int64_t>(attributes.sharedSizeBytes) > kDefaultSharedBytes)
+        DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+    }
     kernel<<<args.num_blocks, kThreads, shared_bytes, stream>>>(ctx, args, send_chunks, place_chunks);
   };
   switch (phases) {
