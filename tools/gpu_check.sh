@@ -256,8 +256,11 @@ fi
 if step lowlatency; then
   for n in $NRANKS; do
     bench "ll_decode_${n}ranks" "$n" $LL_ARGS
-    timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py \
-      > "$OUT/profile_ll_${n}ranks.log" 2>&1 || note "profile low-latency ${n} ranks: FAILED (see profile_ll_${n}ranks.log)"
+    # One launch a call, then the send and the receive apart (a receive hook called at once).
+    for mode in "" --hook; do
+      timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py $mode \
+        > "$OUT/profile_ll_${n}ranks${mode}.log" 2>&1 || note "profile low-latency ${n} ranks $mode: FAILED (see its log)"
+    done
     if [ -n "$deepep_ll_build" ] && [ "$num_gpus" -ge "$n" ]; then
       wait "$deepep_ll_build"; deepep_ll_build=""
       note "deepep (NVSHMEM) build: $(tail -1 "$OUT/deepep_ll_build.log")"

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=288)
     parser.add_argument("--num-sms", type=int, default=24)
     parser.add_argument("--fp8", action="store_true", help="quantise to fp8 in dispatch")
+    parser.add_argument("--hook", action="store_true",
+                        help="dispatch with a receive hook (called at once): the send and the receive as two "
+                             "launches, timed apart")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace here")
     return parser.parse_args(argv)
@@ -66,7 +69,13 @@ def kernel_name(name: str) -> str:
     """``dispatch_send_kernel`` out of a kernel's name as the profiler gives it (demangled, or mangled
     as for kernels in an anonymous namespace: ``..._cu_6a66627220dispatch_send_kernelILN...``)."""
     found = re.findall(r"([a-z_]+_kernel)", name)
-    return found[0] if found else name[:40]
+    base = found[0] if found else name[:40]
+    # dispatch_kernel<payload, send, receive>: a launch of one phase (a receive hook) is named for it.
+    flags = re.search(r"Lb([01])ELb([01])E", name) or re.search(r"(true|false), (true|false)>", name)
+    if base == "dispatch_kernel" and flags:
+        send, receive = (flag in ("1", "true") for flag in flags.groups())
+        base += {(True, False): " (send)", (False, True): " (receive)"}.get((send, receive), "")
+    return base
 
 
 def kernel_us(fn, iters: int, trace: str | None) -> dict[str, float]:
@@ -100,7 +109,11 @@ def main(argv=None) -> None:
         weights = torch.rand(args.tokens, args.topk, generator=generator).to(device)
 
         def dispatch():
-            return comm.low_latency_dispatch(x, topk_idx, args.experts, quantize_fp8=args.fp8)
+            result = comm.low_latency_dispatch(x, topk_idx, args.experts, quantize_fp8=args.fp8,
+                                               return_recv_hook=args.hook)
+            if args.hook:
+                result.hook()
+            return result
 
         def round_trip():  # a dispatch is combined once: combine is timed with its dispatch
             out = dispatch()  # its bf16 view of the area is combine's input in place (fp8 rows read as bf16 here)
