@@ -35,7 +35,7 @@ from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
-from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
+from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_positive_ints
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,7 @@ class BufferConfig:
     num_recv_slots: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_per_rank", "hidden", "num_topk", "num_recv_slots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_ints(self, ("max_tokens_per_rank", "hidden", "num_topk", "num_recv_slots"))
 
     def max_recv_rows(self, world_size: int) -> int:
         # Every token of every rank may go to one rank.

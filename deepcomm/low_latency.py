@@ -36,7 +36,7 @@ from deepcomm.kernel_common import ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, block
 from deepcomm.profiling import name_stream
 from deepcomm.streams import CommStreamScope, hand_back, order_streams, CallerStream
 from deepcomm.topology import Topology
-from deepcomm.validation import check_num_experts, check_tensor, check_topk_idx
+from deepcomm.validation import check_num_experts, check_positive_ints, check_tensor, check_topk_idx
 
 MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
 MAX_EXPERTS = 1024
@@ -62,10 +62,7 @@ class LowLatencyConfig:
     num_topk: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_per_rank", "hidden", "num_experts", "num_topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_ints(self, ("max_tokens_per_rank", "hidden", "num_experts", "num_topk"))
         if self.hidden % 8:
             raise ValueError(f"hidden: must be a multiple of 8 (16-byte bf16 rows), got {self.hidden}")
         if self.num_topk > MAX_TOPK:

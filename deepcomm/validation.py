@@ -34,6 +34,14 @@ def check_tensor(
     return value
 
 
+def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """Each named field of ``config`` is a positive int (a bool is not); ValueError naming the first that is not."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
 def check_num_experts(num_experts: object, world_size: int) -> int:
     if isinstance(num_experts, bool) or not isinstance(num_experts, int):
         raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
