@@ -132,3 +132,26 @@ def test_ab_table_reads_the_benchmarks_own_rows(tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 1 + 5  # header + layout, dispatch and combine for bf16 and fp8
     assert all(line.endswith("ok") for line in lines[1:])
+
+
+def test_bench_low_latency_mode_on_cpu_processes(tmp_path):
+    """--mode low-latency on CPU: the reference path's low-latency rows, each checked (the kernels' rows, the
+    graph replays among them, need a GPU)."""
+    json_path = tmp_path / "rows.json"
+    command = [
+        sys.executable, "-m", "deepcomm.bench", "--nproc", "2", "--device", "cpu", "--tokens", "32",
+        "--hidden", "256", "--experts", "8", "--topk", "4", "--iters", "2", "--warmup", "1",
+        "--mode", "low-latency", "--json", str(json_path),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(json_path.read_text())
+    assert [(r["stage"], r["dtype"]) for r in rows] == [
+        ("layout", "-"), ("ll_dispatch", "bf16"), ("ll_dispatch", "fp8"), ("ll_combine", "bf16"),
+        ("ll_round_trip", "bf16"),
+    ]
+    for row in rows:
+        assert row["check"] == "ok" and row["path"] == "reference", row
+    dispatch_bf16 = rows[1]
+    # One row per (token, expert), top-4 of 8 experts on 2 ranks: each rank receives about half of 2 x 32 x 4.
+    assert 0 < dispatch_bf16["bytes_per_rank"] <= 2 * 32 * 4 * 256 * 2
