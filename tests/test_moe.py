@@ -186,6 +186,28 @@ def test_fp8_dispatch_is_close_to_bf16():
     run_ranks(_fp8_worker, 2)
 
 
+def _decode_worker(rank: int, world_size: int) -> None:
+    """decode (the low-latency mode) equals forward (the normal path) up to rounding, bf16 and fp8 on the wire."""
+    config = moe.tiny(num_experts=4 * world_size, num_topk=3).moe
+    low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=16, hidden=config.hidden,
+                                            num_experts=config.num_experts, num_topk=config.num_topk)
+    comm = deepcomm.Communicator(backend="reference", low_latency=low_latency)
+    for dtype, dispatch_dtype, tolerance in ((torch.float32, "bf16", 0.01), (torch.bfloat16, "bf16", 0.01),
+                                             (torch.bfloat16, "fp8", 0.02)):
+        layer = MoELayer(dataclasses.replace(config, dispatch_dtype=dispatch_dtype), comm, dtype, seed=4)
+        x = _tokens(rank, (5 + 7 * rank, config.hidden), dtype)
+        decoded = layer.decode(x)
+        _close(decoded.float(), layer(x).detach().float(), tolerance, f"{dtype}/{dispatch_dtype}")
+        assert decoded.dtype == dtype
+        assert (decoded - layer.shared(x).detach()).abs().max() > 0.5  # the routed experts count
+    with pytest.raises(ValueError, match="x: 17 tokens exceed the low-latency buffer"):
+        layer.decode(_tokens(rank, (17, config.hidden), torch.bfloat16))
+
+
+def test_decode_through_the_low_latency_mode_matches_forward():
+    run_ranks(_decode_worker, 2)
+
+
 # -- one process --------------------------------------------------------------------
 
 
@@ -401,6 +423,35 @@ def test_layer_on_the_kernels_matches_the_reference(backend, world_size, ranks_p
 
     require_ranks(world_size)
     run_ranks(_kernel_worker, world_size, backend, ranks_per_node)
+
+
+def _kernel_decode_worker(rank: int, world_size: int) -> None:
+    """decode on the low-latency kernels equals decode on the reference path (the same rows reach the same
+    bmm; combine's order is the contract's) and forward up to rounding."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = moe.tiny(num_experts=4 * world_size, num_topk=3).moe
+    low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=16, hidden=config.hidden,
+                                            num_experts=config.num_experts, num_topk=config.num_topk)
+    kernels = deepcomm.Communicator(low_latency=low_latency, num_sms=4)
+    reference = deepcomm.Communicator(backend="reference", low_latency=low_latency)
+    for dispatch_dtype in ("bf16", "fp8"):
+        cfg = dataclasses.replace(config, dispatch_dtype=dispatch_dtype)
+        x = _tokens(rank, (5 + 7 * rank, config.hidden), torch.bfloat16).to(device)
+        ours = MoELayer(cfg, kernels, torch.bfloat16, device, seed=4).decode(x)
+        theirs = MoELayer(cfg, reference, torch.bfloat16, device, seed=4)
+        _close(ours, theirs.decode(x), 1e-3, f"{dispatch_dtype}: kernels against the reference path")
+        _close(ours, theirs(x).detach(), 0.02, f"{dispatch_dtype}: decode against forward")
+    kernels.check_errors()
+    kernels.close()
+
+
+@pytest.mark.gpu
+def test_decode_on_the_low_latency_kernels():
+    from kernel_checks import require_ranks
+
+    require_ranks(2)
+    run_ranks(_kernel_decode_worker, 2)
 
 
 @pytest.mark.gpu
