@@ -3,10 +3,11 @@
 The normal path sizes its output on the host: one wait per dispatch. Here
 every (expert, source rank) has a fixed capacity instead, the received layout
 is fixed (``[local experts, world * max_tokens_per_rank, H]``), and nothing
-waits on the host, so a call costs a few launches and can be captured in a
-CUDA graph. The rows of local expert ``e`` are ``x[e, :num_tokens_per_expert[e]]``:
+waits on the host, so a synchronous call is one launch and can be captured in
+a CUDA graph. The rows of local expert ``e`` are ``x[e, :num_tokens_per_expert[e]]``:
 those from rank 0 first, then rank 1, ..., each rank's in token order (the
-same in every run). A token sends one row to each distinct expert it names.
+same in every run). Each expert gets one row per token that names it; a token
+crosses to a rank once, however many of its experts live there.
 
 Combine takes the experts' bf16 outputs in that layout and returns, per token,
 the sum over k (ascending) of ``topk_weights[t, k] * output of expert k`` in
