@@ -21,7 +21,6 @@ forwarders wait for senders of other ranks.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from deepcomm import _ext
 from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
-from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_capacity,
     check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
@@ -39,7 +38,7 @@ from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
-from deepcomm.topology import Topology
+from deepcomm.topology import Topology, gpu_share
 from deepcomm.transport import make_transport
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
@@ -96,20 +95,13 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         self.buffer[:data_offset].zero_()
         self._slots = SlotViews.of_slots(self.buffer, data_offset, self.slot_bytes, slots)
         torch.cuda.synchronize(self.device)
-        handles: list = [None] * world
-        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
-        node_ranks = topology.ranks_of_node(topology.node)
-        self._peers = [PeerTensor(handles[r], self.device) if r != topology.rank else None for r in node_ranks]
-        node_regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self._peers, node_regions = open_peer_buffers(self.buffer, group, topology.rank,
+                                                      topology.ranks_of_node(topology.node))
 
         self.layout = self.kernels.transport_layout(world, per_node, config.max_tokens_per_rank, config.hidden,
                                                     config.num_topk)
         # Forwarders spin on other ranks' senders: ranks sharing a GPU must fit their blocks at once.
-        props = torch.cuda.get_device_properties(self.device)
-        gpus: list = [None] * world
-        dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
-        self._ranks_on_gpu = gpus.count(gpus[topology.rank])
-        self._num_device_sms = props.multi_processor_count
+        self._ranks_on_gpu, self._num_device_sms = gpu_share(group, self.device)
         self.transport = make_transport(transport, group, topology, self.layout["total_bytes"], self.device, staged)
         area_rows = self.layout["area_rows"]
         self.forward_rows = torch.empty(slots * num_nodes * area_rows * per_node, dtype=torch.int32, device=self.device)
@@ -263,8 +255,6 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
     def close(self) -> None:
         """Unmap the peers' regions (every rank should close together)."""
         self._closed = True
-        for peer in self._peers:
-            if peer is not None:
-                peer.close()
+        close_peers(self._peers)
         self._peers = []
         self.transport.close()

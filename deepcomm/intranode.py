@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
-from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, check_capacity,
     check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
@@ -133,10 +133,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self._invalid_ids = mailbox[kernels.MAILBOX_INVALID_IDS :][:max_ranks]
         self._recv_per_expert = mailbox[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
         torch.cuda.synchronize(self.device)
-        handles: list = [None] * world
-        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
-        self._peers = [PeerTensor(h, self.device) if r != topology.rank else None for r, h in enumerate(handles)]
-        regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self._peers, regions = open_peer_buffers(self.buffer, group, topology.rank, range(world))
         self.ctx = self.kernels.Context(
             regions, topology.rank, config.num_recv_slots, self.slot_bytes,
             self.mailbox.data_ptr(), int(timeout_s * 1e9),
@@ -319,7 +316,5 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""
         self._closed = True
-        for peer in self._peers:
-            if peer is not None:
-                peer.close()
+        close_peers(self._peers)
         self._peers = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from deepcomm import _ext
 
@@ -71,3 +72,22 @@ class PeerTensor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_peer_buffers(buffer: torch.Tensor, group, rank: int, ranks) -> tuple[list, list[int]]:
+    """Every rank of ``group`` exports its ``buffer``; this one opens those of ``ranks`` (collective).
+
+    Returns ``(peers, regions)`` in the order of ``ranks``: a PeerTensor per rank (None for this
+    rank's own buffer) and each buffer's address here, as the kernels' contexts take them.
+    """
+    handles: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(handles, export_tensor(buffer), group=group)
+    peers = [PeerTensor(handles[r], buffer.device) if r != rank else None for r in ranks]
+    return peers, [buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in peers]
+
+
+def close_peers(peers: list) -> None:
+    """Unmap every opened peer buffer (None entries are this rank's own)."""
+    for peer in peers:
+        if peer is not None:
+            peer.close()

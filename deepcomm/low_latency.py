@@ -21,7 +21,6 @@ and no SM waits in between. Each dispatch is combined at most once.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,11 +31,11 @@ import torch.distributed as dist
 from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
-from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, blocks_of, mailbox_failure, payload_of
 from deepcomm.profiling import name_stream
 from deepcomm.streams import CommStreamScope, hand_back, order_streams, CallerStream
-from deepcomm.topology import Topology
+from deepcomm.topology import Topology, gpu_share
 from deepcomm.validation import check_num_experts, check_positive_ints, check_tensor, check_topk_idx
 
 MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
@@ -191,10 +190,7 @@ class LowLatencyKernels:
         self._area_bytes = layout["total_bytes"]
         # A whole call can be one launch whose blocks wait for each other's rows: ranks sharing a GPU must fit
         # every rank's blocks at once.
-        props = torch.cuda.get_device_properties(self.device)
-        gpus: list = [None] * world
-        dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
-        self._ranks_on_gpu, self._num_device_sms = gpus.count(gpus[topology.rank]), props.multi_processor_count
+        self._ranks_on_gpu, self._num_device_sms = gpu_share(group, self.device)
         self._blocks(None)
         shared = core.dispatch_shared_bytes(config.num_experts, config.max_tokens_per_rank) + SEND_STATIC_SHARED_BYTES
         optin = _ext.extension().device_info(self.device.index)["max_shared_memory_per_block_optin"]
@@ -211,10 +207,7 @@ class LowLatencyKernels:
         self.mailbox = torch.zeros(core.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
         self._mailbox_words = self.mailbox.numpy()
         torch.cuda.synchronize(self.device)
-        handles: list = [None] * world
-        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
-        self._peers = [PeerTensor(h, self.device) if r != topology.rank else None for r, h in enumerate(handles)]
-        regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self._peers, regions = open_peer_buffers(self.buffer, group, topology.rank, range(world))
         self.ctx = core.Context(regions, topology.rank, config.num_experts, config.max_tokens_per_rank, config.hidden,
                                 self.mailbox.data_ptr(), int(timeout_s * 1e9))
         local_experts = config.num_experts // world
@@ -462,7 +455,5 @@ class LowLatencyKernels:
 
     def close(self) -> None:
         self._closed = True
-        for peer in self._peers:
-            if peer is not None:
-                peer.close()
+        close_peers(self._peers)
         self._peers = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -96,3 +97,12 @@ def detect_topology(group: dist.ProcessGroup | None = None, ranks_per_node: int 
         dist.all_gather_object(hostnames, socket.gethostname(), group=group)
         ranks_per_node = ranks_per_host(hostnames)
     return Topology(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node)
+
+
+def gpu_share(group, device: torch.device) -> tuple[int, int]:
+    """``(ranks of group on this rank's GPU, that GPU's SMs)`` (collective): kernels whose blocks wait for
+    other ranks' blocks need every sharing rank's grid resident at once."""
+    props = torch.cuda.get_device_properties(device)
+    gpus: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gpus, (socket.gethostname(), str(props.uuid)), group=group)
+    return gpus.count(gpus[dist.get_rank(group)]), props.multi_processor_count

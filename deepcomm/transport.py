@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
-from deepcomm.ipc import PeerTensor, export_tensor
+from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.topology import Topology
 
 TRANSPORTS = ("ipc", "nvshmem")
@@ -37,15 +37,10 @@ class IpcTransport:
         self.staged = staged
         self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
-        handles: list = [None] * topology.world_size
-        dist.all_gather_object(handles, export_tensor(self.buffer), group=group)
-        self._peers = [PeerTensor(h, device) if r != topology.rank else None for r, h in enumerate(handles)]
-        self.regions = [self.buffer.data_ptr() if p is None else p.tensor.data_ptr() for p in self._peers]
+        self._peers, self.regions = open_peer_buffers(self.buffer, group, topology.rank, range(topology.world_size))
 
     def close(self) -> None:
-        for peer in self._peers:
-            if peer is not None:
-                peer.close()
+        close_peers(self._peers)
         self._peers = []
 
 
