@@ -38,6 +38,7 @@ void bind_low_latency(py::module_& m) {
   mod.attr("STAGES") = py::dict(py::arg("low_latency_staging") = static_cast<int>(deepcomm::kStageLowLatencyStaging),
                                 py::arg("low_latency_rows") = static_cast<int>(deepcomm::kStageLowLatencyRows),
                                 py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs));
+  mod.attr("STATIC_SHARED_BOUND") = ll::kStaticSharedBound;
   mod.def("dispatch_shared_bytes", &ll::dispatch_shared_bytes, py::arg("num_experts"), py::arg("max_tokens"),
           "Shared memory the send kernel needs (routing masks), to check a configuration.");
   mod.def("area_layout", [](int64_t local_experts, int64_t num_ranks, int64_t max_tokens, int64_t hidden) {

@@ -42,7 +42,6 @@ MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
 MAX_EXPERTS = 1024
 MAX_RANKS = 8
 MAX_SHARED_BYTES = 200 * 1024  # the send kernel's routing masks must fit one SM's shared memory
-SEND_STATIC_SHARED_BYTES = 8 * 1024  # beside the masks: the receive's bases (4 KiB) and a few words
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class LowLatencyKernels:
         # every rank's blocks at once.
         self._ranks_on_gpu, self._num_device_sms = gpu_share(group, self.device)
         self._blocks(None)
-        shared = core.dispatch_shared_bytes(config.num_experts, config.max_tokens_per_rank) + SEND_STATIC_SHARED_BYTES
+        shared = core.dispatch_shared_bytes(config.num_experts, config.max_tokens_per_rank) + core.STATIC_SHARED_BOUND
         optin = _ext.extension().device_info(self.device.index)["max_shared_memory_per_block_optin"]
         if shared > optin:
             raise ValueError(f"max_tokens_per_rank: the send's routing masks need {shared} bytes of shared memory, "
@@ -306,8 +305,7 @@ class LowLatencyKernels:
         if caller is not None:  # synchronous: one launch on the caller's stream
             self._follow(caller)
             self.ctx.dispatch(kernels.BOTH, *args, caller)
-            self._calls = call
-            self._combined.discard(call - kernels.NUM_AREAS)
+            self._sent(call)
             result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
@@ -315,17 +313,20 @@ class LowLatencyKernels:
             self._follow(stream.cuda_stream)
             if return_recv_hook:
                 self.ctx.dispatch(kernels.SEND, *args, stream.cuda_stream)
-                self._calls = call
-                self._combined.discard(call - kernels.NUM_AREAS)
+                self._sent(call)
                 self._unreceived.add(call)
                 result.event = hand_back((), self.device, stream, caller_stream, True)
                 result.hook = self._receive_hook(handle, args)
                 return result
             self.ctx.dispatch(kernels.BOTH, *args, stream.cuda_stream)
-            self._calls = call
-            self._combined.discard(call - kernels.NUM_AREAS)
+            self._sent(call)
             result.event = hand_back((), self.device, stream, caller_stream, async_finish)
             return result
+
+    def _sent(self, call: int) -> None:
+        """Dispatch ``call`` is queued: it reuses the area of ``call - NUM_AREAS``, whose handle is done."""
+        self._calls = call
+        self._combined.discard(call - self.kernels.NUM_AREAS)
 
     def _caller_stream(self, previous_event, asynchronous: bool) -> int | None:
         """The caller's current stream (cudaStream_t) when a call may run on it, else None.

@@ -48,7 +48,6 @@ constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kDefaultSharedBytes = 48 * 1024;
-constexpr int kStaticSharedBound = 8 * 1024;  // the kernels' static shared arrays stay below this
 
 // The hidden size in chunks of whole 128-channel blocks, so that a decode-size call (few tokens)
 // still gives every warp work; a chunk never splits an fp8 scale block.

@@ -47,8 +47,10 @@ struct CombineArgs {
   int num_blocks;
 };
 
-// Dynamic shared memory of the send (routing bit masks), for config checks.
+// Dynamic shared memory of the send (routing bit masks), for config checks; the kernels' static shared
+// arrays (the receive's bases, a few words) stay below kStaticSharedBound beside it.
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens);
+constexpr int kStaticSharedBound = 8 * 1024;
 
 // Which part of a call a launch runs: both (a synchronous call, one launch), or the send now and the
 // receive later (a receive hook: no SM waits in between).
