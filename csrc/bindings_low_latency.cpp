@@ -39,6 +39,12 @@ void bind_low_latency(py::module_& m) {
                                 py::arg("low_latency_rows") = static_cast<int>(deepcomm::kStageLowLatencyRows),
                                 py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs));
   mod.attr("STATIC_SHARED_BOUND") = ll::kStaticSharedBound;
+  // The phase clock's phases in index order (csrc/kernels/low_latency.h Phase) and the blocks it keeps.
+  mod.attr("PHASES") = std::vector<std::string>{"start", "staging free", "routed", "rows sent", "rows signalled",
+                                                "rows arrived", "places added", "rows placed", "end",
+                                                "combine start", "outputs ready", "summed"};
+  static_assert(ll::kNumPhases == 12, "PHASES names every phase");
+  mod.attr("PHASE_BLOCKS") = ll::kPhaseBlocks;
   mod.def("dispatch_shared_bytes", &ll::dispatch_shared_bytes, py::arg("num_experts"), py::arg("max_tokens"),
           "Shared memory the send kernel needs (routing masks), to check a configuration.");
   mod.def("area_layout", [](int64_t local_experts, int64_t num_ranks, int64_t max_tokens, int64_t hidden) {
@@ -72,6 +78,13 @@ void bind_low_latency(py::module_& m) {
            }),
            py::arg("regions"), py::arg("rank"), py::arg("num_experts"), py::arg("max_tokens"), py::arg("hidden"),
            py::arg("mailbox"), py::arg("timeout_ns"))
+      .def("record_phases", [](ll::Context& ctx, uintptr_t clock, int slots) {
+        DC_CHECK_ARG(clock == 0 || slots > 0, "slots: must be > 0");
+        ctx.phase_clock = as_ptr<uint64_t>(clock);
+        ctx.phase_slots = clock == 0 ? 0 : slots;
+      }, py::arg("clock"), py::arg("slots"),
+         "Stamp every later call's phases into clock ([slots, PHASE_BLOCKS, len(PHASES)] int64 on the device; "
+         "0: stop).")
       .def("dispatch", [](const ll::Context& ctx, int phases, int area, int payload, uintptr_t x, uintptr_t x_scales,
                           uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t pair_rows, uintptr_t recv_counts,
                           int num_blocks, uintptr_t stream) {

@@ -220,6 +220,7 @@ class LowLatencyKernels:
         self._calls = 0
         self._failure: CommunicationError | None = None
         self._closed = False
+        self._phase_clock: torch.Tensor | None = None  # record_phases
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         name_stream(self._stream, "deepcomm communication (low latency)")
         dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
@@ -453,6 +454,25 @@ class LowLatencyKernels:
             return done
 
         return y, event, hook
+
+    # -- profiling ------------------------------------------------------
+
+    def record_phases(self, slots: int) -> torch.Tensor | None:
+        """Have every later call's kernels stamp where they are (csrc/kernels/low_latency.h ``Phase``).
+
+        Returns the clock, ``[slots, PHASE_BLOCKS, len(PHASES)]`` int64 %globaltimer ns on the device, zeroed
+        (a call on area a with epoch e lands in slot ``(2 e + a) % slots``; read it after a synchronize, see
+        deepcomm.low_latency_phases). ``slots=0`` stops and returns None.
+        """
+        if slots < 0:
+            raise ValueError(f"slots: must be >= 0, got {slots}")
+        torch.cuda.synchronize(self.device)  # no running kernel keeps the old pointer
+        self._phase_clock = None
+        if slots:
+            self._phase_clock = torch.zeros(slots, self.kernels.PHASE_BLOCKS, len(self.kernels.PHASES),
+                                            dtype=torch.int64, device=self.device)
+        self.ctx.record_phases(0 if self._phase_clock is None else self._phase_clock.data_ptr(), slots)
+        return self._phase_clock
 
     def close(self) -> None:
         self._closed = True

@@ -3,6 +3,7 @@ kernels against the reference path bit for bit (GPU; ranks sharing the GPU under
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import deepcomm
 from deepcomm import fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
+from deepcomm.low_latency_phases import phase_times
 from deepcomm.reference_low_latency import ReferenceLowLatency
 from cases import ROUTINGS, make_inputs
 from dist import run_ranks
@@ -337,10 +339,11 @@ def test_odd_row_sizes_and_a_communicator_on_reused_memory():
 def _back_to_back_worker(rank: int, world_size: int) -> None:
     """Calls with changing routings and token counts, nothing cleared in between: a peer's staging row
     left by the call before last on the same area (another routing) must not be taken for this one's."""
-    comm = _kernel_communicator(world_size)
+    comm = _kernel_communicator(world_size, num_sms=6)
     oracle = ReferenceLowLatency(comm.reference, comm._low_latency.config)
     device = torch.device("cuda", torch.cuda.current_device())
     num_experts = comm._low_latency.config.num_experts
+    clock = comm._low_latency.record_phases(16)  # stamping must change nothing the calls produce
     for call in range(8):
         routing = ROUTINGS[call % 4]
         inputs = _every_rank_inputs(100 + call, routing, world_size, num_experts)[rank]
@@ -350,7 +353,23 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
         theirs = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts, **kwargs)
         _check_received(ours, theirs, f"call {call} ({routing}, {mode}), rank {rank}")
     comm.check_errors()
+    _check_phase_clock(clock.cpu().numpy(), list(comm._low_latency.kernels.PHASES), calls=8, blocks=6)
+    assert comm._low_latency.record_phases(0) is None
     comm.close()
+
+
+def _check_phase_clock(clock, phases: list[str], calls: int, blocks: int) -> None:
+    """One slot per dispatch, each block's dispatch phases stamped in order, no other block, no combine."""
+    dispatch = phases.index("end") + 1
+    used = clock[:, 0, 0] > 0
+    assert used.sum() == calls, f"{used.sum()} slots stamped for {calls} calls"
+    stamps = clock[used]
+    assert (stamps[:, :blocks, :dispatch] > 0).all() and (stamps[:, blocks:] == 0).all()
+    assert (stamps[:, :, dispatch:] == 0).all()
+    assert (np.diff(stamps[:, :blocks, :dispatch], axis=2) >= 0).all(), "a block's phases out of order"
+    rows = phase_times(clock, phases)
+    assert [r.phase for r in rows] == phases[:dispatch] and all(r.calls == calls for r in rows)
+    assert all(r.first_block_us <= r.last_block_us for r in rows)
 
 
 @pytest.mark.gpu

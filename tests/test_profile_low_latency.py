@@ -5,9 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import profile_low_latency as profile  # noqa: E402
+
+from deepcomm.low_latency_phases import format_phase_times, phase_times  # noqa: E402
 
 
 def test_kernel_names_mangled_and_demangled_with_their_phase():
@@ -24,3 +29,43 @@ def test_kernel_names_mangled_and_demangled_with_their_phase():
 
 def test_the_hook_option_parses():
     assert profile.parse_args(["--hook", "--fp8"]).hook and not profile.parse_args([]).hook
+
+
+def test_the_phases_option_parses():
+    assert profile.parse_args(["--phases"]).phases and not profile.parse_args([]).phases
+
+
+PHASES = ["start", "rows sent", "unused", "combine start", "summed"]
+
+
+def _clock(calls: int, blocks: int, slots: int = 8) -> np.ndarray:
+    """Stamps as the kernels write them: absolute %globaltimer ns (about 1.7e18: float64 would round
+    them to 256 ns), block b of call c at its phases' offsets, the rest 0."""
+    clock = np.zeros((slots, 4, len(PHASES)), dtype=np.int64)
+    for call in range(calls):
+        origin = 1_764_000_000_000_000_000 + call * 1_000_000
+        for b in range(blocks):
+            clock[call, b, 0] = origin + 10 * b  # the last block starts 10 ns per block later
+            clock[call, b, 1] = origin + 2_000 + 300 * b + call  # the slowest block sends 300 ns per block later
+            clock[call, b, 3] = origin + 50_000
+            clock[call, b, 4] = origin + 61_100 + 100 * b
+    return clock
+
+
+def test_phase_times_from_the_first_block_start_and_the_imbalance_between_blocks():
+    rows = phase_times(_clock(calls=5, blocks=3), PHASES)
+    assert [r.phase for r in rows] == ["start", "rows sent", "combine start", "summed"]  # unused: never stamped
+    start, sent, combine, summed = rows
+    assert (start.first_block_us, start.last_block_us) == (0.0, pytest.approx(0.020))
+    assert sent.first_block_us == pytest.approx(2.002) and sent.last_block_us == pytest.approx(2.602)
+    assert sent.step_us == pytest.approx(2.602 - 0.020)
+    assert combine.step_us == pytest.approx(50.0 - 2.602)
+    assert summed.last_block_us == pytest.approx(61.3) and summed.step_us == pytest.approx(11.3)
+    assert all(r.calls == 5 for r in rows)
+
+
+def test_phase_times_of_an_empty_clock_and_a_wrong_shape():
+    assert phase_times(np.zeros((4, 2, len(PHASES)), dtype=np.int64), PHASES) == []
+    with pytest.raises(ValueError, match="clock: expected"):
+        phase_times(np.zeros((4, 2, 3), dtype=np.int64), PHASES)
+    assert "first block" in format_phase_times(phase_times(_clock(2, 2), PHASES))

@@ -256,8 +256,8 @@ fi
 if step lowlatency; then
   for n in $NRANKS; do
     bench "ll_decode_${n}ranks" "$n" $LL_ARGS
-    # One launch a call, then the send and the receive apart (a receive hook called at once).
-    for mode in "" --hook; do
+    # One launch a call with its phases stamped, then the send and the receive apart (a receive hook called at once).
+    for mode in --phases --hook; do
       timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py $mode \
         > "$OUT/profile_ll_${n}ranks${mode}.log" 2>&1 || note "profile low-latency ${n} ranks $mode: FAILED (see its log)"
     done

@@ -8,6 +8,8 @@ time of one call (perf_counter around calls queued back to back, the GPU left to
 the device time of each kernel (torch profiler), and the time per call end to end on the GPU
 (CUDA events around back-to-back calls, as deepcomm.bench times them).
 When the host time is the larger, the host sets the pace; else the kernels do.
+With --phases, the kernels also stamp each phase of every call (deepcomm.low_latency_phases): when
+the first and the last block got to it, from the call's start.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed as dist
 
 import deepcomm
 from deepcomm.launch import destroy_distributed, init_distributed
+from deepcomm.low_latency_phases import format_phase_times, phase_times
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hook", action="store_true",
                         help="dispatch with a receive hook (called at once): the send and the receive as two "
                              "launches, timed apart")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each phase of the kernels (their phase clock), per rank")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace here")
     return parser.parse_args(argv)
@@ -95,6 +100,20 @@ def kernel_us(fn, iters: int, trace: str | None) -> dict[str, float]:
     return {name: total / iters for name, total in totals.items()}
 
 
+def phases_of(comm, fn, iters: int) -> list:
+    """The phase clock's medians over ``iters`` back-to-back calls of ``fn`` (one slot per call)."""
+    kernels = comm._low_latency_impl()
+    torch.cuda.synchronize()
+    dist.barrier()
+    clock = kernels.record_phases(iters)
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    stamps = clock.cpu().numpy()
+    kernels.record_phases(0)
+    return phase_times(stamps, list(kernels.kernels.PHASES))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     init_distributed(600)
@@ -124,7 +143,8 @@ def main(argv=None) -> None:
             for _ in range(5):
                 fn()
             rows[name] = (host_us(fn, args.iters), device_us(fn, args.iters),
-                          kernel_us(fn, args.iters, args.trace if rank == 0 and name == "dispatch" else None))
+                          kernel_us(fn, args.iters, args.trace if rank == 0 and name == "dispatch" else None),
+                          phases_of(comm, fn, args.iters) if args.phases else [])
         everyone: list = [None] * world
         dist.all_gather_object(everyone, rows)
         if rank == 0:
@@ -132,9 +152,13 @@ def main(argv=None) -> None:
                   f"{args.experts}, {world} ranks, {args.num_sms} SMs, {'fp8' if args.fp8 else 'bf16'} (µs, medians)")
             for name in ("dispatch", "round trip"):
                 for r, per_rank in enumerate(everyone):
-                    host, wall, kernels = per_rank[name]
+                    host, wall, kernels, _ = per_rank[name]
                     listed = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
                     print(f"{name:<10} rank {r}: host {host:6.1f}  on the GPU per call {wall:6.1f}  kernels: {listed}")
+            for name in ("dispatch", "round trip") if args.phases else ():
+                for r, per_rank in enumerate(everyone):
+                    print(f"\nphases, {name}, rank {r} (from the call's first block start, medians):")
+                    print(format_phase_times(per_rank[name][3]))
         comm.close()
     finally:
         destroy_distributed()

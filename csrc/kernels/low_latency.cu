@@ -83,6 +83,23 @@ __device__ __forceinline__ uint64_t epoch_of(const SignalRegion* own, int area) 
   return *reinterpret_cast<const volatile uint64_t*>(&own->epoch[area]);
 }
 
+// Thread 0's stamps of its block's phases, in shared memory until the call's epoch (its slot) is known.
+struct PhaseStamps {
+  uint64_t ns[kNumPhases];
+
+  __device__ __forceinline__ void stamp(const Context& ctx, Phase phase) {
+    if (ctx.phase_clock != nullptr && threadIdx.x == 0) ns[phase] = ptx::global_timer_ns();
+  }
+
+  // Phases [first, last] of the call on (area, epoch); a launch writes only the phases it ran.
+  __device__ __forceinline__ void flush(const Context& ctx, int area, uint64_t epoch, Phase first, Phase last) const {
+    if (ctx.phase_clock == nullptr || threadIdx.x != 0 || blockIdx.x >= kPhaseBlocks) return;
+    const int64_t slot = static_cast<int64_t>((epoch * kNumAreas + area) % ctx.phase_slots);
+    uint64_t* out = ctx.phase_clock + (slot * kPhaseBlocks + blockIdx.x) * kNumPhases;
+    for (int phase = first; phase <= last; ++phase) out[phase] = ns[phase];
+  }
+};
+
 // ------------------------------------------------------------ dispatch
 
 // Every lane's copy of the row and scale targets that lanes [group, group + kTargetGroup) hold
@@ -112,7 +129,8 @@ __device__ __forceinline__ bool last_block_done(uint32_t* blocks_done) {
 // Send: route, publish this rank's counts, write each token once to each rank it goes to (staging
 // row + tag), raise rows_done. Returns the call's epoch (in every thread).
 template <Payload kPayload>
-__device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint32_t* masks) {
+__device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint32_t* masks,
+                              PhaseStamps& stamps) {
   constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
   constexpr bool kHasScales = kPayload != Payload::kBf16;
   constexpr int kSourceBytesPerChannel = kPayload == Payload::kBf16 || kQuantize ? 2 : 1;
@@ -138,6 +156,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
                                   &ctx.mailbox->header, kStageLowLatencyStaging);
   }
   __syncthreads();
+  stamps.stamp(ctx, kPhaseStagingFree);
   for (int p = threadIdx.x; p < num_tokens * num_topk; p += blockDim.x) {
     const int64_t expert = args.topk_idx[p];
     const int token = p / num_topk;
@@ -145,6 +164,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
     else if (expert != -1) invalid_ids = 1;
   }
   __syncthreads();
+  stamps.stamp(ctx, kPhaseRouted);
 
   if (blockIdx.x == 0 && staging_free) {
     // An invalid id is skipped (it names no owner) and reported; the host raises at its next check.
@@ -229,12 +249,14 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   }
 
   __syncthreads();
+  stamps.stamp(ctx, kPhaseRowsSent);
   if (threadIdx.x == 0 && last_block_done(&own->send_blocks_done[area])) {
     own->epoch[area] = epoch;  // every block has read the old one
     // After a timeout nothing was sent: the ranks' receives then time out too, and every rank raises.
     for (int to = 0; to < num_ranks && staging_free; ++to)
       ptx::store_release_sys(&signals_of(ctx, to)->rows_done[area][rank], epoch);
   }
+  stamps.stamp(ctx, kPhaseRowsSignalled);
   return epoch;
 }
 
@@ -242,7 +264,8 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
 // received counts; copy each staged row to its places (lower ranks' rows for the expert first, then by
 // token: rows land in their final order); tell every rank its staging rows here are free again.
 template <bool kFp8>
-__device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch) {
+__device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch,
+                           PhaseStamps& stamps) {
   __shared__ bool arrived;
   __shared__ int first_item[kMaxRanks + 1];  // items of each source's staged rows, back to back
   __shared__ int32_t base[kMaxExperts];      // [source][local expert]: rows of lower sources before its own
@@ -262,6 +285,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     }
   }
   __syncthreads();
+  stamps.stamp(ctx, kPhaseRowsArrived);
   const AreaLayout layout = layout_of(ctx);
   if (arrived) {
     auto count = [&](int src, int64_t expert) {
@@ -285,6 +309,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     }
   }
   __syncthreads();
+  stamps.stamp(ctx, kPhasePlacesAdded);
 
   constexpr int kBytesPerChannel = kFp8 ? 1 : 2;
   uint8_t* own_area = area_of(ctx, rank, area, layout);
@@ -329,10 +354,12 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   }
 
   __syncthreads();
+  stamps.stamp(ctx, kPhaseRowsPlaced);
   // Every block counts, so the count stays whole after a timeout; staging is freed only after a good receive.
   if (threadIdx.x == 0 && last_block_done(&own->place_blocks_done[area]) && arrived)
     for (int src = 0; src < num_ranks; ++src)
       ptx::store_release_sys(&signals_of(ctx, src)->staging_free[area][rank], epoch);
+  stamps.stamp(ctx, kPhaseEnd);
 }
 
 // kSend and kReceive: the whole call in one launch (synchronous calls); one of them: a send now and the
@@ -341,10 +368,14 @@ template <Payload kPayload, bool kSend, bool kReceive>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args, Chunking send_chunks,
                                                                Chunking place_chunks) {
   extern __shared__ uint32_t masks[];
+  __shared__ PhaseStamps stamps;
+  stamps.stamp(ctx, kPhaseStart);
   uint64_t epoch = 0;
-  if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks);
+  if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks, stamps);
   else epoch = epoch_of(signals_of(ctx, ctx.rank), args.area);  // the send kernel, earlier on this stream, advanced it
-  if constexpr (kReceive) place_rows<kPayload != Payload::kBf16>(ctx, args, place_chunks, epoch);
+  if constexpr (kReceive) place_rows<kPayload != Payload::kBf16>(ctx, args, place_chunks, epoch, stamps);
+  // A receive launch (hook) keeps the send's stamps; its own start is not kept.
+  stamps.flush(ctx, args.area, epoch, kSend ? kPhaseStart : kPhaseRowsArrived, kReceive ? kPhaseEnd : kPhaseRowsSignalled);
 }
 
 // -------------------------------------------------------------- combine
@@ -378,12 +409,16 @@ __global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx,
 template <bool kPublish>
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
   __shared__ bool ready;
+  __shared__ PhaseStamps stamps;
+  stamps.stamp(ctx, kPhaseCombineStart);
   SignalRegion* own = signals_of(ctx, ctx.rank);
+  const uint64_t epoch = epoch_of(own, args.area);
   if (kPublish && blockIdx.x == 0 && threadIdx.x == 0) publish_outputs(ctx, args.area);
   if (threadIdx.x == 0)
-    ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch_of(own, args.area), ctx.timeout_ns,
+    ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch, ctx.timeout_ns,
                            &ctx.mailbox->header, kStageLowLatencyOutputs);
   __syncthreads();
+  stamps.stamp(ctx, kPhaseOutputsReady);
   if (!ready) return;  // y stays unwritten; the host raises at its next check
 
   const AreaLayout layout = layout_of(ctx);
@@ -448,6 +483,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
         if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
     }
   }
+  __syncthreads();
+  stamps.stamp(ctx, kPhaseSummed);
+  stamps.flush(ctx, args.area, epoch, kPhaseCombineStart, kPhaseSummed);
 }
 
 void check_context(const Context& ctx) {
@@ -461,6 +499,7 @@ void check_context(const Context& ctx) {
                    " experts, a multiple of the rank count");
   DC_CHECK_ARG(ctx.max_tokens > 0, "max_tokens: must be > 0");
   DC_CHECK_ARG(ctx.hidden > 0 && ctx.hidden % 8 == 0, "hidden: must be a positive multiple of 8");
+  DC_CHECK_ARG(ctx.phase_clock == nullptr || ctx.phase_slots > 0, "phase_slots: must be > 0");
 }
 
 void check_area(int area) { DC_CHECK_ARG(area >= 0 && area < kNumAreas, "area: 0 or 1"); }

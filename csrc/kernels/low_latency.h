@@ -22,7 +22,29 @@ struct Context {
   int hidden;
   HostMailbox* mailbox;  // pinned, mapped
   int64_t timeout_ns;
+  // Off when null: [phase_slots][kPhaseBlocks][kNumPhases] %globaltimer ns, written by thread 0 of each
+  // block (block < kPhaseBlocks) of a call at slot (epoch * kNumAreas + area) % phase_slots.
+  uint64_t* phase_clock;
+  int phase_slots;
 };
+
+// Where a call is when its blocks stamp the phase clock (tools/profile_low_latency.py --phases).
+enum Phase : int {
+  kPhaseStart,           // a dispatch kernel's block begins
+  kPhaseStagingFree,     // send: every rank placed what this rank staged there last time on the area
+  kPhaseRouted,          // send: the routing masks are built
+  kPhaseRowsSent,        // send: this block's rows are written
+  kPhaseRowsSignalled,   // send: fenced and counted (the last block raised rows_done)
+  kPhaseRowsArrived,     // receive: every rank's rows_done
+  kPhasePlacesAdded,     // receive: bases, counts and pair rows final
+  kPhaseRowsPlaced,      // receive: this block's rows copied to their places
+  kPhaseEnd,             // receive: counted (the last block freed the staging rows)
+  kPhaseCombineStart,    // a combine kernel's block begins
+  kPhaseOutputsReady,    // every rank's outputs_ready
+  kPhaseSummed,          // this block's tokens reduced
+  kNumPhases
+};
+constexpr int kPhaseBlocks = 64;
 
 struct DispatchArgs {
   int area;
