@@ -40,7 +40,7 @@ void bind_low_latency(py::module_& m) {
                                 py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs));
   mod.attr("STATIC_SHARED_BOUND") = ll::kStaticSharedBound;
   // The phase clock's phases in index order (csrc/kernels/low_latency.h Phase) and the blocks it keeps.
-  mod.attr("PHASES") = std::vector<std::string>{"start", "staging free", "routed", "rows sent", "rows signalled",
+  mod.attr("PHASES") = std::vector<std::string>{"start", "routed", "staging free", "rows sent", "rows signalled",
                                                 "rows arrived", "places added", "rows placed", "end",
                                                 "combine start", "outputs ready", "summed"};
   static_assert(ll::kNumPhases == 12, "PHASES names every phase");

@@ -47,20 +47,21 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over a chunk (copy_row keeps them in registers)
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
+constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for
 constexpr int kDefaultSharedBytes = 48 * 1024;
 
 // The hidden size in chunks of whole 128-channel blocks, so that a decode-size call (few tokens)
-// still gives every warp work; a chunk never splits an fp8 scale block.
+// still gives every warp work: num_rows rows make about items_wanted (row, chunk) items, chunks of at
+// least kMinChunkBlocks blocks. A chunk never splits an fp8 scale block.
 struct Chunking {
   int count;
   int channels;
 };
 
-Chunking chunking_of(int hidden, int num_tokens, int num_blocks) {
-  if (hidden % 128 != 0 || num_tokens == 0) return {1, hidden};
+Chunking chunking_of(int hidden, int num_rows, int64_t items_wanted) {
+  if (hidden % 128 != 0 || num_rows == 0) return {1, hidden};
   const int blocks = hidden / 128;
-  const int64_t warps = static_cast<int64_t>(num_blocks) * kWarps;
-  int64_t wanted = (warps + num_tokens - 1) / num_tokens;
+  int64_t wanted = (items_wanted + num_rows - 1) / num_rows;
   const int max_chunks = blocks / kMinChunkBlocks > 0 ? blocks / kMinChunkBlocks : 1;
   wanted = wanted < 1 ? 1 : (wanted > max_chunks ? max_chunks : wanted);
   const int per_chunk = static_cast<int>((blocks + wanted - 1) / wanted);
@@ -150,21 +151,22 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   if (threadIdx.x == 0) {
     epoch = epoch_of(own, area) + 1;
     invalid_ids = 0;
-    // Every rank must have placed the rows this rank staged there in the last call on this area (almost
-    // always long done: a local read).
-    staging_free = wait_for_peers(own->staging_free[area], num_ranks, epoch - 1, ctx.timeout_ns,
-                                  &ctx.mailbox->header, kStageLowLatencyStaging);
   }
   __syncthreads();
-  stamps.stamp(ctx, kPhaseStagingFree);
   for (int p = threadIdx.x; p < num_tokens * num_topk; p += blockDim.x) {
     const int64_t expert = args.topk_idx[p];
     const int token = p / num_topk;
     if (expert >= 0 && expert < num_experts) atomicOr(&masks[expert * words + token / 32], 1u << (token % 32));
     else if (expert != -1) invalid_ids = 1;
   }
-  __syncthreads();
   stamps.stamp(ctx, kPhaseRouted);
+  // Before anything is written: every rank must have placed the rows (and read the counts) this rank staged
+  // there in the last call on this area (almost always long done: a local read, its latency under the routing's).
+  if (threadIdx.x == 0)
+    staging_free = wait_for_peers(own->staging_free[area], num_ranks, epoch - 1, ctx.timeout_ns,
+                                  &ctx.mailbox->header, kStageLowLatencyStaging);
+  __syncthreads();
+  stamps.stamp(ctx, kPhaseStagingFree);
 
   if (blockIdx.x == 0 && staging_free) {
     // An invalid id is skipped (it names no owner) and reported; the host raises at its next check.
@@ -316,17 +318,33 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   const int hidden = ctx.hidden, scale_cols = kFp8 ? hidden / 128 : 0;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int num_items = arrived ? first_item[num_ranks] : 0;
-  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
-    int src = 0;
+  // An item's staged row; lanes 0..kMaxTopk load its tag (the epoch, then a code per k) in one go.
+  auto staged_row_of = [&](int item, int& src, int& token, int& chunk) {
+    src = 0;
     while (item >= first_item[src + 1]) ++src;
-    const int token = (item - first_item[src]) / chunking.count, chunk = (item - first_item[src]) % chunking.count;
-    const int64_t staged_row = static_cast<int64_t>(src) * ctx.max_tokens + token;
-    const int32_t* tag = reinterpret_cast<const int32_t*>(own_area + layout.staging_tags) + staged_row * kTagInts;
+    token = (item - first_item[src]) / chunking.count;
+    chunk = (item - first_item[src]) % chunking.count;
+    return static_cast<int64_t>(src) * ctx.max_tokens + token;
+  };
+  auto tag_word_of = [&](int item) -> int32_t {
+    if (item >= num_items || lane >= kTagInts) return -1;
+    int src, token, chunk;
+    const int64_t staged_row = staged_row_of(item, src, token, chunk);
+    return reinterpret_cast<const volatile int32_t*>(own_area + layout.staging_tags)[staged_row * kTagInts + lane];
+  };
+  const int stride = gridDim.x * kWarps;
+  int32_t tag_word = tag_word_of(blockIdx.x * kWarps + warp);
+  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += stride) {
+    // The next item's tag is in flight while this item's row moves: one memory latency an item, not three.
+    const int32_t next_tag_word = tag_word_of(item + stride);
+    const int32_t word = tag_word;
+    tag_word = next_tag_word;
+    int src, token, chunk;
+    const int64_t staged_row = staged_row_of(item, src, token, chunk);
     // A tag of another epoch: the source staged this row in an earlier call (this time the token went elsewhere).
-    if (__shfl_sync(0xffffffffu, lane == 0 ? *reinterpret_cast<const volatile int32_t*>(tag) : 0, 0) !=
-        static_cast<int32_t>(epoch))
-      continue;
-    const int32_t code = lane < kMaxTopk ? *reinterpret_cast<const volatile int32_t*>(tag + 1 + lane) : -1;
+    if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
+    const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
+    const int32_t code = lane < kMaxTopk ? next_lane_word : -1;  // lane k: tag word 1 + k
     int64_t row = -1;
     if (code >= 0 && code < local_experts * ctx.max_tokens) {
       const int expert = code / ctx.max_tokens;
@@ -514,9 +532,11 @@ namespace {
 
 template <Payload kPayload>
 void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases phases, cudaStream_t stream) {
-  const Chunking send_chunks = chunking_of(ctx.hidden, args.num_tokens, args.num_blocks);
-  // Sized for what this rank sends (the peers' token counts are known only on the GPU).
-  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, args.num_blocks);
+  const int64_t warps = static_cast<int64_t>(args.num_blocks) * kWarps;
+  const Chunking send_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
+  // Sized for what this rank sends (the peers' token counts are known only on the GPU), kPlaceItemsPerWarp
+  // items a warp: a staged row has 0 to K targets here, and smaller items even out the warps' shares.
+  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps * kPlaceItemsPerWarp);
   const int64_t shared_bytes = phases == Phases::kReceive ? 0 : dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
   auto launch = [&](auto kernel) {
     // Past 48 KiB of shared memory in all (the kernel's static arrays count too) a launch needs the opt-in.
@@ -573,7 +593,7 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
     DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
     DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
     DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
-    const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, args.num_blocks);
+    const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
     if (phases == Phases::kBoth) combine_recv_kernel<true><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
     else combine_recv_kernel<false><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
   }

@@ -31,8 +31,8 @@ struct Context {
 // Where a call is when its blocks stamp the phase clock (tools/profile_low_latency.py --phases).
 enum Phase : int {
   kPhaseStart,           // a dispatch kernel's block begins
-  kPhaseStagingFree,     // send: every rank placed what this rank staged there last time on the area
-  kPhaseRouted,          // send: the routing masks are built
+  kPhaseRouted,          // send: thread 0's share of the routing masks is built
+  kPhaseStagingFree,     // send: every rank placed what this rank staged there last time on the area (masks built)
   kPhaseRowsSent,        // send: this block's rows are written
   kPhaseRowsSignalled,   // send: fenced and counted (the last block raised rows_done)
   kPhaseRowsArrived,     // receive: every rank's rows_done

@@ -169,28 +169,41 @@ struct PendingScales {
 };
 
 // Quantises one bf16 row (this rank's input) to fp8 + per-128-channel scales
-// and writes both to every non-null target.
+// and writes both to every non-null target. A pass covers 256 channels: lanes
+// 0-15 one 128-channel block, lanes 16-31 the next; kCopyUnroll passes' loads
+// are in flight before the first is quantised (one at a time, a row would take
+// a load latency per 256 channels).
 template <bool kPow2, int kMaxTargets>
 __device__ __forceinline__ void quantize_row(const int4* source, int hidden, uint8_t* const (&x_targets)[kMaxTargets],
                                              float* const (&scale_targets)[kMaxTargets], int lane) {
-  // A pass covers 256 channels: lanes 0-15 one 128-channel block, lanes 16-31 the next.
-  for (int channel = lane * 8; channel - lane * 8 < hidden; channel += 256) {
-    const bool active = channel < hidden;
-    float values[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (active) unpack_bf16x8(ptx::load_nc(source + channel / 8), values);
-    float amax = 0.0f;
+  for (int first = 0; first < hidden; first += 256 * kCopyUnroll) {  // the same trip count in every lane
+    int4 loaded[kCopyUnroll];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(values[i]));
+    for (int pass = 0; pass < kCopyUnroll; ++pass) {
+      const int channel = first + pass * 256 + lane * 8;
+      if (channel < hidden) loaded[pass] = ptx::load_nc(source + channel / 8);
+    }
 #pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    if (!active) continue;
-    const float scale = fp8_scale<kPow2>(amax);
-    const uint2 packed = quantize_fp8x8(values, scale);
+    for (int pass = 0; pass < kCopyUnroll; ++pass) {
+      if (first + pass * 256 >= hidden) break;  // uniform: the shuffles below need the whole warp
+      const int channel = first + pass * 256 + lane * 8;
+      const bool active = channel < hidden;
+      float values[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (active) unpack_bf16x8(loaded[pass], values);
+      float amax = 0.0f;
 #pragma unroll
-    for (int t = 0; t < kMaxTargets; ++t) {
-      if (x_targets[t] == nullptr) continue;
-      *reinterpret_cast<uint2*>(x_targets[t] + channel) = packed;
-      if ((lane & 15) == 0) scale_targets[t][channel / 128] = scale;
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(values[i]));
+#pragma unroll
+      for (int offset = 8; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      if (!active) continue;
+      const float scale = fp8_scale<kPow2>(amax);
+      const uint2 packed = quantize_fp8x8(values, scale);
+#pragma unroll
+      for (int t = 0; t < kMaxTargets; ++t) {
+        if (x_targets[t] == nullptr) continue;
+        *reinterpret_cast<uint2*>(x_targets[t] + channel) = packed;
+        if ((lane & 15) == 0) scale_targets[t][channel / 128] = scale;
+      }
     }
   }
 }
