@@ -47,7 +47,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over a chunk (copy_row keeps them in registers)
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
-constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for
+constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
 constexpr int kDefaultSharedBytes = 48 * 1024;
 
 // The hidden size in chunks of whole 128-channel blocks, so that a decode-size call (few tokens)
@@ -535,8 +535,10 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
   const int64_t warps = static_cast<int64_t>(args.num_blocks) * kWarps;
   const Chunking send_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
   // Sized for what this rank sends (the peers' token counts are known only on the GPU), kPlaceItemsPerWarp
-  // items a warp: a staged row has 0 to K targets here, and smaller items even out the warps' shares.
-  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps * kPlaceItemsPerWarp);
+  // bf16 items a warp: a staged row has 0 to K targets here, and smaller items even out the warps' shares.
+  // An fp8 row is half the bytes: half as many items, so that each still moves as much per memory latency.
+  const int64_t place_items = warps * kPlaceItemsPerWarp / (kPayload == Payload::kBf16 ? 1 : 2);
+  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, place_items);
   const int64_t shared_bytes = phases == Phases::kReceive ? 0 : dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
   auto launch = [&](auto kernel) {
     // Past 48 KiB of shared memory in all (the kernel's static arrays count too) a launch needs the opt-in.
