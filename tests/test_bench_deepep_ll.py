@@ -71,6 +71,7 @@ def test_stage_bytes_per_rank():
     assert bench_deepep.ll_stage_bytes("ll_round_trip", "fp8", rows, hidden) == 1000 * (7408 + 14336)
     assert bench_deepep.ll_stage_bytes("ll_round_trip", "bf16", rows, hidden) == 1000 * 2 * 14336
     assert bench_deepep.ll_stage_bytes("ll_dispatch", "fp8", 0, hidden) == 0
+    assert bench_deepep.ll_stage_bytes("ll_round_trip(graph)", "bf16", rows, hidden) == 1000 * 2 * 14336
     with pytest.raises(ValueError):
         bench_deepep.ll_stage_bytes("dispatch", "bf16", rows, hidden)
 
