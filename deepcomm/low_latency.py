@@ -348,6 +348,9 @@ class LowLatencyKernels:
         captures) and nothing is remembered (a replay runs where the caller puts it).
         """
         if torch._C._cuda_isCurrentStreamCapturing():
+            if self._phase_clock is not None:  # a replay would write into the clock after it is given up
+                raise RuntimeError("record_phases: the phase clock is on; stop it (record_phases(0)) before capturing "
+                                   "a CUDA graph")
             self._last_stream = None
             return
         if self._last_stream is not None and self._last_stream != stream:
@@ -461,8 +464,10 @@ class LowLatencyKernels:
         """Have every later call's kernels stamp where they are (csrc/kernels/low_latency.h ``Phase``).
 
         Returns the clock, ``[slots, PHASE_BLOCKS, len(PHASES)]`` int64 %globaltimer ns on the device, zeroed
-        (a call on area a with epoch e lands in slot ``(2 e + a) % slots``; read it after a synchronize, see
-        deepcomm.low_latency_phases). ``slots=0`` stops and returns None.
+        (a call on area a with epoch e lands in slot ``(2 e + a) % slots``: n calls need n + 2 slots so
+        that none shares one; read it after a synchronize, see deepcomm.low_latency_phases). Every
+        block is stamped (a call's blocks all run at once, fewer than PHASE_BLOCKS). ``slots=0`` stops and
+        returns None. Calls are not captured in a CUDA graph while the clock is on (they raise).
         """
         if slots < 0:
             raise ValueError(f"slots: must be >= 0, got {slots}")

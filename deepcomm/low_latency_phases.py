@@ -1,7 +1,7 @@
 """Where a low-latency call's time goes, read from the kernels' phase clock.
 
 The kernels stamp %globaltimer at each phase (csrc/kernels/low_latency.h ``Phase``) when a clock is
-set (``LowLatencyKernels.record_phases``): thread 0 of each block, one slot per call. Per call, every
+set (``LowLatencyKernels.record_phases``): thread 0 of every block, one slot per call. Per call, every
 phase is timed from the earliest block's start of the call's dispatch, so the combine's phases
 include the time between the two kernels too. A phase's time is when its first and its last block
 got there: the gap between them is the blocks' imbalance, and the last block's time is what the next

@@ -3,6 +3,8 @@ kernels against the reference path bit for bit (GPU; ranks sharing the GPU under
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -353,23 +355,41 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
         theirs = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts, **kwargs)
         _check_received(ours, theirs, f"call {call} ({routing}, {mode}), rank {rank}")
     comm.check_errors()
-    _check_phase_clock(clock.cpu().numpy(), list(comm._low_latency.kernels.PHASES), calls=8, blocks=6)
+    phases = list(comm._low_latency.kernels.PHASES)
+    _check_phase_clock(clock.cpu().numpy(), phases, calls=8, blocks=6, stamped=phases.index("end") + 1)
+
+    # A round trip whose receive is a launch of its own (a hook): the send, the receive and the combine all
+    # stamp the dispatch's one slot, in order; and no graph is captured while the clock is on.
+    clock = comm._low_latency.record_phases(4)
+    inputs = _every_rank_inputs(200, "uniform", world_size, num_experts)[rank]
+    ours = comm.low_latency_dispatch(inputs.x.to(device), inputs.topk_idx.to(device), num_experts,
+                                     return_recv_hook=True)
+    ours.hook()
+    comm.low_latency_combine(comm.low_latency_combine_input(ours.handle), inputs.topk_weights.to(device), ours.handle)
+    comm.check_errors()
+    _check_phase_clock(clock.cpu().numpy(), phases, calls=1, blocks=6, stamped=len(phases))
+    x, idx = inputs.x.to(device), inputs.topk_idx.to(device)
+    with mock.patch.object(torch._C, "_cuda_isCurrentStreamCapturing", return_value=True):  # as under capture
+        with pytest.raises(RuntimeError, match="record_phases: the phase clock is on"):
+            comm.low_latency_dispatch(x, idx, num_experts)
     assert comm._low_latency.record_phases(0) is None
+    comm.low_latency_dispatch(x, idx, num_experts)  # the refused call changed nothing: the next one runs
+    comm.check_errors()
     comm.close()
 
 
-def _check_phase_clock(clock, phases: list[str], calls: int, blocks: int) -> None:
-    """One slot per dispatch, each block's dispatch phases stamped in order, no other block, no combine."""
-    dispatch = phases.index("end") + 1
+def _check_phase_clock(clock, phases: list[str], calls: int, blocks: int, stamped: int) -> None:
+    """One slot per call, each block's first `stamped` phases stamped and in order, no other block or phase."""
     used = clock[:, 0, 0] > 0
     assert used.sum() == calls, f"{used.sum()} slots stamped for {calls} calls"
     stamps = clock[used]
-    assert (stamps[:, :blocks, :dispatch] > 0).all() and (stamps[:, blocks:] == 0).all()
-    assert (stamps[:, :, dispatch:] == 0).all()
-    assert (np.diff(stamps[:, :blocks, :dispatch], axis=2) >= 0).all(), "a block's phases out of order"
+    assert (stamps[:, :blocks, :stamped] > 0).all() and (stamps[:, blocks:] == 0).all()
+    assert (stamps[:, :, stamped:] == 0).all()
+    assert (np.diff(stamps[:, :blocks, :stamped], axis=2) >= 0).all(), "a block's phases out of order"
     rows = phase_times(clock, phases)
-    assert [r.phase for r in rows] == phases[:dispatch] and all(r.calls == calls for r in rows)
-    assert all(r.first_block_us <= r.last_block_us for r in rows)
+    assert [r.phase for r in rows] == phases[:stamped] and all(r.calls == calls for r in rows)
+    # Every call starts at its first block's start; a call takes microseconds, not seconds.
+    assert rows[0].first_block_us == 0.0 and 0.0 < rows[-1].last_block_us < 1e6
 
 
 @pytest.mark.gpu

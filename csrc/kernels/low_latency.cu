@@ -85,16 +85,19 @@ __device__ __forceinline__ uint64_t epoch_of(const SignalRegion* own, int area) 
 }
 
 // Thread 0's stamps of its block's phases, in shared memory until the call's epoch (its slot) is known.
+// kCompiled = false compiles them out: the combine's pull loop is short of registers, and the check of
+// the clock alone cost it spills, so it has a launch with the clock and one without.
+template <bool kCompiled = true>
 struct PhaseStamps {
   uint64_t ns[kNumPhases];
 
   __device__ __forceinline__ void stamp(const Context& ctx, Phase phase) {
-    if (ctx.phase_clock != nullptr && threadIdx.x == 0) ns[phase] = ptx::global_timer_ns();
+    if (kCompiled && ctx.phase_clock != nullptr && threadIdx.x == 0) ns[phase] = ptx::global_timer_ns();
   }
 
   // Phases [first, last] of the call on (area, epoch); a launch writes only the phases it ran.
   __device__ __forceinline__ void flush(const Context& ctx, int area, uint64_t epoch, Phase first, Phase last) const {
-    if (ctx.phase_clock == nullptr || threadIdx.x != 0 || blockIdx.x >= kPhaseBlocks) return;
+    if (!kCompiled || ctx.phase_clock == nullptr || threadIdx.x != 0 || blockIdx.x >= kPhaseBlocks) return;
     const int64_t slot = static_cast<int64_t>((epoch * kNumAreas + area) % ctx.phase_slots);
     uint64_t* out = ctx.phase_clock + (slot * kPhaseBlocks + blockIdx.x) * kNumPhases;
     for (int phase = first; phase <= last; ++phase) out[phase] = ns[phase];
@@ -131,7 +134,7 @@ __device__ __forceinline__ bool last_block_done(uint32_t* blocks_done) {
 // row + tag), raise rows_done. Returns the call's epoch (in every thread).
 template <Payload kPayload>
 __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint32_t* masks,
-                              PhaseStamps& stamps) {
+                              PhaseStamps<>& stamps) {
   constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
   constexpr bool kHasScales = kPayload != Payload::kBf16;
   constexpr int kSourceBytesPerChannel = kPayload == Payload::kBf16 || kQuantize ? 2 : 1;
@@ -267,7 +270,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
 // token: rows land in their final order); tell every rank its staging rows here are free again.
 template <bool kFp8>
 __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch,
-                           PhaseStamps& stamps) {
+                           PhaseStamps<>& stamps) {
   __shared__ bool arrived;
   __shared__ int first_item[kMaxRanks + 1];  // items of each source's staged rows, back to back
   __shared__ int32_t base[kMaxExperts];      // [source][local expert]: rows of lower sources before its own
@@ -386,7 +389,7 @@ template <Payload kPayload, bool kSend, bool kReceive>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args, Chunking send_chunks,
                                                                Chunking place_chunks) {
   extern __shared__ uint32_t masks[];
-  __shared__ PhaseStamps stamps;
+  __shared__ PhaseStamps<> stamps;
   stamps.stamp(ctx, kPhaseStart);
   uint64_t epoch = 0;
   if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks, stamps);
@@ -423,21 +426,23 @@ __global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx,
   }
 }
 
-// kPublish: the send's flag first (a synchronous call's one launch).
-template <bool kPublish>
+// kPublish: the send's flag first (a synchronous call's one launch). kClocked: stamps the phase clock.
+template <bool kPublish, bool kClocked>
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
   __shared__ bool ready;
-  __shared__ PhaseStamps stamps;
+  __shared__ PhaseStamps<kClocked> stamps;
   stamps.stamp(ctx, kPhaseCombineStart);
   SignalRegion* own = signals_of(ctx, ctx.rank);
-  const uint64_t epoch = epoch_of(own, args.area);
   if (kPublish && blockIdx.x == 0 && threadIdx.x == 0) publish_outputs(ctx, args.area);
   if (threadIdx.x == 0)
-    ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch, ctx.timeout_ns,
+    ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch_of(own, args.area), ctx.timeout_ns,
                            &ctx.mailbox->header, kStageLowLatencyOutputs);
   __syncthreads();
   stamps.stamp(ctx, kPhaseOutputsReady);
-  if (!ready) return;  // y stays unwritten; the host raises at its next check
+  if (!ready) {  // y stays unwritten; the host raises at its next check
+    stamps.flush(ctx, args.area, epoch_of(own, args.area), kPhaseCombineStart, kPhaseOutputsReady);
+    return;
+  }
 
   const AreaLayout layout = layout_of(ctx);
   const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / ctx.num_ranks) * layout.rows_per_expert;
@@ -503,7 +508,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
   }
   __syncthreads();
   stamps.stamp(ctx, kPhaseSummed);
-  stamps.flush(ctx, args.area, epoch, kPhaseCombineStart, kPhaseSummed);
+  // The epoch read again rather than kept: a register less through the loop above (a combine never changes it).
+  stamps.flush(ctx, args.area, epoch_of(signals_of(ctx, ctx.rank), args.area), kPhaseCombineStart, kPhaseSummed);
 }
 
 void check_context(const Context& ctx) {
@@ -596,8 +602,10 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
     DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
     DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
     const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
-    if (phases == Phases::kBoth) combine_recv_kernel<true><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
-    else combine_recv_kernel<false><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
+    const bool publish = phases == Phases::kBoth, clocked = ctx.phase_clock != nullptr;
+    auto kernel = publish ? (clocked ? combine_recv_kernel<true, true> : combine_recv_kernel<true, false>)
+                          : (clocked ? combine_recv_kernel<false, true> : combine_recv_kernel<false, false>);
+    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
   }
   DC_CUDA_CHECK(cudaGetLastError());
 }

@@ -44,7 +44,7 @@ enum Phase : int {
   kPhaseSummed,          // this block's tokens reduced
   kNumPhases
 };
-constexpr int kPhaseBlocks = 64;
+constexpr int kPhaseBlocks = 256;  // every block of a call: they all run at once, so no GPU has more
 
 struct DispatchArgs {
   int area;
@@ -70,7 +70,7 @@ struct CombineArgs {
 };
 
 // Dynamic shared memory of the send (routing bit masks), for config checks; the kernels' static shared
-// arrays (the receive's bases, a few words) stay below kStaticSharedBound beside it.
+// arrays (the receive's bases, the phase stamps, a few words) stay below kStaticSharedBound beside it.
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens);
 constexpr int kStaticSharedBound = 8 * 1024;
 

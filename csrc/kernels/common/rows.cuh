@@ -14,7 +14,7 @@
 
 namespace deepcomm::rows {
 
-constexpr int kCopyUnroll = 8;  // 16-byte loads in flight per lane (a whole fp8 row of 7168 in two rounds)
+constexpr int kCopyUnroll = 8;  // 16-byte loads in flight per lane (copy_row: a whole fp8 row of 7168 in two rounds)
 constexpr float kFp8Max = 448.0f;
 
 // Source rows are either this rank's own inputs (read-only for the whole
@@ -170,21 +170,22 @@ struct PendingScales {
 
 // Quantises one bf16 row (this rank's input) to fp8 + per-128-channel scales
 // and writes both to every non-null target. A pass covers 256 channels: lanes
-// 0-15 one 128-channel block, lanes 16-31 the next; kCopyUnroll passes' loads
-// are in flight before the first is quantised (one at a time, a row would take
-// a load latency per 256 channels).
-template <bool kPow2, int kMaxTargets>
+// 0-15 one 128-channel block, lanes 16-31 the next; kUnroll passes' loads are
+// in flight before the first is quantised (one at a time, a row would take a
+// load latency per 256 channels). Fewer with many targets: their pointers
+// live in registers too (16 targets and 4 loads spill in the internode sender).
+template <bool kPow2, int kMaxTargets, int kUnroll = (kMaxTargets > 8 ? 2 : kCopyUnroll)>
 __device__ __forceinline__ void quantize_row(const int4* source, int hidden, uint8_t* const (&x_targets)[kMaxTargets],
                                              float* const (&scale_targets)[kMaxTargets], int lane) {
-  for (int first = 0; first < hidden; first += 256 * kCopyUnroll) {  // the same trip count in every lane
-    int4 loaded[kCopyUnroll];
+  for (int first = 0; first < hidden; first += 256 * kUnroll) {  // the same trip count in every lane
+    int4 loaded[kUnroll];
 #pragma unroll
-    for (int pass = 0; pass < kCopyUnroll; ++pass) {
+    for (int pass = 0; pass < kUnroll; ++pass) {
       const int channel = first + pass * 256 + lane * 8;
       if (channel < hidden) loaded[pass] = ptx::load_nc(source + channel / 8);
     }
 #pragma unroll
-    for (int pass = 0; pass < kCopyUnroll; ++pass) {
+    for (int pass = 0; pass < kUnroll; ++pass) {
       if (first + pass * 256 >= hidden) break;  // uniform: the shuffles below need the whole warp
       const int channel = first + pass * 256 + lane * 8;
       const bool active = channel < hidden;
