@@ -10,8 +10,13 @@ timeline says which row is compute and which is communication.
 from __future__ import annotations
 
 import contextlib
+import cProfile
+import io
+import pstats
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 
 def stage_name(layer: int, micro_batch: int, stage: str, backward: bool = False) -> str:
@@ -38,3 +43,23 @@ def name_stream(stream: torch.cuda.Stream | None, name: str) -> None:
 
     if stream is not None and _ext.available():
         _ext.extension().name_stream(stream.cuda_stream, name)
+
+
+def host_function_table(call: Callable[[], object], iters: int, top: int, profiled: bool, what: str) -> str:
+    """cProfile's table (self time, ``top`` rows) of ``iters`` calls of ``call``: where the host time goes.
+
+    Collective: every rank makes the calls (after a barrier); only where ``profiled`` do they run under
+    cProfile, and only there is the table returned ("" elsewhere).
+    """
+    profile = cProfile.Profile()
+    dist.barrier()
+    if profiled:
+        profile.enable()
+    for _ in range(iters):
+        call()
+    if not profiled:
+        return ""
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return f"host functions of {iters} {what} calls (cProfile; its own cost inflates every row):\n" + out.getvalue()

@@ -31,8 +31,10 @@ def test_the_hook_option_parses():
     assert profile.parse_args(["--hook", "--fp8"]).hook and not profile.parse_args([]).hook
 
 
-def test_the_phases_option_parses():
+def test_the_phases_and_host_functions_options_parse():
     assert profile.parse_args(["--phases"]).phases and not profile.parse_args([]).phases
+    assert profile.parse_args(["--host-functions", "25"]).host_functions == 25
+    assert profile.parse_args([]).host_functions == 0
 
 
 PHASES = ["start", "rows sent", "unused", "combine start", "summed"]

@@ -256,10 +256,12 @@ fi
 if step lowlatency; then
   for n in $NRANKS; do
     bench "ll_decode_${n}ranks" "$n" $LL_ARGS
-    # One launch a call with its phases stamped, then the send and the receive apart (a receive hook called at once).
-    for mode in --phases --hook; do
-      timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py $mode \
-        > "$OUT/profile_ll_${n}ranks${mode}.log" 2>&1 || note "profile low-latency ${n} ranks $mode: FAILED (see its log)"
+    # One launch a call with its phases stamped and the host's functions named, then the send and the receive
+    # apart (a receive hook called at once).
+    for mode in phases hook; do
+      flags="--hook"; [ "$mode" = phases ] && flags="--phases --host-functions 25"
+      timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py $flags \
+        > "$OUT/profile_ll_${n}ranks_${mode}.log" 2>&1 || note "profile low-latency ${n} ranks $mode: FAILED (see its log)"
     done
     if [ -n "$deepep_ll_build" ] && [ "$num_gpus" -ge "$n" ]; then
       wait "$deepep_ll_build"; deepep_ll_build=""

@@ -21,9 +21,6 @@ how far that host work can shrink, and each piece of the path timed alone.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import statistics
 import time
 from typing import Callable
@@ -39,6 +36,7 @@ from deepcomm.kernel_common import (DispatchScratch, RoutingSource, check_capaci
                                     check_slot_sizes, payload_of, recv_layout, recv_row_shape)
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.launch import destroy_distributed, init_distributed
+from deepcomm.profiling import host_function_table
 from deepcomm.routing import node_limited_topk
 from deepcomm.streams import CallerStream, CommStreamScope, hand_back
 from deepcomm.validation import check_dispatch_inputs
@@ -265,19 +263,8 @@ def profile_host_functions(comm, payload, scales, topk_idx, weights, num_experts
 
     Every rank dispatches; only the ``profiled`` one runs under cProfile.
     """
-    profile = cProfile.Profile()
-    dist.barrier()
-    if profiled:
-        profile.enable()
-    for _ in range(iters):
-        comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales)
-    if not profiled:
-        return ""
-    profile.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profile, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    return f"host functions of {iters} dispatch calls (cProfile; its own cost inflates every row):\n" + out.getvalue()
+    return host_function_table(lambda: comm.dispatch(payload, topk_idx, weights, num_experts, x_scales=scales),
+                               iters, top, profiled, "dispatch")
 
 
 def main() -> None:

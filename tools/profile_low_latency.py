@@ -9,7 +9,8 @@ the device time of each kernel (torch profiler), and the time per call end to en
 (CUDA events around back-to-back calls, as deepcomm.bench times them).
 When the host time is the larger, the host sets the pace; else the kernels do.
 With --phases, the kernels also stamp each phase of every call (deepcomm.low_latency_phases): when
-the first and the last block got to it, from the call's start.
+the first and the last block got to it, from the call's start. --host-functions N names the Python
+and native functions the host time goes to (cProfile, rank 0).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import deepcomm
 from deepcomm.launch import destroy_distributed, init_distributed
 from deepcomm.low_latency_phases import format_phase_times, phase_times
+from deepcomm.profiling import host_function_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "launches, timed apart")
     parser.add_argument("--phases", action="store_true",
                         help="also time each phase of the kernels (their phase clock), per rank")
+    parser.add_argument("--host-functions", type=int, default=0, metavar="N",
+                        help="also print cProfile's N functions with the most host time (rank 0's calls)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace here")
     return parser.parse_args(argv)
@@ -145,6 +149,10 @@ def main(argv=None) -> None:
             rows[name] = (host_us(fn, args.iters), device_us(fn, args.iters),
                           kernel_us(fn, args.iters, args.trace if rank == 0 and name == "dispatch" else None),
                           phases_of(comm, fn, args.iters) if args.phases else [])
+        tables = []
+        for name, fn in (("dispatch", dispatch), ("round trip", round_trip)) if args.host_functions else ():
+            tables.append(host_function_table(fn, args.iters, args.host_functions, rank == 0, name))
+            torch.cuda.synchronize()
         everyone: list = [None] * world
         dist.all_gather_object(everyone, rows)
         if rank == 0:
@@ -159,6 +167,8 @@ def main(argv=None) -> None:
                 for r, per_rank in enumerate(everyone):
                     print(f"\nphases, {name}, rank {r} (from the call's first block start, medians):")
                     print(format_phase_times(per_rank[name][3]))
+            for table in tables:
+                print("\n" + table)
         comm.close()
     finally:
         destroy_distributed()
