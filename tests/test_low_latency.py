@@ -373,6 +373,8 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
         with pytest.raises(RuntimeError, match="record_phases: the phase clock is on"):
             comm.low_latency_dispatch(x, idx, num_experts)
     assert comm._low_latency.record_phases(0) is None
+    with pytest.raises(ValueError, match="^slots: must be >= 0"):
+        comm._low_latency.record_phases(-1)
     comm.low_latency_dispatch(x, idx, num_experts)  # the refused call changed nothing: the next one runs
     comm.check_errors()
     comm.close()
