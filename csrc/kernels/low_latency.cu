@@ -55,11 +55,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over a chunk (copy_row keeps them in registers)
-// The combine's sums: sources (packed to the first lanes) taken kSumGroup at a time, kSumUnroll 16-byte units
-// of each per lane in flight. A decode token has a few of its K pairs on each owner and a few owners, so
-// groups of 4 are mostly full; 4 x 3 is what 512 threads' registers hold without spilling (4 x 4 spills).
-constexpr int kSumGroup = 4;
-constexpr int kSumUnroll = 3;
+constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
 constexpr int kDefaultSharedBytes = 48 * 1024;
@@ -430,62 +426,54 @@ __device__ __forceinline__ int4* partial_of(const Context& ctx, int rank, int ar
          (static_cast<int64_t>(owner) * ctx.max_tokens + token) * (ctx.hidden / 8);
 }
 
-// out[u] = bf16 of the sum over the lanes with a source, ascending, of each one's term, (weight *) source[u],
-// for each 16-byte unit u < units: float32, each product and sum rounded on its own, starting from the first
-// (none at all gives +0.0). The whole warp calls it, with the same units in every lane (the shuffles need
-// every lane).
-template <bool kWeighted>
+// out[u] = bf16 of the sum over lanes j < kSources ascending of lane j's term, (weight_j *) source_j[u], for
+// each 16-byte unit u < units: float32, each product and sum rounded on its own, starting from the first lane
+// with a source (a null source adds nothing; none at all gives +0.0). The whole warp calls it, with the same
+// units in every lane (the shuffles need every lane).
+template <int kSources, bool kWeighted>
 __device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_weight, int units, int4* out, int lane) {
-  // Sources packed to the first lanes, in order (an owner holds a few of a token's K pairs, anywhere in k):
-  // so every group of kSumGroup loads is full.
-  const uint32_t present = __ballot_sync(0xffffffffu, lane_source != nullptr);
-  const int count = __popc(present);
-  uint32_t later = present;
-  for (int i = 0; i < lane && later != 0; ++i) later &= later - 1;  // drop the first `lane` present lanes
-  const int from = later != 0 ? __ffs(later) - 1 : lane;
-  lane_source = reinterpret_cast<const int4*>(
-      __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), from));
-  if constexpr (kWeighted) lane_weight = __shfl_sync(0xffffffffu, lane_weight, from);
-
-  for (int first = 0; first < units; first += 32 * kSumUnroll) {
+  for (int first = 0; first < units; first += 32 * kCombineUnroll) {
     const int base = first + lane;
-    float acc[kSumUnroll][8] = {};
+    float acc[kCombineUnroll][8] = {};
+    bool started = false;  // warp-uniform: every lane sees every source
 #pragma unroll 1
-    for (int group = 0; group < count; group += kSumGroup) {
-      const int4* sources[kSumGroup];
-      float weights[kSumGroup];
+    for (int group = 0; group < kSources; group += kTargetGroup) {
+      if (__ballot_sync(0xffffffffu, lane_source != nullptr && lane >= group && lane < group + kTargetGroup) == 0)
+        continue;
+      const int4* sources[kTargetGroup];
+      float weights[kTargetGroup];
 #pragma unroll
-      for (int j = 0; j < kSumGroup; ++j) {
+      for (int j = 0; j < kTargetGroup; ++j) {
         sources[j] = reinterpret_cast<const int4*>(
             __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
-        if (group + j >= count) sources[j] = nullptr;
         weights[j] = kWeighted ? __shfl_sync(0xffffffffu, lane_weight, group + j) : 1.0f;
       }
       // Every source's units are loaded before any is summed: the loads in flight set the rate.
-      int4 loaded[kSumGroup][kSumUnroll];
+      int4 loaded[kTargetGroup][kCombineUnroll];
 #pragma unroll
-      for (int j = 0; j < kSumGroup; ++j)
+      for (int j = 0; j < kTargetGroup; ++j)
 #pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u)
+        for (int u = 0; u < kCombineUnroll; ++u)
           if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
 #pragma unroll
-      for (int j = 0; j < kSumGroup; ++j) {
+      for (int j = 0; j < kTargetGroup; ++j) {
         if (sources[j] == nullptr) continue;
 #pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u) {
+        for (int u = 0; u < kCombineUnroll; ++u) {
           if (base + u * 32 >= units) continue;
           float term[8];
           rows::unpack_bf16x8(loaded[j][u], term);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             if constexpr (kWeighted) term[i] = __fmul_rn(term[i], weights[j]);
-            acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+            acc[u][i] = started ? __fadd_rn(acc[u][i], term[i]) : term[i];
           }
         }
+        started = true;
       }
     }
 #pragma unroll
-    for (int u = 0; u < kSumUnroll; ++u)
+    for (int u = 0; u < kCombineUnroll; ++u)
       if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
   }
 }
@@ -562,7 +550,7 @@ __device__ void send_partials(const Context& ctx, const CombineArgs& args, Chunk
     const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
     const int4* lane_source =
         row >= 0 && row < owner_rows ? static_cast<const int4*>(args.outputs) + row * row_units + first_unit : nullptr;
-    sum_rows<true>(lane_source, weight, units, partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit,
+    sum_rows<kMaxTopk, true>(lane_source, weight, units, partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit,
                              lane);
   }
 
@@ -586,11 +574,11 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
                              &ctx.mailbox->header, kStageLowLatencyPartials);
   __syncthreads();
   stamps.stamp(ctx, kPhasePartialsArrived);
+  if (!arrived) return;  // y stays unwritten; the host raises at its next check
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
-  const int num_items = arrived ? args.num_tokens * chunking.count : 0;  // after a timeout y stays unwritten
-  // (the host raises at its next check) and "summed" stamps when the wait gave up.
+  const int num_items = args.num_tokens * chunking.count;
   for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
     const int token = item / chunking.count, chunk = item % chunking.count;
     const int first_unit = chunk * chunking.channels / 8;
@@ -601,12 +589,9 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
     const int4* lane_source = lane < num_ranks && ((owners >> lane) & 1u)
                                   ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
                                   : nullptr;
-    sum_rows<false>(lane_source, 1.0f, units,
-                               reinterpret_cast<int4*>(args.y) + static_cast<int64_t>(token) * (ctx.hidden / 8) + first_unit,
-                               lane);
+    sum_rows<kMaxRanks, false>(lane_source, 1.0f, units,
+                               reinterpret_cast<int4*>(args.y) + token * (ctx.hidden / 8) + first_unit, lane);
   }
-  __syncthreads();
-  stamps.stamp(ctx, kPhaseSummed);
 }
 
 // kSend and kReceive: the whole combine in one launch (synchronous calls); one of them: the send now, the
