@@ -3,13 +3,11 @@
 Stages, each on the kernels (path ``low_latency``) and on the reference path:
 ``ll_dispatch`` (bf16 rows, or ``fp8``: bf16 quantised on the way, as DeepEP's
 low-latency mode does), ``ll_round_trip`` (a dispatch, then the received bf16
-rows combined: reduced, weighted, where they are, and the partials added) and
-``ll_combine``: the round trip less the dispatch (a dispatch is combined once, so
-combine alone is not repeated); on the kernels also both replayed from a CUDA
-graph. Bytes are counted as DeepEP's low-latency test counts them: received
-(token, expert) rows times their bytes for dispatch, the same rows in bf16 for
-combine, and the combine's floor is the copy of those rows; the kernels' combine
-moves one row per (token, rank) between GPUs instead, so it can beat that floor.
+rows pulled back and reduced, weighted) and ``ll_combine``: the round trip less
+the dispatch (a dispatch is combined once, so combine alone is not repeated);
+on the kernels also both replayed from a CUDA graph. Bytes are counted as DeepEP's
+low-latency test counts them: received (token, expert) rows times their bytes
+for dispatch, the same rows in bf16 for combine.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from deepcomm import _ext
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us
 from deepcomm.communicator import Communicator
 from deepcomm.low_latency import LowLatencyConfig
-from deepcomm.reference_low_latency import sum_by_owner
+from deepcomm.reference_low_latency import weighted_sum_in_k_order
 
 
 def distinct_pairs(topk_idx: torch.Tensor, first_expert: int = 0, num_experts: int | None = None) -> int:
@@ -36,14 +34,11 @@ def distinct_pairs(topk_idx: torch.Tensor, first_expert: int = 0, num_experts: i
     return int(torch.unique(rows * (last + 1) + idx[keep]).numel())
 
 
-def round_trip_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                        world_size: int) -> torch.Tensor:
-    """Combine of the received rows themselves: per token, its weights times x, summed per owner and then
-    over the owners as the low-latency combine does (bf16)."""
+def round_trip_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Combine of the received rows themselves: per token, its weights times x in k order (bf16)."""
     num_tokens, num_topk = topk_idx.shape
     values = x.unsqueeze(1).expand(num_tokens, num_topk, x.shape[1])
-    owners = torch.where(topk_idx >= 0, topk_idx // (num_experts // world_size), -1)
-    return sum_by_owner(values, topk_weights, owners, world_size)
+    return weighted_sum_in_k_order(values, topk_weights, topk_idx >= 0).to(torch.bfloat16)
 
 
 def captured(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
@@ -71,8 +66,8 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
         paths["low_latency"] = Communicator(num_sms=sms_values[0], low_latency=config, timeout_s=args.timeout)
     # Rows this rank keeps (its tokens to its own experts): on GPUs of their own, the floor is the rest.
     kept = distinct_pairs(topk_idx, topo.rank * local, local)
+    expected = round_trip_expected(x, topk_idx, topk_weights)
     world = dist.get_world_size()
-    expected = round_trip_expected(x, topk_idx, topk_weights, experts, world)
     sent = round(mean_over_ranks(distinct_pairs(topk_idx)) * world)
     rows = []
     for path, comm in paths.items():

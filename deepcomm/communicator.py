@@ -291,8 +291,8 @@ class Communicator:
         num_sms: int | None = None,
     ) -> tuple[torch.Tensor, EventHandle, object]:
         """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
-        hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the adding of the
-        owners' partial sums (until then no SM waits for them) and makes the current stream wait for it."""
+        hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
+        (until then no SM waits for the peers) and makes the current stream wait for it."""
         return self._low_latency_impl().combine(expert_out, topk_weights, handle, previous_event, True,
                                                 return_recv_hook, num_sms)
 

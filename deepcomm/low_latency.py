@@ -10,12 +10,8 @@ same in every run). Each expert gets one row per token that names it; a token
 crosses to a rank once, however many of its experts live there.
 
 Combine takes the experts' bf16 outputs in that layout and returns, per token,
-the weighted sum of its experts' outputs, reduced where the experts ran: each
-rank owning some of a token's experts sums ``topk_weights[t, k] * output of
-expert k`` over those k (ascending, float32, rounded to bf16) and sends that
-one partial back; the token's rank adds the partials in ascending rank order in
-float32 and rounds to bf16 (``reference_low_latency.sum_by_owner``). One row per
-(token, rank) crosses between GPUs instead of one per (token, expert).
+the sum over k (ascending) of ``topk_weights[t, k] * output of expert k`` in
+float32, rounded once to bf16: the weighted reduction is part of combine.
 
 Two receive areas alternate between calls, so a result stays valid through one
 further dispatch (two micro-batches in flight). With ``return_recv_hook`` a
@@ -271,7 +267,7 @@ class LowLatencyKernels:
         if handle.call in self._unreceived:
             raise ValueError("handle: its dispatch has not received yet; call the result's hook() first")
         if handle.call in self._combined:
-            # Peers may still be reading its requests and writing its partials: a second one would race with them.
+            # A peer may still be pulling the outputs of the first combine: rewriting them would race with it.
             raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
     def _check_handle(self, handle) -> None:
@@ -396,8 +392,8 @@ class LowLatencyKernels:
     # -- combine --------------------------------------------------------
 
     def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """The receive area of ``handle``'s dispatch as bf16 ``[E/world, rows, H]``: the experts may write
-        their outputs over their inputs (no allocation). Writing it overwrites the dispatched rows."""
+        """The receive area of ``handle``'s dispatch as bf16 ``[E/world, rows, H]``: outputs written here
+        are pulled where they are (no staging copy). Writing it overwrites the dispatched rows."""
         self._check_received(handle)
         return self._views[handle.area][torch.bfloat16]
 
@@ -409,17 +405,21 @@ class LowLatencyKernels:
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = self._blocks(num_sms)
         area = handle.area
-        if expert_out.data_ptr() % 16:  # only this rank reads it (the sums happen here): any memory will do
+        staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
+        if staged and expert_out.data_ptr() % 16:
             raise ValueError("expert_out: must start at a 16-byte boundary for the kernels; pass expert_out.clone()")
 
         def send(cuda_stream: int, phases: int) -> torch.Tensor:
+            if staged:  # peers read registered memory only
+                self.ctx.stage_outputs(area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
+                                       num_blocks, cuda_stream)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
             receive(y, cuda_stream, phases)
             return y
 
         def receive(y: torch.Tensor, cuda_stream: int, phases: int) -> None:
-            self.ctx.combine(phases, area, expert_out.data_ptr(), handle.pair_rows.data_ptr(), topk_weights.data_ptr(),
-                             handle.num_tokens, handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
+            self.ctx.combine(phases, area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(), handle.num_tokens,
+                             handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
 
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
@@ -440,7 +440,7 @@ class LowLatencyKernels:
         called = False
 
         def hook() -> EventHandle:
-            """Queue the adding of the owners' partials; the current stream waits for it (the host does not)."""
+            """Queue the pull and reduction; the current stream waits for it (the host does not)."""
             nonlocal called
             if called:
                 raise RuntimeError("hook: already called")

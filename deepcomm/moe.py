@@ -343,10 +343,10 @@ class MoELayer(nn.Module):
 
         The experts run batched over each local expert's whole receive region
         ``[E_local, world * max_tokens_per_rank, H]``: rows past an expert's count are computed and
-        never read (combine reads only received rows), which is right for any counts and needs no
+        never read (combine pulls only received rows), which is right for any counts and needs no
         host sync; a grouped GEMM masked at each expert's count is the fast form of this step. The
-        weighted sum over a token's experts happens in combine (per owner rank in float32, k
-        ascending, then over the owners), so the result differs from :meth:`forward`'s only by rounding.
+        weighted sum over a token's experts happens in combine (k ascending, float32), so the
+        result differs from :meth:`forward`'s only by rounding.
         """
         self._check_tokens(x2d)
         topk_idx, topk_weights = self.route(x2d)
@@ -359,7 +359,7 @@ class MoELayer(nn.Module):
             rows = blocks.flatten(-2)
         rows = rows.to(self.dtype)
         out = torch.bmm(_swiglu(torch.bmm(rows, self.w_gate_up)), self.w_down)  # [E_local, rows, H]
-        # Over the received rows (read above): combine reads them where they are.
+        # Over the received rows (read above): combine pulls them where they are.
         expert_out = self.comm.low_latency_combine_input(received.handle)
         expert_out.copy_(out)
         routed = self.comm.low_latency_combine(expert_out, topk_weights, received.handle)

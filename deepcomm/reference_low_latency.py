@@ -22,29 +22,14 @@ from deepcomm.reference import ReferenceCommunicator, _as_bytes, _split_columns
 from deepcomm.streams import hand_back
 
 
-def sum_by_owner(values: torch.Tensor, weights: torch.Tensor, owners: torch.Tensor, world_size: int) -> torch.Tensor:
-    """``[T, H]`` bf16: the low-latency combine's reduction of ``values`` ``[T, K, H]`` (bf16).
-
-    Per rank o ascending, the partial ``sum over k ascending with owners[:, k] == o of weights[:, k] *
-    values[:, k]`` (float32, each product and sum rounded on its own, from the first such k) rounded to
-    bf16, as the owner sends it; then the partials of the ranks a token reached summed in ascending rank
-    order in float32 from the first, rounded to bf16. ``owners`` -1 is no pair; a token with none gives +0.0.
-    """
-    num_tokens, num_topk, hidden = values.shape
-    total = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=values.device)
-    total_started = torch.zeros(num_tokens, 1, dtype=torch.bool, device=values.device)
-    for owner in range(world_size):
-        partial = torch.zeros_like(total)
-        started = torch.zeros_like(total_started)
-        for k in range(num_topk):
-            here = (owners[:, k] == owner).unsqueeze(1)
-            term = values[:, k].float() * weights[:, k : k + 1]
-            partial = torch.where(here, torch.where(started, partial + term, term), partial)
-            started = started | here
-        partial = partial.to(torch.bfloat16).float()
-        total = torch.where(started, torch.where(total_started, total + partial, partial), total)
-        total_started = total_started | started
-    return total.to(torch.bfloat16)
+def weighted_sum_in_k_order(values: torch.Tensor, weights: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``[T, H]`` float32: sum over k ascending of ``weights[:, k] * values[:, k]``, each product and sum
+    rounded on its own, starting from k = 0; an absent pair adds +0.0 (deepcomm/pair_sum.py's order)."""
+    terms = torch.where(present.unsqueeze(-1), values.float() * weights.unsqueeze(-1), 0.0)
+    acc = terms[:, 0]
+    for k in range(1, terms.shape[1]):
+        acc = acc + terms[:, k]
+    return acc
 
 
 class ReferenceLowLatency:
@@ -183,5 +168,6 @@ class ReferenceLowLatency:
         values = torch.zeros(pairs.numel(), hidden, dtype=torch.bfloat16, device=expert_out.device)
         values[present.nonzero().squeeze(1)[order]] = rows
         num_tokens, num_topk = handle.pair_rows.shape
-        owners = torch.where(present, pairs // owner_rows, -1).view(num_tokens, num_topk)
-        return sum_by_owner(values.view(num_tokens, num_topk, hidden), topk_weights, owners, self.topology.world_size)
+        summed = weighted_sum_in_k_order(values.view(num_tokens, num_topk, hidden), topk_weights,
+                                         present.view(num_tokens, num_topk))
+        return summed.to(torch.bfloat16)

@@ -79,11 +79,10 @@ def kernel_name(name: str) -> str:
     as for kernels in an anonymous namespace: ``..._cu_6a66627220dispatch_send_kernelILN...``)."""
     found = re.findall(r"([a-z_]+_kernel)", name)
     base = found[0] if found else name[:40]
-    # dispatch_kernel<payload, send, receive>, combine_kernel<send, receive, clocked>: a launch of one phase
-    # (a receive hook) is named for it.
-    flags = re.findall(r"Lb([01])E", name) or re.findall(r"\b(true|false)\b", name)
-    if base in ("dispatch_kernel", "combine_kernel") and len(flags) >= 2:
-        send, receive = (flag in ("1", "true") for flag in flags[:2])
+    # dispatch_kernel<payload, send, receive>: a launch of one phase (a receive hook) is named for it.
+    flags = re.search(r"Lb([01])ELb([01])E", name) or re.search(r"(true|false), (true|false)>", name)
+    if base == "dispatch_kernel" and flags:
+        send, receive = (flag in ("1", "true") for flag in flags.groups())
         base += {(True, False): " (send)", (False, True): " (receive)"}.get((send, receive), "")
     return base
 

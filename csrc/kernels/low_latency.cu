@@ -21,25 +21,15 @@
 // every rank. A synchronous call runs both in one launch; with a receive hook
 // the receive is a launch of its own, queued when the caller asks.
 //
-// Combine, send: one warp per token writes a request into each rank that owns
-// one of its experts (the epoch, per k the row there or -1, per k the weight)
-// and the last block raises "requests_done" in every rank. Then each rank waits
-// for every rank's requests and, one warp per (requested token, chunk), sums the
-// token's rows it holds, weight * row over k in ascending order in float32 (each
-// product and sum rounded on its own, from the first pair there), and writes
-// the bf16 partial into the token's rank; the last block raises "partials_done".
-// Combine, receive: wait for every owner's partials, add each token's in
-// ascending owner order in float32 from the first, round to bf16
-// (deepcomm/reference_low_latency.py sum_by_owner: the reference agrees bit for
-// bit). One row per (token, owner) crosses between GPUs, not one per (token,
-// expert): a quarter of the bytes on 2 ranks with top-8.
-//
-// Nobody waits for the combine's reads to end. A rank writes requests, partials
-// and its token count into an area again only in its next combine on it, after
-// its next dispatch there received every rank's rows; a rank sends those only
-// after its own combine on the area, whose send reads the requests and whose
-// receive reads the partials, was queued before them (stream order; a combine
-// receive still pending then can no longer run: its handle is stale).
+// Combine: the experts' bf16 outputs sit in the receive area, over their
+// inputs. Send raises "outputs_ready" in every rank; receive waits for every
+// rank's, then one warp per (token, chunk) pulls the token's rows from their
+// owners and sums weight * row over k in ascending order in float32, each
+// product and sum rounded on its own, a missing pair adding +0.0
+// (deepcomm/pair_sum.py's order, so the reference path agrees bit for bit).
+// Nobody waits for the pulls to end: a rank overwrites its rows only in its
+// next receive on the area, after every rank's rows_done for it, which each
+// raises only after its combine on the area is done (stream order).
 #include <cuda_runtime.h>
 
 #include "kernels/common/peer_wait.cuh"
@@ -411,211 +401,115 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
 
 // -------------------------------------------------------------- combine
 
-static_assert(2 * kMaxTopk == 32, "a request's rows and weights are one word per lane");
-
-__device__ __forceinline__ int32_t* request_of(const Context& ctx, int owner, int area, const AreaLayout& layout,
-                                               int source, int token) {
-  return reinterpret_cast<int32_t*>(area_of(ctx, owner, area, layout) + layout.requests) +
-         (static_cast<int64_t>(source) * ctx.max_tokens + token) * kRequestInts;
+__device__ __forceinline__ void publish_outputs(const Context& ctx, int area) {
+  const uint64_t epoch = epoch_of(signals_of(ctx, ctx.rank), area);
+  __threadfence_system();  // the experts' outputs (earlier kernels) before the flag, for every GPU
+  for (int dst = 0; dst < ctx.num_ranks; ++dst)
+    ptx::store_release_sys(&signals_of(ctx, dst)->outputs_ready[area][ctx.rank], epoch);
 }
 
-// [owner][token] bf16 partial rows in `rank`'s area: owner's partial sum of the token's rows.
-__device__ __forceinline__ int4* partial_of(const Context& ctx, int rank, int area, const AreaLayout& layout, int owner,
-                                           int token) {
-  return reinterpret_cast<int4*>(area_of(ctx, rank, area, layout) + layout.partials) +
-         (static_cast<int64_t>(owner) * ctx.max_tokens + token) * (ctx.hidden / 8);
-}
+__global__ void combine_send_kernel(Context ctx, int area) { publish_outputs(ctx, area); }
 
-// out[u] = bf16 of the sum over lanes j < kSources ascending of lane j's term, (weight_j *) source_j[u], for
-// each 16-byte unit u < units: float32, each product and sum rounded on its own, starting from the first lane
-// with a source (a null source adds nothing; none at all gives +0.0). The whole warp calls it, with the same
-// units in every lane (the shuffles need every lane).
-template <int kSources, bool kWeighted>
-__device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_weight, int units, int4* out, int lane) {
-  for (int first = 0; first < units; first += 32 * kCombineUnroll) {
-    const int base = first + lane;
-    float acc[kCombineUnroll][8] = {};
-    bool started = false;  // warp-uniform: every lane sees every source
-#pragma unroll 1
-    for (int group = 0; group < kSources; group += kTargetGroup) {
-      if (__ballot_sync(0xffffffffu, lane_source != nullptr && lane >= group && lane < group + kTargetGroup) == 0)
-        continue;
-      const int4* sources[kTargetGroup];
-      float weights[kTargetGroup];
-#pragma unroll
-      for (int j = 0; j < kTargetGroup; ++j) {
-        sources[j] = reinterpret_cast<const int4*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
-        weights[j] = kWeighted ? __shfl_sync(0xffffffffu, lane_weight, group + j) : 1.0f;
-      }
-      // Every source's units are loaded before any is summed: the loads in flight set the rate.
-      int4 loaded[kTargetGroup][kCombineUnroll];
-#pragma unroll
-      for (int j = 0; j < kTargetGroup; ++j)
-#pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u)
-          if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
-#pragma unroll
-      for (int j = 0; j < kTargetGroup; ++j) {
-        if (sources[j] == nullptr) continue;
-#pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u) {
-          if (base + u * 32 >= units) continue;
-          float term[8];
-          rows::unpack_bf16x8(loaded[j][u], term);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if constexpr (kWeighted) term[i] = __fmul_rn(term[i], weights[j]);
-            acc[u][i] = started ? __fadd_rn(acc[u][i], term[i]) : term[i];
-          }
-        }
-        started = true;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kCombineUnroll; ++u)
-      if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
+// Expert outputs computed elsewhere, copied into this rank's receive area where peers can pull them:
+// only each local expert's received rows, [0, count), one warp per row.
+__global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx, int area, const int4* outputs,
+                                                                    const int32_t* recv_counts) {
+  const AreaLayout layout = layout_of(ctx);
+  const int64_t row_units = layout.row_stride / 16;
+  const int64_t num_rows = static_cast<int64_t>(ctx.num_experts / ctx.num_ranks) * layout.rows_per_expert;
+  int4* rows = reinterpret_cast<int4*>(area_of(ctx, ctx.rank, area, layout));
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x * kWarps + threadIdx.x / 32; row < num_rows; row += gridDim.x * kWarps) {
+    if (row % layout.rows_per_expert >= recv_counts[row / layout.rows_per_expert]) continue;
+    uint8_t* const target[1] = {reinterpret_cast<uint8_t*>(rows + row * row_units)};
+    rows::copy_row(outputs + row * row_units, static_cast<int>(row_units), target, lane);
   }
 }
 
-// Send, first: a request per (token, rank owning one of its experts) into that rank's area, and this rank's
-// token count into every rank. The caller raises requests_done once every block is through.
-__device__ void send_requests(const Context& ctx, const CombineArgs& args, const AreaLayout& layout, uint64_t epoch) {
-  const int rank = ctx.rank, num_ranks = ctx.num_ranks, num_topk = args.num_topk;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
-  if (blockIdx.x == 0 && threadIdx.x < num_ranks)
-    signals_of(ctx, threadIdx.x)->combine_tokens[args.area][rank] = args.num_tokens;
-  for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
-    const int64_t pair = static_cast<int64_t>(token) * num_topk + lane;
-    const int32_t pair_row = lane < num_topk ? args.pair_rows[pair] : -1;
-    const bool valid = pair_row >= 0 && pair_row < owner_rows * num_ranks;  // a failed dispatch may have left any value
-    const int owner = valid ? static_cast<int>(pair_row / owner_rows) : -1;
-    const int32_t row = valid ? static_cast<int32_t>(pair_row % owner_rows) : -1;
-    const float weight = lane < num_topk ? args.topk_weights[pair] : 0.0f;
-    // Lane l writes word 1 + l: the row of pair l there (l < kMaxTopk), else the weight of pair l - kMaxTopk.
-    const int k = lane % kMaxTopk;
-    const int owner_of_k = __shfl_sync(0xffffffffu, owner, k);
-    const int32_t row_of_k = __shfl_sync(0xffffffffu, row, k);
-    const int32_t weight_bits_of_k = __float_as_int(__shfl_sync(0xffffffffu, weight, k));
-    uint32_t owners = __reduce_or_sync(0xffffffffu, valid ? 1u << owner : 0u);
-    while (owners) {
-      const int to = __ffs(owners) - 1;
-      owners &= owners - 1;
-      int32_t* request = request_of(ctx, to, args.area, layout, rank, token);
-      request[1 + lane] = lane >= kMaxTopk ? weight_bits_of_k : (owner_of_k == to ? row_of_k : -1);
-      if (lane == 0) request[0] = static_cast<int32_t>(epoch);
-    }
-  }
-}
-
-// Send, then: wait for every rank's requests; per requested (token, chunk) sum the token's rows held here,
-// weighted, and write the bf16 partial into the token's rank. The last block raises partials_done.
-template <bool kClocked>
-__device__ void send_partials(const Context& ctx, const CombineArgs& args, Chunking chunking, const AreaLayout& layout,
-                              uint64_t epoch, PhaseStamps<kClocked>& stamps) {
-  __shared__ bool arrived;
-  __shared__ int first_item[kMaxRanks + 1];  // items of each source's requests, back to back
-  const int num_ranks = ctx.num_ranks, area = args.area;
+// kPublish: the send's flag first (a synchronous call's one launch). kClocked: stamps the phase clock.
+template <bool kPublish, bool kClocked>
+__global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
+  __shared__ bool ready;
+  __shared__ PhaseStamps<kClocked> stamps;
+  stamps.stamp(ctx, kPhaseCombineStart);
   SignalRegion* own = signals_of(ctx, ctx.rank);
-  if (threadIdx.x == 0) {
-    arrived = wait_for_peers(own->requests_done[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
-                             kStageLowLatencyRequests);
-    first_item[0] = 0;
-    for (int src = 0; src < num_ranks; ++src) {
-      const int32_t tokens = *reinterpret_cast<volatile int32_t*>(&own->combine_tokens[area][src]);
-      first_item[src + 1] = first_item[src] + (arrived ? min(max(tokens, 0), ctx.max_tokens) * chunking.count : 0);
-    }
-  }
-  __syncthreads();
-  stamps.stamp(ctx, kPhaseRequestsArrived);
-
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
-  const int64_t row_units = ctx.hidden / 8;
-  const int num_items = first_item[num_ranks];
-  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
-    int src = 0;
-    while (item >= first_item[src + 1]) ++src;
-    const int token = (item - first_item[src]) / chunking.count, chunk = (item - first_item[src]) % chunking.count;
-    // Lane l: word 1 + l of the request (a row, then a weight); lane 0 also its epoch.
-    const volatile int32_t* request = request_of(ctx, ctx.rank, area, layout, src, token);
-    const int32_t word = request[1 + lane];
-    const int32_t tag = lane == 0 ? request[0] : 0;
-    // A request of another epoch: none of the token's experts is here this time.
-    if (__shfl_sync(0xffffffffu, tag, 0) != static_cast<int32_t>(epoch)) continue;
-    const float weight = __int_as_float(__shfl_down_sync(0xffffffffu, word, kMaxTopk));  // lane k < kMaxTopk
-    const int32_t row = lane < kMaxTopk ? word : -1;
-    const int first_unit = chunk * chunking.channels / 8;
-    const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
-    const int4* lane_source =
-        row >= 0 && row < owner_rows ? static_cast<const int4*>(args.outputs) + row * row_units + first_unit : nullptr;
-    sum_rows<kMaxTopk, true>(lane_source, weight, units, partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit,
-                             lane);
-  }
-
-  __syncthreads();
-  stamps.stamp(ctx, kPhasePartialsSent);
-  // Every block counts, so the count stays whole after a timeout; the partials are announced only after a good wait.
-  if (threadIdx.x == 0 && last_block_done(&own->reduce_blocks_done[area]) && arrived)
-    for (int to = 0; to < num_ranks; ++to)
-      ptx::store_release_sys(&signals_of(ctx, to)->partials_done[area][ctx.rank], epoch_of(own, area));
-}
-
-// Receive: wait for every owner's partials of this rank's tokens; per (token, chunk) add them in ascending
-// owner order (only the owners of the token's experts) into y.
-template <bool kClocked>
-__device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunking chunking, const AreaLayout& layout,
-                             uint64_t epoch, PhaseStamps<kClocked>& stamps) {
-  __shared__ bool arrived;
-  const int num_ranks = ctx.num_ranks, num_topk = args.num_topk;
+  if (kPublish && blockIdx.x == 0 && threadIdx.x == 0) publish_outputs(ctx, args.area);
   if (threadIdx.x == 0)
-    arrived = wait_for_peers(signals_of(ctx, ctx.rank)->partials_done[args.area], num_ranks, epoch, ctx.timeout_ns,
-                             &ctx.mailbox->header, kStageLowLatencyPartials);
+    ready = wait_for_peers(own->outputs_ready[args.area], ctx.num_ranks, epoch_of(own, args.area), ctx.timeout_ns,
+                           &ctx.mailbox->header, kStageLowLatencyOutputs);
   __syncthreads();
-  stamps.stamp(ctx, kPhasePartialsArrived);
-  if (!arrived) return;  // y stays unwritten; the host raises at its next check
+  stamps.stamp(ctx, kPhaseOutputsReady);
+  if (!ready) {  // y stays unwritten; the host raises at its next check
+    stamps.flush(ctx, args.area, epoch_of(own, args.area), kPhaseCombineStart, kPhaseOutputsReady);
+    return;
+  }
 
+  const AreaLayout layout = layout_of(ctx);
+  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / ctx.num_ranks) * layout.rows_per_expert;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
+  const int num_topk = args.num_topk;
+  const int64_t row_units = ctx.hidden / 8;  // 16-byte units of a bf16 row
   const int num_items = args.num_tokens * chunking.count;
   for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
     const int token = item / chunking.count, chunk = item % chunking.count;
     const int first_unit = chunk * chunking.channels / 8;
     const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
-    const int32_t pair_row = lane < num_topk ? args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] : -1;
-    const bool valid = pair_row >= 0 && pair_row < owner_rows * num_ranks;
-    const uint32_t owners = __reduce_or_sync(0xffffffffu, valid ? 1u << (pair_row / owner_rows) : 0u);
-    const int4* lane_source = lane < num_ranks && ((owners >> lane) & 1u)
-                                  ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
-                                  : nullptr;
-    sum_rows<kMaxRanks, false>(lane_source, 1.0f, units,
-                               reinterpret_cast<int4*>(args.y) + token * (ctx.hidden / 8) + first_unit, lane);
-  }
-}
 
-// kSend and kReceive: the whole combine in one launch (synchronous calls); one of them: the send now, the
-// receive when the caller's hook asks. kClocked: stamps the phase clock (compiled out otherwise: the sums are
-// short of registers).
-template <bool kSend, bool kReceive, bool kClocked>
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args, Chunking reduce_chunks,
-                                                              Chunking sum_chunks) {
-  __shared__ PhaseStamps<kClocked> stamps;
-  const AreaLayout layout = layout_of(ctx);
-  SignalRegion* own = signals_of(ctx, ctx.rank);
-  if constexpr (kSend) {
-    stamps.stamp(ctx, kPhaseCombineStart);
-    send_requests(ctx, args, layout, epoch_of(own, args.area));
-    __syncthreads();
-    if (threadIdx.x == 0 && last_block_done(&own->request_blocks_done[args.area]))
-      for (int to = 0; to < ctx.num_ranks; ++to)
-        ptx::store_release_sys(&signals_of(ctx, to)->requests_done[args.area][ctx.rank], epoch_of(own, args.area));
-    send_partials(ctx, args, reduce_chunks, layout, epoch_of(own, args.area), stamps);
+    const int64_t pair = static_cast<int64_t>(token) * num_topk + lane;
+    const int32_t pair_row = lane < num_topk ? args.pair_rows[pair] : -1;
+    const float weight = lane < num_topk ? args.topk_weights[pair] : 0.0f;
+    const int4* lane_source = nullptr;
+    if (pair_row >= 0 && pair_row < owner_rows * ctx.num_ranks) {  // a failed dispatch may have left any value
+      const uint8_t* owner_area = area_of(ctx, static_cast<int>(pair_row / owner_rows), args.area, layout);
+      lane_source = reinterpret_cast<const int4*>(owner_area + (pair_row % owner_rows) * layout.row_stride) + first_unit;
+    }
+    int4* out = reinterpret_cast<int4*>(args.y) + token * row_units + first_unit;
+
+    // The loop runs the same number of times in every lane: the shuffles below need the whole warp.
+    for (int first = 0; first < units; first += 32 * kCombineUnroll) {
+      const int base = first + lane;
+      float acc[kCombineUnroll][8];
+      for (int group = 0; group < num_topk; group += kTargetGroup) {
+        const int4* sources[kTargetGroup];
+        float weights[kTargetGroup];
+#pragma unroll
+        for (int j = 0; j < kTargetGroup; ++j) {
+          sources[j] = reinterpret_cast<const int4*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
+          weights[j] = __shfl_sync(0xffffffffu, weight, group + j);
+        }
+        // Every source's units are loaded before any is summed: the loads in flight set the rate.
+        int4 loaded[kTargetGroup][kCombineUnroll];
+#pragma unroll
+        for (int j = 0; j < kTargetGroup; ++j)
+#pragma unroll
+          for (int u = 0; u < kCombineUnroll; ++u)
+            if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
+#pragma unroll
+        for (int j = 0; j < kTargetGroup; ++j) {
+          if (group + j >= num_topk) break;
+#pragma unroll
+          for (int u = 0; u < kCombineUnroll; ++u) {
+            float term[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (sources[j] != nullptr && base + u * 32 < units) {
+              rows::unpack_bf16x8(loaded[j][u], term);
+#pragma unroll
+              for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], weights[j]);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u)
+        if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
+    }
   }
-  if constexpr (kReceive) add_partials(ctx, args, sum_chunks, layout, epoch_of(own, args.area), stamps);
-  // The epoch read again rather than kept: a register less through the sums (a combine never changes it).
-  stamps.flush(ctx, args.area, epoch_of(own, args.area), kSend ? kPhaseCombineStart : kPhasePartialsArrived,
-               kReceive ? kPhaseSummed : kPhasePartialsSent);
+  __syncthreads();
+  stamps.stamp(ctx, kPhaseSummed);
+  // The epoch read again rather than kept: a register less through the loop above (a combine never changes it).
+  stamps.flush(ctx, args.area, epoch_of(signals_of(ctx, ctx.rank), args.area), kPhaseCombineStart, kPhaseSummed);
 }
 
 void check_context(const Context& ctx) {
@@ -689,25 +583,29 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
+void launch_stage_outputs(const Context& ctx, int area, const void* outputs, const int32_t* recv_counts,
+                          int num_blocks, cudaStream_t stream) {
+  check_context(ctx);
+  check_area(area);
+  DC_CHECK_ARG(num_blocks > 0, "num_sms: must be > 0");
+  stage_outputs_kernel<<<num_blocks, kThreads, 0, stream>>>(ctx, area, static_cast<const int4*>(outputs), recv_counts);
+  DC_CUDA_CHECK(cudaGetLastError());
+}
+
 void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream) {
   check_context(ctx);
   check_area(args.area);
-  DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
-  DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
-  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
-  DC_CHECK_ARG(phases == Phases::kReceive || args.outputs != nullptr, "expert_out: null");
-  const int64_t warps = static_cast<int64_t>(args.num_blocks) * kWarps;
-  // The owner's rows to reduce are the peers' tokens (unknown here): sized as if each had as many as this rank.
-  const Chunking reduce_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps);
-  const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
-  auto launch = [&](auto clocked_kernel, auto plain_kernel) {
-    auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
-    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, reduce_chunks, sum_chunks);
-  };
-  switch (phases) {
-    case Phases::kSend: launch(combine_kernel<true, false, true>, combine_kernel<true, false, false>); break;
-    case Phases::kReceive: launch(combine_kernel<false, true, true>, combine_kernel<false, true, false>); break;
-    case Phases::kBoth: launch(combine_kernel<true, true, true>, combine_kernel<true, true, false>); break;
+  if (phases == Phases::kSend) {
+    combine_send_kernel<<<1, 1, 0, stream>>>(ctx, args.area);
+  } else {
+    DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+    DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
+    DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
+    const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
+    const bool publish = phases == Phases::kBoth, clocked = ctx.phase_clock != nullptr;
+    auto kernel = publish ? (clocked ? combine_recv_kernel<true, true> : combine_recv_kernel<true, false>)
+                          : (clocked ? combine_recv_kernel<false, true> : combine_recv_kernel<false, false>);
+    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
   }
   DC_CUDA_CHECK(cudaGetLastError());
 }

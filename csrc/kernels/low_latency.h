@@ -40,10 +40,8 @@ enum Phase : int {
   kPhaseRowsPlaced,      // receive: this block's rows copied to their places
   kPhaseEnd,             // receive: counted (the last block freed the staging rows)
   kPhaseCombineStart,    // a combine kernel's block begins
-  kPhaseRequestsArrived, // every rank's combine requests to this rank (requests_done)
-  kPhasePartialsSent,    // this block's partial sums written to the tokens' ranks
-  kPhasePartialsArrived, // every owner's partials of this rank's tokens (partials_done)
-  kPhaseSummed,          // this block's tokens' partials added
+  kPhaseOutputsReady,    // every rank's outputs_ready
+  kPhaseSummed,          // this block's tokens reduced
   kNumPhases
 };
 constexpr int kPhaseBlocks = 256;  // every block of a call: they all run at once, so no GPU has more
@@ -63,7 +61,6 @@ struct DispatchArgs {
 
 struct CombineArgs {
   int area;
-  const void* outputs;          // [local experts, rows per expert, H] bf16: this rank's expert outputs (any memory)
   const int32_t* pair_rows;     // [T, K] from the dispatch
   const float* topk_weights;    // [T, K]
   int num_tokens;
@@ -86,10 +83,12 @@ enum class Phases : int { kSend = 1, kReceive = 2, kBoth = 3 };
 // never waits for another rank's data. Receive: wait for every rank's rows, add the lower ranks' counts to
 // the places, copy each staged row to its final rows, fill recv_counts and finish pair_rows.
 void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases, cudaStream_t stream);
-// Combine. Send: ask each owner of this rank's tokens' experts for the token's weighted sum there (a request
-// per (token, owner)); wait for every rank's requests, sum each requested token's rows held here in k order
-// and write the bf16 partial into the token's rank. Receive: wait for every owner's partials and add them
-// per token in ascending owner order.
+// Copy expert outputs from `outputs` ([local experts, rows per expert, H] bf16) into this rank's
+// receive area, only each expert's received rows (recv_counts from the dispatch).
+void launch_stage_outputs(const Context& ctx, int area, const void* outputs, const int32_t* recv_counts,
+                          int num_blocks, cudaStream_t stream);
+// Combine. Send: tell every rank that this rank's expert outputs are in place. Receive: wait for every
+// rank's, then pull each token's rows and reduce them, weighted.
 void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream);
 
 }  // namespace deepcomm::low_latency

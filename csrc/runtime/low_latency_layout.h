@@ -12,7 +12,8 @@
 // first, then those from rank 1, ..., each source's in token order, so the
 // layout is deterministic and an expert's rows are [0, count). The rows part
 // is sized for bf16 whatever was dispatched (bf16 or fp8 rows, packed), so the
-// experts can write their bf16 outputs over their inputs (combine_input).
+// experts can write their bf16 outputs over their inputs (combine_input), where
+// the owners of the tokens pull them from.
 //
 // A token bound for several experts of one rank crosses to it once: into the
 // rank's staging row [source][token], tagged with the epoch (so a row of an
@@ -21,20 +22,11 @@
 // adds the lower ranks' counts (sent with the rows) and copies each staged row
 // to its final places. So the send never waits for another rank's counts.
 //
-// Combine reduces where the experts ran: each rank sends every owner of its
-// tokens' experts a request per token (the epoch, then per k the owner's row
-// or -1, then per k the weight); the owner sums the token's rows it holds,
-// weighted, and writes one bf16 partial per (token, owner) into the token's
-// rank, which adds the partials: one row per (token, rank) crosses, not one
-// per (token, expert).
-//
 //   receive area = [ rows: local_experts * world * max_tokens * 2 * hidden bytes |
 //                    fp8 scales: same rows * hidden / 128 float32 |
 //                    staged rows: world * max_tokens * 2 * hidden bytes |
 //                    staged scales: world * max_tokens * hidden / 128 float32 |
-//                    partials: [owner][token] world * max_tokens * 2 * hidden bytes |
-//                    staging tags: world * max_tokens * (1 + kMaxTopk) int32 |
-//                    requests: [source][token] world * max_tokens * (1 + 2 * kMaxTopk) int32 ]
+//                    staging tags: world * max_tokens * (1 + kMaxTopk) int32 ]
 //
 // Flags hold epochs, not call numbers: a rank's epoch for an area lives on the
 // device and the send kernel advances it, so a captured graph replays correctly.
@@ -55,17 +47,13 @@ struct SignalRegion {
   // Written by peer s into this rank's region, per receive area:
   uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which s's rows (and counts) for this rank are written
   uint64_t staging_free[kNumAreas][kMaxRanks];   // epoch at which s finished placing the rows staged there
-  uint64_t requests_done[kNumAreas][kMaxRanks];  // epoch at which s's combine requests to this rank are written
-  uint64_t partials_done[kNumAreas][kMaxRanks];  // epoch at which s's partial sums of this rank's tokens are written
+  uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
   int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
   int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows), | kFp8RowsBit
-  int32_t combine_tokens[kNumAreas][kMaxRanks];        // tokens s combines (its request rows)
   // This rank's own:
   uint64_t epoch[kNumAreas];              // of the last dispatch on each area (the send kernel advances it)
   uint32_t send_blocks_done[kNumAreas];   // blocks past the send; the last one signals and resets it
   uint32_t place_blocks_done[kNumAreas];  // blocks past the placing; the last one signals and resets it
-  uint32_t request_blocks_done[kNumAreas];  // combine blocks past their requests; the last one signals
-  uint32_t reduce_blocks_done[kNumAreas];   // combine blocks past their partial sums; the last one signals
 };
 
 constexpr int32_t kFp8RowsBit = 1 << 30;  // in SignalRegion::tokens: the source sent fp8 rows
@@ -75,13 +63,11 @@ constexpr int64_t kDataOffset = (sizeof(SignalRegion) + 4095) / 4096 * 4096;
 // Byte offsets in one receive area; rows per local expert = num_ranks * max_tokens.
 struct AreaLayout {
   int64_t rows_per_expert, row_stride, scales;  // row_stride: of the bf16 rows
-  int64_t staged, staged_scales, partials, staging_tags, requests, total_bytes;
+  int64_t staged, staged_scales, staging_tags, total_bytes;
 };
 
 // A staged row's tag: its epoch (low 32 bits), then for each k local_expert * max_tokens + place (-1: none).
 constexpr int64_t kTagInts = 1 + kMaxTopk;
-// A combine request: its epoch (low 32 bits), per k the owner's row (-1: not there), per k the weight's bits.
-constexpr int64_t kRequestInts = 1 + 2 * kMaxTopk;
 
 #ifdef __CUDACC__
 #define DC_LL_HOST_DEVICE __host__ __device__
@@ -99,10 +85,8 @@ DC_LL_HOST_DEVICE inline AreaLayout area_layout(int64_t local_experts, int64_t n
   layout.scales = align_to(rows * layout.row_stride, 256);
   layout.staged = align_to(layout.scales + rows * (hidden / 128) * 4, 256);
   layout.staged_scales = align_to(layout.staged + staged_rows * layout.row_stride, 256);
-  layout.partials = align_to(layout.staged_scales + staged_rows * (hidden / 128) * 4, 256);
-  layout.staging_tags = align_to(layout.partials + staged_rows * layout.row_stride, 256);
-  layout.requests = align_to(layout.staging_tags + staged_rows * kTagInts * 4, 256);
-  layout.total_bytes = align_to(layout.requests + staged_rows * kRequestInts * 4, 4096);
+  layout.staging_tags = align_to(layout.staged_scales + staged_rows * (hidden / 128) * 4, 256);
+  layout.total_bytes = align_to(layout.staging_tags + staged_rows * kTagInts * 4, 4096);
   return layout;
 }
 

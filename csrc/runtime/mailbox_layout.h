@@ -33,8 +33,7 @@ enum Stage : int64_t {
   kStageCombineRecv = 7,    // partial sums from another node's gateway (internode combine)
   kStageLowLatencyStaging = 8,  // every rank done placing the rows this rank staged there last time (low-latency send)
   kStageLowLatencyRows = 9,     // every rank finishing the rows it sends here (low-latency receive)
-  kStageLowLatencyRequests = 10,  // every rank's combine requests (low-latency combine, at the owners)
-  kStageLowLatencyPartials = 11,  // every owner's partial sums of this rank's tokens (low-latency combine)
+  kStageLowLatencyOutputs = 10, // every rank's expert outputs in place (low-latency combine)
 };
 
 }  // namespace deepcomm
