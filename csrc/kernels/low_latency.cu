@@ -48,7 +48,6 @@ constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
-constexpr int kPlaceUnroll = 4;        // 16-byte units per lane and item in flight (two items at once)
 constexpr int kDefaultSharedBytes = 48 * 1024;
 
 // The hidden size in chunks of whole 128-channel blocks, so that a decode-size call (few tokens)
@@ -59,17 +58,13 @@ struct Chunking {
   int channels;
 };
 
-// granule: a chunk's blocks are a multiple of it (rounded to the nearest), so that a chunk fills whole
-// passes of a copy loop.
-Chunking chunking_of(int hidden, int num_rows, int64_t items_wanted, int granule = 1) {
+Chunking chunking_of(int hidden, int num_rows, int64_t items_wanted) {
   if (hidden % 128 != 0 || num_rows == 0) return {1, hidden};
   const int blocks = hidden / 128;
   int64_t wanted = (items_wanted + num_rows - 1) / num_rows;
   const int max_chunks = blocks / kMinChunkBlocks > 0 ? blocks / kMinChunkBlocks : 1;
   wanted = wanted < 1 ? 1 : (wanted > max_chunks ? max_chunks : wanted);
-  int per_chunk = static_cast<int>((blocks + wanted - 1) / wanted);
-  if (granule > 1) per_chunk = max(granule, (per_chunk + granule / 2) / granule * granule);
-  per_chunk = per_chunk < kMinChunkBlocks ? kMinChunkBlocks : (per_chunk > blocks ? blocks : per_chunk);
+  const int per_chunk = static_cast<int>((blocks + wanted - 1) / wanted);
   return {(blocks + per_chunk - 1) / per_chunk, per_chunk * 128};
 }
 
@@ -274,31 +269,6 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   return epoch;
 }
 
-// One (staged row, chunk) item of the receive as a lane sees it: the chunk, and this lane's target (the
-// place of pair k = lane; null: none). An item of no row (past the end, or staged in an earlier call) is empty.
-struct PlaceItem {
-  const int4* source = nullptr;
-  const float* source_scales = nullptr;
-  int4* x_target = nullptr;
-  float* scale_target = nullptr;
-  int units = 0;   // 16-byte units of the chunk
-  int scales = 0;  // its fp8 scales
-
-  // Units [first, first + 32 * kPlaceUnroll) (this lane's: first + lane + 32 u) to every lane's target.
-  // Warp-collective.
-  __device__ __forceinline__ void store(const int4 (&values)[kPlaceUnroll], int first, int lane) const {
-    for (uint32_t with = __ballot_sync(0xffffffffu, x_target != nullptr); with != 0; with &= with - 1) {
-      int4* to = reinterpret_cast<int4*>(
-          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(x_target), __ffs(with) - 1));
-#pragma unroll
-      for (int u = 0; u < kPlaceUnroll; ++u) {
-        const int unit = first + lane + 32 * u;
-        if (unit < units) to[unit] = values[u];
-      }
-    }
-  }
-};
-
 // Receive: wait for every rank's rows; finish this rank's pair rows (add the lower ranks' counts) and the
 // received counts; copy each staged row to its places (lower ranks' rows for the expert first, then by
 // token: rows land in their final order); tell every rank its staging rows here are free again.
@@ -369,60 +339,42 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     const int64_t staged_row = staged_row_of(item, src, token, chunk);
     return reinterpret_cast<const volatile int32_t*>(own_area + layout.staging_tags)[staged_row * kTagInts + lane];
   };
-  // An item as this lane sees it: the staged chunk, and the lane's target (pair k = lane; none: null).
-  auto item_of = [&](int item, int32_t word) {
-    PlaceItem placed{};
-    // A tag of another epoch: the source staged this row in an earlier call (this time the token went elsewhere).
-    if (item >= num_items || __shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) return placed;
+  const int stride = gridDim.x * kWarps;
+  int32_t tag_word = tag_word_of(blockIdx.x * kWarps + warp);
+  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += stride) {
+    // The next item's tag is in flight while this item's row moves: one memory latency an item, not three.
+    const int32_t next_tag_word = tag_word_of(item + stride);
+    const int32_t word = tag_word;
+    tag_word = next_tag_word;
     int src, token, chunk;
     const int64_t staged_row = staged_row_of(item, src, token, chunk);
+    // A tag of another epoch: the source staged this row in an earlier call (this time the token went elsewhere).
+    if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
     const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
     const int32_t code = lane < kMaxTopk ? next_lane_word : -1;  // lane k: tag word 1 + k
-    const int first_channel = chunk * chunking.channels;
-    const int channels = min(chunking.channels, hidden - first_channel);
-    placed.units = channels * kBytesPerChannel / 16;
-    placed.source = reinterpret_cast<const int4*>(own_area + layout.staged + (staged_row * hidden + first_channel) * kBytesPerChannel);
-    if constexpr (kFp8) {
-      placed.scales = channels / 128;
-      placed.source_scales = reinterpret_cast<const float*>(own_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128;
-    }
+    int64_t row = -1;
     if (code >= 0 && code < local_experts * ctx.max_tokens) {
       const int expert = code / ctx.max_tokens;
-      const int64_t row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
-      placed.x_target = reinterpret_cast<int4*>(own_area + (row * hidden + first_channel) * kBytesPerChannel);
-      if constexpr (kFp8) placed.scale_target = reinterpret_cast<float*>(own_area + layout.scales) + row * scale_cols + first_channel / 128;
+      row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
     }
-    return placed;
-  };
-  // Items go two at a time: both chunks' loads are in flight before either is stored, so a warp's items
-  // cost a memory latency per pair, and the pair after next's tags load meanwhile.
-  const int stride = gridDim.x * kWarps;
-  int item = blockIdx.x * kWarps + warp;
-  int32_t word_a = tag_word_of(item), word_b = tag_word_of(item + stride);
-  for (; item < num_items; item += 2 * stride) {
-    const int32_t next_a = tag_word_of(item + 2 * stride), next_b = tag_word_of(item + 3 * stride);
-    const PlaceItem a = item_of(item, word_a), b = item_of(item + stride, word_b);
-    word_a = next_a;
-    word_b = next_b;
-    rows::PendingScales<true> scales_a, scales_b;
-    if constexpr (kFp8) {
-      scales_a.load(a.source_scales, a.scales, lane);
-      scales_b.load(b.source_scales, b.scales, lane);
-    }
-    for (int first = 0; first < max(a.units, b.units); first += 32 * kPlaceUnroll) {
-      int4 values_a[kPlaceUnroll], values_b[kPlaceUnroll];
-#pragma unroll
-      for (int u = 0; u < kPlaceUnroll; ++u) {
-        const int unit = first + lane + 32 * u;
-        if (unit < a.units) values_a[u] = ptx::load_cg(a.source + unit);
-        if (unit < b.units) values_b[u] = ptx::load_cg(b.source + unit);
-      }
-      a.store(values_a, first, lane);
-      b.store(values_b, first, lane);
-    }
-    if constexpr (kFp8) {
-      scales_a.template store_to_lane_targets<kMaxTopk>(a.scale_target, lane);
-      scales_b.template store_to_lane_targets<kMaxTopk>(b.scale_target, lane);
+    const int first_channel = chunk * chunking.channels;
+    const int channels = min(chunking.channels, hidden - first_channel);
+    uint8_t* x_target = row >= 0 ? own_area + (row * hidden + first_channel) * kBytesPerChannel : nullptr;
+    float* scale_target = nullptr;
+    if (kFp8 && row >= 0)
+      scale_target = reinterpret_cast<float*>(own_area + layout.scales) + row * scale_cols + first_channel / 128;
+    const int4* source = reinterpret_cast<const int4*>(own_area + layout.staged + (staged_row * hidden + first_channel) * kBytesPerChannel);
+    for (int group = 0; group < kMaxTopk; group += kTargetGroup) {
+      if (__ballot_sync(0xffffffffu, row >= 0 && lane >= group && lane < group + kTargetGroup) == 0) continue;
+      uint8_t* x_targets[kTargetGroup];
+      float* scale_targets[kTargetGroup];
+      targets_of_lanes(x_target, scale_target, group, x_targets, scale_targets);
+      rows::PendingScales<true> scales;
+      if constexpr (kFp8)
+        scales.load(reinterpret_cast<const float*>(own_area + layout.staged_scales) + staged_row * scale_cols + first_channel / 128,
+                    channels / 128, lane);
+      rows::copy_row<kTargetGroup, true>(source, channels * kBytesPerChannel / 16, x_targets, lane);
+      if constexpr (kFp8) scales.store(scale_targets, lane);
     }
   }
 
@@ -520,37 +472,36 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
     }
     int4* out = reinterpret_cast<int4*>(args.y) + token * row_units + first_unit;
 
-    // Which pairs have a row: a bit per lane, so that no source pointer stays live past its loads.
-    const uint32_t present = __ballot_sync(0xffffffffu, lane_source != nullptr);
     // The loop runs the same number of times in every lane: the shuffles below need the whole warp.
     for (int first = 0; first < units; first += 32 * kCombineUnroll) {
       const int base = first + lane;
       float acc[kCombineUnroll][8];
       for (int group = 0; group < num_topk; group += kTargetGroup) {
-        // Every source's units are loaded before any is summed: the loads in flight set the rate. Each
-        // pointer is shuffled in only to issue its loads, each weight only to use it (registers: the
-        // loads in flight need them all).
-        int4 loaded[kTargetGroup][kCombineUnroll];
+        const int4* sources[kTargetGroup];
+        float weights[kTargetGroup];
 #pragma unroll
         for (int j = 0; j < kTargetGroup; ++j) {
-          const int4* source = reinterpret_cast<const int4*>(
+          sources[j] = reinterpret_cast<const int4*>(
               __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
+          weights[j] = __shfl_sync(0xffffffffu, weight, group + j);
+        }
+        // Every source's units are loaded before any is summed: the loads in flight set the rate.
+        int4 loaded[kTargetGroup][kCombineUnroll];
+#pragma unroll
+        for (int j = 0; j < kTargetGroup; ++j)
 #pragma unroll
           for (int u = 0; u < kCombineUnroll; ++u)
-            if (source != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(source + base + u * 32);
-        }
+            if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
 #pragma unroll
         for (int j = 0; j < kTargetGroup; ++j) {
           if (group + j >= num_topk) break;
-          const float pair_weight = __shfl_sync(0xffffffffu, weight, group + j);
-          const bool has_row = (present >> (group + j)) & 1u;
 #pragma unroll
           for (int u = 0; u < kCombineUnroll; ++u) {
             float term[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (has_row && base + u * 32 < units) {
+            if (sources[j] != nullptr && base + u * 32 < units) {
               rows::unpack_bf16x8(loaded[j][u], term);
 #pragma unroll
-              for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], pair_weight);
+              for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], weights[j]);
             }
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
@@ -600,9 +551,7 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
   // bf16 items a warp: a staged row has 0 to K targets here, and smaller items even out the warps' shares.
   // An fp8 row is half the bytes: half as many items, so that each still moves as much per memory latency.
   const int64_t place_items = warps * kPlaceItemsPerWarp / (kPayload == Payload::kBf16 ? 1 : 2);
-  // Chunks of whole passes of the placing (32 lanes x kPlaceUnroll 16-byte units: 1024 bf16 channels).
-  const int place_granule = 32 * kPlaceUnroll * 16 / (kPayload == Payload::kBf16 ? 2 : 1) / 128;
-  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, place_items, place_granule);
+  const Chunking place_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, place_items);
   const int64_t shared_bytes = phases == Phases::kReceive ? 0 : dispatch_shared_bytes(ctx.num_experts, args.num_tokens);
   auto launch = [&](auto kernel) {
     // Past 48 KiB of shared memory in all (the kernel's static arrays count too) a launch needs the opt-in.
