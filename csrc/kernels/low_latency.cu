@@ -11,8 +11,8 @@
 // once to each rank the token names, into that rank's staging row for (this
 // rank, token), with a tag: the epoch, and per k the expert and place. The last
 // block raises "rows_done" in every rank. The send waits for no other rank's
-// data: only, before writing, for every rank to have placed the rows staged
-// there on this area last time ("staging_free", normally long set).
+// data: only, before writing, for every rank to have read (placed) the rows
+// staged there on this area last time ("staging_free", normally long set).
 //
 // Dispatch, receive: wait for every rank's rows_done; the lower ranks' counts
 // per expert give where each source's rows start, so each staged row is copied
@@ -123,8 +123,10 @@ __device__ __forceinline__ void targets_of_lanes(uint8_t* x_target, float* scale
 // Counts the arrival of one block of this rank at the end of a phase; true for the last of the grid (which
 // resets the count for the next call). kWritesSeen: every block's writes are fenced before it counts, so the
 // last block's flag publishes them to other GPUs. Without it the count says only that the blocks' reads are
-// over (what a flag that frees the rows read needs: a value already loaded and stored elsewhere cannot be
-// read again), and no block waits for its writes to drain; the next kernel on the stream sees them anyway.
+// over, and no block waits for its writes to drain; the next kernel on the stream sees them anyway. That
+// rests on the hardware rather than on the PTX memory model, which does not order plain reads before a
+// relaxed count: every value the caller loaded was used (stored, kept in shared memory or compared) before
+// the barrier ahead of the count, so those loads had completed and a peer's later write cannot reach them.
 template <bool kWritesSeen>
 __device__ __forceinline__ bool last_block_done(uint32_t* blocks_done) {
   if constexpr (kWritesSeen) __threadfence_system();
@@ -167,7 +169,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
     else if (expert != -1) invalid_ids = 1;
   }
   stamps.stamp(ctx, kPhaseRouted);
-  // Before anything is written: every rank must have placed the rows (and read the counts) this rank staged
+  // Before anything is written: every rank must have read the rows (and the counts) this rank staged
   // there in the last call on this area (almost always long done: a local read, its latency under the routing's).
   if (threadIdx.x == 0)
     staging_free = wait_for_peers(own->staging_free[area], num_ranks, epoch - 1, ctx.timeout_ns,
@@ -381,8 +383,8 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsPlaced);
   // Every block counts, so the count stays whole after a timeout; staging is freed only after a good receive.
-  // Freeing says only that the staged rows were read: no block waits for its placed rows to drain (3 µs of
-  // fences on two H200s). Later kernels on this stream see them; peers read them (as combine's outputs) only
+  // Freeing says only that the staged rows were read: no block waits for its placed rows to drain (2.5-3 µs
+  // of fences on two H200s). Later kernels on this stream see them; peers read them (as combine's outputs) only
   // after the combine's fence and outputs_ready flag.
   if (threadIdx.x == 0 && last_block_done<false>(&own->place_blocks_done[area]) && arrived)
     for (int src = 0; src < num_ranks; ++src)

@@ -46,7 +46,7 @@ constexpr int kNumAreas = 2;
 struct SignalRegion {
   // Written by peer s into this rank's region, per receive area:
   uint64_t rows_done[kNumAreas][kMaxRanks];      // epoch at which s's rows (and counts) for this rank are written
-  uint64_t staging_free[kNumAreas][kMaxRanks];   // epoch at which s finished placing the rows staged there
+  uint64_t staging_free[kNumAreas][kMaxRanks];   // epoch at which s finished reading the rows staged there
   uint64_t outputs_ready[kNumAreas][kMaxRanks];  // epoch at which s's expert outputs are in place (combine)
   int32_t counts[kNumAreas][kMaxRanks][kMaxExperts];  // (token, expert) pairs s sends to each expert
   int32_t tokens[kNumAreas][kMaxRanks];                // tokens s dispatches (its staging rows), | kFp8RowsBit
