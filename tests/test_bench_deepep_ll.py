@@ -102,6 +102,14 @@ def test_layout_range_unpacks_first_slot_and_count():
     assert bench_deepep.unpack_layout_range((1 << 32) * 300 + 0xFFFFFFFF) == (300, 0xFFFFFFFF)
 
 
+def test_deepeps_low_latency_launch_sizes():
+    # Decode on an H200 (132 SMs): 288 experts in groups of 3 -> 96 blocks; combine: 128 tokens, one a block.
+    assert bench_deepep.ll_blocks(288, 128, 132) == (96, 128)
+    assert bench_deepep.ll_blocks(256, 128, 132) == (128, 128)
+    assert bench_deepep.ll_blocks(288, 512, 132) == (96, 128)  # 4 tokens a block
+    assert bench_deepep.ll_blocks(16, 0, 132) == (16, 16)
+
+
 def test_unsupported_workloads_are_named():
     decode = dict(tokens=128, hidden=7168, topk=8, experts=288)
     assert bench_deepep.ll_unsupported(decode, 2, 1024) is None

@@ -139,6 +139,17 @@ def ll_stage_bytes(stage: str, dtype: str, rows: int, hidden: int) -> int:
     raise ValueError(f"unknown stage {stage!r} {LL_STAGES}")
 
 
+def ll_blocks(experts: int, tokens: int, device_sms: int) -> tuple[int, int]:
+    """The blocks, one per SM, that DeepEP v1's low-latency dispatch and combine launch (its
+    internode_ll.cu launch sizes at commit 567632d): experts in groups of ceil(E / SMs) per block; the
+    combine at least as many blocks again as it takes to give each ceil(T / SMs) of the tokens it reduces."""
+    groups = -(-experts // device_sms)
+    dispatch = -(-experts // groups)
+    tokens_per_block = -(-tokens // device_sms)
+    combine = max(dispatch, -(-tokens // tokens_per_block) if tokens_per_block else 1)
+    return dispatch, combine
+
+
 def local_expert_counts(all_topk_idx: torch.Tensor, experts: int, rank: int, world: int) -> torch.Tensor:
     """(token, expert) rows each of ``rank``'s experts receives, from every rank's top-k ids
     (``[ranks, tokens, topk]``, -1 for none)."""
@@ -329,6 +340,10 @@ def run_low_latency(args: argparse.Namespace, deep_ep, group) -> list[bench.Row]
     buffer, num_rdma_bytes = make_ll_buffer(deep_ep, group, shape, world)
     timer = bench.Timer(device, args.warmup, args.iters)
     device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    # The SMs column: DeepEP's launch sizes (deepcomm's rows use 24); a round trip holds the larger.
+    blocks = ll_blocks(experts, tokens, torch.cuda.get_device_properties(device).multi_processor_count) \
+        if on_cuda else None
+    stage_sms = {"ll_dispatch": blocks[0], "ll_combine": blocks[1]} if blocks else {}
 
     # What every rank sends, to check what arrives here.
     all_topk_idx = bench.gather_host(topk_idx.to(torch.int64).cpu())  # [ranks, tokens, topk]
@@ -398,8 +413,9 @@ def run_low_latency(args: argparse.Namespace, deep_ep, group) -> list[bench.Row]
     def row(dtype: str, stage: str, us: float, check: str, note: str) -> bench.Row:
         nbytes = int(bench.mean_over_ranks(ll_stage_bytes(stage, dtype, recv_rows, hidden)))
         gbps = nbytes / (us * 1e-6) / 1e9 if nbytes and us > 0 else None
+        sms = stage_sms.get(stage, max(blocks)) if blocks else None
         return bench.Row(device_name, "deepep_ll", dtype, stage, tokens, hidden, shape["topk"], experts, world,
-                         world, None, us, gbps, nbytes, None, check, note)
+                         world, sms, us, gbps, nbytes, None, check, note)
 
     buffer_note = f"NVLink P2P, {num_rdma_bytes / 2**20:.0f} MiB LL buffer"
     rows: list[bench.Row] = []
