@@ -148,15 +148,14 @@ class Communicator:
         Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
         that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
         """
-        closers = [impl.close for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
-        if not closers:  # the reference path maps nothing
+        mapped = [impl for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
+        if not mapped:  # the reference path maps nothing
             return
-        for impl in (self._impl, self._low_latency):
-            if hasattr(impl, "close"):
-                torch.cuda.synchronize(impl.device)
+        for impl in mapped:
+            torch.cuda.synchronize(impl.device)
         dist.barrier(group=self._reference.group)
-        for close in closers:
-            close()
+        for impl in mapped:
+            impl.close()
         dist.barrier(group=self._reference.group)
 
     @property

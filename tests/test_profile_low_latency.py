@@ -27,6 +27,15 @@ def test_kernel_names_mangled_and_demangled_with_their_phase():
     assert profile.kernel_name("Memcpy DtoD (Device -> Device)") == "Memcpy DtoD (Device -> Device)"
 
 
+def test_kernel_times_per_call_ignore_a_rank_waiting_for_its_peers_profiler():
+    # 4 calls: a send and a receive each; the first receive spun 5 ms for a peer whose profiler started late.
+    durations = {"dispatch_kernel (send)": [30.0, 31.0, 29.0, 30.0],
+                 "dispatch_kernel (receive)": [5000.0, 20.0, 21.0, 19.0],
+                 "combine_recv_kernel": [10.0] * 8}  # two launches a call
+    assert profile.per_call_us(durations, 4) == {"dispatch_kernel (send)": 30.0, "dispatch_kernel (receive)": 20.5,
+                                                 "combine_recv_kernel": 20.0}
+
+
 def test_the_hook_option_parses():
     assert profile.parse_args(["--hook", "--fp8"]).hook and not profile.parse_args([]).hook
 

@@ -88,20 +88,27 @@ def kernel_name(name: str) -> str:
 
 
 def kernel_us(fn, iters: int, trace: str | None) -> dict[str, float]:
-    """Mean device µs per call of each kernel (torch profiler), by kernel name."""
+    """Device µs per call of each kernel (torch profiler), by kernel name: the median launch times the
+    launches per call. Not the mean: the ranks' profilers start at different times, so a rank's first
+    kernel can spin milliseconds for a peer still starting its own (seen as 2-56 ms "kernels")."""
     torch.cuda.synchronize()
     dist.barrier()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
+    durations: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[kernel_name(event.name)] += event.device_time
+            durations[kernel_name(event.name)].append(event.device_time)
     if trace:
         prof.export_chrome_trace(trace)
-    return {name: total / iters for name, total in totals.items()}
+    return per_call_us(durations, iters)
+
+
+def per_call_us(durations: dict[str, list[float]], iters: int) -> dict[str, float]:
+    """Per kernel name, its median launch (µs) times its launches per call."""
+    return {name: statistics.median(times) * len(times) / iters for name, times in durations.items()}
 
 
 def phases_of(comm, fn, iters: int) -> list:

@@ -31,7 +31,7 @@ enum Stage : int64_t {
   kStageForward = 5,        // rows from the inter-node partner (internode dispatch)
   kStageCombineCredit = 6,  // the home rank freeing its partial-sum area (internode combine)
   kStageCombineRecv = 7,    // partial sums from another node's gateway (internode combine)
-  kStageLowLatencyStaging = 8,  // every rank done placing the rows this rank staged there last time (low-latency send)
+  kStageLowLatencyStaging = 8,  // every rank done reading the rows this rank staged there last time (low-latency send)
   kStageLowLatencyRows = 9,     // every rank finishing the rows it sends here (low-latency receive)
   kStageLowLatencyOutputs = 10, // every rank's expert outputs in place (low-latency combine)
 };
