@@ -70,6 +70,12 @@ class Stage:
     waits_for_comm: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer: expected an int >= 0, got {self.layer!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty str, got {self.name!r}")
+        if not callable(self.run):
+            raise TypeError(f"run: expected a callable taking the micro-batch's state dict, got {self.run!r}")
         if self.kind not in (COMPUTE, COMM):
             raise ValueError(f"kind: expected {COMPUTE!r} or {COMM!r}, got {self.kind!r}")
         if self.kind == COMM and not self.waits_for_comm:
@@ -79,15 +85,21 @@ class Stage:
 def interleaved_order(kinds: list[str], num_micro_batches: int = 2) -> list[tuple[int, int]]:
     """Issue order ``[(micro_batch, stage_index)]``: micro-batch m trails m - 1 by one stage;
     on the same step compute stages go first, then lower micro-batches."""
-    if num_micro_batches < 1:
-        raise ValueError(f"num_micro_batches: must be >= 1, got {num_micro_batches}")
+    _check_count("num_micro_batches", num_micro_batches)
     keys = [(s + m, 0 if kind == COMPUTE else 1, m, s)
             for m in range(num_micro_batches) for s, kind in enumerate(kinds)]
     return [(m, s) for _, _, m, s in sorted(keys)]
 
 
+def _check_count(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
 def split_sizes(batch: int, num_micro_batches: int = 2) -> list[int]:
     """As even as possible, larger first; some are 0 when the batch is smaller than the count."""
+    _check_count("batch", batch, 0)
+    _check_count("num_micro_batches", num_micro_batches)
     base, extra = divmod(batch, num_micro_batches)
     return [base + (1 if m < extra else 0) for m in range(num_micro_batches)]
 
@@ -122,6 +134,11 @@ class OverlapScheduler:
     def __init__(self, stages: list[Stage], num_micro_batches: int = 2, compute_sms: int | None = None) -> None:
         if not stages:
             raise ValueError("stages: expected at least one stage")
+        if not all(isinstance(stage, Stage) for stage in stages):
+            raise TypeError("stages: expected deepcomm.overlap.Stage items")
+        _check_count("num_micro_batches", num_micro_batches)
+        if compute_sms is not None:  # the upper bound (the device's SMs) is checked where a device is known
+            _check_count("compute_sms", compute_sms)
         self.stages = list(stages)
         self.num_micro_batches = num_micro_batches
         self.compute_sms = compute_sms
@@ -143,13 +160,16 @@ class OverlapScheduler:
                     inputs = _cut(state) if training else []
                     stage.run(state)
                     if stage.kind == COMPUTE:
-                        state[READY] = _compute_point()
+                        state[READY] = _compute_point(state)
                     if training:
                         records[m].append(_StageRecord(s, inputs, [v for v in state.values() if _grad_tensor(v)]))
         outputs = []
-        for state in states:
+        for m, state in enumerate(states):
             _wait_pending(state)
             state.pop(READY, None)
+            if output not in state:
+                raise ValueError(f"output: micro-batch {m}'s state has no {output!r} after the last stage "
+                                 f"(it holds {sorted(state)})")
             outputs.append(state[output])
         if not training:
             return outputs
@@ -167,7 +187,9 @@ class OverlapScheduler:
                 grads[m][id(out)] = leaf.grad
         position = [len(r) for r in self._records]
         reversed_kinds = [s.kind for s in reversed(self.stages)]
-        with compute_sm_limit(self.compute_sms):
+        # On the calling thread: autograd otherwise hands CUDA work to a worker thread of its own, whose
+        # kernels then fall outside the stage's range in the profiler (which attributes by launching thread).
+        with compute_sm_limit(self.compute_sms), torch.autograd.set_multithreading_enabled(False):
             for m, _ in interleaved_order(reversed_kinds, self.num_micro_batches):
                 position[m] -= 1
                 record = self._records[m][position[m]]
@@ -207,10 +229,13 @@ def compute_sm_limit(num_sms: int | None):
         torch.backends.cuda.preferred_blas_library(backend)
 
 
-def _compute_point() -> EventHandle | None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return EventHandle.record(torch.device("cuda", torch.cuda.current_device()))
-    return None
+def _compute_point(state: dict) -> EventHandle | None:
+    """The compute stream's position after the stage, on the device of the micro-batch's tensors (not
+    necessarily the current one), for its next comm stage to start after."""
+    device = next((v.device for v in state.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return None if device is None else EventHandle.record(device)
 
 
 def _wait_pending(state: dict) -> None:
@@ -246,13 +271,13 @@ def _stage_backward(record: _StageRecord, grads: dict[int, torch.Tensor]) -> Non
 
 
 def _leftover_to_inputs(grads: dict[int, torch.Tensor], records: list[_StageRecord]) -> None:
-    """Gradients left after the first stage belong to the tensors the micro-batch started with."""
-    if not records or not grads:
-        return
-    for _, original in records[0].inputs:
-        grad = grads.pop(id(original), None)
-        if grad is not None:
-            torch.autograd.backward(original, grad)
+    """Gradients left after every stage's backward belong to tensors that entered the state from outside:
+    the ones the micro-batch started with, and any a stage put there (a parameter, an extra input)."""
+    for record in records:
+        for _, original in record.inputs:
+            grad = grads.pop(id(original), None)
+            if grad is not None:
+                torch.autograd.backward(original, grad)
 
 
 # ------------------------------------------------------------- the MoE block as stages
@@ -316,8 +341,13 @@ def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2, sizes: l
     Returns the output ``[B, S, H]`` and the scheduler (call ``.backward()`` on it after
     ``loss.backward()`` when training; the output is then a leaf that collects the loss gradient).
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x: expected a tensor [B, S, H], got {type(x).__name__}")
+    if not blocks:
+        raise ValueError("blocks: expected at least one block")
     sizes = split_sizes(x.shape[0], num_micro_batches) if sizes is None else list(sizes)
-    if len(sizes) != num_micro_batches or sum(sizes) != x.shape[0] or min(sizes) < 0:
+    if (len(sizes) != num_micro_batches or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes)
+            or sum(sizes) != x.shape[0] or min(sizes) < 0):
         raise ValueError(f"sizes: expected {num_micro_batches} non-negative sizes summing to {x.shape[0]}, "
                          f"got {sizes}")
     scheduler = OverlapScheduler(model_stages(blocks), num_micro_batches, compute_sms)

@@ -60,6 +60,59 @@ def test_stage_kind_is_checked():
         OverlapScheduler([])
 
 
+def test_bad_arguments_name_themselves():
+    run = lambda state: None  # noqa: E731
+    cases = [
+        (lambda: Stage("a", "x", COMPUTE, run), ValueError, "layer: expected an int >= 0"),
+        (lambda: Stage(0, "", COMPUTE, run), ValueError, "name: expected a non-empty str"),
+        (lambda: Stage(0, "x", COMPUTE, None), TypeError, "run: expected a callable"),
+        (lambda: split_sizes(5, 0), ValueError, "num_micro_batches: expected an int >= 1"),
+        (lambda: split_sizes(-3), ValueError, "batch: expected an int >= 0"),
+        (lambda: OverlapScheduler([Stage(0, "x", COMPUTE, run)], num_micro_batches=2.0), ValueError,
+         "num_micro_batches: expected an int >= 1"),
+        (lambda: OverlapScheduler([Stage(0, "x", COMPUTE, run)], compute_sms=-3), ValueError,
+         "compute_sms: expected an int >= 1"),
+        (lambda: OverlapScheduler([Stage(0, "x", COMPUTE, run)], compute_sms="all"), ValueError,
+         "compute_sms: expected an int >= 1"),
+        (lambda: OverlapScheduler(["attention"]), TypeError, "stages: expected deepcomm.overlap.Stage"),
+        (lambda: OverlapScheduler([Stage(0, "x", COMPUTE, run)]).forward([{"x": 1}, {"x": 2}], output="y"),
+         ValueError, "output: micro-batch 0's state has no 'y'"),
+        (lambda: overlap.run_overlapped([], torch.zeros(2, 3, 4)), ValueError, "blocks: expected at least one"),
+        (lambda: overlap.run_overlapped([object()], [[1.0]]), TypeError, "x: expected a tensor"),
+        (lambda: overlap.run_overlapped([object()], torch.zeros(2, 3, 4), sizes=[1.5, 0.5]), ValueError, "sizes:"),
+        (lambda: overlap.run_overlapped([object()], torch.zeros(2, 3, 4), num_micro_batches=0), ValueError,
+         "num_micro_batches"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_a_tensor_a_stage_puts_into_the_state_gets_its_gradient():
+    """A parameter or input that enters the state mid-schedule (not from the first stage's inputs)."""
+    w = torch.tensor(2.0, requires_grad=True)
+    extra = torch.tensor([1.0, -1.0], requires_grad=True)
+
+    def put(state: dict) -> None:
+        state["w"], state["extra"] = w, extra
+
+    def use(state: dict) -> None:
+        state["x"] = state["x"] * state.pop("w") + state.pop("extra")
+
+    stages = [Stage(0, "put", COMPUTE, put), Stage(0, "use", COMPUTE, use)]
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    plain = x * w + extra
+    plain.sum().backward()
+    want = (w.grad.clone(), extra.grad.clone(), x.grad.clone())
+    w.grad = extra.grad = x.grad = None
+
+    scheduler = OverlapScheduler(stages)
+    outputs = scheduler.forward([{"x": x[:1]}, {"x": x[1:]}], output="x")
+    torch.cat(outputs).sum().backward()
+    scheduler.backward()
+    assert torch.equal(w.grad, want[0]) and torch.equal(extra.grad, want[1]) and torch.equal(x.grad, want[2])
+
+
 class _Event:
     """Stands in for a communication event: records when a compute stage waits for it."""
 
@@ -161,7 +214,8 @@ def test_overlapped_forward_and_backward_equal_the_plain_run(sizes):
     # Plain: the whole batch per micro-batch, one after the other (tokens only mix inside a micro-batch).
     expected = torch.cat([_plain(blocks, part) for part in torch.split(x, sizes)])
     expected.square().sum().backward()
-    want = {name: p.grad.clone() for name, p in blocks[0].named_parameters()} | {"x": x.grad.clone()}
+    want = {(i, name): p.grad.clone() for i, b in enumerate(blocks) for name, p in b.named_parameters()}
+    want["x"] = x.grad.clone()
     for block in blocks:
         block.zero_grad()
     x.grad = None
@@ -172,8 +226,9 @@ def test_overlapped_forward_and_backward_equal_the_plain_run(sizes):
     assert torch.equal(torch.cat([o.detach() for o in outputs]), expected.detach())
     torch.cat(outputs).square().sum().backward()
     scheduler.backward()
-    for name, p in blocks[0].named_parameters():
-        assert torch.allclose(p.grad, want[name], atol=1e-6), name
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            assert torch.allclose(p.grad, want[(i, name)], atol=1e-6), (i, name)
     assert torch.allclose(x.grad, want["x"], atol=1e-6)
     # Both micro-batches ran every stage, the empty one included (collectives need every rank).
     attention = [entry for entry in log if entry[0] == "attention"]
@@ -228,7 +283,8 @@ def _block_worker(rank: int, world_size: int, ranks_per_node: int, sizes_of_rank
     for block in blocks:
         y = block(y)
     (y * upstream).sum().backward()
-    want = {name: p.grad.clone() for name, p in blocks[1].named_parameters() if p.grad is not None}
+    want = {(i, name): p.grad.clone() for i, b in enumerate(blocks) for name, p in b.named_parameters()
+            if p.grad is not None}
     want_x = x.grad.clone()
     for block in blocks:
         block.zero_grad(set_to_none=True)
@@ -240,7 +296,7 @@ def _block_worker(rank: int, world_size: int, ranks_per_node: int, sizes_of_rank
     (out * upstream).sum().backward()
     schedule.backward()
     torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-5)
-    got = {name: p.grad for name, p in blocks[1].named_parameters() if p.grad is not None}
+    got = {(i, name): p.grad for i, b in enumerate(blocks) for name, p in b.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -59,8 +59,11 @@ def parse_args() -> argparse.Namespace:
                         help="also trace one run of every row and write per-kernel totals (trace-dir/kernels_rank*.txt)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    if args.trace_steps < 1:
-        parser.error("--trace-steps: must be >= 1")
+    for name in ("seq", "layers", "iters", "trace_steps", "sms"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.tokens < args.seq or args.tokens % args.seq:
+        parser.error(f"--tokens: must be a multiple of --seq ({args.seq}), got {args.tokens}")
     return args
 
 

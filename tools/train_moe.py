@@ -38,7 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="both loss curves")
     parser.add_argument("--png", default=None, help="draw both loss curves")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("nproc", "steps", "layers", "batch", "seq"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: must be >= 1")
+    return args
 
 
 class Model(torch.nn.Module):
@@ -111,6 +115,7 @@ def train(args, overlapped: bool) -> list[float]:
         total = loss.reshape(1).double()  # on the GPU under NCCL, on the CPU under gloo
         dist.all_reduce(total)
         losses.append(float(total) / dist.get_world_size())
+    comm.close()  # collective: every rank's kernels are done with the peers' buffers before any is freed
     return losses
 
 
