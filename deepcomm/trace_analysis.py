@@ -49,7 +49,11 @@ _NVTX_RANGE_TYPES = (59, 60)
 
 @dataclass(frozen=True)
 class KernelRecord:
-    """One GPU kernel execution, attributed to the range that launched it (None outside any range)."""
+    """One GPU kernel execution, attributed to the range that launched it (None outside any range).
+
+    ``process``: the launching process (an nsys report may hold several ranks; a torch trace is one, 0):
+    one rank's compute never hides another's communication, even on a shared GPU.
+    """
 
     name: str
     start_ns: int
@@ -60,6 +64,7 @@ class KernelRecord:
     layer: int | None = None
     microbatch: int | None = None
     stage: str | None = None
+    process: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in (COMM, COMPUTE):
@@ -185,20 +190,29 @@ def _intersection_length(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> 
 # Analysis
 
 
-def _by_device(records: Iterable[KernelRecord]) -> dict[int, list[tuple[int, int]]]:
-    intervals: dict[int, list[tuple[int, int]]] = defaultdict(list)
+def _by_device(records: Iterable[KernelRecord]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Intervals per (process, device): overlap counts within one rank's kernels on one GPU."""
+    intervals: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     for r in records:
-        intervals[r.device].append((r.start_ns, r.end_ns))
+        intervals[(r.process, r.device)].append((r.start_ns, r.end_ns))
     return intervals
 
 
+def split_by_process(records: Iterable[KernelRecord]) -> dict[int, list[KernelRecord]]:
+    """The records of each launching process (rank), in process order."""
+    by_process: dict[int, list[KernelRecord]] = defaultdict(list)
+    for r in records:
+        by_process[r.process].append(r)
+    return dict(sorted(by_process.items()))
+
+
 def _comm_overlap(comm: list[KernelRecord], compute_union: dict[int, list]) -> StageStats:
-    """Union of the comm kernels per device and how much of it any compute kernel covers."""
+    """Union of the comm kernels per (process, device) and how much of it any compute kernel there covers."""
     comm_ns = hidden_ns = 0
-    for device, intervals in _by_device(comm).items():
+    for key, intervals in _by_device(comm).items():
         merged = _union(intervals)
         comm_ns += _length(merged)
-        hidden_ns += _intersection_length(merged, compute_union.get(device, []))
+        hidden_ns += _intersection_length(merged, compute_union.get(key, []))
     return StageStats(comm_ns, hidden_ns)
 
 
@@ -241,8 +255,13 @@ def after_peer_arrival(per_rank: list[list[KernelRecord]]) -> list[list[KernelRe
     Until the last rank has launched its part the others can only spin: on ranks sharing a GPU that is
     mostly one client running behind the other, not data moving. ``analyze`` of the result tells how
     much of the rest compute covered. The traces must share a clock (one host: the profiler's
-    timestamps are the host's).
+    timestamps are the host's); ValueError when their spans do not even overlap (different clocks, e.g.
+    a torch trace beside an nsys export, whose times count from its session's start).
     """
+    spans = [(min(r.start_ns for r in records), max(r.end_ns for r in records)) for records in per_rank if records]
+    if spans and max(start for start, _ in spans) > min(end for _, end in spans):
+        raise ValueError("the traces do not share a clock (their spans do not overlap): give one step of every "
+                         "rank from the same kind of trace, on one host")
     comm = [sorted((r for r in records if r.kind == COMM), key=lambda r: r.start_ns) for records in per_rank]
     if len({len(kernels) for kernels in comm}) > 1:
         return None
@@ -274,12 +293,13 @@ class ExposedSpan:
 
 
 def exposed_spans(records: Iterable[KernelRecord]) -> list[ExposedSpan]:
-    """Every maximal interval of comm time no compute kernel on the same device covered, longest first."""
+    """Every maximal interval of comm time no compute kernel of the same rank and device covered, longest first."""
     records = list(records)
     spans = []
-    for device, comm_intervals in _by_device(r for r in records if r.kind == COMM).items():
-        comm = sorted((r for r in records if r.kind == COMM and r.device == device), key=lambda r: r.start_ns)
-        compute = sorted((r for r in records if r.kind == COMPUTE and r.device == device), key=lambda r: r.start_ns)
+    for key, comm_intervals in _by_device(r for r in records if r.kind == COMM).items():
+        here = [r for r in records if (r.process, r.device) == key]
+        comm = sorted((r for r in here if r.kind == COMM), key=lambda r: r.start_ns)
+        compute = sorted((r for r in here if r.kind == COMPUTE), key=lambda r: r.start_ns)
         for start, end in _subtract(_union(comm_intervals), _union((r.start_ns, r.end_ns) for r in compute)):
             owner = next(r for r in comm if r.start_ns <= start < r.end_ns)
             before = max((r for r in compute if r.end_ns <= start), key=lambda r: r.end_ns, default=None)
@@ -320,6 +340,7 @@ class _Kernel:
     stream: int
     device: int
     launch: Hashable
+    process: int = 0
 
 
 def _parse_range(name: str, start_ns: int, end_ns: int) -> _Range | None:
@@ -375,7 +396,7 @@ def _attribute(
         KernelRecord(
             k.name, k.start_ns, k.end_ns, k.stream, k.device,
             COMM if pattern.search(k.name) else COMPUTE,
-            r.layer if r else None, r.microbatch if r else None, r.stage if r else None,
+            r.layer if r else None, r.microbatch if r else None, r.stage if r else None, k.process,
         )
         for k, r in zip(kernels, enclosing)
     ]
@@ -473,7 +494,7 @@ def _nsys_kernels(db: sqlite3.Connection) -> list[_Kernel]:
         "SELECT s.value, k.start, k.end, k.streamId, k.deviceId, k.globalPid, k.correlationId "
         "FROM CUPTI_ACTIVITY_KIND_KERNEL AS k JOIN StringIds AS s ON s.id = k.demangledName"
     )
-    return [_Kernel(name, start, end, stream, device, (_process(pid), corr))
+    return [_Kernel(name, start, end, stream, device, (_process(pid), corr), _process(pid))
             for name, start, end, stream, device, pid, corr in rows]
 
 

@@ -24,6 +24,7 @@ from deepcomm.trace_analysis import (
     load_nsys_sqlite,
     load_torch_trace,
     load_trace,
+    split_by_process,
 )
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "overlap_report.py"
@@ -352,7 +353,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 def test_cli_table_json_png_for_two_ranks(tmp_path, capsys):
     torch_path = write_torch_trace(tmp_path / "r0.json", MAIN)
-    nsys_path = write_nsys_sqlite(tmp_path / "r1.sqlite", MAIN)
+    # The nsys export on the torch trace's clock, as if both came from one host's step.
+    nsys_path = write_nsys_sqlite(tmp_path / "r1.sqlite", MAIN, base_ns=1_700_000_000_000_000)
     png, out_json = tmp_path / "overlap.png", tmp_path / "overlap.json"
     overlap_report.main([str(torch_path), str(nsys_path), "--rank-label", "r0", "r1", "--same-step",
                          "--png", str(png), "--json", str(out_json)])
@@ -367,7 +369,36 @@ def test_cli_table_json_png_for_two_ranks(tmp_path, capsys):
     assert saved["min_share"]["share"] == pytest.approx(210 / 390)
     # The two traces are the same step launched at the same times: nobody waited for a peer.
     assert f"last rank arriving: {100 * 210 / 390:.1f}% (r0)" in out
+    for label in ("r0", "r1"):
+        assert f"  {label}: {100 * 210 / 390:.1f}% counted from the last rank's arrival" in out
     assert saved["min_share_after_peer_arrival"]["share"] == pytest.approx(210 / 390)
+
+
+def test_same_step_refuses_traces_on_different_clocks(tmp_path, capsys):
+    # A torch trace (host clock) beside an nsys export counting from its session's start.
+    paths = [write_torch_trace(tmp_path / "r0.json", MAIN), write_nsys_sqlite(tmp_path / "r1.sqlite", MAIN)]
+    overlap_report.main([str(p) for p in paths] + ["--same-step", "--json", str(tmp_path / "o.json")])
+    assert "--same-step: the traces do not share a clock" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["min_share_after_peer_arrival"] is None
+
+
+def test_one_rank_s_compute_hides_none_of_another_rank_s_comm():
+    """Two processes on one GPU (ranks under MPS) in one nsys report: each rank's share is its own."""
+    comm_rank = [KernelRecord("dispatch_kernel", 0, 100, 1, 0, COMM, 0, 0, "dispatch", process=100)]
+    compute_rank = [KernelRecord("gemm", 0, 100, 2, 0, COMPUTE, 0, 0, "experts", process=200)]
+    assert analyze(comm_rank + compute_rank).total.share == 0.0
+    assert [s.start_ns for s in exposed_spans(comm_rank + compute_rank)] == [0]
+    assert split_by_process(compute_rank + comm_rank) == {100: comm_rank, 200: compute_rank}
+
+
+def test_an_nsys_report_of_two_ranks_gives_a_table_each(tmp_path, capsys):
+    path = tmp_path / "two_ranks.sqlite"
+    write_nsys_sqlite(path, MAIN, pid=100)
+    write_nsys_sqlite(path, MAIN, pid=200, correlation_base=1000)
+    overlap_report.main([str(path)])
+    out = capsys.readouterr().out
+    assert f"== {path} pid 100" in out and f"== {path} pid 200" in out
+    assert f"min share over traces: {100 * 210 / 390:.1f}%" in out
 
 
 def test_png_limited_to_layers_or_window(tmp_path):

@@ -36,6 +36,7 @@ from deepcomm.trace_analysis import (  # noqa: E402
     compute_time_by_stage,
     exposed_spans,
     load_trace,
+    split_by_process,
 )
 
 # One hatch per micro-batch (cycled beyond six); colour is taken by the stage.
@@ -282,15 +283,21 @@ def _min_share(reports: list[tuple[str, Report]]) -> tuple[str, float] | None:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     traces = []
+    paths = []
     for path, label in zip(args.traces, args.rank_label):
         try:
-            records = load_trace(path, args.comm_pattern)
+            loaded = load_trace(path, args.comm_pattern)
         except (OSError, ValueError, sqlite3.Error) as err:
             sys.exit(f"overlap_report: {path}: {err}")
-        report = analyze(records)
-        traces.append((label, records, report))
-        print(f"== {label}" + ("" if label == path else f" ({path})"))
-        print(format_table(report))
+        # An nsys report may hold several ranks: one table each, as one torch trace per rank gives.
+        by_process = split_by_process(loaded)
+        for process, records in by_process.items() if len(by_process) > 1 else [(None, loaded)]:
+            name = label if process is None else f"{label} pid {process}"
+            report = analyze(records)
+            traces.append((name, records, report))
+            paths.append(path)
+            print(f"== {name}" + ("" if name == path else f" ({path})"))
+            print(format_table(report))
     lowest = _min_share([(label, report) for label, _, report in traces])
     arrived_lowest, arrived = None, None
     if len(traces) > 1:
@@ -298,10 +305,19 @@ def main(argv: list[str] | None = None) -> None:
                                            else f"{_percent(lowest[1])}% ({lowest[0]})"))
     if args.same_step:
         # The ranks' traces of one step on one host (tools/bench_overlap.py keeps the same step on every rank).
-        arrived = after_peer_arrival([records for _, records, _ in traces])
-        if arrived is None:
-            print("--same-step: the traces' comm kernels do not pair up (count or names differ)")
+        try:
+            arrived = after_peer_arrival([records for _, records, _ in traces])
+        except ValueError as err:
+            arrived = None
+            print(f"--same-step: {err}")
         else:
+            if arrived is None:
+                print("--same-step: the traces' comm kernels do not pair up (count or names differ)")
+        if arrived is not None:
+            for (label, _, _), records in zip(traces, arrived):
+                share = analyze(records).total.share
+                print(f"  {label}: " + ("- (no comm time left)" if share is None else f"{_percent(share)}%")
+                      + " counted from the last rank's arrival")
             arrived_lowest = _min_share([(label, analyze(recs)) for (label, _, _), recs in zip(traces, arrived)])
             print("min share counting each comm kernel from its call's last rank arriving: "
                   + ("-" if arrived_lowest is None else f"{_percent(arrived_lowest[1])}% ({arrived_lowest[0]})"))
@@ -317,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with open(args.json, "w") as f:
             json.dump({"traces": [{"label": label, "path": path, "layers": report.to_dict()}
-                                  for (label, _, report), path in zip(traces, args.traces)],
+                                  for (label, _, report), path in zip(traces, paths)],
                        "min_share": labelled(lowest), "min_share_after_peer_arrival": labelled(arrived_lowest)},
                       f, indent=1)
     if args.png:
