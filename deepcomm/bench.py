@@ -97,7 +97,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="write every row to this file")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here, once, rather than failing inside every spawned rank (or after a long run).
+    for name in ("nproc", "tokens", "hidden", "topk", "experts", "ranks_per_node", "max_nodes", "iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: must be >= 0, got {args.warmup}")
+    if not 0 < args.timeout < float("inf"):
+        parser.error(f"--timeout: must be a positive number of seconds, got {args.timeout}")
+    try:
+        sms = [int(v) for v in str(args.sms).split(",")]
+    except ValueError:
+        parser.error(f"--sms: expected a comma list of SM counts, got {args.sms!r}")
+    if min(sms) < 1:
+        parser.error(f"--sms: SM counts must be >= 1, got {args.sms!r}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or not set(dtypes) <= {"bf16", "fp8"}:
+        parser.error(f"--dtypes: expected a comma list of bf16, fp8, got {args.dtypes!r}")
+    if args.topk is not None and args.experts is not None and args.topk > args.experts:
+        parser.error(f"--topk: {args.topk} exceeds --experts {args.experts}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.json_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_path))):
+        parser.error(f"--json: the folder of {args.json_path} does not exist")
+    return args
 
 
 def workload(args: argparse.Namespace, on_cuda: bool) -> dict[str, int]:
@@ -262,11 +287,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     for dtype in dtypes:
         if dtype == "bf16":
             payload, scales, reference_x = x, None, x
-        elif dtype == "fp8":
+        else:  # fp8 (parse_args allows only these two)
             payload, scales = fp8.quantize_fp8(x)
             reference_x = fp8.dequantize_fp8(payload, scales)
-        else:
-            raise SystemExit(f"--dtypes: unknown dtype {dtype!r} (bf16, fp8)")
         for path in paths:
             comm = comms[path]
             for sms in sms_values if path in KERNEL_PATHS else [None]:

@@ -36,6 +36,7 @@ BACKENDS = ("auto", "intranode", "internode", "reference")
 TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
 DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 9.0e9  # the kernels' bounded waits take nanoseconds as int64
 
 
 class Communicator:
@@ -77,11 +78,16 @@ class Communicator:
             raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
         if buffer is not None and not isinstance(buffer, BufferConfig):
             raise TypeError(f"buffer: expected a deepcomm.BufferConfig, got {type(buffer).__name__}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s: expected a positive number, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+            raise TypeError(f"timeout_s: expected a number of seconds, got {type(timeout_s).__name__}")
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:  # also refuses nan and inf (the kernels take nanoseconds as int64)
+            raise ValueError(f"timeout_s: expected a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+        if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)):
+            raise TypeError(f"ranks_per_node: expected an int or None, got {type(ranks_per_node).__name__}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
         self.num_sms = num_sms
+        self._closed = False
         self._reference = ReferenceCommunicator(group, ranks_per_node)
         topology = self._reference.topology
         self.backend = self._choose(backend, topology, buffer)
@@ -133,6 +139,19 @@ class Communicator:
     def topology(self) -> Topology:
         return self._impl.topology
 
+    def _check_call(self, num_sms=None, previous_event=None, num_recv_tokens=None) -> None:
+        """The per-call arguments every backend takes, checked before any backend counts the call."""
+        if self._closed:
+            raise RuntimeError("communicator: closed (close() was called); make a new one")
+        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0):
+            raise ValueError(f"num_sms: expected a positive int or None, got {num_sms!r}")
+        if previous_event is not None and not isinstance(previous_event, EventHandle):
+            raise TypeError(f"previous_event: expected a deepcomm EventHandle (a result's .event) or None, "
+                            f"got {type(previous_event).__name__}")
+        if num_recv_tokens is not None and (isinstance(num_recv_tokens, bool) or not isinstance(num_recv_tokens, int)
+                                            or num_recv_tokens < 0):
+            raise ValueError(f"num_recv_tokens: expected an int >= 0 or None, got {num_recv_tokens!r}")
+
     @property
     def reference(self) -> ReferenceCommunicator:
         """The pure-torch path on the same group: the oracle and baseline."""
@@ -148,6 +167,7 @@ class Communicator:
         Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
         that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
         """
+        self._closed = True
         mapped = [impl for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
         if not mapped:  # the reference path maps nothing
             return
@@ -187,6 +207,7 @@ class Communicator:
         tensor; the intranode backend then reuses its routing (no layout, no count
         exchange, no host wait). Collective: every rank passes one, or none does.
         """
+        self._check_call(num_sms, previous_event, num_recv_tokens)
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                        power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
 
@@ -205,11 +226,13 @@ class Communicator:
         handle: object | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
+        self._check_call(num_sms, previous_event, num_recv_tokens)
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                        power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
+        self._check_call(num_sms)
         y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
         return y
 
@@ -221,6 +244,7 @@ class Communicator:
         num_sms: int | None = None,
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
+        self._check_call(num_sms, previous_event)
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
     def combine_input(self, handle: object) -> torch.Tensor:
@@ -234,6 +258,7 @@ class Communicator:
         further dispatches (else :class:`SlotReusedError`), and use it only as combine's
         input. Any other bf16 tensor works too, copied in.
         """
+        self._check_call()
         return self._impl.combine_input(handle)
 
     # -- low-latency mode (decode) ------------------------------------------
@@ -265,6 +290,7 @@ class Communicator:
         ``return_recv_hook``: only send now; ``result.hook()`` queues the receive (no SM
         waits in between) and makes the current stream wait for it.
         """
+        self._check_call(num_sms, previous_event)
         return self._low_latency_impl().dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                                  previous_event, async_finish, return_recv_hook, num_sms)
 
@@ -277,6 +303,7 @@ class Communicator:
     ) -> torch.Tensor:
         """``[T, H]`` bf16: per token, the sum over k of ``topk_weights[t, k]`` times its expert's
         output row (``expert_out`` in the dispatch's layout), in float32, k ascending."""
+        self._check_call(num_sms)
         y, _, _ = self._low_latency_impl().combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
 
@@ -292,6 +319,7 @@ class Communicator:
         """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
         hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
         (until then no SM waits for the peers) and makes the current stream wait for it."""
+        self._check_call(num_sms, previous_event)
         return self._low_latency_impl().combine(expert_out, topk_weights, handle, previous_event, True,
                                                 return_recv_hook, num_sms)
 
@@ -299,6 +327,7 @@ class Communicator:
         """``[E/world, world * max_tokens_per_rank, H]`` bf16 for the expert outputs of ``handle``'s
         dispatch: on the kernels, its receive area, which combine reads in place (any other tensor
         is copied in first). Writing it overwrites the dispatched rows."""
+        self._check_call()
         return self._low_latency_impl().combine_input(handle)
 
     def traffic(self) -> dict[str, int]:
@@ -312,6 +341,7 @@ class Communicator:
         """
         if not hasattr(self._impl, "traffic"):
             raise ValueError(f"backend: byte counters come from the internode kernels, not {self.backend!r}")
+        self._check_call()
         return self._impl.traffic()
 
     def check_errors(self) -> None:

@@ -26,9 +26,10 @@ BLOCK_CHANNELS = 128
 AMAX_FLOOR = 1e-4
 
 
-def num_scale_blocks(hidden: int) -> int:
+def num_scale_blocks(hidden: int, name: str = "hidden") -> int:
+    """Scale blocks of a row; ``name``: the argument whose hidden size it is, for the error."""
     if hidden % BLOCK_CHANNELS != 0:
-        raise ValueError(f"hidden: fp8 needs a multiple of {BLOCK_CHANNELS} channels, got {hidden}")
+        raise ValueError(f"{name}: fp8 needs a hidden size that is a multiple of {BLOCK_CHANNELS} channels, got {hidden}")
     return hidden // BLOCK_CHANNELS
 
 
@@ -48,7 +49,7 @@ def quantize_fp8(x: torch.Tensor, power_of_two_scales: bool = False) -> tuple[to
     if not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
         raise TypeError(f"x: expected a bf16/fp16/fp32 tensor, got {x.dtype}")
     num_tokens, hidden = x.shape
-    blocks = x.float().view(num_tokens, num_scale_blocks(hidden), BLOCK_CHANNELS)
+    blocks = x.float().view(num_tokens, num_scale_blocks(hidden, "x"), BLOCK_CHANNELS)
     amax = blocks.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
     scales = amax * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32, device=x.device)
     if power_of_two_scales:

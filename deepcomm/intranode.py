@@ -37,6 +37,8 @@ from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_positive_ints
 
+MAX_TOPK = 32  # experts per token the dispatch kernels take (csrc/kernels/intranode.cu, internode.cu)
+
 
 @dataclass(frozen=True)
 class BufferConfig:
@@ -55,6 +57,8 @@ class BufferConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_tokens_per_rank", "hidden", "num_topk", "num_recv_slots"))
+        if self.num_topk > MAX_TOPK:  # else the kernels refuse the call only after notify has run
+            raise ValueError(f"num_topk: the dispatch kernels support at most {MAX_TOPK}, got {self.num_topk}")
 
     def max_recv_rows(self, world_size: int) -> int:
         # Every token of every rank may go to one rank.

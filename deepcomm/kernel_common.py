@@ -38,7 +38,7 @@ def payload_of(x: torch.Tensor, quantize_fp8: bool, power_of_two_scales: bool) -
     if quantize_fp8:
         if x.dtype != torch.bfloat16:
             raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
-        fp8.num_scale_blocks(hidden)
+        fp8.num_scale_blocks(hidden, "x")
         return PAYLOAD_BF16_TO_FP8_POW2 if power_of_two_scales else PAYLOAD_BF16_TO_FP8
     if (hidden * x.element_size()) % 16 != 0:
         raise ValueError(f"x: rows must be a multiple of 16 bytes for the kernels, got hidden={hidden}")

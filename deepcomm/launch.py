@@ -221,11 +221,23 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parsed.nproc_per_node = 1
     for i, word in enumerate(launcher):
         if word in ("--nproc-per-node", "--nproc_per_node") and i + 1 < len(launcher):
-            parsed.nproc_per_node = int(launcher[i + 1])
+            parsed.nproc_per_node = _local_world_size(launcher[i + 1])
         elif word.startswith(("--nproc-per-node=", "--nproc_per_node=")):
-            parsed.nproc_per_node = int(word.split("=", 1)[1])
+            parsed.nproc_per_node = _local_world_size(word.split("=", 1)[1])
     parsed.torchrun_binds = any(w.split("=", 1)[0] in ("--numa-binding", "--numa_binding") for w in launcher)
     return parsed, rest
+
+
+def _local_world_size(value: str) -> int:
+    """torchrun's --nproc-per-node: a count, or gpu / auto (the visible GPUs, else CPUs for auto) / cpu."""
+    if value == "gpu" or (value == "auto" and visible_gpu_count() > 0):
+        return visible_gpu_count()
+    if value in ("auto", "cpu"):
+        return os.cpu_count() or 1
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"--nproc-per-node: expected a count, gpu, auto or cpu, got {value!r}") from None
 
 
 def local_device():

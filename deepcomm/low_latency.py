@@ -147,7 +147,7 @@ def check_low_latency_dispatch(config: LowLatencyConfig, world_size: int, x, x_s
         if x_scales is None:
             raise ValueError("x_scales: required when x is fp8 (float32 [tokens, hidden/128])")
         check_tensor("x_scales", x_scales, (torch.float32,), 2, x.device)
-        if tuple(x_scales.shape) != (num_tokens, fp8.num_scale_blocks(hidden)):
+        if tuple(x_scales.shape) != (num_tokens, fp8.num_scale_blocks(hidden, "x")):
             raise ValueError(f"x_scales: expected shape {[num_tokens, hidden // fp8.BLOCK_CHANNELS]}, "
                              f"got {list(x_scales.shape)}")
     elif x_scales is not None:

@@ -35,6 +35,15 @@ from deepcomm.topology import Topology, detect_topology
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
 
+def _check_same_rows(every_rank: list[list[int]], mine: list[int]) -> None:
+    """Every rank's (hidden, K, fp8, num_experts) must equal this rank's: the call is collective."""
+    names = ("x: hidden size", "topk_idx: K", "x: fp8 (1) or bf16 (0)", "num_experts")
+    for rank, theirs in enumerate(every_rank):
+        for name, value, own in zip(names, theirs, mine):
+            if value != own:
+                raise ValueError(f"{name}: rank {rank} passed {value}, this rank {own}; every rank must pass the same")
+
+
 @dataclass(frozen=True)
 class ReferenceHandle:
     """Everything combine needs to return rows to the tokens they came from.
@@ -219,9 +228,15 @@ class ReferenceCommunicator:
         in_rank = token_rank_mask(topk_idx, num_experts, topo.world_size)
         dest_rank, send_token_idx = in_rank.t().nonzero(as_tuple=True)
         send_counts_t = torch.bincount(dest_rank, minlength=topo.world_size)
-        recv_counts_t = torch.empty_like(send_counts_t)
-        self._stage("dispatch/counts", dist.all_to_all_single, recv_counts_t, send_counts_t, group=self.group)
-        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
+        # With each count, what every rank's rows look like: ranks that disagree would exchange rows of
+        # different widths (a crash in the transfer on one rank, garbage on another), so they raise here.
+        shape = [hidden, topk_idx.shape[1], int(x.dtype == fp8.FP8_DTYPE), num_experts]
+        send = torch.cat([send_counts_t.unsqueeze(1),
+                          send_counts_t.new_tensor(shape).expand(topo.world_size, len(shape))], dim=1)
+        received_t = torch.empty_like(send)
+        self._stage("dispatch/counts", dist.all_to_all_single, received_t, send, group=self.group)
+        _check_same_rows(received_t[:, 1:].tolist(), shape)
+        send_counts, recv_counts = send_counts_t.tolist(), received_t[:, 0].tolist()
 
         # One packed row per (token, destination rank): x | scales | topk_idx | topk_weights | token index.
         fields = [x] + ([x_scales] if x_scales is not None else []) + [topk_idx, topk_weights]

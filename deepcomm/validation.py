@@ -104,7 +104,7 @@ def check_dispatch_inputs(
             raise ValueError("x_scales: required when x is fp8 (float32 [tokens, hidden/128])")
         check_tensor("x_scales", x_scales, (torch.float32,), 2, x.device)
         assert isinstance(x_scales, torch.Tensor)
-        expected = (num_tokens, num_scale_blocks(hidden))
+        expected = (num_tokens, num_scale_blocks(hidden, "x"))
         if tuple(x_scales.shape) != expected:
             raise ValueError(f"x_scales: expected shape {list(expected)}, got {list(x_scales.shape)}")
     elif x_scales is not None:

@@ -102,6 +102,45 @@ def test_communicator_arguments(single_rank_group):
         deepcomm.Communicator(single_rank_group, num_sms=0)
     with pytest.raises(ValueError, match="^ranks_per_node:"):
         deepcomm.Communicator(single_rank_group, ranks_per_node=2)
+    with pytest.raises(TypeError, match="^ranks_per_node:"):
+        deepcomm.Communicator(single_rank_group, ranks_per_node=True)
+    for timeout, error in (("30", TypeError), (None, TypeError), (True, TypeError), (0, ValueError),
+                           (float("inf"), ValueError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="^timeout_s:"):
+            deepcomm.Communicator(single_rank_group, timeout_s=timeout)
+    with pytest.raises(ValueError, match="^num_topk: the dispatch kernels support at most 32"):
+        deepcomm.BufferConfig(max_tokens_per_rank=8, hidden=128, num_topk=33)
+
+
+def test_per_call_arguments_are_checked_on_every_backend(comm):
+    inputs = good_inputs()
+    for value in (0, -1, True, "abc", 2.0):
+        with pytest.raises(ValueError, match="^num_sms:"):
+            comm.dispatch(**inputs, num_sms=value)
+    with pytest.raises(TypeError, match="^previous_event:"):
+        comm.dispatch_async(**inputs, previous_event="garbage")
+    for value in (-1, 7.0, True):
+        with pytest.raises(ValueError, match="^num_recv_tokens:"):
+            comm.dispatch(**inputs, num_recv_tokens=value)
+    result = comm.dispatch(**inputs)
+    with pytest.raises(ValueError, match="^num_sms:"):
+        comm.combine(result.x, result.handle, num_sms=0)
+    with pytest.raises(TypeError, match="^previous_event:"):
+        comm.combine_async(result.x, result.handle, previous_event=123)
+
+
+def test_fp8_of_an_odd_hidden_size_names_x(comm):
+    inputs = good_inputs()
+    inputs["x"] = torch.randn(T, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="^x: fp8 needs a hidden size that is a multiple of 128"):
+        comm.dispatch(**inputs, quantize_fp8=True)
+
+
+def test_a_closed_communicator_refuses_every_call(single_rank_group):
+    closed = deepcomm.Communicator(single_rank_group, backend="reference")
+    closed.close()
+    with pytest.raises(RuntimeError, match="^communicator: closed"):
+        closed.dispatch(**good_inputs())
 
 
 def test_one_rank_world_round_trips(comm):
@@ -145,3 +184,28 @@ def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
     with torch.inference_mode():  # no version counter: only the identity is checked
         served = torch.randint(0, E, (T, K))
     RoutingSource.of(served, E, call=2).check_reused_by(served, E)
+
+
+def _disagreeing_ranks_worker(rank: int, world_size: int) -> None:
+    comm = deepcomm.Communicator(backend="reference")
+    x = torch.randn(T, H).to(torch.bfloat16)
+    idx, weights = torch.randint(0, E, (T, K)), torch.rand(T, K)
+    cases = [
+        (dict(topk_idx=idx[:, :1].contiguous(), topk_weights=weights[:, :1].contiguous()), "^topk_idx: K: rank"),
+        (dict(x=torch.randn(T, 2 * H).to(torch.bfloat16)), "^x: hidden size: rank"),
+        (dict(quantize_fp8=True), r"^x: fp8 \(1\) or bf16 \(0\): rank"),
+        (dict(num_experts=2 * E, topk_idx=idx * 2), "^num_experts: rank"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, topk_idx=idx, topk_weights=weights, num_experts=E)
+        if rank == 1:
+            args.update(change)
+        # Every rank raises, naming the field and a rank that differs, instead of exchanging rows of other widths.
+        with pytest.raises(ValueError, match=message):
+            comm.dispatch(**args)
+
+
+def test_ranks_disagreeing_on_the_rows_all_raise():
+    from dist import run_ranks
+
+    run_ranks(_disagreeing_ranks_worker, 2)

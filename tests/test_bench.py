@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,6 +43,24 @@ def test_bench_rejects_unknown_dtype(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode != 0
     assert "--dtypes" in out.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--iters", "0"], "--iters: must be >= 1"),
+    (["--tokens", "-1"], "--tokens: must be >= 1"),
+    (["--topk", "9", "--experts", "8"], "--topk: 9 exceeds --experts 8"),
+    (["--sms", "abc"], "--sms: expected a comma list"),
+    (["--sms", "24,0"], "--sms: SM counts must be >= 1"),
+    (["--timeout", "0"], "--timeout: must be a positive number"),
+    (["--dtypes", "bf16,xx"], "--dtypes: expected a comma list of bf16, fp8"),
+    (["--json", "/nonexistent/x.json"], "--json: the folder of"),
+])
+def test_bench_flags_are_checked_before_any_rank_starts(flags, message, capsys):
+    from deepcomm import bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 def test_rows_kept_local_counts_own_rows_and_rows_forwarded_to_self():

@@ -121,6 +121,17 @@ def test_arguments_pass_through_to_torchrun():
     assert launch.split_arguments(["--nproc_per_node=3", "y.py"])[0].nproc_per_node == 3
 
 
+def test_torchruns_named_process_counts(monkeypatch):
+    monkeypatch.setattr(launch, "visible_gpu_count", lambda: 2)
+    assert launch.split_arguments(["--nproc-per-node", "gpu", "x.py"])[0].nproc_per_node == 2
+    assert launch.split_arguments(["--nproc-per-node=auto", "x.py"])[0].nproc_per_node == 2
+    assert launch.split_arguments(["--nproc-per-node", "cpu", "x.py"])[0].nproc_per_node == (os.cpu_count() or 1)
+    monkeypatch.setattr(launch, "visible_gpu_count", lambda: 0)
+    assert launch.split_arguments(["--nproc-per-node", "auto", "x.py"])[0].nproc_per_node == (os.cpu_count() or 1)
+    with pytest.raises(SystemExit, match="--nproc-per-node: expected a count, gpu, auto or cpu, got 'many'"):
+        launch.split_arguments(["--nproc-per-node", "many", "x.py"])
+
+
 def test_launch_runs_the_benchmark_on_cpu(tmp_path):
     """End to end through torchrun on a machine without GPUs: 2 ranks, gloo, reference path."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
