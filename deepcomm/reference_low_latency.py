@@ -43,6 +43,7 @@ class ReferenceLowLatency:
         self._calls = 0
         self._outputs: dict[tuple[int, torch.device], torch.Tensor] = {}  # combine_input, per area and device
         self._combined: set[int] = set()
+        self._unreceived: set[int] = set()  # dispatches with a receive hook not yet called
 
     def check_errors(self) -> None:
         """Nothing is reported later on this path: bad input raises at once."""
@@ -57,10 +58,31 @@ class ReferenceLowLatency:
         if handle.call in self._combined:
             raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
+    def _check_received(self, handle) -> None:
+        self._check_handle(handle)
+        if handle.call in self._unreceived:
+            raise ValueError("handle: its dispatch has not received yet; call the result's hook() first")
+
+    def _receive_hook(self, result: LowLatencyResult):
+        """The kernels' hook contract (the rows arrived already here): once, while the handle is valid."""
+        call = result.handle.call
+
+        def hook() -> EventHandle:
+            if call not in self._unreceived:
+                raise RuntimeError("hook: already called")
+            self._check_handle(result.handle)
+            self._unreceived.discard(call)
+            return result.event
+
+        return hook
+
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
         world = self.topology.world_size
         check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True)
+        if self._calls + 1 - 2 in self._unreceived:
+            raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not received "
+                             "yet; call its hook() before this dispatch")
         if quantize_fp8:
             if x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
@@ -71,7 +93,8 @@ class ReferenceLowLatency:
                                       result.handle.pair_rows), x.device, self.reference.comm_stream(x.device),
                                      caller, async_finish)
         if return_recv_hook:
-            result.hook = lambda: result.event  # the rows arrived already
+            self._unreceived.add(result.handle.call)
+            result.hook = self._receive_hook(result)
         return result
 
     def _dispatch(self, x, x_scales, topk_idx) -> LowLatencyResult:
@@ -130,7 +153,7 @@ class ReferenceLowLatency:
 
     def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """One tensor per receive area, as on the kernels (written, then passed to combine)."""
-        self._check_handle(handle)
+        self._check_received(handle)
         key = (handle.area, handle.pair_rows.device)
         if key not in self._outputs:
             shape = self.config.recv_shape(self.topology.world_size)
@@ -139,7 +162,7 @@ class ReferenceLowLatency:
 
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
-        self._check_handle(handle)
+        self._check_received(handle)
         world = self.topology.world_size
         check_low_latency_combine(self.config, world, expert_out, topk_weights, handle, None)
         self._combined.add(handle.call)

@@ -175,6 +175,18 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
     comm.low_latency_dispatch(x, idx, E)
     with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
         comm.low_latency_combine_input(result.handle)
+    # Receive hooks, as the kernels check them: nothing reads a dispatch before its hook, a hook runs once,
+    # and a dispatch onto the area of one whose hook was not called is refused.
+    first = comm.low_latency_dispatch(x, idx, E, return_recv_hook=True)
+    comm.low_latency_dispatch(x, idx, E, return_recv_hook=True).hook()
+    with pytest.raises(ValueError, match="handle: its dispatch has not received yet"):
+        comm.low_latency_combine_input(first.handle)
+    with pytest.raises(ValueError, match="return_recv_hook: dispatch .* on the same receive area"):
+        comm.low_latency_dispatch(x, idx, E)
+    first.hook()
+    with pytest.raises(RuntimeError, match="hook: already called"):
+        first.hook()
+    comm.low_latency_combine(comm.low_latency_combine_input(first.handle), weights, first.handle)
     plain = deepcomm.Communicator(backend="reference")
     with pytest.raises(ValueError, match="low_latency: this communicator has no low-latency buffers"):
         plain.low_latency_dispatch(x, idx, E)
