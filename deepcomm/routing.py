@@ -17,6 +17,11 @@ from __future__ import annotations
 import torch
 
 
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+
+
 def node_limited_topk(
     logits: torch.Tensor,
     num_topk: int,
@@ -48,6 +53,10 @@ def node_limited_topk(
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [tokens, experts], got shape {list(logits.shape)}")
     num_tokens, num_experts = logits.shape
+    for name, value in (("num_topk", num_topk), ("num_nodes", num_nodes), ("max_nodes", max_nodes)):
+        _check_int(name, value)
+    if node_score_topk is not None:
+        _check_int("node_score_topk", node_score_topk)
     if num_nodes <= 0 or num_experts % num_nodes != 0:
         raise ValueError(f"num_nodes: must divide the expert count {num_experts}, got {num_nodes}")
     experts_per_node = num_experts // num_nodes
@@ -65,6 +74,8 @@ def node_limited_topk(
     scores = torch.sigmoid(logits.float())
     selection = scores
     if expert_bias is not None:
+        if not isinstance(expert_bias, torch.Tensor):
+            raise TypeError(f"expert_bias: expected a torch.Tensor [E] or None, got {type(expert_bias).__name__}")
         if expert_bias.shape != (num_experts,):
             raise ValueError(f"expert_bias: expected shape [{num_experts}], got {list(expert_bias.shape)}")
         selection = scores + expert_bias.to(device=scores.device, dtype=torch.float32)
@@ -87,6 +98,11 @@ def node_limited_topk(
 
 def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[E]`` int64: how many (token, k) entries chose each expert (``-1`` ignored)."""
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64:
+        raise TypeError("topk_idx: expected an int64 torch.Tensor")
+    _check_int("num_experts", num_experts)
+    if topk_idx.numel() and not (-1 <= int(topk_idx.min()) and int(topk_idx.max()) < num_experts):
+        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1: none)")
     return torch.bincount(topk_idx[topk_idx >= 0].flatten(), minlength=num_experts)
 
 
@@ -98,7 +114,9 @@ def update_expert_bias(expert_bias: torch.Tensor, expert_load: torch.Tensor, upd
     ``expert_load`` should be the global load (all-reduce it across ranks first).
     Returns the new bias; the input is not modified.
     """
-    if expert_bias.shape != expert_load.shape or expert_bias.dim() != 1:
+    if expert_bias.dim() != 1:
+        raise ValueError(f"expert_bias: expected [E], got shape {list(expert_bias.shape)}")
+    if expert_bias.shape != expert_load.shape:
         raise ValueError(
             f"expert_load: expected the shape of expert_bias {list(expert_bias.shape)}, got {list(expert_load.shape)}"
         )

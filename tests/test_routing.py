@@ -111,3 +111,25 @@ def test_bad_logits():
         node_limited_topk(torch.zeros(4, 64, dtype=torch.int64), 8, 8, 2)
     with pytest.raises(ValueError, match="logits"):
         node_limited_topk(torch.zeros(64), 8, 8, 2)
+
+
+def test_bad_routing_arguments_name_themselves():
+    logits = torch.randn(4, 8)
+    for kwargs, error, message in (
+        (dict(num_topk=2.5), TypeError, "^num_topk: expected an int"),
+        (dict(num_nodes=2.0), TypeError, "^num_nodes: expected an int"),
+        (dict(max_nodes=True), TypeError, "^max_nodes: expected an int"),
+        (dict(expert_bias=[0.0] * 8), TypeError, "^expert_bias: expected a torch.Tensor"),
+        (dict(node_score_topk=1.0), TypeError, "^node_score_topk: expected an int"),
+    ):
+        args = dict(num_topk=2, num_nodes=2, max_nodes=1) | kwargs
+        with pytest.raises(error, match=message):
+            node_limited_topk(logits, **args)
+    with pytest.raises(ValueError, match=r"^topk_idx: expert ids must lie in \[-1, 8\)"):
+        expert_load(torch.tensor([[0, 9]]), 8)
+    with pytest.raises(ValueError, match=r"^topk_idx: expert ids must lie in \[-1, 8\)"):
+        expert_load(torch.tensor([[0, -2]]), 8)
+    with pytest.raises(TypeError, match="^topk_idx: expected an int64"):
+        expert_load(torch.tensor([[0, 1]], dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match=r"^expert_bias: expected \[E\]"):
+        update_expert_bias(torch.zeros(2, 4), torch.zeros(2, 4), 0.1)
