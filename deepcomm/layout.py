@@ -33,9 +33,11 @@ class DispatchLayout:
 
 
 def rank_of_expert(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
-    """Owning rank of each entry of ``topk_idx`` (``-1`` stays ``-1``)."""
+    """Owning rank of each entry of ``topk_idx``; ``-1`` for ``-1`` and for ids outside ``[0, num_experts)``
+    (which the layout kernel ignores too)."""
     experts_per_rank = num_experts // world_size
-    return torch.where(topk_idx >= 0, topk_idx.div(experts_per_rank, rounding_mode="floor"), -1)
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    return torch.where(valid, topk_idx.div(experts_per_rank, rounding_mode="floor"), -1)
 
 
 def token_rank_mask(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ def dispatch_layout_torch(topk_idx: torch.Tensor, num_experts: int, topology: To
     world_size = topology.world_size
     in_rank = token_rank_mask(topk_idx, num_experts, world_size)
     in_node = in_rank.view(-1, topology.num_nodes, topology.ranks_per_node).any(dim=-1)
-    valid = topk_idx[topk_idx >= 0]
+    valid = topk_idx[(topk_idx >= 0) & (topk_idx < num_experts)]
     return DispatchLayout(
         num_tokens_per_rank=in_rank.sum(dim=0, dtype=torch.int32),
         num_tokens_per_node=in_node.sum(dim=0, dtype=torch.int32),
@@ -138,12 +140,12 @@ def get_dispatch_layout(
     """Layout of ``topk_idx`` ``[T, K]`` int64 (``-1`` = no expert) over ``topology``.
 
     Uses the CUDA kernel for CUDA tensors when the extension is available.
-    ``validate`` checks expert ids on the host (one device sync); the kernel
-    itself ignores ids outside ``[0, num_experts)``.
+    ``validate`` also checks the expert ids' range on the host (one device sync); type, shape and
+    contiguity are always checked (the kernel reads int64). Without it, ids outside
+    ``[0, num_experts)`` are ignored here as by the kernel.
     """
     check_num_experts(num_experts, topology.world_size)
-    if validate:
-        check_topk_idx(topk_idx, None, num_experts, None)
+    check_topk_idx(topk_idx, None, num_experts, None, check_values=validate)
     if topk_idx.is_cuda and _ext.available():
         return dispatch_layout_cuda(topk_idx, num_experts, topology)
     return dispatch_layout_torch(topk_idx, num_experts, topology)

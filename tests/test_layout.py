@@ -55,6 +55,13 @@ def test_layout_rejects_out_of_range_experts():
         get_dispatch_layout(torch.tensor([[0, 1]]), 7, Topology(0, 2, 1))
     with pytest.raises(TypeError, match="topk_idx"):
         get_dispatch_layout(torch.tensor([[0, 1]], dtype=torch.int32), 8, Topology(0, 2, 1))
+    # validate=False skips only the range check (the dtype still is checked); ids outside [0, E) are then
+    # ignored, as the kernel ignores them.
+    with pytest.raises(TypeError, match="topk_idx"):
+        get_dispatch_layout(torch.tensor([[0, 1]], dtype=torch.int32), 8, Topology(0, 2, 1), validate=False)
+    layout = get_dispatch_layout(torch.tensor([[0, 8], [12, 5]]), 8, Topology(0, 2, 1), validate=False)
+    assert layout.num_tokens_per_expert.tolist() == [1, 0, 0, 0, 0, 1, 0, 0]
+    assert layout.num_tokens_per_rank.tolist() == [1, 1]
 
 
 def test_send_positions_count_earlier_tokens_per_rank():
