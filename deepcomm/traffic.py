@@ -12,6 +12,7 @@ import torch
 
 from deepcomm.layout import rank_of_expert, token_rank_mask
 from deepcomm.topology import Topology
+from deepcomm.validation import check_num_experts, check_topk_idx
 
 
 def boundary_rows(topk_idx: torch.Tensor, num_experts: int, topology: Topology) -> dict[str, int]:
@@ -21,6 +22,8 @@ def boundary_rows(topk_idx: torch.Tensor, num_experts: int, topology: Topology) 
     ``per_rank``: one per (token, rank on another node): a flat all-to-all.
     ``per_expert``: one per (token, expert entry on another node): no deduplication at all.
     """
+    check_num_experts(num_experts, topology.world_size)
+    check_topk_idx(topk_idx, None, num_experts, None)
     topo = topology
     in_rank = token_rank_mask(topk_idx, num_experts, topo.world_size)
     remote = torch.ones(topo.world_size, dtype=torch.bool)

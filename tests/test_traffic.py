@@ -68,3 +68,11 @@ def test_leg_rows_forward_what_partners_send_and_return_one_partial_per_token_an
             "combine_boundary": forwarded_tokens,
             "combine_nvlink": forwarded_rows + direct,
         }
+
+
+def test_boundary_rows_reject_bad_arguments_by_name():
+    topo = Topology(0, 2, 1)
+    with pytest.raises(ValueError, match="^topk_idx: expert ids must lie"):
+        boundary_rows(torch.tensor([[0, 8]]), 8, topo)
+    with pytest.raises(ValueError, match="^num_experts:"):
+        boundary_rows(torch.tensor([[0, 1]]), 7, topo)
