@@ -32,12 +32,13 @@ from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CallerStream, CommStreamScope, hand_back
 from deepcomm.topology import Topology, detect_topology
+from deepcomm.kernel_common import RoutingSource
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
 
 def _check_same_rows(every_rank: list[list[int]], mine: list[int]) -> None:
-    """Every rank's (hidden, K, fp8, num_experts) must equal this rank's: the call is collective."""
-    names = ("x: hidden size", "topk_idx: K", "x: fp8 (1) or bf16 (0)", "num_experts")
+    """Every rank's (hidden, K, fp8, num_experts, handle given) must equal this rank's: the call is collective."""
+    names = ("x: hidden size", "topk_idx: K", "x: fp8 (1) or bf16 (0)", "num_experts", "handle: given (1) or not (0)")
     for rank, theirs in enumerate(every_rank):
         for name, value, own in zip(names, theirs, mine):
             if value != own:
@@ -61,6 +62,8 @@ class ReferenceHandle:
     send_counts: tuple[int, ...]
     recv_counts: tuple[int, ...]
     recv_src_idx: torch.Tensor
+    routing: RoutingSource | None = None  # what a dispatch reusing this handle must be given
+    owner: int = 0  # id() of the communicator that made it
 
     @property
     def num_recv_tokens(self) -> int:
@@ -199,17 +202,23 @@ class ReferenceCommunicator:
         a given ``num_recv_tokens`` is checked against what arrives; a given ``handle``
         is checked for its kind, and the routing computed anew: this path has nothing to skip)."""
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
-        if handle is not None and not isinstance(handle, ReferenceHandle):
-            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+        if handle is not None:  # the kernels' checks, so that a program that runs here runs there
+            self._check_handle(handle)
+            handle.routing.check_reused_by(topk_idx, num_experts)
         if quantize_fp8:
             if x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
-            result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts)
+            result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts, handle is not None)
             if num_recv_tokens is not None and num_recv_tokens != result.x.shape[0]:
                 raise ValueError(f"num_recv_tokens: given {num_recv_tokens}, but {result.x.shape[0]} rows arrived")
             return self._finish(result, caller, async_finish)
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, ReferenceHandle) or handle.owner != id(self):
+            raise TypeError("handle: expected the handle of a dispatch on this communicator's reference path, got "
+                            f"{'one of another communicator' if isinstance(handle, ReferenceHandle) else type(handle).__name__}")
 
     def _dispatch(
         self,
@@ -218,6 +227,7 @@ class ReferenceCommunicator:
         topk_idx: torch.Tensor,
         topk_weights: torch.Tensor,
         num_experts: int,
+        reuses_handle: bool = False,
     ) -> DispatchResult:
         topo = self.topology
         num_tokens, hidden = x.shape
@@ -230,7 +240,7 @@ class ReferenceCommunicator:
         send_counts_t = torch.bincount(dest_rank, minlength=topo.world_size)
         # With each count, what every rank's rows look like: ranks that disagree would exchange rows of
         # different widths (a crash in the transfer on one rank, garbage on another), so they raise here.
-        shape = [hidden, topk_idx.shape[1], int(x.dtype == fp8.FP8_DTYPE), num_experts]
+        shape = [hidden, topk_idx.shape[1], int(x.dtype == fp8.FP8_DTYPE), num_experts, int(reuses_handle)]
         send = torch.cat([send_counts_t.unsqueeze(1),
                           send_counts_t.new_tensor(shape).expand(topo.world_size, len(shape))], dim=1)
         received_t = torch.empty_like(send)
@@ -273,6 +283,8 @@ class ReferenceCommunicator:
             send_counts=tuple(send_counts),
             recv_counts=tuple(recv_counts),
             recv_src_idx=recv_src_idx,
+            routing=RoutingSource.of(topk_idx, num_experts, 0),
+            owner=id(self),
         )
         return DispatchResult(
             x=recv_x,
@@ -315,8 +327,7 @@ class ReferenceCommunicator:
         self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None
     ) -> tuple[torch.Tensor, EventHandle]:
         """The backend interface Communicator drives (``num_sms`` does not apply here)."""
-        if not isinstance(handle, ReferenceHandle):
-            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+        self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
         with self._on_comm_stream(expert_out.device, previous_event, (expert_out,)) as caller:
             combined = self._combine(expert_out, handle)

@@ -164,8 +164,17 @@ def test_dispatch_with_a_handle_on_the_reference_path_routes_anew_and_checks_its
     first = comm.dispatch(**inputs)
     again = comm.dispatch(**inputs, handle=first.handle)
     assert torch.equal(again.x, first.x) and torch.equal(again.topk_idx, first.topk_idx)
-    with pytest.raises(TypeError, match="^handle: expected the handle of a reference dispatch"):
+    with pytest.raises(TypeError, match="^handle: expected the handle of a dispatch on this communicator"):
         comm.dispatch(**inputs, handle=object())
+    # The kernels' checks: the same topk_idx object, unchanged, and a handle of this communicator.
+    with pytest.raises(ValueError, match="^handle: a dispatch that reuses a handle takes the topk_idx tensor"):
+        comm.dispatch(**(inputs | dict(topk_idx=inputs["topk_idx"].clone())), handle=first.handle)
+    inputs["topk_idx"].add_(0)
+    with pytest.raises(ValueError, match="^topk_idx: modified in place"):
+        comm.dispatch(**inputs, handle=first.handle)
+    other = deepcomm.Communicator(comm.reference.group, backend="reference")
+    with pytest.raises(TypeError, match="^handle: expected the handle of a dispatch on this communicator"):
+        other.combine(first.x, first.handle)
 
 
 def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
