@@ -38,7 +38,7 @@ from deepcomm.fp8 import dequantize_fp8
 from deepcomm.internode import InternodeHandle
 from deepcomm.intranode import IntranodeHandle
 from deepcomm.layout import token_rank_mask
-from deepcomm.reference import ReferenceCommunicator, ReferenceHandle
+from deepcomm.reference import ReferenceCommunicator
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 
@@ -313,8 +313,7 @@ def dispatch(
 
 def _combine_float32(impl, rows, handle, previous_event, async_finish) -> tuple[torch.Tensor, EventHandle]:
     """Combine of float32 rows on the reference backend: its reduction, kept in float32."""
-    if not isinstance(handle, ReferenceHandle):
-        raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+    impl._check_handle(handle)
     if rows.dim() != 2 or rows.shape[0] != handle.num_recv_tokens:
         raise ValueError(f"expert_out: expected [{handle.num_recv_tokens}, hidden] (the dispatched rows), "
                          f"got {list(rows.shape)}")

@@ -30,7 +30,7 @@ from deepcomm import _ext, fp8
 from deepcomm.bench_low_latency import low_latency_rows
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us, ranks_have_own_gpu, rows_kept_local
 from deepcomm.checks import expected_round_trip
-from deepcomm.communicator import TRANSPORTS, Communicator
+from deepcomm.communicator import MAX_TIMEOUT_S, TRANSPORTS, Communicator
 from deepcomm.events import EventHandle
 from deepcomm.intranode import BufferConfig
 from deepcomm.launch import destroy_distributed, init_distributed, spawn_local
@@ -105,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     if args.warmup < 0:
         parser.error(f"--warmup: must be >= 0, got {args.warmup}")
-    if not 0 < args.timeout < float("inf"):
-        parser.error(f"--timeout: must be a positive number of seconds, got {args.timeout}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        parser.error(f"--timeout: must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, got {args.timeout}")
     try:
         sms = [int(v) for v in str(args.sms).split(",")]
     except ValueError:

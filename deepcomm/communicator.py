@@ -168,6 +168,8 @@ class Communicator:
         that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
         """
         self._closed = True
+        if self._impl is self._reference:  # autograd and the MoE layer call the backend directly
+            self._reference.closed = True
         mapped = [impl for impl in (self._impl, self._low_latency) if hasattr(impl, "close")]
         if not mapped:  # the reference path maps nothing
             return

@@ -65,7 +65,7 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     if q.dim() != 2:
         raise ValueError(f"q: expected 2 dimensions, got shape {tuple(q.shape)}")
     num_tokens, hidden = q.shape
-    expected = (num_tokens, num_scale_blocks(hidden))
+    expected = (num_tokens, num_scale_blocks(hidden, "q"))
     if scales.dtype != torch.float32 or tuple(scales.shape) != expected:
         raise ValueError(f"scales: expected float32 of shape {expected}, got {scales.dtype} {tuple(scales.shape)}")
     blocks = q.float().view(num_tokens, expected[1], BLOCK_CHANNELS) * scales.unsqueeze(-1)

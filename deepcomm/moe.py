@@ -187,8 +187,8 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     """
     if _use_grouped_mm(x, weights):
         return torch._grouped_mm(x, weights, offs=ends)
-    if x.shape[0] == 0:  # no rows: nothing to read from ends (a host sync on CUDA); x and every weight stay
-        return x @ weights[0] + 0 * weights.sum()  # in the graph (zero gradients, as the matmuls per group give)
+    if x.shape[0] == 0:  # no rows: nothing to read from ends (a host sync on CUDA); weights[0] is a view,
+        return x @ weights[0]  # so every expert's weights stay in the graph (zero gradients, as per group)
     bounds = [0, *ends.tolist()]
     groups = x.split([end - start for start, end in zip(bounds, bounds[1:])])
     return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])

@@ -36,13 +36,16 @@ from deepcomm.kernel_common import RoutingSource
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
 
-def _check_same_rows(every_rank: list[list[int]], mine: list[int]) -> None:
-    """Every rank's (hidden, K, fp8, num_experts, handle given) must equal this rank's: the call is collective."""
-    names = ("x: hidden size", "topk_idx: K", "x: fp8 (1) or bf16 (0)", "num_experts", "handle: given (1) or not (0)")
+def _check_same_rows(this_rank: int, every_rank: list[list[int]], mine: list[int]) -> None:
+    """Every rank's (hidden, K, fp8, num_experts, handle given) must equal this rank's: the call is collective.
+    Every rank sees every rank's values, so all raise, as the kernels' ranks do when they disagree."""
+    names = ("x: hidden size", "topk_idx: K", "x dtype: fp8 (1) or bf16 (0), after quantize_fp8", "num_experts",
+             "handle: given (1) or not (0)")
     for rank, theirs in enumerate(every_rank):
         for name, value, own in zip(names, theirs, mine):
             if value != own:
-                raise ValueError(f"{name}: rank {rank} passed {value}, this rank {own}; every rank must pass the same")
+                raise CommunicationError(this_rank, "dispatch/counts", f"ranks disagree on {name}: rank {rank} "
+                                         f"passed {value}, this rank {own}; every rank must pass the same", peer=rank)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class ReferenceCommunicator:
 
     def __init__(self, group: dist.ProcessGroup | None = None, ranks_per_node: int | None = None) -> None:
         self.group = group
+        self.closed = False  # set by Communicator.close when this is its backend (autograd calls it directly)
         self.topology = detect_topology(group, ranks_per_node)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -201,6 +205,7 @@ class ReferenceCommunicator:
         """The backend interface Communicator drives (``num_sms`` does not apply here;
         a given ``num_recv_tokens`` is checked against what arrives; a given ``handle``
         is checked for its kind, and the routing computed anew: this path has nothing to skip)."""
+        self._check_open()
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
         if handle is not None:  # the kernels' checks, so that a program that runs here runs there
             self._check_handle(handle)
@@ -214,6 +219,10 @@ class ReferenceCommunicator:
             if num_recv_tokens is not None and num_recv_tokens != result.x.shape[0]:
                 raise ValueError(f"num_recv_tokens: given {num_recv_tokens}, but {result.x.shape[0]} rows arrived")
             return self._finish(result, caller, async_finish)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("communicator: closed (close() was called); make a new one")
 
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, ReferenceHandle) or handle.owner != id(self):
@@ -245,8 +254,9 @@ class ReferenceCommunicator:
                           send_counts_t.new_tensor(shape).expand(topo.world_size, len(shape))], dim=1)
         received_t = torch.empty_like(send)
         self._stage("dispatch/counts", dist.all_to_all_single, received_t, send, group=self.group)
-        _check_same_rows(received_t[:, 1:].tolist(), shape)
-        send_counts, recv_counts = send_counts_t.tolist(), received_t[:, 0].tolist()
+        received = received_t.tolist()  # one host copy for the counts and the check
+        _check_same_rows(topo.rank, [row[1:] for row in received], shape)
+        send_counts, recv_counts = send_counts_t.tolist(), [row[0] for row in received]
 
         # One packed row per (token, destination rank): x | scales | topk_idx | topk_weights | token index.
         fields = [x] + ([x_scales] if x_scales is not None else []) + [topk_idx, topk_weights]
@@ -318,8 +328,7 @@ class ReferenceCommunicator:
 
     def combine_input(self, handle: ReferenceHandle) -> torch.Tensor:
         """``[R, H]`` bf16 for the expert outputs; a plain tensor here (collectives need no registered memory)."""
-        if not isinstance(handle, ReferenceHandle):
-            raise TypeError(f"handle: expected the handle of a reference dispatch, got {type(handle).__name__}")
+        self._check_handle(handle)
         return torch.empty(handle.num_recv_tokens, handle.hidden, dtype=torch.bfloat16,
                            device=handle.send_token_idx.device)
 
@@ -327,6 +336,7 @@ class ReferenceCommunicator:
         self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None
     ) -> tuple[torch.Tensor, EventHandle]:
         """The backend interface Communicator drives (``num_sms`` does not apply here)."""
+        self._check_open()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
         with self._on_comm_stream(expert_out.device, previous_event, (expert_out,)) as caller:

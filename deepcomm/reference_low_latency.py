@@ -32,6 +32,20 @@ def weighted_sum_in_k_order(values: torch.Tensor, weights: torch.Tensor, present
     return acc
 
 
+def _once(event: EventHandle):
+    """A combine's receive hook here (the rows were reduced already): runs once, as on the kernels."""
+    called = False
+
+    def hook() -> EventHandle:
+        nonlocal called
+        if called:
+            raise RuntimeError("hook: already called")
+        called = True
+        return event
+
+    return hook
+
+
 class ReferenceLowLatency:
     """Low-latency dispatch/combine on the reference communicator's group."""
 
@@ -170,7 +184,7 @@ class ReferenceLowLatency:
         with self.reference._on_comm_stream(device, previous_event, (expert_out, topk_weights)) as caller:
             y = self._combine(expert_out, topk_weights, handle)
             event = hand_back((y,), device, self.reference.comm_stream(device), caller, async_finish)
-        return y, event, ((lambda: event) if return_recv_hook else None)
+        return y, event, (_once(event) if return_recv_hook else None)
 
     def _combine(self, expert_out, topk_weights, handle) -> torch.Tensor:
         local_experts, rows_per_expert, hidden = expert_out.shape

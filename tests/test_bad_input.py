@@ -141,6 +141,8 @@ def test_a_closed_communicator_refuses_every_call(single_rank_group):
     closed.close()
     with pytest.raises(RuntimeError, match="^communicator: closed"):
         closed.dispatch(**good_inputs())
+    with pytest.raises(RuntimeError, match="^communicator: closed"):  # the backend itself, as autograd calls it
+        closed._impl.run_dispatch(**good_inputs())
 
 
 def test_one_rank_world_round_trips(comm):
@@ -175,6 +177,8 @@ def test_dispatch_with_a_handle_on_the_reference_path_routes_anew_and_checks_its
     other = deepcomm.Communicator(comm.reference.group, backend="reference")
     with pytest.raises(TypeError, match="^handle: expected the handle of a dispatch on this communicator"):
         other.combine(first.x, first.handle)
+    with pytest.raises(TypeError, match="^handle: expected the handle of a dispatch on this communicator"):
+        other.combine_input(first.handle)
 
 
 def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
@@ -196,22 +200,28 @@ def test_reused_routing_is_refused_for_another_or_changed_topk_idx():
 
 
 def _disagreeing_ranks_worker(rank: int, world_size: int) -> None:
+    from deepcomm.errors import CommunicationError
+
     comm = deepcomm.Communicator(backend="reference")
     x = torch.randn(T, H).to(torch.bfloat16)
     idx, weights = torch.randint(0, E, (T, K)), torch.rand(T, K)
     cases = [
-        (dict(topk_idx=idx[:, :1].contiguous(), topk_weights=weights[:, :1].contiguous()), "^topk_idx: K: rank"),
-        (dict(x=torch.randn(T, 2 * H).to(torch.bfloat16)), "^x: hidden size: rank"),
-        (dict(quantize_fp8=True), r"^x: fp8 \(1\) or bf16 \(0\): rank"),
-        (dict(num_experts=2 * E, topk_idx=idx * 2), "^num_experts: rank"),
+        (dict(topk_idx=idx[:, :1].contiguous(), topk_weights=weights[:, :1].contiguous()), "ranks disagree on topk_idx: K"),
+        (dict(x=torch.randn(T, 2 * H).to(torch.bfloat16)), "ranks disagree on x: hidden size"),
+        (dict(quantize_fp8=True), r"ranks disagree on x dtype: fp8 \(1\) or bf16 \(0\)"),
+        (dict(num_experts=2 * E, topk_idx=idx * 2), "ranks disagree on num_experts"),
     ]
     for change, message in cases:
         args = dict(x=x, topk_idx=idx, topk_weights=weights, num_experts=E)
         if rank == 1:
             args.update(change)
-        # Every rank raises, naming the field and a rank that differs, instead of exchanging rows of other widths.
-        with pytest.raises(ValueError, match=message):
+        # Every rank raises, naming the field and a rank that differs (as the kernels' ranks do when they disagree),
+        # instead of exchanging rows of other widths.
+        with pytest.raises(CommunicationError, match=message) as info:
             comm.dispatch(**args)
+        assert info.value.peer == 1 - rank and info.value.stage == "dispatch/counts"
+    # The next call, with every rank agreeing, runs.
+    comm.dispatch(x, idx, weights, E)
 
 
 def test_ranks_disagreeing_on_the_rows_all_raise():

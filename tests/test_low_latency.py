@@ -186,7 +186,11 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
     first.hook()
     with pytest.raises(RuntimeError, match="hook: already called"):
         first.hook()
-    comm.low_latency_combine(comm.low_latency_combine_input(first.handle), weights, first.handle)
+    _, _, hook = comm.low_latency_combine_async(comm.low_latency_combine_input(first.handle), weights, first.handle,
+                                                return_recv_hook=True)
+    hook()
+    with pytest.raises(RuntimeError, match="hook: already called"):
+        hook()
     plain = deepcomm.Communicator(backend="reference")
     with pytest.raises(ValueError, match="low_latency: this communicator has no low-latency buffers"):
         plain.low_latency_dispatch(x, idx, E)
