@@ -29,6 +29,7 @@ from deepcomm.reference import ReferenceCommunicator
 from deepcomm.reference_low_latency import ReferenceLowLatency
 from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
+from deepcomm.validation import check_int
 
 BACKENDS = ("auto", "intranode", "internode", "reference")
 # "*_staged": every inter-node byte through local staging and a put, the access pattern of a NIC (tests that
@@ -74,8 +75,7 @@ class Communicator:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
-            raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
+        check_int("num_sms", num_sms)
         if buffer is not None and not isinstance(buffer, BufferConfig):
             raise TypeError(f"buffer: expected a deepcomm.BufferConfig, got {type(buffer).__name__}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
@@ -143,14 +143,13 @@ class Communicator:
         """The per-call arguments every backend takes, checked before any backend counts the call."""
         if self._closed:
             raise RuntimeError("communicator: closed (close() was called); make a new one")
-        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0):
-            raise ValueError(f"num_sms: expected a positive int or None, got {num_sms!r}")
+        if num_sms is not None:
+            check_int("num_sms", num_sms)
         if previous_event is not None and not isinstance(previous_event, EventHandle):
             raise TypeError(f"previous_event: expected a deepcomm EventHandle (a result's .event) or None, "
                             f"got {type(previous_event).__name__}")
-        if num_recv_tokens is not None and (isinstance(num_recv_tokens, bool) or not isinstance(num_recv_tokens, int)
-                                            or num_recv_tokens < 0):
-            raise ValueError(f"num_recv_tokens: expected an int >= 0 or None, got {num_recv_tokens!r}")
+        if num_recv_tokens is not None:
+            check_int("num_recv_tokens", num_recv_tokens, 0)
 
     @property
     def reference(self) -> ReferenceCommunicator:

@@ -19,6 +19,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.results import DispatchResult
+from deepcomm.validation import check_int
 
 PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
@@ -54,8 +55,7 @@ def recv_row_shape(payload: int, hidden: int) -> tuple[int, int]:
 
 def blocks_of(default: int, num_sms: int | None) -> int:
     blocks = default if num_sms is None else num_sms
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
-        raise ValueError(f"num_sms: expected a positive int, got {blocks!r}")
+    check_int("num_sms", blocks)
     return blocks
 
 

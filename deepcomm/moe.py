@@ -33,6 +33,7 @@ from deepcomm.fp8 import BLOCK_CHANNELS
 from deepcomm.pair_sum import weighted_pair_sum
 from deepcomm.results import DispatchResult
 from deepcomm.routing import node_limited_topk
+from deepcomm.validation import check_int
 
 DISPATCH_DTYPES = ("bf16", "fp8")
 # Names of the routed experts' parameters: each rank holds different experts, so data-parallel
@@ -44,11 +45,6 @@ _ROUTER, _SHARED, _EXPERT, _ATTENTION, _HEAD, _BLOCK = range(6)
 
 
 # -- configuration --------------------------------------------------------------
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -77,12 +73,12 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden", "expert_hidden", "num_experts", "num_topk"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
+            check_int(name, getattr(self, name))
+        check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         if self.num_topk > self.num_experts:
             raise ValueError(f"num_topk: at most num_experts={self.num_experts}, got {self.num_topk}")
         if self.max_nodes is not None:
-            _positive_int("max_nodes", self.max_nodes)
+            check_int("max_nodes", self.max_nodes)
         factor = self.routed_scaling_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
             raise ValueError(f"routed_scaling_factor: expected a positive number, got {factor!r}")
@@ -104,8 +100,8 @@ class BlockConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.moe, MoEConfig):
             raise TypeError(f"moe: expected a MoEConfig, got {type(self.moe).__name__}")
-        _positive_int("num_heads", self.num_heads)
-        _positive_int("head_dim", self.head_dim)
+        check_int("num_heads", self.num_heads)
+        check_int("head_dim", self.head_dim)
 
 
 def deepseek_v3(**moe_overrides) -> BlockConfig:
@@ -434,7 +430,7 @@ class MoEModel(nn.Module):
     def __init__(self, config: BlockConfig, num_layers: int, comm, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None, seed: int = 0) -> None:
         super().__init__()
-        _positive_int("num_layers", num_layers)
+        check_int("num_layers", num_layers)
         if not isinstance(config, BlockConfig):
             raise TypeError(f"config: expected a BlockConfig, got {type(config).__name__}")
         hidden = config.moe.hidden

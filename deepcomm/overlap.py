@@ -46,6 +46,7 @@ import torch
 
 from deepcomm.events import EventHandle
 from deepcomm.profiling import stage_name, stage_range
+from deepcomm.validation import check_int
 
 COMPUTE, COMM = "compute", "comm"
 PENDING = "pending_event"  # state key: the event a comm stage left for its micro-batch's next compute
@@ -70,8 +71,7 @@ class Stage:
     waits_for_comm: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer: expected an int >= 0, got {self.layer!r}")
+        check_int("layer", self.layer, 0)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a non-empty str, got {self.name!r}")
         if not callable(self.run):
@@ -85,21 +85,16 @@ class Stage:
 def interleaved_order(kinds: list[str], num_micro_batches: int = 2) -> list[tuple[int, int]]:
     """Issue order ``[(micro_batch, stage_index)]``: micro-batch m trails m - 1 by one stage;
     on the same step compute stages go first, then lower micro-batches."""
-    _check_count("num_micro_batches", num_micro_batches)
+    check_int("num_micro_batches", num_micro_batches)
     keys = [(s + m, 0 if kind == COMPUTE else 1, m, s)
             for m in range(num_micro_batches) for s, kind in enumerate(kinds)]
     return [(m, s) for _, _, m, s in sorted(keys)]
 
 
-def _check_count(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
 def split_sizes(batch: int, num_micro_batches: int = 2) -> list[int]:
     """As even as possible, larger first; some are 0 when the batch is smaller than the count."""
-    _check_count("batch", batch, 0)
-    _check_count("num_micro_batches", num_micro_batches)
+    check_int("batch", batch, 0)
+    check_int("num_micro_batches", num_micro_batches)
     base, extra = divmod(batch, num_micro_batches)
     return [base + (1 if m < extra else 0) for m in range(num_micro_batches)]
 
@@ -136,9 +131,9 @@ class OverlapScheduler:
             raise ValueError("stages: expected at least one stage")
         if not all(isinstance(stage, Stage) for stage in stages):
             raise TypeError("stages: expected deepcomm.overlap.Stage items")
-        _check_count("num_micro_batches", num_micro_batches)
+        check_int("num_micro_batches", num_micro_batches)
         if compute_sms is not None:  # the upper bound (the device's SMs) is checked where a device is known
-            _check_count("compute_sms", compute_sms)
+            check_int("compute_sms", compute_sms)
         self.stages = list(stages)
         self.num_micro_batches = num_micro_batches
         self.compute_sms = compute_sms

@@ -34,6 +34,12 @@ def check_tensor(
     return value
 
 
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (a bool is not) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
 def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
     """Each named field of ``config`` is a positive int (a bool is not); ValueError naming the first that is not."""
     for name in names:
