@@ -37,13 +37,14 @@ void bind_low_latency(py::module_& m) {
   mod.attr("MAILBOX_BYTES") = sizeof(ll::HostMailbox);
   mod.attr("STAGES") = py::dict(py::arg("low_latency_staging") = static_cast<int>(deepcomm::kStageLowLatencyStaging),
                                 py::arg("low_latency_rows") = static_cast<int>(deepcomm::kStageLowLatencyRows),
-                                py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs));
+                                py::arg("low_latency_outputs") = static_cast<int>(deepcomm::kStageLowLatencyOutputs),
+                                py::arg("low_latency_partials") = static_cast<int>(deepcomm::kStageLowLatencyPartials));
   mod.attr("STATIC_SHARED_BOUND") = ll::kStaticSharedBound;
   // The phase clock's phases in index order (csrc/kernels/low_latency.h Phase) and the blocks it keeps.
   mod.attr("PHASES") = std::vector<std::string>{"start", "routed", "staging free", "rows sent", "rows signalled",
                                                 "rows arrived", "places added", "rows placed", "end",
-                                                "combine start", "outputs ready", "summed"};
-  static_assert(ll::kNumPhases == 12, "PHASES names every phase");
+                                                "combine start", "outputs ready", "partials sent", "partials arrived", "summed"};
+  static_assert(ll::kNumPhases == 14, "PHASES names every phase");
   mod.attr("PHASE_BLOCKS") = ll::kPhaseBlocks;
   mod.def("dispatch_shared_bytes", &ll::dispatch_shared_bytes, py::arg("num_experts"), py::arg("max_tokens"),
           "Shared memory the send kernel needs (routing masks), to check a configuration.");
@@ -55,7 +56,10 @@ void bind_low_latency(py::module_& m) {
     d["scales"] = l.scales;
     d["staged"] = l.staged;
     d["staged_scales"] = l.staged_scales;
+    d["partials"] = l.partials;
     d["staging_tags"] = l.staging_tags;
+    d["staged_weights"] = l.staged_weights;
+    d["reduce_entries"] = l.reduce_entries;
     d["total_bytes"] = l.total_bytes;
     return d;
   }, py::arg("local_experts"), py::arg("num_ranks"), py::arg("max_tokens"), py::arg("hidden"));
@@ -86,26 +90,29 @@ void bind_low_latency(py::module_& m) {
          "Stamp every later call's phases into clock ([slots, PHASE_BLOCKS, len(PHASES)] int64 on the device; "
          "0: stop).")
       .def("dispatch", [](const ll::Context& ctx, int phases, int area, int payload, uintptr_t x, uintptr_t x_scales,
-                          uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t pair_rows, uintptr_t recv_counts,
-                          int num_blocks, uintptr_t stream) {
+                          uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t pair_rows,
+                          uintptr_t recv_counts, int num_blocks, uintptr_t stream) {
         ll::DispatchArgs args{area, static_cast<ll::Payload>(payload), as_ptr<const void>(x),
-                              as_ptr<const float>(x_scales), as_ptr<const int64_t>(topk_idx), num_tokens, num_topk,
+                              as_ptr<const float>(x_scales), as_ptr<const int64_t>(topk_idx),
+                              as_ptr<const float>(topk_weights), num_tokens, num_topk,
                               as_ptr<int32_t>(pair_rows), as_ptr<int32_t>(recv_counts), num_blocks};
         ll::launch_dispatch(ctx, args, phases_of(phases), as_stream(stream));
       }, py::arg("phases"), py::arg("area"), py::arg("payload"), py::arg("x"), py::arg("x_scales"),
-         py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"),
+         py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"),
          py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"),
-         "phases: 1 send, 2 receive, 3 both (csrc/kernels/low_latency.h).")
+         "phases: 1 send, 2 receive, 3 both (csrc/kernels/low_latency.h); topk_weights 0: none (the combine pulls).")
       .def("stage_outputs", [](const ll::Context& ctx, int area, uintptr_t outputs, uintptr_t recv_counts,
                                int num_blocks, uintptr_t stream) {
         ll::launch_stage_outputs(ctx, area, as_ptr<const void>(outputs), as_ptr<const int32_t>(recv_counts),
                                  num_blocks, as_stream(stream));
       }, py::arg("area"), py::arg("outputs"), py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"))
-      .def("combine", [](const ll::Context& ctx, int phases, int area, uintptr_t pair_rows, uintptr_t topk_weights,
-                         int num_tokens, int num_topk, uintptr_t y, int num_blocks, uintptr_t stream) {
-        ll::CombineArgs args{area, as_ptr<const int32_t>(pair_rows), as_ptr<const float>(topk_weights), num_tokens,
-                             num_topk, as_ptr<void>(y), num_blocks};
+      .def("combine", [](const ll::Context& ctx, int phases, int area, uintptr_t outputs, uintptr_t pair_rows,
+                         uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t y, int num_blocks,
+                         uintptr_t stream) {
+        ll::CombineArgs args{area, as_ptr<const void>(outputs), as_ptr<const int32_t>(pair_rows),
+                             as_ptr<const float>(topk_weights), num_tokens, num_topk, as_ptr<void>(y), num_blocks};
         ll::launch_combine(ctx, args, phases_of(phases), as_stream(stream));
-      }, py::arg("phases"), py::arg("area"), py::arg("pair_rows"), py::arg("topk_weights"), py::arg("num_tokens"),
-         py::arg("num_topk"), py::arg("y"), py::arg("num_blocks"), py::arg("stream"));
+      }, py::arg("phases"), py::arg("area"), py::arg("outputs"), py::arg("pair_rows"), py::arg("topk_weights"),
+         py::arg("num_tokens"), py::arg("num_topk"), py::arg("y"), py::arg("num_blocks"), py::arg("stream"),
+         "topk_weights 0: the dispatch carried them (sums at the owners over outputs); else the pull.");
 }

@@ -5,7 +5,9 @@ Stages, each on the kernels (path ``low_latency``) and on the reference path:
 low-latency mode does), ``ll_round_trip`` (a dispatch, then the received bf16
 rows pulled back and reduced, weighted) and ``ll_combine``: the round trip less
 the dispatch (a dispatch is combined once, so combine alone is not repeated);
-on the kernels also both replayed from a CUDA graph. Bytes are counted as DeepEP's
+``ll_round_trip(owners)``: the weights sent with the dispatch, so that the
+combine sums at the owners and adds their partials; on the kernels also the
+dispatch and both round trips replayed from a CUDA graph. Bytes are counted as DeepEP's
 low-latency test counts them: received (token, expert) rows times their bytes
 for dispatch, the same rows in bf16 for combine.
 """
@@ -21,7 +23,7 @@ from deepcomm import _ext
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us
 from deepcomm.communicator import Communicator
 from deepcomm.low_latency import LowLatencyConfig
-from deepcomm.reference_low_latency import weighted_sum_in_k_order
+from deepcomm.reference_low_latency import sum_by_owner, weighted_sum_in_k_order
 
 
 def distinct_pairs(topk_idx: torch.Tensor, first_expert: int = 0, num_experts: int | None = None) -> int:
@@ -39,6 +41,15 @@ def round_trip_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     num_tokens, num_topk = topk_idx.shape
     values = x.unsqueeze(1).expand(num_tokens, num_topk, x.shape[1])
     return weighted_sum_in_k_order(values, topk_weights, topk_idx >= 0).to(torch.bfloat16)
+
+
+def round_trip_by_owner_expected(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                                 num_experts: int, world_size: int) -> torch.Tensor:
+    """The same when the dispatch carried the weights: summed per owner rank, then over the owners (bf16)."""
+    num_tokens, num_topk = topk_idx.shape
+    values = x.unsqueeze(1).expand(num_tokens, num_topk, x.shape[1])
+    owners = torch.where(topk_idx >= 0, topk_idx // (num_experts // world_size), -1)
+    return sum_by_owner(values, topk_weights, owners, world_size)
 
 
 def captured(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
@@ -68,6 +79,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
     kept = distinct_pairs(topk_idx, topo.rank * local, local)
     expected = round_trip_expected(x, topk_idx, topk_weights)
     world = dist.get_world_size()
+    expected_by_owner = round_trip_by_owner_expected(x, topk_idx, topk_weights, experts, world)
     sent = round(mean_over_ranks(distinct_pairs(topk_idx)) * world)
     rows = []
     for path, comm in paths.items():
@@ -113,6 +125,15 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                             "weighted; round trip - dispatch"))
             rows.append(row(path, "bf16", "ll_round_trip", sms, round_trip_us, int(mean_over_ranks(2 * nbytes)),
                             None, check))
+
+            def round_trip_by_owner():
+                out = comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms, topk_weights=topk_weights)
+                back = out.x if path == "low_latency" else comm.low_latency_combine_input(out.handle).copy_(out.x)
+                return comm.low_latency_combine(back, None, out.handle, num_sms=sms), out
+
+            check = all_ok(torch.equal(round_trip_by_owner()[0], expected_by_owner))
+            rows.append(row(path, "bf16", "ll_round_trip(owners)", sms, timer(round_trip_by_owner),
+                            int(mean_over_ranks(2 * nbytes)), None, check, "weights sent with the dispatch"))
             if path == "low_latency":  # as decode runs in serving engines: no host work per call
                 replay, graph_out = captured(lambda: comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms))
                 us = timer(replay)
@@ -123,6 +144,11 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                 us = timer(replay)
                 rows.append(row(path, "bf16", "ll_round_trip(graph)", sms, us, int(mean_over_ranks(2 * nbytes)),
                                 None, all_ok(torch.equal(graph_y, expected)), "CUDA graph replay"))
+                replay, (graph_y, _) = captured(round_trip_by_owner)
+                us = timer(replay)
+                rows.append(row(path, "bf16", "ll_round_trip(owners,graph)", sms, us, int(mean_over_ranks(2 * nbytes)),
+                                None, all_ok(torch.equal(graph_y, expected_by_owner)),
+                                "CUDA graph replay, weights sent with the dispatch"))
     for comm in paths.values():
         comm.close()
     return rows

@@ -282,6 +282,7 @@ class Communicator:
         async_finish: bool = False,
         return_recv_hook: bool = False,
         num_sms: int | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> LowLatencyResult:
         """Send each token to each expert it names, into fixed-capacity slots; no host wait (docs/api.md).
 
@@ -289,21 +290,25 @@ class Communicator:
         ``x[e, :num_tokens_per_expert[e]]``, by source rank then token), the counts on the
         device, and a handle. ``async_finish``: the caller waits on ``result.event``.
         ``return_recv_hook``: only send now; ``result.hook()`` queues the receive (no SM
-        waits in between) and makes the current stream wait for it.
+        waits in between) and makes the current stream wait for it. ``topk_weights``
+        (float32 ``[T, K]``): sent with the rows, so that the combine sums at the owners
+        (its ``topk_weights`` is then None); every rank gives them or none does.
         """
         self._check_call(num_sms, previous_event)
         return self._low_latency_impl().dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
-                                                 previous_event, async_finish, return_recv_hook, num_sms)
+                                                 previous_event, async_finish, return_recv_hook, num_sms, topk_weights)
 
     def low_latency_combine(
         self,
         expert_out: torch.Tensor,
-        topk_weights: torch.Tensor,
+        topk_weights: torch.Tensor | None,
         handle: LowLatencyHandle,
         num_sms: int | None = None,
     ) -> torch.Tensor:
         """``[T, H]`` bf16: per token, the sum over k of ``topk_weights[t, k]`` times its expert's
-        output row (``expert_out`` in the dispatch's layout), in float32, k ascending."""
+        output row (``expert_out`` in the dispatch's layout), in float32, k ascending. When the
+        dispatch carried the weights, ``topk_weights`` is None and each owner rank sums its terms
+        (k ascending, rounded to bf16) before the token's rank adds them in rank order."""
         self._check_call(num_sms)
         y, _, _ = self._low_latency_impl().combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
@@ -311,7 +316,7 @@ class Communicator:
     def low_latency_combine_async(
         self,
         expert_out: torch.Tensor,
-        topk_weights: torch.Tensor,
+        topk_weights: torch.Tensor | None,
         handle: LowLatencyHandle,
         previous_event: EventHandle | None = None,
         return_recv_hook: bool = False,

@@ -27,7 +27,7 @@ PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1,
 ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH = 1, 2, 3, 4
 STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
                6: "combine_credit", 7: "combine_recv", 8: "low_latency_staging", 9: "low_latency_rows",
-               10: "low_latency_outputs"}
+               10: "low_latency_outputs", 11: "low_latency_partials"}
 NOTIFY_DONE_WORD = 3
 
 

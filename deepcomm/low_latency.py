@@ -10,8 +10,16 @@ same in every run). Each expert gets one row per token that names it; a token
 crosses to a rank once, however many of its experts live there.
 
 Combine takes the experts' bf16 outputs in that layout and returns, per token,
-the sum over k (ascending) of ``topk_weights[t, k] * output of expert k`` in
-float32, rounded once to bf16: the weighted reduction is part of combine.
+the weighted sum of its experts' outputs; the reduction is part of combine.
+With the weights given to combine, it pulls each token's rows from their owners
+and sums ``topk_weights[t, k] * output of expert k`` over k (ascending) in
+float32, rounded once to bf16. With the weights given to the dispatch instead
+(``topk_weights=``, they travel with the rows), the sums happen where the
+experts ran: each rank owning some of a token's experts sums its terms (k
+ascending, float32, rounded to bf16) and writes that one partial into the
+token's rank, which adds the partials in ascending rank order in float32
+(``reference_low_latency.sum_by_owner``): one row per (token, rank) crosses
+between GPUs instead of one per (token, expert).
 
 Two receive areas alternate between calls, so a result stays valid through one
 further dispatch (two micro-batches in flight). With ``return_recv_hook`` a
@@ -131,10 +139,11 @@ class LowLatencyHandle:
     area: int
     call: int
     owner: int  # id() of the communicator that made it
+    weights_at_dispatch: bool = False  # the dispatch carried the weights: combine sums at the owners
 
 
 def check_low_latency_dispatch(config: LowLatencyConfig, world_size: int, x, x_scales, topk_idx, num_experts,
-                               device, check_values: bool) -> None:
+                               device, check_values: bool, topk_weights=None) -> None:
     """The argument checks of a low-latency dispatch, shared by the kernels and the reference path."""
     check_tensor("x", x, (torch.bfloat16, fp8.FP8_DTYPE), 2, device)
     num_tokens, hidden = x.shape
@@ -158,6 +167,11 @@ def check_low_latency_dispatch(config: LowLatencyConfig, world_size: int, x, x_s
     check_topk_idx(topk_idx, num_tokens, num_experts, x.device, check_values)
     if topk_idx.shape[1] > config.num_topk:
         raise ValueError(f"topk_idx: K={topk_idx.shape[1]} exceeds the low-latency buffer's num_topk={config.num_topk}")
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, (torch.float32,), 2, x.device)
+        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+            raise ValueError(f"topk_weights: expected shape {list(topk_idx.shape)} (topk_idx's), "
+                             f"got {list(topk_weights.shape)}")
 
 
 def check_low_latency_combine(config: LowLatencyConfig, world_size: int, expert_out, topk_weights, handle,
@@ -166,6 +180,12 @@ def check_low_latency_combine(config: LowLatencyConfig, world_size: int, expert_
     if tuple(expert_out.shape) != config.recv_shape(world_size):
         raise ValueError(f"expert_out: expected shape {list(config.recv_shape(world_size))} (the dispatched layout), "
                          f"got {list(expert_out.shape)}")
+    if handle.weights_at_dispatch:
+        if topk_weights is not None:
+            raise ValueError("topk_weights: the dispatch carried the weights (its owners sum with them); pass None")
+        return
+    if topk_weights is None:
+        raise ValueError("topk_weights: required (float32 [tokens, K]) unless the dispatch was given them")
     check_tensor("topk_weights", topk_weights, (torch.float32,), 2, device)
     if tuple(topk_weights.shape) != tuple(handle.pair_rows.shape):
         raise ValueError(f"topk_weights: expected shape {list(handle.pair_rows.shape)} (the dispatch's topk_idx), "
@@ -250,7 +270,8 @@ class LowLatencyKernels:
             if int(words[0]) == ERROR_MODE_MISMATCH:
                 self._failure = CommunicationError(self.topology.rank, "low_latency_rows",
                                                    f"rank {int(words[2])} dispatched the other row format (bf16 / fp8) "
-                                                   "in this call; every rank must send the same", peer=int(words[2]))
+                                                   "or the other choice of routing weights (given or not) in this "
+                                                   "call; every rank must send the same", peer=int(words[2]))
             torch.cuda.synchronize(self.device)  # this rank's kernels finish giving up before anything is torn down
         if self._failure is not None:
             raise self._failure
@@ -281,11 +302,13 @@ class LowLatencyKernels:
     # -- dispatch -------------------------------------------------------
 
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
+                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
+                 topk_weights=None) -> LowLatencyResult:
         self.check_errors()
         world = self.topology.world_size
         # Expert ids are range-checked on the GPU (invalid ones skipped, reported at the next call).
-        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, self.device, False)
+        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, self.device, False,
+                                   topk_weights)
         payload = payload_of(x, quantize_fp8, power_of_two_scales)
         num_blocks = self._blocks(num_sms)
         num_tokens, num_topk = topk_idx.shape
@@ -296,11 +319,13 @@ class LowLatencyKernels:
                              "not received yet; call its hook() before this dispatch")
         pair_rows, counts = self._routing_of(area, num_tokens, num_topk)
         views = self._views[area]
-        handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self))
+        handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self),
+                                  topk_weights is not None)
         result = LowLatencyResult(views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE],
                                   None if payload == 0 else views["scales"], counts, handle, EventHandle(None))
         args = (area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(), topk_idx.data_ptr(),
-                num_tokens, num_topk, pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
+                0 if topk_weights is None else topk_weights.data_ptr(), num_tokens, num_topk, pair_rows.data_ptr(),
+                counts.data_ptr(), num_blocks)
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
         if caller is not None:  # synchronous: one launch on the caller's stream
@@ -310,7 +335,7 @@ class LowLatencyKernels:
             result.event = EventHandle(self._core.StreamPoint(caller, self.device.index))
             return result
         stream = self._stream
-        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx), True) as caller_stream:
+        with CommStreamScope(stream, previous_event, (x, x_scales, topk_idx, topk_weights), True) as caller_stream:
             self._follow(stream.cuda_stream)
             if return_recv_hook:
                 self.ctx.dispatch(kernels.SEND, *args, stream.cuda_stream)
@@ -393,7 +418,7 @@ class LowLatencyKernels:
 
     def combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The receive area of ``handle``'s dispatch as bf16 ``[E/world, rows, H]``: outputs written here
-        are pulled where they are (no staging copy). Writing it overwrites the dispatched rows."""
+        are read where they are (no staging copy). Writing it overwrites the dispatched rows."""
         self._check_received(handle)
         return self._views[handle.area][torch.bfloat16]
 
@@ -405,12 +430,13 @@ class LowLatencyKernels:
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = self._blocks(num_sms)
         area = handle.area
-        staged = expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
-        if staged and expert_out.data_ptr() % 16:
+        owner_sums = handle.weights_at_dispatch  # only this rank reads expert_out: any memory will do
+        staged = not owner_sums and expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
+        if (owner_sums or staged) and expert_out.data_ptr() % 16:
             raise ValueError("expert_out: must start at a 16-byte boundary for the kernels; pass expert_out.clone()")
 
         def send(cuda_stream: int, phases: int) -> torch.Tensor:
-            if staged:  # peers read registered memory only
+            if staged:  # the pull reads registered memory only
                 self.ctx.stage_outputs(area, expert_out.data_ptr(), handle.num_tokens_per_expert.data_ptr(),
                                        num_blocks, cuda_stream)
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
@@ -418,7 +444,8 @@ class LowLatencyKernels:
             return y
 
         def receive(y: torch.Tensor, cuda_stream: int, phases: int) -> None:
-            self.ctx.combine(phases, area, handle.pair_rows.data_ptr(), topk_weights.data_ptr(), handle.num_tokens,
+            self.ctx.combine(phases, area, expert_out.data_ptr() if owner_sums else 0, handle.pair_rows.data_ptr(),
+                             0 if owner_sums else topk_weights.data_ptr(), handle.num_tokens,
                              handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
 
         kernels = self.kernels
@@ -440,7 +467,8 @@ class LowLatencyKernels:
         called = False
 
         def hook() -> EventHandle:
-            """Queue the pull and reduction; the current stream waits for it (the host does not)."""
+            """Queue the pull and reduction (or the adding of the owners' partials); the current stream waits
+            for it (the host does not)."""
             nonlocal called
             if called:
                 raise RuntimeError("hook: already called")

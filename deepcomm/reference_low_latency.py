@@ -46,6 +46,31 @@ def _once(event: EventHandle):
     return hook
 
 
+def sum_by_owner(values: torch.Tensor, weights: torch.Tensor, owners: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``[T, H]`` bf16: the combine's reduction of ``values`` ``[T, K, H]`` (bf16) when the dispatch carried the weights.
+
+    Per rank o ascending, the partial ``sum over k ascending with owners[:, k] == o of weights[:, k] *
+    values[:, k]`` (float32, each product and sum rounded on its own, from the first such k) rounded to
+    bf16, as the owner sends it; then the partials of the ranks a token reached summed in ascending rank
+    order in float32 from the first, rounded to bf16. ``owners`` -1 is no pair; a token with none gives +0.0.
+    """
+    num_tokens, num_topk, hidden = values.shape
+    total = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=values.device)
+    total_started = torch.zeros(num_tokens, 1, dtype=torch.bool, device=values.device)
+    for owner in range(world_size):
+        partial = torch.zeros_like(total)
+        started = torch.zeros_like(total_started)
+        for k in range(num_topk):
+            here = (owners[:, k] == owner).unsqueeze(1)
+            term = values[:, k].float() * weights[:, k : k + 1]
+            partial = torch.where(here, torch.where(started, partial + term, term), partial)
+            started = started | here
+        partial = partial.to(torch.bfloat16).float()
+        total = torch.where(started, torch.where(total_started, total + partial, partial), total)
+        total_started = total_started | started
+    return total.to(torch.bfloat16)
+
+
 class ReferenceLowLatency:
     """Low-latency dispatch/combine on the reference communicator's group."""
 
@@ -58,6 +83,7 @@ class ReferenceLowLatency:
         self._outputs: dict[tuple[int, torch.device], torch.Tensor] = {}  # combine_input, per area and device
         self._combined: set[int] = set()
         self._unreceived: set[int] = set()  # dispatches with a receive hook not yet called
+        self._weights: dict[int, torch.Tensor] = {}  # per call that carried them (its area's last two calls)
 
     def check_errors(self) -> None:
         """Nothing is reported later on this path: bad input raises at once."""
@@ -91,9 +117,10 @@ class ReferenceLowLatency:
         return hook
 
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None) -> LowLatencyResult:
+                 previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
+                 topk_weights=None) -> LowLatencyResult:
         world = self.topology.world_size
-        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True)
+        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True, topk_weights)
         if self._calls + 1 - 2 in self._unreceived:
             raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not received "
                              "yet; call its hook() before this dispatch")
@@ -102,7 +129,7 @@ class ReferenceLowLatency:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx)) as caller:
-            result = self._dispatch(x, x_scales, topk_idx)
+            result = self._dispatch(x, x_scales, topk_idx, topk_weights)
             result.event = hand_back((result.x, result.x_scales, result.num_tokens_per_expert,
                                       result.handle.pair_rows), x.device, self.reference.comm_stream(x.device),
                                      caller, async_finish)
@@ -111,7 +138,7 @@ class ReferenceLowLatency:
             result.hook = self._receive_hook(result)
         return result
 
-    def _dispatch(self, x, x_scales, topk_idx) -> LowLatencyResult:
+    def _dispatch(self, x, x_scales, topk_idx, topk_weights) -> LowLatencyResult:
         config, topo = self.config, self.topology
         world, rank, device = topo.world_size, topo.rank, x.device
         num_tokens, hidden = x.shape
@@ -161,7 +188,12 @@ class ReferenceLowLatency:
         per_expert = every_count[:, rank * local_experts : (rank + 1) * local_experts].sum(0).to(torch.int32)
         self._calls += 1
         self._combined.discard(self._calls - 2)
-        handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, id(self))
+        handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, id(self),
+                                  topk_weights is not None)
+        # The weights stay with the call, as the kernels keep them with its rows (a copy: the caller may reuse its own).
+        self._weights = {call: w for call, w in self._weights.items() if call > self._calls - 2}
+        if topk_weights is not None:
+            self._weights[self._calls] = topk_weights.clone()
         return LowLatencyResult(out_x.view(local_experts, rows_per_expert, hidden), out_scales, per_expert, handle,
                                 EventHandle(None))
 
@@ -205,6 +237,9 @@ class ReferenceLowLatency:
         values = torch.zeros(pairs.numel(), hidden, dtype=torch.bfloat16, device=expert_out.device)
         values[present.nonzero().squeeze(1)[order]] = rows
         num_tokens, num_topk = handle.pair_rows.shape
-        summed = weighted_sum_in_k_order(values.view(num_tokens, num_topk, hidden), topk_weights,
-                                         present.view(num_tokens, num_topk))
+        values = values.view(num_tokens, num_topk, hidden)
+        if handle.weights_at_dispatch:
+            owners = torch.where(present, pairs // owner_rows, -1).view(num_tokens, num_topk)
+            return sum_by_owner(values, self._weights[handle.call], owners, self.topology.world_size)
+        summed = weighted_sum_in_k_order(values, topk_weights, present.view(num_tokens, num_topk))
         return summed.to(torch.bfloat16)

@@ -90,6 +90,28 @@ def _oracle_combine(outputs, pair_rows, weights, owner_rows: int, hidden: int) -
     return y
 
 
+def _oracle_combine_by_owner(outputs, pair_rows, weights, owner_rows: int, hidden: int) -> torch.Tensor:
+    """Per token and owner rank ascending: the owner's terms w_k * row_k summed k ascending (float32), rounded
+    to bf16; the token's partials summed in owner order (float32) and rounded; +0.0 for none."""
+    y = torch.zeros(pair_rows.shape[0], hidden, dtype=torch.bfloat16)
+    for t in range(pair_rows.shape[0]):
+        partials = {}
+        for k in range(pair_rows.shape[1]):
+            row = int(pair_rows[t, k])
+            if row < 0:
+                continue
+            owner, local_row = divmod(row, owner_rows)
+            term = outputs[owner].reshape(owner_rows, hidden)[local_row].float() * weights[t, k]
+            partials[owner] = term if owner not in partials else partials[owner] + term
+        acc = None
+        for owner in sorted(partials):
+            partial = partials[owner].to(torch.bfloat16).float()
+            acc = partial if acc is None else acc + partial
+        if acc is not None:
+            y[t] = acc.to(torch.bfloat16)
+    return y
+
+
 def _random_outputs(seed: int, rank: int, shape) -> torch.Tensor:
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed * 7 + rank)) * 2).to(torch.bfloat16)
 
@@ -121,6 +143,13 @@ def _reference_worker(rank: int, world_size: int) -> None:
         expected = _oracle_combine(outputs, result.handle.pair_rows, mine.topk_weights, local * rows_per_expert,
                                    HIDDEN)
         same_bits(y, expected, f"{routing}: combine")
+        # The weights sent with the dispatch: the owners sum, the token's rank adds their partials.
+        carried = comm.low_latency_dispatch(mine.x, mine.topk_idx, num_experts, topk_weights=mine.topk_weights)
+        assert torch.equal(carried.handle.pair_rows, result.handle.pair_rows) and carried.handle.weights_at_dispatch
+        y = comm.low_latency_combine(outputs[rank], None, carried.handle)
+        expected = _oracle_combine_by_owner(outputs, carried.handle.pair_rows, mine.topk_weights,
+                                            local * rows_per_expert, HIDDEN)
+        same_bits(y, expected, f"{routing}: combine summed at the owners")
 
         # fp8: quantised rows and scales land where bf16 rows do.
         quantised = comm.low_latency_dispatch(mine.x, mine.topk_idx, num_experts, quantize_fp8=True)
@@ -152,6 +181,8 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
         (dict(num_experts=E + world_size), "num_experts: the low-latency buffer is for"),
         (dict(x=x.float()), "x: expected dtype"),
         (dict(x_scales=torch.ones(4, 2)), "x_scales: only valid"),
+        (dict(topk_weights=torch.ones(4, 3)), "topk_weights: expected shape"),
+        (dict(topk_weights=torch.ones(4, 2, dtype=torch.float64)), "topk_weights: expected dtype"),
     ]
     for change, message in cases:
         args = dict(x=x, topk_idx=idx, num_experts=E)
@@ -171,9 +202,14 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
     comm.low_latency_combine(out, weights, result.handle)
     with pytest.raises(ValueError, match="handle: its dispatch was combined already"):
         comm.low_latency_combine(out, weights, result.handle)
+    with pytest.raises(ValueError, match="topk_weights: required"):
+        comm.low_latency_combine(out, None, comm.low_latency_dispatch(x, idx, E).handle)
+    carried = comm.low_latency_dispatch(x, idx, E, topk_weights=weights)
+    with pytest.raises(ValueError, match="topk_weights: the dispatch carried the weights"):
+        comm.low_latency_combine(out, weights, carried.handle)
     comm.low_latency_dispatch(x, idx, E)
     comm.low_latency_dispatch(x, idx, E)
-    with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
+    with pytest.raises(SlotReusedError, match="handle: 4 low-latency dispatches ran"):
         comm.low_latency_combine_input(result.handle)
     # Receive hooks, as the kernels check them: nothing reads a dispatch before its hook, a hook runs once,
     # and a dispatch onto the area of one whose hook was not called is refused.
@@ -308,6 +344,23 @@ def _agreement_worker(rank: int, world_size: int) -> None:
         same_bits(comm.low_latency_combine(in_place, weights, ours.handle), expected, f"{routing}: combine in place")
         with pytest.raises(ValueError, match="handle: its dispatch was combined already"):
             comm.low_latency_combine(in_place, weights, ours.handle)
+
+        # The weights sent with the dispatch (bf16 rows, and fp8 quantised on the way): the owners sum.
+        carried = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts, topk_weights=inputs.topk_weights)
+        expected = oracle.combine(outputs, None, carried.handle)[0]
+        for mode, num_sms in (("bf16", 24), ("bf16", 2), ("quantize", 7)):
+            where = f"{routing}: combine summed at the owners ({mode}), sms{num_sms}"
+            _poison(comm)
+            ours = comm.low_latency_dispatch(x, idx, num_experts, quantize_fp8=mode == "quantize", num_sms=num_sms,
+                                             topk_weights=weights)
+            if mode == "bf16":
+                _check_received(ours, carried, where)
+            same_bits(comm.low_latency_combine(outputs.to(device), None, ours.handle, num_sms=num_sms), expected, where)
+        ours = comm.low_latency_dispatch(x, idx, num_experts, topk_weights=weights)
+        in_place = comm.low_latency_combine_input(ours.handle)
+        in_place.copy_(outputs)
+        same_bits(comm.low_latency_combine(in_place, None, ours.handle), expected,
+                  f"{routing}: combine summed at the owners, in place")
         comm.check_errors()
     comm.close()
 
@@ -372,7 +425,7 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
         _check_received(ours, theirs, f"call {call} ({routing}, {mode}), rank {rank}")
     comm.check_errors()
     phases = list(comm._low_latency.kernels.PHASES)
-    _check_phase_clock(clock.cpu().numpy(), phases, calls=8, blocks=6, stamped=phases.index("end") + 1)
+    _check_phase_clock(clock.cpu().numpy(), phases, calls=8, blocks=6, stamped=phases[: phases.index("end") + 1])
 
     # A round trip whose receive is a launch of its own (a hook): the send, the receive and the combine all
     # stamp the dispatch's one slot, in order; and no graph is captured while the clock is on.
@@ -383,7 +436,19 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
     ours.hook()
     comm.low_latency_combine(comm.low_latency_combine_input(ours.handle), inputs.topk_weights.to(device), ours.handle)
     comm.check_errors()
-    _check_phase_clock(clock.cpu().numpy(), phases, calls=1, blocks=6, stamped=len(phases))
+    pulled = [p for p in phases if p not in ("partials sent", "partials arrived")]
+    _check_phase_clock(clock.cpu().numpy(), phases, calls=1, blocks=6, stamped=pulled)
+    # The same with the weights sent with the dispatch and a hooked combine: the owner sums' phases instead.
+    clock = comm._low_latency.record_phases(4)
+    ours = comm.low_latency_dispatch(inputs.x.to(device), inputs.topk_idx.to(device), num_experts,
+                                     return_recv_hook=True, topk_weights=inputs.topk_weights.to(device))
+    ours.hook()
+    _, _, hook = comm.low_latency_combine_async(comm.low_latency_combine_input(ours.handle), None, ours.handle,
+                                                return_recv_hook=True)
+    hook()
+    comm.check_errors()
+    _check_phase_clock(clock.cpu().numpy(), phases, calls=1, blocks=6,
+                       stamped=[p for p in phases if p != "outputs ready"])
     x, idx = inputs.x.to(device), inputs.topk_idx.to(device)
     with mock.patch.object(torch._C, "_cuda_isCurrentStreamCapturing", return_value=True):  # as under capture
         with pytest.raises(RuntimeError, match="record_phases: the phase clock is on"):
@@ -396,16 +461,18 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
     comm.close()
 
 
-def _check_phase_clock(clock, phases: list[str], calls: int, blocks: int, stamped: int) -> None:
-    """One slot per call, each block's first `stamped` phases stamped and in order, no other block or phase."""
+def _check_phase_clock(clock, phases: list[str], calls: int, blocks: int, stamped: list[str]) -> None:
+    """One slot per call, each block's `stamped` phases stamped and in order, no other block or phase."""
     used = clock[:, 0, 0] > 0
     assert used.sum() == calls, f"{used.sum()} slots stamped for {calls} calls"
     stamps = clock[used]
-    assert (stamps[:, :blocks, :stamped] > 0).all() and (stamps[:, blocks:] == 0).all()
-    assert (stamps[:, :, stamped:] == 0).all()
-    assert (np.diff(stamps[:, :blocks, :stamped], axis=2) >= 0).all(), "a block's phases out of order"
+    columns = [phases.index(name) for name in stamped]
+    others = [i for i in range(len(phases)) if i not in columns]
+    assert (stamps[:, :blocks][:, :, columns] > 0).all() and (stamps[:, blocks:] == 0).all()
+    assert (stamps[:, :, others] == 0).all()
+    assert (np.diff(stamps[:, :blocks][:, :, columns], axis=2) >= 0).all(), "a block's phases out of order"
     rows = phase_times(clock, phases)
-    assert [r.phase for r in rows] == phases[:stamped] and all(r.calls == calls for r in rows)
+    assert [r.phase for r in rows] == stamped and all(r.calls == calls for r in rows)
     # Every call starts at its first block's start; a call takes microseconds, not seconds.
     assert rows[0].first_block_us == 0.0 and 0.0 < rows[-1].last_block_us < 1e6
 
@@ -464,6 +531,16 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     event.wait()
     same_bits(y, expected, "async combine")
 
+    # The weights sent with the dispatch: hooks on both calls, then a captured round trip further below.
+    carried = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts, topk_weights=inputs.topk_weights)
+    by_owner = oracle.combine(oracle.combine_input(carried.handle).copy_(carried.x), None, carried.handle)[0]
+    sent = comm.low_latency_dispatch(x, idx, num_experts, return_recv_hook=True, topk_weights=weights)
+    sent.hook()
+    _check_received(sent, carried, "hook, weights sent")
+    y, event, hook = comm.low_latency_combine_async(sent.x.clone(), None, sent.handle, return_recv_hook=True)
+    hook()
+    same_bits(y, by_owner, "combine summed at the owners with a hook")
+
     # A captured dispatch + combine replays with fresh inputs (the epochs live on the device).
     static_x = x.clone()
     stream = torch.cuda.Stream()
@@ -471,6 +548,8 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     with torch.cuda.stream(stream):
         warm = comm.low_latency_dispatch(static_x, idx, num_experts)
         comm.low_latency_combine(warm.x.clone(), weights, warm.handle)
+        warm = comm.low_latency_dispatch(static_x, idx, num_experts, topk_weights=weights)
+        comm.low_latency_combine(warm.x.clone(), None, warm.handle)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     dist.barrier()
@@ -478,6 +557,8 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     with torch.cuda.graph(graph):
         captured = comm.low_latency_dispatch(static_x, idx, num_experts)
         y_static = comm.low_latency_combine(captured.x, weights, captured.handle)
+        summed_at_owners = comm.low_latency_dispatch(static_x, idx, num_experts, topk_weights=weights)
+        y_owners = comm.low_latency_combine(summed_at_owners.x, None, summed_at_owners.handle)
     for replay in range(3):
         torch.cuda.synchronize()
         dist.barrier()
@@ -490,6 +571,9 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
         want = oracle.combine(oracle.combine_input(replayed.handle).copy_(replayed.x), inputs.topk_weights,
                               replayed.handle)[0]
         same_bits(y_static, want, f"replay {replay}: combine")
+        replayed = oracle.dispatch(fresh, inputs.topk_idx, num_experts, topk_weights=inputs.topk_weights)
+        want = oracle.combine(oracle.combine_input(replayed.handle).copy_(replayed.x), None, replayed.handle)[0]
+        same_bits(y_owners, want, f"replay {replay}: combine summed at the owners")
     comm.check_errors()
     comm.close()
 
@@ -517,6 +601,15 @@ def _failure_worker(rank: int, world_size: int) -> None:
     # Ranks sending different row formats in one call: every rank raises, naming a rank that differs.
     mixed = _kernel_communicator(world_size)
     mixed.low_latency_dispatch(x, torch.zeros_like(idx), num_experts, quantize_fp8=rank > 0)
+    torch.cuda.synchronize()
+    with pytest.raises(CommunicationError, match="dispatched the other row format") as info:
+        mixed.check_errors()
+    assert info.value.peer == (1 if rank == 0 else 0)
+    dist.barrier()
+    # Weights sent with the dispatch by rank 0 only: the same.
+    mixed = _kernel_communicator(world_size)
+    weights = torch.ones(idx.shape, dtype=torch.float32, device=device) if rank == 0 else None
+    mixed.low_latency_dispatch(x, torch.zeros_like(idx), num_experts, topk_weights=weights)
     torch.cuda.synchronize()
     with pytest.raises(CommunicationError, match="dispatched the other row format") as info:
         mixed.check_errors()

@@ -12,6 +12,7 @@
 #          lowlatency (decode in the low-latency mode: bench rows and a profile per rank count)
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
+#   LL_NRANKS (default NRANKS): the rank counts step lowlatency runs.
 #   DECODE_LAUNCHES=N launches step bench's decode run N times and tabulates each row's spread
 #   (tools/ab_table.py --spread). BUILD=0 reuses the extension an earlier call built. INTERNODE=0 leaves the internode rows out of
 #   step bench (the flat intranode path, prefill and decode, beside DeepEP with step deepep):
@@ -254,12 +255,16 @@ fi
 # DeepEP v1's low-latency mode beside it when its source is carried and every rank has a GPU (its NVSHMEM build,
 # into .peer/site_ll, started at the top).
 if step lowlatency; then
-  for n in $NRANKS; do
+  for n in ${LL_NRANKS:-$NRANKS}; do
     bench "ll_decode_${n}ranks" "$n" $LL_ARGS
-    # One launch a call with its phases stamped and the host's functions named, then the send and the receive
-    # apart (a receive hook called at once).
-    for mode in phases hook; do
-      flags="--hook"; [ "$mode" = phases ] && flags="--phases --host-functions 25"
+    # One launch a call with its phases stamped and the host's functions named (the combine pulling, then summing
+    # at the owners), then the send and the receive apart (a receive hook called at once).
+    for mode in phases owner_phases hook; do
+      case $mode in
+        phases) flags="--phases --host-functions 25" ;;
+        owner_phases) flags="--phases --owner-sums" ;;
+        hook) flags="--hook" ;;
+      esac
       timeout 120 python3 -m deepcomm.launch --standalone --nproc-per-node "$n" tools/profile_low_latency.py $flags \
         > "$OUT/profile_ll_${n}ranks_${mode}.log" 2>&1 || note "profile low-latency ${n} ranks $mode: FAILED (see its log)"
     done

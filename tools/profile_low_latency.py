@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hook", action="store_true",
                         help="dispatch with a receive hook (called at once): the send and the receive as two "
                              "launches, timed apart")
+    parser.add_argument("--owner-sums", action="store_true",
+                        help="send the weights with the dispatch, so that the combine sums at the owners")
     parser.add_argument("--phases", action="store_true",
                         help="also time each phase of the kernels (their phase clock), per rank")
     parser.add_argument("--host-functions", type=int, default=0, metavar="N",
@@ -140,14 +142,16 @@ def main(argv=None) -> None:
 
         def dispatch():
             result = comm.low_latency_dispatch(x, topk_idx, args.experts, quantize_fp8=args.fp8,
-                                               return_recv_hook=args.hook)
+                                               return_recv_hook=args.hook,
+                                               topk_weights=weights if args.owner_sums else None)
             if args.hook:
                 result.hook()
             return result
 
         def round_trip():  # a dispatch is combined once: combine is timed with its dispatch
             out = dispatch()  # its bf16 view of the area is combine's input in place (fp8 rows read as bf16 here)
-            return comm.low_latency_combine(comm.low_latency_combine_input(out.handle), weights, out.handle)
+            return comm.low_latency_combine(comm.low_latency_combine_input(out.handle),
+                                            None if args.owner_sums else weights, out.handle)
 
         rows = {}
         for name, fn in (("dispatch", dispatch), ("round trip", round_trip)):

@@ -46,6 +46,11 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over a chunk (copy_row keeps them in registers)
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
+// The owner sums: sources (packed to the first lanes) taken kSumGroup at a time, kSumUnroll 16-byte units
+// of each per lane in flight. A decode token has a few of its K pairs on each owner and a few owners, so
+// groups of 4 are mostly full; 4 x 3 is what 512 threads' registers hold without spilling.
+constexpr int kSumGroup = 4;
+constexpr int kSumUnroll = 3;
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
 constexpr int kDefaultSharedBytes = 48 * 1024;
@@ -95,12 +100,14 @@ struct PhaseStamps {
     if (kCompiled && ctx.phase_clock != nullptr && threadIdx.x == 0) ns[phase] = ptx::global_timer_ns();
   }
 
-  // Phases [first, last] of the call on (area, epoch); a launch writes only the phases it ran.
-  __device__ __forceinline__ void flush(const Context& ctx, int area, uint64_t epoch, Phase first, Phase last) const {
+  // Phases [first, last] of the call on (area, epoch); a launch writes only the phases it ran, and zero for
+  // those among them that its kind of call never reaches (bits of `unreached`: the other combine's).
+  __device__ __forceinline__ void flush(const Context& ctx, int area, uint64_t epoch, Phase first, Phase last,
+                                        uint32_t unreached = 0) const {
     if (!kCompiled || ctx.phase_clock == nullptr || threadIdx.x != 0 || blockIdx.x >= kPhaseBlocks) return;
     const int64_t slot = static_cast<int64_t>((epoch * kNumAreas + area) % ctx.phase_slots);
     uint64_t* out = ctx.phase_clock + (slot * kPhaseBlocks + blockIdx.x) * kNumPhases;
-    for (int phase = first; phase <= last; ++phase) out[phase] = ns[phase];
+    for (int phase = first; phase <= last; ++phase) out[phase] = (unreached >> phase) & 1u ? 0 : ns[phase];
   }
 };
 
@@ -187,7 +194,8 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
       for (int dst = 0; dst < num_ranks; ++dst) signals_of(ctx, dst)->counts[area][rank][e] = count;
     }
     for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x)
-      signals_of(ctx, dst)->tokens[area][rank] = num_tokens | (kRecvBytesPerChannel == 1 ? kFp8RowsBit : 0);
+      signals_of(ctx, dst)->tokens[area][rank] =
+          num_tokens | (kRecvBytesPerChannel == 1 ? kFp8RowsBit : 0) | (args.topk_weights != nullptr ? kWeightsBit : 0);
   }
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -200,14 +208,12 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
     const int channels = min(chunking.channels, hidden - first_channel);
 
     // Lane k: pair (token, k) and its place among this rank's rows for the expert. The chunk goes to each
-    // rank the token names once, from the lowest lane bound there; a lower lane naming the same expert
-    // places it for the others.
+    // rank the token names once, from the lowest lane bound there; a repeated expert has the same place
+    // (the receive places it once).
     const int64_t expert = lane < num_topk ? args.topk_idx[static_cast<int64_t>(token) * num_topk + lane] : -1;
     const bool valid = expert >= 0 && expert < num_experts;
     const int dst = valid ? static_cast<int>(expert / local_experts) : -1;
     const uint32_t lower = (1u << lane) - 1u;
-    const bool first_of_expert =
-        (__match_any_sync(0xffffffffu, valid ? static_cast<unsigned long long>(expert) : num_experts + lane) & lower) == 0;
     const bool first_of_rank = (__match_any_sync(0xffffffffu, valid ? dst : num_ranks + lane) & lower) == 0;
     int32_t place = -1;
     uint8_t* x_target = nullptr;
@@ -233,10 +239,15 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
       while (ranks) {
         const int to = __shfl_sync(0xffffffffu, dst, __ffs(ranks) - 1);
         ranks &= ranks - 1;
-        int32_t* tag = reinterpret_cast<int32_t*>(area_of(ctx, to, area, layout) + layout.staging_tags) + staged_row * kTagInts;
+        uint8_t* to_area = area_of(ctx, to, area, layout);
+        int32_t* tag = reinterpret_cast<int32_t*>(to_area + layout.staging_tags) + staged_row * kTagInts;
+        // Every pair bound there, a repeated expert too (its weight counts again in the owner's sum).
         if (lane < kMaxTopk)
-          tag[1 + lane] = dst == to && first_of_expert ? static_cast<int32_t>((expert % local_experts) * ctx.max_tokens + place) : -1;
+          tag[1 + lane] = dst == to ? static_cast<int32_t>((expert % local_experts) * ctx.max_tokens + place) : -1;
         if (lane == 0) tag[0] = static_cast<int32_t>(epoch);
+        if (args.topk_weights != nullptr && lane < num_topk)
+          reinterpret_cast<float*>(to_area + layout.staged_weights)[staged_row * kMaxTopk + lane] =
+              args.topk_weights[static_cast<int64_t>(token) * num_topk + lane];
       }
     }
 
@@ -273,7 +284,8 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
 
 // Receive: wait for every rank's rows; finish this rank's pair rows (add the lower ranks' counts) and the
 // received counts; copy each staged row to its places (lower ranks' rows for the expert first, then by
-// token: rows land in their final order); tell every rank its staging rows here are free again.
+// token: rows land in their final order), and with weights write its reduce entry for the combine; tell
+// every rank its staging rows here are free again.
 template <bool kFp8>
 __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch,
                            PhaseStamps<>& stamps) {
@@ -287,12 +299,17 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     arrived = wait_for_peers(own->rows_done[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
                              kStageLowLatencyRows);
     first_item[0] = 0;
+    const bool weights = args.topk_weights != nullptr;
     for (int src = 0; src < num_ranks; ++src) {
       const int32_t word = *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]);
-      // A source that sent the other row format (bf16 / fp8) in this call: nothing of it is placed.
-      const bool same_rows = ((word & kFp8RowsBit) != 0) == kFp8;
+      // A source that sent the other row format (bf16 / fp8), or weights where this rank sent none or the
+      // reverse, in this call: nothing of it is placed.
+      const bool same_rows = ((word & kFp8RowsBit) != 0) == kFp8 && ((word & kWeightsBit) != 0) == weights;
       if (arrived && !same_rows && blockIdx.x == 0) report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageLowLatencyRows, src);
-      first_item[src + 1] = first_item[src] + (same_rows ? (word & ~kFp8RowsBit) * chunking.count : 0);
+      const int tokens = same_rows ? (word & kTokensMask) : 0;
+      first_item[src + 1] = first_item[src] + tokens * chunking.count;
+      // The combine reads these only after this kernel (stream order); each block writes the same values.
+      if (blockIdx.x == 0) own->reduce_tokens[area][src] = arrived && weights ? tokens : 0;
     }
   }
   __syncthreads();
@@ -359,6 +376,19 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       const int expert = code / ctx.max_tokens;
       row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
     }
+    if (chunk == 0 && args.topk_weights != nullptr) {
+      // The combine's reduce entry: per k the pair's row here and its weight (staged beside the tag).
+      int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
+      if (lane < kMaxTopk) {
+        const float weight = reinterpret_cast<const volatile float*>(own_area + layout.staged_weights)[staged_row * kMaxTopk + lane];
+        entry[1 + lane] = static_cast<int32_t>(row);
+        entry[1 + kMaxTopk + lane] = __float_as_int(weight);
+      }
+      if (lane == 0) entry[0] = static_cast<int32_t>(epoch);
+    }
+    // A repeated expert's pairs share its row: the lowest lane copies it.
+    const uint32_t lower = (1u << lane) - 1u;
+    if ((__match_any_sync(0xffffffffu, row >= 0 ? row : -1 - lane) & lower) != 0) row = -1;
     const int first_channel = chunk * chunking.channels;
     const int channels = min(chunking.channels, hidden - first_channel);
     uint8_t* x_target = row >= 0 ? own_area + (row * hidden + first_channel) * kBytesPerChannel : nullptr;
@@ -518,7 +548,176 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
   __syncthreads();
   stamps.stamp(ctx, kPhaseSummed);
   // The epoch read again rather than kept: a register less through the loop above (a combine never changes it).
-  stamps.flush(ctx, args.area, epoch_of(signals_of(ctx, ctx.rank), args.area), kPhaseCombineStart, kPhaseSummed);
+  stamps.flush(ctx, args.area, epoch_of(signals_of(ctx, ctx.rank), args.area), kPhaseCombineStart, kPhaseSummed,
+               1u << kPhasePartialsSent | 1u << kPhasePartialsArrived);
+}
+
+// ------------------------------------------- combine, sums at the owners (weights sent with the dispatch)
+
+// [owner][token] bf16 partial rows in `rank`'s area: owner's weighted sum of the token's rows it holds.
+__device__ __forceinline__ int4* partial_of(const Context& ctx, int rank, int area, const AreaLayout& layout, int owner,
+                                           int token) {
+  return reinterpret_cast<int4*>(area_of(ctx, rank, area, layout) + layout.partials) +
+         (static_cast<int64_t>(owner) * ctx.max_tokens + token) * (ctx.hidden / 8);
+}
+
+// out[u] = bf16 of the sum over the lanes with a source, ascending, of each one's term, (weight *) source[u],
+// for each 16-byte unit u < units: float32, each product and sum rounded on its own, starting from the first
+// (none at all gives +0.0). The whole warp calls it, with the same units in every lane (the shuffles need
+// every lane).
+template <bool kWeighted>
+__device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_weight, int units, int4* out, int lane) {
+  // Sources packed to the first lanes, in order (an owner holds a few of a token's K pairs, anywhere in k),
+  // so that every group of kSumGroup loads is full.
+  const uint32_t present = __ballot_sync(0xffffffffu, lane_source != nullptr);
+  const int count = __popc(present);
+  uint32_t later = present;
+  for (int i = 0; i < lane && later != 0; ++i) later &= later - 1;  // drop the first `lane` present lanes
+  const int from = later != 0 ? __ffs(later) - 1 : lane;
+  lane_source = reinterpret_cast<const int4*>(
+      __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), from));
+  if constexpr (kWeighted) lane_weight = __shfl_sync(0xffffffffu, lane_weight, from);
+
+  for (int first = 0; first < units; first += 32 * kSumUnroll) {
+    const int base = first + lane;
+    float acc[kSumUnroll][8] = {};
+#pragma unroll 1
+    for (int group = 0; group < count; group += kSumGroup) {
+      const int4* sources[kSumGroup];
+      float weights[kSumGroup];
+#pragma unroll
+      for (int j = 0; j < kSumGroup; ++j) {
+        sources[j] = reinterpret_cast<const int4*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
+        if (group + j >= count) sources[j] = nullptr;
+        weights[j] = kWeighted ? __shfl_sync(0xffffffffu, lane_weight, group + j) : 1.0f;
+      }
+      // Every source's units are loaded before any is summed: the loads in flight set the rate.
+      int4 loaded[kSumGroup][kSumUnroll];
+#pragma unroll
+      for (int j = 0; j < kSumGroup; ++j)
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u)
+          if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
+#pragma unroll
+      for (int j = 0; j < kSumGroup; ++j) {
+        if (sources[j] == nullptr) continue;
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u) {
+          if (base + u * 32 >= units) continue;
+          float term[8];
+          rows::unpack_bf16x8(loaded[j][u], term);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if constexpr (kWeighted) term[i] = __fmul_rn(term[i], weights[j]);
+            acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSumUnroll; ++u)
+      if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
+  }
+}
+
+// Send: per (reduce entry, chunk), the weighted sum of the token's rows held here, written as a bf16 partial
+// into the token's rank; the last block raises partials_done there. Needs no flag first: the entries are
+// this rank's (its receive wrote them) and so are the outputs (earlier kernels on this stream).
+template <bool kClocked>
+__device__ void send_partials(const Context& ctx, const CombineArgs& args, Chunking chunking, const AreaLayout& layout,
+                              uint64_t epoch, PhaseStamps<kClocked>& stamps) {
+  __shared__ int first_item[kMaxRanks + 1];  // items of each source's entries, back to back
+  const int num_ranks = ctx.num_ranks, area = args.area;
+  SignalRegion* own = signals_of(ctx, ctx.rank);
+  if (threadIdx.x == 0) {
+    first_item[0] = 0;
+    for (int src = 0; src < num_ranks; ++src) {
+      const int32_t tokens = own->reduce_tokens[area][src];
+      first_item[src + 1] = first_item[src] + min(max(tokens, 0), ctx.max_tokens) * chunking.count;
+    }
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
+  const int64_t row_units = ctx.hidden / 8;
+  const int num_items = first_item[num_ranks];
+  const int32_t* entries = reinterpret_cast<const int32_t*>(area_of(ctx, ctx.rank, area, layout) + layout.reduce_entries);
+  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
+    int src = 0;
+    while (item >= first_item[src + 1]) ++src;
+    const int token = (item - first_item[src]) / chunking.count, chunk = (item - first_item[src]) % chunking.count;
+    // Lane l: word 1 + l of the entry (a row, then a weight); lane 0 also its epoch.
+    const int32_t* entry = entries + (static_cast<int64_t>(src) * ctx.max_tokens + token) * kReduceInts;
+    const int32_t word = entry[1 + lane];
+    const int32_t tag = lane == 0 ? entry[0] : 0;
+    // An entry of another epoch: none of the token's experts is here this time.
+    if (__shfl_sync(0xffffffffu, tag, 0) != static_cast<int32_t>(epoch)) continue;
+    const float weight = __int_as_float(__shfl_down_sync(0xffffffffu, word, kMaxTopk));  // lane k < kMaxTopk
+    const int32_t row = lane < kMaxTopk ? word : -1;
+    const int first_unit = chunk * chunking.channels / 8;
+    const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
+    const int4* lane_source =
+        row >= 0 && row < owner_rows ? static_cast<const int4*>(args.outputs) + row * row_units + first_unit : nullptr;
+    sum_rows<true>(lane_source, weight, units, partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit, lane);
+  }
+
+  __syncthreads();
+  stamps.stamp(ctx, kPhasePartialsSent);
+  if (threadIdx.x == 0 && last_block_done<true>(&own->reduce_blocks_done[area]))
+    for (int to = 0; to < num_ranks; ++to) ptx::store_release_sys(&signals_of(ctx, to)->partials_done[area][ctx.rank], epoch);
+}
+
+// Receive: wait for every owner's partials of this rank's tokens; per (token, chunk) add them in ascending
+// owner order (only the owners of the token's experts) into y.
+template <bool kClocked>
+__device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunking chunking, const AreaLayout& layout,
+                             uint64_t epoch, PhaseStamps<kClocked>& stamps) {
+  __shared__ bool arrived;
+  const int num_ranks = ctx.num_ranks, num_topk = args.num_topk;
+  if (threadIdx.x == 0)
+    arrived = wait_for_peers(signals_of(ctx, ctx.rank)->partials_done[args.area], num_ranks, epoch, ctx.timeout_ns,
+                             &ctx.mailbox->header, kStageLowLatencyPartials);
+  __syncthreads();
+  stamps.stamp(ctx, kPhasePartialsArrived);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
+  // After a timeout y stays unwritten (the host raises at its next check).
+  const int num_items = arrived ? args.num_tokens * chunking.count : 0;
+  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
+    const int token = item / chunking.count, chunk = item % chunking.count;
+    const int first_unit = chunk * chunking.channels / 8;
+    const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
+    const int32_t pair_row = lane < num_topk ? args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] : -1;
+    const bool valid = pair_row >= 0 && pair_row < owner_rows * num_ranks;  // a failed dispatch may have left any value
+    const uint32_t owners = __reduce_or_sync(0xffffffffu, valid ? 1u << (pair_row / owner_rows) : 0u);
+    const int4* lane_source =
+        lane < num_ranks && ((owners >> lane) & 1u) ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
+                                                    : nullptr;
+    sum_rows<false>(lane_source, 1.0f, units,
+                    reinterpret_cast<int4*>(args.y) + static_cast<int64_t>(token) * (ctx.hidden / 8) + first_unit, lane);
+  }
+  __syncthreads();
+  stamps.stamp(ctx, kPhaseSummed);
+}
+
+// kSend and kReceive: the whole combine in one launch (synchronous calls); one of them: the owner sums now,
+// the adding when the caller's hook asks. kClocked: stamps the phase clock.
+template <bool kSend, bool kReceive, bool kClocked>
+__global__ void __launch_bounds__(kThreads, 1) combine_owner_kernel(Context ctx, CombineArgs args, Chunking reduce_chunks,
+                                                                    Chunking sum_chunks) {
+  __shared__ PhaseStamps<kClocked> stamps;
+  const AreaLayout layout = layout_of(ctx);
+  const uint64_t epoch = epoch_of(signals_of(ctx, ctx.rank), args.area);
+  if constexpr (kSend) {
+    stamps.stamp(ctx, kPhaseCombineStart);
+    send_partials(ctx, args, reduce_chunks, layout, epoch, stamps);
+  }
+  if constexpr (kReceive) add_partials(ctx, args, sum_chunks, layout, epoch, stamps);
+  stamps.flush(ctx, args.area, epoch, kSend ? kPhaseCombineStart : kPhasePartialsArrived,
+               kReceive ? kPhaseSummed : kPhasePartialsSent, 1u << kPhaseOutputsReady);
 }
 
 void check_context(const Context& ctx) {
@@ -601,15 +800,41 @@ void launch_stage_outputs(const Context& ctx, int area, const void* outputs, con
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+// Combine of a dispatch that carried the weights: sums at the owners, then the partials added.
+void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream) {
+  DC_CHECK_ARG(phases == Phases::kReceive || args.outputs != nullptr, "expert_out: null");
+  const int64_t warps = static_cast<int64_t>(args.num_blocks) * kWarps;
+  // The owner's entries are the peers' tokens (their count is known only on the GPU): sized as if each
+  // sent as many as this rank.
+  const Chunking reduce_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps);
+  const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
+  auto launch = [&](auto clocked_kernel, auto plain_kernel) {
+    auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
+    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, reduce_chunks, sum_chunks);
+  };
+  switch (phases) {
+    case Phases::kSend: launch(combine_owner_kernel<true, false, true>, combine_owner_kernel<true, false, false>); break;
+    case Phases::kReceive: launch(combine_owner_kernel<false, true, true>, combine_owner_kernel<false, true, false>); break;
+    case Phases::kBoth: launch(combine_owner_kernel<true, true, true>, combine_owner_kernel<true, true, false>); break;
+  }
+}
+
+}  // namespace
+
 void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream) {
   check_context(ctx);
   check_area(args.area);
-  if (phases == Phases::kSend) {
+  DC_CHECK_ARG(phases == Phases::kSend || args.num_blocks > 0, "num_sms: must be > 0");
+  DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
+  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
+  if (args.topk_weights == nullptr) {
+    DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+    launch_owner_combine(ctx, args, phases, stream);
+  } else if (phases == Phases::kSend) {
     combine_send_kernel<<<1, 1, 0, stream>>>(ctx, args.area);
   } else {
-    DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
-    DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
-    DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
     const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
     const bool publish = phases == Phases::kBoth, clocked = ctx.phase_clock != nullptr;
     auto kernel = publish ? (clocked ? combine_recv_kernel<true, true> : combine_recv_kernel<true, false>)

@@ -40,7 +40,9 @@ enum Phase : int {
   kPhaseRowsPlaced,      // receive: this block's rows copied to their places
   kPhaseEnd,             // receive: counted (the last block freed the staging rows)
   kPhaseCombineStart,    // a combine kernel's block begins
-  kPhaseOutputsReady,    // every rank's outputs_ready
+  kPhaseOutputsReady,    // pull: every rank's outputs_ready
+  kPhasePartialsSent,    // owner sums: this block's partial sums written to the tokens' ranks
+  kPhasePartialsArrived, // owner sums: every owner's partials of this rank's tokens (partials_done)
   kPhaseSummed,          // this block's tokens reduced
   kNumPhases
 };
@@ -52,6 +54,7 @@ struct DispatchArgs {
   const void* x;            // [T, H] bf16 or fp8
   const float* x_scales;    // [T, H/128] for kFp8, else null
   const int64_t* topk_idx;  // [T, K], -1 = none
+  const float* topk_weights;  // [T, K] or null: with them, the combine sums at the owners
   int num_tokens;
   int num_topk;
   int32_t* pair_rows;       // out [T, K]: expert * rows_per_expert + row of the pair, -1 for none (final after the receive)
@@ -61,8 +64,9 @@ struct DispatchArgs {
 
 struct CombineArgs {
   int area;
+  const void* outputs;          // owner sums: [local experts, rows per expert, H] bf16 expert outputs (any memory)
   const int32_t* pair_rows;     // [T, K] from the dispatch
-  const float* topk_weights;    // [T, K]
+  const float* topk_weights;    // pull: [T, K]; null: owner sums (the dispatch carried the weights)
   int num_tokens;
   int num_topk;
   void* y;                      // out [T, H] bf16
@@ -87,8 +91,11 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases
 // receive area, only each expert's received rows (recv_counts from the dispatch).
 void launch_stage_outputs(const Context& ctx, int area, const void* outputs, const int32_t* recv_counts,
                           int num_blocks, cudaStream_t stream);
-// Combine. Send: tell every rank that this rank's expert outputs are in place. Receive: wait for every
-// rank's, then pull each token's rows and reduce them, weighted.
+// Combine, pull (weights given here). Send: tell every rank that this rank's expert outputs are in place.
+// Receive: wait for every rank's, then pull each token's rows and reduce them, weighted.
+// Combine, owner sums (the dispatch carried the weights). Send: per reduce entry, sum the token's rows held
+// here in k order, weighted, and write the bf16 partial into the token's rank. Receive: wait for every
+// owner's partials and add them per token in ascending owner order.
 void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream);
 
 }  // namespace deepcomm::low_latency

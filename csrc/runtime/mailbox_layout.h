@@ -34,6 +34,7 @@ enum Stage : int64_t {
   kStageLowLatencyStaging = 8,  // every rank done reading the rows this rank staged there last time (low-latency send)
   kStageLowLatencyRows = 9,     // every rank finishing the rows it sends here (low-latency receive)
   kStageLowLatencyOutputs = 10, // every rank's expert outputs in place (low-latency combine)
+  kStageLowLatencyPartials = 11,  // every owner's partial sums of this rank's tokens (low-latency combine, weights at dispatch)
 };
 
 }  // namespace deepcomm
