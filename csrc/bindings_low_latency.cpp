@@ -90,29 +90,31 @@ void bind_low_latency(py::module_& m) {
          "Stamp every later call's phases into clock ([slots, PHASE_BLOCKS, len(PHASES)] int64 on the device; "
          "0: stop).")
       .def("dispatch", [](const ll::Context& ctx, int phases, int area, int payload, uintptr_t x, uintptr_t x_scales,
-                          uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t pair_rows,
-                          uintptr_t recv_counts, int num_blocks, uintptr_t stream) {
+                          uintptr_t topk_idx, uintptr_t topk_weights, bool with_weights, int num_tokens, int num_topk,
+                          uintptr_t pair_rows, uintptr_t recv_counts, int num_blocks, uintptr_t stream) {
         ll::DispatchArgs args{area, static_cast<ll::Payload>(payload), as_ptr<const void>(x),
                               as_ptr<const float>(x_scales), as_ptr<const int64_t>(topk_idx),
-                              as_ptr<const float>(topk_weights), num_tokens, num_topk,
+                              as_ptr<const float>(topk_weights), with_weights, num_tokens, num_topk,
                               as_ptr<int32_t>(pair_rows), as_ptr<int32_t>(recv_counts), num_blocks};
         ll::launch_dispatch(ctx, args, phases_of(phases), as_stream(stream));
       }, py::arg("phases"), py::arg("area"), py::arg("payload"), py::arg("x"), py::arg("x_scales"),
-         py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"),
+         py::arg("topk_idx"), py::arg("topk_weights"), py::arg("with_weights"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("pair_rows"),
          py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"),
-         "phases: 1 send, 2 receive, 3 both (csrc/kernels/low_latency.h); topk_weights 0: none (the combine pulls).")
+         "phases: 1 send, 2 receive, 3 both (csrc/kernels/low_latency.h); with_weights: topk_weights travel with the "
+         "rows (the combine then sums at the owners).")
       .def("stage_outputs", [](const ll::Context& ctx, int area, uintptr_t outputs, uintptr_t recv_counts,
                                int num_blocks, uintptr_t stream) {
         ll::launch_stage_outputs(ctx, area, as_ptr<const void>(outputs), as_ptr<const int32_t>(recv_counts),
                                  num_blocks, as_stream(stream));
       }, py::arg("area"), py::arg("outputs"), py::arg("recv_counts"), py::arg("num_blocks"), py::arg("stream"))
-      .def("combine", [](const ll::Context& ctx, int phases, int area, uintptr_t outputs, uintptr_t pair_rows,
-                         uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t y, int num_blocks,
-                         uintptr_t stream) {
+      .def("combine", [](const ll::Context& ctx, int phases, int area, bool owner_sums, uintptr_t outputs,
+                         uintptr_t pair_rows, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t y,
+                         int num_blocks, uintptr_t stream) {
         ll::CombineArgs args{area, as_ptr<const void>(outputs), as_ptr<const int32_t>(pair_rows),
-                             as_ptr<const float>(topk_weights), num_tokens, num_topk, as_ptr<void>(y), num_blocks};
+                             as_ptr<const float>(topk_weights), owner_sums, num_tokens, num_topk, as_ptr<void>(y),
+                             num_blocks};
         ll::launch_combine(ctx, args, phases_of(phases), as_stream(stream));
-      }, py::arg("phases"), py::arg("area"), py::arg("outputs"), py::arg("pair_rows"), py::arg("topk_weights"),
-         py::arg("num_tokens"), py::arg("num_topk"), py::arg("y"), py::arg("num_blocks"), py::arg("stream"),
-         "topk_weights 0: the dispatch carried them (sums at the owners over outputs); else the pull.");
+      }, py::arg("phases"), py::arg("area"), py::arg("owner_sums"), py::arg("outputs"), py::arg("pair_rows"),
+         py::arg("topk_weights"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("y"), py::arg("num_blocks"),
+         py::arg("stream"), "owner_sums: the dispatch carried the weights (sums at the owners over outputs); else the pull.");
 }

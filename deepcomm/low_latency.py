@@ -324,8 +324,8 @@ class LowLatencyKernels:
         result = LowLatencyResult(views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE],
                                   None if payload == 0 else views["scales"], counts, handle, EventHandle(None))
         args = (area, payload, x.data_ptr(), 0 if x_scales is None else x_scales.data_ptr(), topk_idx.data_ptr(),
-                0 if topk_weights is None else topk_weights.data_ptr(), num_tokens, num_topk, pair_rows.data_ptr(),
-                counts.data_ptr(), num_blocks)
+                0 if topk_weights is None else topk_weights.data_ptr(), topk_weights is not None, num_tokens, num_topk,
+                pair_rows.data_ptr(), counts.data_ptr(), num_blocks)
         kernels = self.kernels
         caller = self._caller_stream(previous_event, async_finish or return_recv_hook)
         if caller is not None:  # synchronous: one launch on the caller's stream
@@ -444,8 +444,8 @@ class LowLatencyKernels:
             return y
 
         def receive(y: torch.Tensor, cuda_stream: int, phases: int) -> None:
-            self.ctx.combine(phases, area, expert_out.data_ptr() if owner_sums else 0, handle.pair_rows.data_ptr(),
-                             0 if owner_sums else topk_weights.data_ptr(), handle.num_tokens,
+            self.ctx.combine(phases, area, owner_sums, expert_out.data_ptr() if owner_sums else 0,
+                             handle.pair_rows.data_ptr(), 0 if owner_sums else topk_weights.data_ptr(), handle.num_tokens,
                              handle.pair_rows.shape[1], y.data_ptr(), num_blocks, cuda_stream)
 
         kernels = self.kernels

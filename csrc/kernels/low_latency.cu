@@ -195,7 +195,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
     }
     for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x)
       signals_of(ctx, dst)->tokens[area][rank] =
-          num_tokens | (kRecvBytesPerChannel == 1 ? kFp8RowsBit : 0) | (args.topk_weights != nullptr ? kWeightsBit : 0);
+          num_tokens | (kRecvBytesPerChannel == 1 ? kFp8RowsBit : 0) | (args.with_weights ? kWeightsBit : 0);
   }
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -245,7 +245,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
         if (lane < kMaxTopk)
           tag[1 + lane] = dst == to ? static_cast<int32_t>((expert % local_experts) * ctx.max_tokens + place) : -1;
         if (lane == 0) tag[0] = static_cast<int32_t>(epoch);
-        if (args.topk_weights != nullptr && lane < num_topk)
+        if (args.with_weights && lane < num_topk)
           reinterpret_cast<float*>(to_area + layout.staged_weights)[staged_row * kMaxTopk + lane] =
               args.topk_weights[static_cast<int64_t>(token) * num_topk + lane];
       }
@@ -299,7 +299,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     arrived = wait_for_peers(own->rows_done[area], num_ranks, epoch, ctx.timeout_ns, &ctx.mailbox->header,
                              kStageLowLatencyRows);
     first_item[0] = 0;
-    const bool weights = args.topk_weights != nullptr;
+    const bool weights = args.with_weights;
     for (int src = 0; src < num_ranks; ++src) {
       const int32_t word = *reinterpret_cast<volatile int32_t*>(&own->tokens[area][src]);
       // A source that sent the other row format (bf16 / fp8), or weights where this rank sent none or the
@@ -376,7 +376,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       const int expert = code / ctx.max_tokens;
       row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
     }
-    if (chunk == 0 && args.topk_weights != nullptr) {
+    if (chunk == 0 && args.with_weights) {
       // The combine's reduce entry: per k the pair's row here and its weight (staged beside the tag).
       int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
       if (lane < kMaxTopk) {
@@ -807,8 +807,9 @@ void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases ph
   DC_CHECK_ARG(phases == Phases::kReceive || args.outputs != nullptr, "expert_out: null");
   const int64_t warps = static_cast<int64_t>(args.num_blocks) * kWarps;
   // The owner's entries are the peers' tokens (their count is known only on the GPU): sized as if each
-  // sent as many as this rank.
-  const Chunking reduce_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps);
+  // sent as many as this rank, kPlaceItemsPerWarp items a warp as in the placing: an entry holds 0 to K of
+  // the token's rows, and about one item a warp left the last block summing 3.5x as long as the first.
+  const Chunking reduce_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps * kPlaceItemsPerWarp);
   const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
   auto launch = [&](auto clocked_kernel, auto plain_kernel) {
     auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
@@ -829,7 +830,7 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
   DC_CHECK_ARG(phases == Phases::kSend || args.num_blocks > 0, "num_sms: must be > 0");
   DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
   DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
-  if (args.topk_weights == nullptr) {
+  if (args.owner_sums) {
     DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
     launch_owner_combine(ctx, args, phases, stream);
   } else if (phases == Phases::kSend) {

@@ -54,7 +54,8 @@ struct DispatchArgs {
   const void* x;            // [T, H] bf16 or fp8
   const float* x_scales;    // [T, H/128] for kFp8, else null
   const int64_t* topk_idx;  // [T, K], -1 = none
-  const float* topk_weights;  // [T, K] or null: with them, the combine sums at the owners
+  const float* topk_weights;  // [T, K] when with_weights (null with no tokens)
+  bool with_weights;          // the weights travel with the rows: the combine sums at the owners
   int num_tokens;
   int num_topk;
   int32_t* pair_rows;       // out [T, K]: expert * rows_per_expert + row of the pair, -1 for none (final after the receive)
@@ -66,7 +67,8 @@ struct CombineArgs {
   int area;
   const void* outputs;          // owner sums: [local experts, rows per expert, H] bf16 expert outputs (any memory)
   const int32_t* pair_rows;     // [T, K] from the dispatch
-  const float* topk_weights;    // pull: [T, K]; null: owner sums (the dispatch carried the weights)
+  const float* topk_weights;    // pull: [T, K] (null with no tokens)
+  bool owner_sums;              // the dispatch carried the weights: sums at the owners over outputs
   int num_tokens;
   int num_topk;
   void* y;                      // out [T, H] bf16
