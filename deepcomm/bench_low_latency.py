@@ -80,6 +80,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
     expected = round_trip_expected(x, topk_idx, topk_weights)
     world = dist.get_world_size()
     expected_by_owner = round_trip_by_owner_expected(x, topk_idx, topk_weights, experts, world)
+    owner_pairs = distinct_pairs(topk_idx // local)  # (token, owner rank) partials of this rank's tokens
     sent = round(mean_over_ranks(distinct_pairs(topk_idx)) * world)
     rows = []
     for path, comm in paths.items():
@@ -132,8 +133,10 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                 return comm.low_latency_combine(back, None, out.handle, num_sms=sms), out
 
             check = all_ok(torch.equal(round_trip_by_owner()[0], expected_by_owner))
+            # Its combine moves one row per (token, owner rank), not one per (token, expert).
+            owner_bytes = nbytes + owner_pairs * 2 * shape["hidden"]
             rows.append(row(path, "bf16", "ll_round_trip(owners)", sms, timer(round_trip_by_owner),
-                            int(mean_over_ranks(2 * nbytes)), None, check, "weights sent with the dispatch"))
+                            int(mean_over_ranks(owner_bytes)), None, check, "weights sent with the dispatch"))
             if path == "low_latency":  # as decode runs in serving engines: no host work per call
                 replay, graph_out = captured(lambda: comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms))
                 us = timer(replay)
@@ -146,7 +149,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                                 None, all_ok(torch.equal(graph_y, expected)), "CUDA graph replay"))
                 replay, (graph_y, _) = captured(round_trip_by_owner)
                 us = timer(replay)
-                rows.append(row(path, "bf16", "ll_round_trip(owners,graph)", sms, us, int(mean_over_ranks(2 * nbytes)),
+                rows.append(row(path, "bf16", "ll_round_trip(owners,graph)", sms, us, int(mean_over_ranks(owner_bytes)),
                                 None, all_ok(torch.equal(graph_y, expected_by_owner)),
                                 "CUDA graph replay, weights sent with the dispatch"))
     for comm in paths.values():

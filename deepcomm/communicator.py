@@ -331,8 +331,8 @@ class Communicator:
 
     def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """``[E/world, world * max_tokens_per_rank, H]`` bf16 for the expert outputs of ``handle``'s
-        dispatch: on the kernels, its receive area, which combine reads in place (any other tensor
-        is copied in first). Writing it overwrites the dispatched rows."""
+        dispatch: on the kernels, its receive area, which combine reads in place (when combine pulls,
+        any other tensor is copied in first). Writing it overwrites the dispatched rows."""
         self._check_call()
         return self._low_latency_impl().combine_input(handle)
 

@@ -128,7 +128,7 @@ class ReferenceLowLatency:
             if x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
-        with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx)) as caller:
+        with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights)
             result.event = hand_back((result.x, result.x_scales, result.num_tokens_per_expert,
                                       result.handle.pair_rows), x.device, self.reference.comm_stream(x.device),
@@ -151,9 +151,17 @@ class ReferenceLowLatency:
         token_of = torch.arange(num_tokens, device=device).unsqueeze(1).expand_as(topk_idx)
         chosen[token_of[valid], topk_idx[valid]] = True
         counts = chosen.sum(0)  # [E]
-        every_count = [torch.empty_like(counts) for _ in range(world)]
-        self.reference._stage("low_latency/counts", dist.all_gather, every_count, counts, group=self.reference.group)
-        every_count = torch.stack(every_count)  # [W, E]
+        # With each rank's counts, whether it sends its weights: every rank must do as the others (the kernels
+        # report a rank that differs at the next call; here it raises at once, on every rank).
+        sent = torch.cat([counts, counts.new_tensor([int(topk_weights is not None)])])
+        every_count = [torch.empty_like(sent) for _ in range(world)]
+        self.reference._stage("low_latency/counts", dist.all_gather, every_count, sent, group=self.reference.group)
+        every_count = torch.stack(every_count)  # [W, E + 1]
+        differs = (every_count[:, -1] != every_count[rank, -1]).nonzero().flatten().tolist()
+        if differs:
+            raise ValueError(f"topk_weights: rank {differs[0]} {'gave' if topk_weights is None else 'did not give'} "
+                             "them to this dispatch; every rank must give them or none")
+        every_count = every_count[:, :-1]
         # This rank's rows for expert e follow the lower ranks', in token order.
         row_of = every_count[:rank].sum(0) + chosen.long().cumsum(0) - 1  # [T, E], meaningful where chosen
         picked_row = row_of.gather(1, topk_idx.clamp(min=0))

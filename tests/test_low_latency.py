@@ -207,6 +207,8 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
     carried = comm.low_latency_dispatch(x, idx, E, topk_weights=weights)
     with pytest.raises(ValueError, match="topk_weights: the dispatch carried the weights"):
         comm.low_latency_combine(out, weights, carried.handle)
+    with pytest.raises(ValueError, match=f"topk_weights: rank {1 - rank} (gave|did not give) them"):
+        comm.low_latency_dispatch(x, idx, E, topk_weights=weights if rank == 0 else None)
     comm.low_latency_dispatch(x, idx, E)
     comm.low_latency_dispatch(x, idx, E)
     with pytest.raises(SlotReusedError, match="handle: 4 low-latency dispatches ran"):
@@ -396,6 +398,12 @@ def _odd_shapes_worker(rank: int, world_size: int) -> None:
             expected = oracle.combine(outputs, weights, theirs.handle)[0]
             same_bits(comm.low_latency_combine(outputs.to(device), weights.to(device), ours.handle), expected,
                       f"hidden {hidden}, combine, call {call}")
+            # The weights sent with the dispatch: the owners' sums over the same odd rows.
+            ours = comm.low_latency_dispatch(x.to(device), idx.to(device), config.num_experts,
+                                             topk_weights=weights.to(device), **kwargs)
+            theirs = oracle.dispatch(x, idx, config.num_experts, topk_weights=weights, **kwargs)
+            same_bits(comm.low_latency_combine(outputs.to(device), None, ours.handle),
+                      oracle.combine(outputs, None, theirs.handle)[0], f"hidden {hidden}, owner sums, call {call}")
         comm.check_errors()
         comm.close()
         del comm

@@ -30,6 +30,17 @@
 // Nobody waits for the pulls to end: a rank overwrites its rows only in its
 // next receive on the area, after every rank's rows_done for it, which each
 // raises only after its combine on the area is done (stream order).
+//
+// Combine of a dispatch that carried the weights (staged beside each row's tag;
+// the receive turned each staged row into a reduce entry of this rank's own):
+// with no flag first, one warp per (entry, chunk) sums the token's rows held
+// here, weighted, k ascending, and writes the bf16 partial into the token's
+// rank ([owner][token]); the last block raises partials_done in every rank;
+// each rank waits for all of them and adds its tokens' partials in owner order.
+// The entries are overwritten only by this rank's receive two calls later (after
+// this combine, by stream order). An owner writes a rank's partials on the area
+// again only in its combine two calls later, after its receive there, which
+// waits for that rank's rows_done, raised by a send after this rank's combine.
 #include <cuda_runtime.h>
 
 #include "kernels/common/peer_wait.cuh"
@@ -282,11 +293,46 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   return epoch;
 }
 
+// With weights, each staged row's reduce entry for the combine: per k the row the pair took here and its
+// weight (staged beside the tag). Only the receive launches of dispatches given weights have it (a template
+// flag): in the others its registers cost the fp8 launches spills. Runs before staging_free lets the sources
+// stage over the weights. first_item: each source's items, back to back (items_per_row per staged row); base:
+// [source][local expert].
+__device__ __forceinline__ void write_reduce_entries(const Context& ctx, uint8_t* own_area, const AreaLayout& layout,
+                                                  const int* first_item, int items_per_row, const int32_t* base,
+                                                  uint64_t epoch) {
+  const int num_ranks = ctx.num_ranks, local_experts = ctx.num_experts / num_ranks;
+  const int lane = threadIdx.x % 32;
+  const int num_rows = first_item[num_ranks] / items_per_row;
+  for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < num_rows; r += gridDim.x * kWarps) {
+    int src = 0;
+    while (r * items_per_row >= first_item[src + 1]) ++src;
+    const int64_t staged_row = static_cast<int64_t>(src) * ctx.max_tokens + r - first_item[src] / items_per_row;
+    const int32_t word =
+        lane < kTagInts ? reinterpret_cast<const volatile int32_t*>(own_area + layout.staging_tags)[staged_row * kTagInts + lane] : -1;
+    if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
+    const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
+    const int32_t code = lane < kMaxTopk ? next_lane_word : -1;
+    int32_t row = -1;
+    if (code >= 0 && code < local_experts * ctx.max_tokens) {
+      const int expert = code / ctx.max_tokens;
+      row = static_cast<int32_t>(expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens);
+    }
+    int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
+    if (lane < kMaxTopk) {
+      entry[1 + lane] = row;
+      entry[1 + kMaxTopk + lane] = __float_as_int(
+          reinterpret_cast<const volatile float*>(own_area + layout.staged_weights)[staged_row * kMaxTopk + lane]);
+    }
+    if (lane == 0) entry[0] = static_cast<int32_t>(epoch);
+  }
+}
+
 // Receive: wait for every rank's rows; finish this rank's pair rows (add the lower ranks' counts) and the
 // received counts; copy each staged row to its places (lower ranks' rows for the expert first, then by
 // token: rows land in their final order), and with weights write its reduce entry for the combine; tell
 // every rank its staging rows here are free again.
-template <bool kFp8>
+template <bool kFp8, bool kWeights>
 __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunking chunking, uint64_t epoch,
                            PhaseStamps<>& stamps) {
   __shared__ bool arrived;
@@ -376,16 +422,6 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       const int expert = code / ctx.max_tokens;
       row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
     }
-    if (chunk == 0 && args.with_weights) {
-      // The combine's reduce entry: per k the pair's row here and its weight (staged beside the tag).
-      int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
-      if (lane < kMaxTopk) {
-        const float weight = reinterpret_cast<const volatile float*>(own_area + layout.staged_weights)[staged_row * kMaxTopk + lane];
-        entry[1 + lane] = static_cast<int32_t>(row);
-        entry[1 + kMaxTopk + lane] = __float_as_int(weight);
-      }
-      if (lane == 0) entry[0] = static_cast<int32_t>(epoch);
-    }
     // A repeated expert's pairs share its row: the lowest lane copies it.
     const uint32_t lower = (1u << lane) - 1u;
     if ((__match_any_sync(0xffffffffu, row >= 0 ? row : -1 - lane) & lower) != 0) row = -1;
@@ -409,6 +445,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       if constexpr (kFp8) scales.store(scale_targets, lane);
     }
   }
+  if constexpr (kWeights) write_reduce_entries(ctx, own_area, layout, first_item, chunking.count, base, epoch);
 
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsPlaced);
@@ -423,8 +460,8 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
 }
 
 // kSend and kReceive: the whole call in one launch (synchronous calls); one of them: a send now and the
-// receive later (receive hooks), so that no SM waits in between.
-template <Payload kPayload, bool kSend, bool kReceive>
+// receive later (receive hooks), so that no SM waits in between. kWeights: the receive writes reduce entries.
+template <Payload kPayload, bool kSend, bool kReceive, bool kWeights = false>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, DispatchArgs args, Chunking send_chunks,
                                                                Chunking place_chunks) {
   extern __shared__ uint32_t masks[];
@@ -433,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   uint64_t epoch = 0;
   if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks, stamps);
   else epoch = epoch_of(signals_of(ctx, ctx.rank), args.area);  // the send kernel, earlier on this stream, advanced it
-  if constexpr (kReceive) place_rows<kPayload != Payload::kBf16>(ctx, args, place_chunks, epoch, stamps);
+  if constexpr (kReceive) place_rows<kPayload != Payload::kBf16, kWeights>(ctx, args, place_chunks, epoch, stamps);
   // A receive launch (hook) keeps the send's stamps; its own start is not kept.
   stamps.flush(ctx, args.area, epoch, kSend ? kPhaseStart : kPhaseRowsArrived, kReceive ? kPhaseEnd : kPhaseRowsSignalled);
 }
@@ -766,8 +803,12 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
   };
   switch (phases) {
     case Phases::kSend: launch(dispatch_kernel<kPayload, true, false>); break;
-    case Phases::kReceive: launch(dispatch_kernel<kPayload, false, true>); break;
-    case Phases::kBoth: launch(dispatch_kernel<kPayload, true, true>); break;
+    case Phases::kReceive:
+      args.with_weights ? launch(dispatch_kernel<kPayload, false, true, true>) : launch(dispatch_kernel<kPayload, false, true>);
+      break;
+    case Phases::kBoth:
+      args.with_weights ? launch(dispatch_kernel<kPayload, true, true, true>) : launch(dispatch_kernel<kPayload, true, true>);
+      break;
   }
 }
 
@@ -782,6 +823,7 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, Phases phases
   DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk,
                "topk_idx: the low-latency path supports 1 to " + std::to_string(kMaxTopk) + " experts per token");
   DC_CHECK_ARG(args.payload == Payload::kBf16 || ctx.hidden % 128 == 0, "x: fp8 needs a hidden size that is a multiple of 128");
+  DC_CHECK_ARG(!args.with_weights || args.num_tokens == 0 || args.topk_weights != nullptr, "topk_weights: null");
   switch (args.payload) {
     case Payload::kBf16: launch_dispatch_phases<Payload::kBf16>(ctx, args, phases, stream); break;
     case Payload::kFp8: launch_dispatch_phases<Payload::kFp8>(ctx, args, phases, stream); break;
@@ -809,7 +851,8 @@ void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases ph
   // The owner's entries are the peers' tokens (their count is known only on the GPU): sized as if each
   // sent as many as this rank, kPlaceItemsPerWarp items a warp as in the placing: an entry holds 0 to K of
   // the token's rows, and about one item a warp left the last block summing 3.5x as long as the first.
-  const Chunking reduce_chunks = chunking_of(ctx.hidden, args.num_tokens * ctx.num_ranks, warps * kPlaceItemsPerWarp);
+  const Chunking reduce_chunks =
+      chunking_of(ctx.hidden, (args.num_tokens > 0 ? args.num_tokens : 1) * ctx.num_ranks, warps * kPlaceItemsPerWarp);
   const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
   auto launch = [&](auto clocked_kernel, auto plain_kernel) {
     auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
@@ -829,7 +872,9 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
   check_area(args.area);
   DC_CHECK_ARG(phases == Phases::kSend || args.num_blocks > 0, "num_sms: must be > 0");
   DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
-  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "topk_weights: 1 to 16 experts per token");
+  DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "handle: 1 to 16 experts per token");
+  DC_CHECK_ARG(phases == Phases::kSend || args.num_tokens == 0 || args.y != nullptr, "y: null");
+  DC_CHECK_ARG(args.owner_sums || args.num_tokens == 0 || args.topk_weights != nullptr, "topk_weights: null");
   if (args.owner_sums) {
     DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
     launch_owner_combine(ctx, args, phases, stream);
