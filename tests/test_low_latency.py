@@ -347,14 +347,17 @@ def _agreement_worker(rank: int, world_size: int) -> None:
         with pytest.raises(ValueError, match="handle: its dispatch was combined already"):
             comm.low_latency_combine(in_place, weights, ours.handle)
 
-        # The weights sent with the dispatch (bf16 rows, and fp8 quantised on the way): the owners sum.
+        # The weights sent with the dispatch (bf16 rows, fp8 quantised on the way, and fp8 rows the caller
+        # quantised): the owners sum.
         carried = oracle.dispatch(inputs.x, inputs.topk_idx, num_experts, topk_weights=inputs.topk_weights)
         expected = oracle.combine(outputs, None, carried.handle)[0]
-        for mode, num_sms in (("bf16", 24), ("bf16", 2), ("quantize", 7)):
+        q, s = fp8.quantize_fp8(inputs.x)
+        for mode, num_sms in (("bf16", 24), ("bf16", 2), ("quantize", 7), ("fp8", 5)):
             where = f"{routing}: combine summed at the owners ({mode}), sms{num_sms}"
             _poison(comm)
-            ours = comm.low_latency_dispatch(x, idx, num_experts, quantize_fp8=mode == "quantize", num_sms=num_sms,
-                                             topk_weights=weights)
+            x_in, kwargs = (q.to(device), dict(x_scales=s.to(device))) if mode == "fp8" else (x, {})
+            ours = comm.low_latency_dispatch(x_in, idx, num_experts, quantize_fp8=mode == "quantize", num_sms=num_sms,
+                                             topk_weights=weights, **kwargs)
             if mode == "bf16":
                 _check_received(ours, carried, where)
             same_bits(comm.low_latency_combine(outputs.to(device), None, ours.handle, num_sms=num_sms), expected, where)
@@ -548,6 +551,18 @@ def _hooks_and_graphs_worker(rank: int, world_size: int) -> None:
     y, event, hook = comm.low_latency_combine_async(sent.x.clone(), None, sent.handle, return_recv_hook=True)
     hook()
     same_bits(y, by_owner, "combine summed at the owners with a hook")
+    # Two micro-batches, one summing at the owners and one pulling, their combines' hooks interleaved with
+    # the next dispatch onto the first one's area.
+    a = comm.low_latency_dispatch(x, idx, num_experts, topk_weights=weights)
+    b = comm.low_latency_dispatch(x, idx, num_experts)
+    y_a, _, hook_a = comm.low_latency_combine_async(a.x.clone(), None, a.handle, return_recv_hook=True)
+    y_b, _, hook_b = comm.low_latency_combine_async(b.x.clone(), weights, b.handle, return_recv_hook=True)
+    hook_a()
+    again = comm.low_latency_dispatch(x, idx, num_experts, topk_weights=weights)
+    hook_b()
+    same_bits(y_a, by_owner, "interleaved hooks: owner sums")
+    same_bits(y_b, expected, "interleaved hooks: pull")
+    same_bits(comm.low_latency_combine(again.x.clone(), None, again.handle), by_owner, "interleaved hooks: next call")
 
     # A captured dispatch + combine replays with fresh inputs (the epochs live on the device).
     static_x = x.clone()
