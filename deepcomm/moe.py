@@ -341,26 +341,26 @@ class MoELayer(nn.Module):
 
         The experts run batched over each local expert's whole receive region
         ``[E_local, world * max_tokens_per_rank, H]``: rows past an expert's count are computed and
-        never read (combine pulls only received rows), which is right for any counts and needs no
+        never read (combine reads only received rows), which is right for any counts and needs no
         host sync; a grouped GEMM masked at each expert's count is the fast form of this step. The
-        weighted sum over a token's experts happens in combine (k ascending, float32), so the
-        result differs from :meth:`forward`'s only by rounding.
+        weights travel with the dispatch, so each rank holding a token's experts sums their outputs
+        (k ascending, float32) and sends one partial row per (token, rank), not one row per expert;
+        the result differs from :meth:`forward`'s only by rounding.
         """
         self._check_tokens(x2d)
         topk_idx, topk_weights = self.route(x2d)
         received = self.comm.low_latency_dispatch(x2d.to(torch.bfloat16).contiguous(), topk_idx,
                                                   self.config.num_experts,
-                                                  quantize_fp8=self.config.dispatch_dtype == "fp8")
+                                                  quantize_fp8=self.config.dispatch_dtype == "fp8",
+                                                  topk_weights=topk_weights)
         rows = received.x
         if received.x_scales is not None:  # fp8 rows: dequantised per 128-channel block
             blocks = rows.float().unflatten(-1, (-1, BLOCK_CHANNELS)) * received.x_scales.unsqueeze(-1)
             rows = blocks.flatten(-2)
         rows = rows.to(self.dtype)
         out = torch.bmm(_swiglu(torch.bmm(rows, self.w_gate_up)), self.w_down)  # [E_local, rows, H]
-        # Over the received rows (read above): combine pulls them where they are.
-        expert_out = self.comm.low_latency_combine_input(received.handle)
-        expert_out.copy_(out)
-        routed = self.comm.low_latency_combine(expert_out, topk_weights, received.handle)
+        # The owners' sums read the experts' outputs from any memory of this rank: no copy into the receive area.
+        routed = self.comm.low_latency_combine(out.to(torch.bfloat16).contiguous(), None, received.handle)
         return routed.to(self.dtype) + self.shared(x2d)
 
 
