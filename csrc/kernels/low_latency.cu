@@ -502,6 +502,75 @@ __global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx,
   }
 }
 
+// out[u] = bf16 of a float32 sum of terms (weight *) source[u], for each 16-byte unit u < units, each product
+// and sum rounded on its own, starting from the first term, with kGroup sources at a time and kUnroll units of
+// each per lane in flight. kPacked: the lanes with a source give the terms, in lane order, packed to the first
+// lanes so that every group of loads is full (an owner holds a few of a token's K pairs, anywhere in k); none
+// at all gives +0.0. Otherwise lanes [0, num_terms) give them, +0.0 for a lane with no source (a pair of -1
+// adds +0.0 in its place: deepcomm/pair_sum.py's order). The whole warp calls it, with the same units in every
+// lane (the shuffles need every lane).
+template <int kGroup, int kUnroll, bool kWeighted, bool kPacked>
+__device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_weight, int num_terms, int units, int4* out,
+                                         int lane) {
+  int terms = num_terms;
+  if constexpr (kPacked) {
+    const uint32_t present = __ballot_sync(0xffffffffu, lane_source != nullptr);
+    terms = __popc(present);
+    uint32_t later = present;
+    for (int i = 0; i < lane && later != 0; ++i) later &= later - 1;  // drop the first `lane` present lanes
+    const int from = later != 0 ? __ffs(later) - 1 : lane;
+    lane_source = reinterpret_cast<const int4*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), from));
+    if constexpr (kWeighted) lane_weight = __shfl_sync(0xffffffffu, lane_weight, from);
+  }
+
+  for (int first = 0; first < units; first += 32 * kUnroll) {
+    const int base = first + lane;
+    float acc[kUnroll][8] = {};
+#pragma unroll 1
+    for (int group = 0; group < terms; group += kGroup) {
+      const int4* sources[kGroup];
+      float weights[kGroup];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        sources[j] = reinterpret_cast<const int4*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
+        if (group + j >= terms) sources[j] = nullptr;
+        weights[j] = kWeighted ? __shfl_sync(0xffffffffu, lane_weight, group + j) : 1.0f;
+      }
+      // Every source's units are loaded before any is summed: the loads in flight set the rate.
+      int4 loaded[kGroup][kUnroll];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j)
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (group + j >= terms) break;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const bool present = sources[j] != nullptr && base + u * 32 < units;
+          if (kPacked && !present) continue;  // packed, only past the row's end: a unit never stored
+          float term[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          if (present) {
+            rows::unpack_bf16x8(loaded[j][u], term);
+            if constexpr (kWeighted) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], weights[j]);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
+  }
+}
+
 // kPublish: the send's flag first (a synchronous call's one launch). kClocked: stamps the phase clock.
 template <bool kPublish, bool kClocked>
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
@@ -541,46 +610,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
     }
     int4* out = reinterpret_cast<int4*>(args.y) + token * row_units + first_unit;
 
-    // The loop runs the same number of times in every lane: the shuffles below need the whole warp.
-    for (int first = 0; first < units; first += 32 * kCombineUnroll) {
-      const int base = first + lane;
-      float acc[kCombineUnroll][8];
-      for (int group = 0; group < num_topk; group += kTargetGroup) {
-        const int4* sources[kTargetGroup];
-        float weights[kTargetGroup];
-#pragma unroll
-        for (int j = 0; j < kTargetGroup; ++j) {
-          sources[j] = reinterpret_cast<const int4*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
-          weights[j] = __shfl_sync(0xffffffffu, weight, group + j);
-        }
-        // Every source's units are loaded before any is summed: the loads in flight set the rate.
-        int4 loaded[kTargetGroup][kCombineUnroll];
-#pragma unroll
-        for (int j = 0; j < kTargetGroup; ++j)
-#pragma unroll
-          for (int u = 0; u < kCombineUnroll; ++u)
-            if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
-#pragma unroll
-        for (int j = 0; j < kTargetGroup; ++j) {
-          if (group + j >= num_topk) break;
-#pragma unroll
-          for (int u = 0; u < kCombineUnroll; ++u) {
-            float term[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (sources[j] != nullptr && base + u * 32 < units) {
-              rows::unpack_bf16x8(loaded[j][u], term);
-#pragma unroll
-              for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], weights[j]);
-            }
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u)
-        if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
-    }
+    sum_rows<kTargetGroup, kCombineUnroll, true, false>(lane_source, weight, num_topk, units, out, lane);
   }
   __syncthreads();
   stamps.stamp(ctx, kPhaseSummed);
@@ -596,66 +626,6 @@ __device__ __forceinline__ int4* partial_of(const Context& ctx, int rank, int ar
                                            int token) {
   return reinterpret_cast<int4*>(area_of(ctx, rank, area, layout) + layout.partials) +
          (static_cast<int64_t>(owner) * ctx.max_tokens + token) * (ctx.hidden / 8);
-}
-
-// out[u] = bf16 of the sum over the lanes with a source, ascending, of each one's term, (weight *) source[u],
-// for each 16-byte unit u < units: float32, each product and sum rounded on its own, starting from the first
-// (none at all gives +0.0). The whole warp calls it, with the same units in every lane (the shuffles need
-// every lane).
-template <bool kWeighted>
-__device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_weight, int units, int4* out, int lane) {
-  // Sources packed to the first lanes, in order (an owner holds a few of a token's K pairs, anywhere in k),
-  // so that every group of kSumGroup loads is full.
-  const uint32_t present = __ballot_sync(0xffffffffu, lane_source != nullptr);
-  const int count = __popc(present);
-  uint32_t later = present;
-  for (int i = 0; i < lane && later != 0; ++i) later &= later - 1;  // drop the first `lane` present lanes
-  const int from = later != 0 ? __ffs(later) - 1 : lane;
-  lane_source = reinterpret_cast<const int4*>(
-      __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), from));
-  if constexpr (kWeighted) lane_weight = __shfl_sync(0xffffffffu, lane_weight, from);
-
-  for (int first = 0; first < units; first += 32 * kSumUnroll) {
-    const int base = first + lane;
-    float acc[kSumUnroll][8] = {};
-#pragma unroll 1
-    for (int group = 0; group < count; group += kSumGroup) {
-      const int4* sources[kSumGroup];
-      float weights[kSumGroup];
-#pragma unroll
-      for (int j = 0; j < kSumGroup; ++j) {
-        sources[j] = reinterpret_cast<const int4*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(lane_source), group + j));
-        if (group + j >= count) sources[j] = nullptr;
-        weights[j] = kWeighted ? __shfl_sync(0xffffffffu, lane_weight, group + j) : 1.0f;
-      }
-      // Every source's units are loaded before any is summed: the loads in flight set the rate.
-      int4 loaded[kSumGroup][kSumUnroll];
-#pragma unroll
-      for (int j = 0; j < kSumGroup; ++j)
-#pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u)
-          if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
-#pragma unroll
-      for (int j = 0; j < kSumGroup; ++j) {
-        if (sources[j] == nullptr) continue;
-#pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u) {
-          if (base + u * 32 >= units) continue;
-          float term[8];
-          rows::unpack_bf16x8(loaded[j][u], term);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if constexpr (kWeighted) term[i] = __fmul_rn(term[i], weights[j]);
-            acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kSumUnroll; ++u)
-      if (base + u * 32 < units) out[base + u * 32] = rows::pack_bf16x8(acc[u]);
-  }
 }
 
 // Send: per (reduce entry, chunk), the weighted sum of the token's rows held here, written as a bf16 partial
@@ -697,7 +667,8 @@ __device__ void send_partials(const Context& ctx, const CombineArgs& args, Chunk
     const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
     const int4* lane_source =
         row >= 0 && row < owner_rows ? static_cast<const int4*>(args.outputs) + row * row_units + first_unit : nullptr;
-    sum_rows<true>(lane_source, weight, units, partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit, lane);
+    sum_rows<kSumGroup, kSumUnroll, true, true>(lane_source, weight, 0, units,
+                                                partial_of(ctx, src, area, layout, ctx.rank, token) + first_unit, lane);
   }
 
   __syncthreads();
@@ -733,7 +704,7 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
     const int4* lane_source =
         lane < num_ranks && ((owners >> lane) & 1u) ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
                                                     : nullptr;
-    sum_rows<false>(lane_source, 1.0f, units,
+    sum_rows<kSumGroup, kSumUnroll, false, true>(lane_source, 1.0f, 0, units,
                     reinterpret_cast<int4*>(args.y) + static_cast<int64_t>(token) * (ctx.hidden / 8) + first_unit, lane);
   }
   __syncthreads();
