@@ -204,7 +204,8 @@ class ReferenceCommunicator:
     ) -> DispatchResult:
         """The backend interface Communicator drives (``num_sms`` does not apply here;
         a given ``num_recv_tokens`` is checked against what arrives; a given ``handle``
-        is checked for its kind, and the routing computed anew: this path has nothing to skip)."""
+        is checked for its kind, and the routing computed anew: this path has nothing to skip).
+        With either, the host lists of counts are None, as on the kernels (no host wait there)."""
         self._check_open()
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
         if handle is not None:  # the kernels' checks, so that a program that runs here runs there
@@ -218,6 +219,11 @@ class ReferenceCommunicator:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts, handle is not None)
             if num_recv_tokens is not None and num_recv_tokens != result.x.shape[0]:
                 raise ValueError(f"num_recv_tokens: given {num_recv_tokens}, but {result.x.shape[0]} rows arrived")
+            if num_recv_tokens is not None or handle is not None:
+                # The kernels skip their host wait here and learn no host counts: neither does this path, so that
+                # a program reading them fails here too rather than on the GPU.
+                result.num_recv_tokens_per_rank = None
+                result.num_recv_tokens_per_expert_list = None
             return self._finish(result, caller, async_finish)
 
     def _check_open(self) -> None:

@@ -155,8 +155,13 @@ def test_one_rank_world_round_trips(comm):
 
 def test_caller_given_receive_size_is_checked(comm):
     inputs = good_inputs()
-    rows = comm.dispatch(**inputs).x.shape[0]
-    assert comm.dispatch(**inputs, num_recv_tokens=rows).x.shape[0] == rows
+    waited = comm.dispatch(**inputs)
+    rows = waited.x.shape[0]
+    assert waited.num_recv_tokens_per_rank == [rows] and waited.num_recv_tokens_per_expert_list is not None
+    known = comm.dispatch(**inputs, num_recv_tokens=rows)
+    assert known.x.shape[0] == rows
+    # No host wait on the kernels, so no host counts: the reference path gives none either.
+    assert known.num_recv_tokens_per_rank is None and known.num_recv_tokens_per_expert_list is None
     with pytest.raises(ValueError, match="^num_recv_tokens:"):
         comm.dispatch(**inputs, num_recv_tokens=rows + 1)
 
@@ -166,6 +171,7 @@ def test_dispatch_with_a_handle_on_the_reference_path_routes_anew_and_checks_its
     first = comm.dispatch(**inputs)
     again = comm.dispatch(**inputs, handle=first.handle)
     assert torch.equal(again.x, first.x) and torch.equal(again.topk_idx, first.topk_idx)
+    assert again.num_recv_tokens_per_rank is None and again.num_recv_tokens_per_expert_list is None  # as the kernels'
     with pytest.raises(TypeError, match="^handle: expected the handle of a dispatch on this communicator"):
         comm.dispatch(**inputs, handle=object())
     # The kernels' checks: the same topk_idx object, unchanged, and a handle of this communicator.
