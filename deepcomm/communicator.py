@@ -16,6 +16,7 @@ Backends:
 from __future__ import annotations
 
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -151,6 +152,17 @@ class Communicator:
         if num_recv_tokens is not None:
             check_int("num_recv_tokens", num_recv_tokens, 0)
 
+    @staticmethod
+    def _warn_if_differentiable(method: str, **tensors) -> None:
+        """A tensor that wants a gradient loses it here silently otherwise: these calls are not differentiable."""
+        if not torch.is_grad_enabled():
+            return
+        for name, tensor in tensors.items():
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                warnings.warn(f"{name}: requires grad, but Communicator.{method} is not differentiable (no gradient "
+                              f"flows back through it); train through deepcomm.autograd.dispatch / combine",
+                              stacklevel=3)
+
     @property
     def reference(self) -> ReferenceCommunicator:
         """The pure-torch path on the same group: the oracle and baseline."""
@@ -209,6 +221,7 @@ class Communicator:
         exchange, no host wait). Collective: every rank passes one, or none does.
         """
         self._check_call(num_sms, previous_event, num_recv_tokens)
+        self._warn_if_differentiable("dispatch", x=x, topk_weights=topk_weights)
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                        power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
 
@@ -228,12 +241,14 @@ class Communicator:
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
         self._check_call(num_sms, previous_event, num_recv_tokens)
+        self._warn_if_differentiable("dispatch_async", x=x, topk_weights=topk_weights)
         return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                        power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
         self._check_call(num_sms)
+        self._warn_if_differentiable("combine", expert_out=expert_out)
         y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
         return y
 
@@ -246,6 +261,7 @@ class Communicator:
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
         self._check_call(num_sms, previous_event)
+        self._warn_if_differentiable("combine_async", expert_out=expert_out)
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
     def combine_input(self, handle: object) -> torch.Tensor:

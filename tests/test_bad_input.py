@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import deepcomm
-from deepcomm import fp8
+from deepcomm import autograd, fp8
 from deepcomm.validation import check_num_experts
 
 T, H, K, E = 8, 256, 4, 16
@@ -234,3 +236,20 @@ def test_ranks_disagreeing_on_the_rows_all_raise():
     from dist import run_ranks
 
     run_ranks(_disagreeing_ranks_worker, 2)
+
+
+def test_tensors_that_want_gradients_are_warned_about_outside_autograd(comm):
+    inputs = good_inputs()
+    with pytest.warns(UserWarning, match=r"^x: requires grad, but Communicator.dispatch is not differentiable"):
+        result = comm.dispatch(**(inputs | dict(x=inputs["x"].float().requires_grad_().to(torch.bfloat16))))
+    with pytest.warns(UserWarning, match=r"^expert_out: requires grad, but Communicator.combine_async"):
+        comm.combine_async(result.x.float().requires_grad_().to(torch.bfloat16), result.handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none under no_grad, nor through deepcomm.autograd
+        with torch.no_grad():
+            comm.dispatch(**(inputs | dict(x=inputs["x"].float().requires_grad_().to(torch.bfloat16))))
+        x = inputs["x"].float().requires_grad_()
+        received = autograd.dispatch(comm, x.to(torch.bfloat16), inputs["topk_idx"], inputs["topk_weights"],
+                                     inputs["num_experts"])
+        autograd.combine(comm, received.x, received.handle)[0].float().sum().backward()
+        assert x.grad is not None
