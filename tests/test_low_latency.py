@@ -647,6 +647,19 @@ def _failure_worker(rank: int, world_size: int) -> None:
             silent.check_errors()
         assert info.value.peer == 0
     dist.barrier()
+    # Every token's experts on rank 0, which dispatches with the weights and then never combines: the others'
+    # combines wait for its partials (after summing their own), give up, and name the stage and rank 0.
+    silent = _kernel_communicator(world_size, timeout_s=2.0)
+    weights = torch.ones(idx.shape, dtype=torch.float32, device=device)
+    received = silent.low_latency_dispatch(x, torch.zeros_like(idx), num_experts, topk_weights=weights)
+    if rank != 0:
+        silent.low_latency_combine(silent.low_latency_combine_input(received.handle), None, received.handle)
+        torch.cuda.synchronize()
+        with pytest.raises(CommunicationError, match="low_latency_partials") as info:
+            silent.check_errors()
+        assert info.value.peer == 0
+    torch.cuda.synchronize()
+    dist.barrier()
 
 
 @pytest.mark.gpu
