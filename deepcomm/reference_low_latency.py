@@ -201,7 +201,7 @@ class ReferenceLowLatency:
         # The weights stay with the call, as the kernels keep them with its rows (a copy: the caller may reuse its own).
         self._weights = {call: w for call, w in self._weights.items() if call > self._calls - 2}
         if topk_weights is not None:
-            self._weights[self._calls] = topk_weights.clone()
+            self._weights[self._calls] = topk_weights.detach().clone()
         return LowLatencyResult(out_x.view(local_experts, rows_per_expert, hidden), out_scales, per_expert, handle,
                                 EventHandle(None))
 

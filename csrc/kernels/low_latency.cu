@@ -445,7 +445,9 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       if constexpr (kFp8) scales.store(scale_targets, lane);
     }
   }
-  if constexpr (kWeights) write_reduce_entries(ctx, own_area, layout, first_item, chunking.count, base, epoch);
+  // After a timeout base was never written and the entries stay unread (reduce_tokens is 0): none are written.
+  if constexpr (kWeights)
+    if (arrived) write_reduce_entries(ctx, own_area, layout, first_item, chunking.count, base, epoch);
 
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsPlaced);
