@@ -36,13 +36,22 @@ from deepcomm.kernel_common import RoutingSource
 from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
 
 
+# What travels with each count of dispatch's count exchange: what every rank's rows look like.
+_SAME_ROWS = ("x: hidden size", "topk_idx: K", "x dtype: fp8 (1) or bf16 (0), after quantize_fp8", "num_experts",
+              "handle: given (1) or not (0)")
+REFUSED = -1  # in a count exchange: the count of a rank whose arguments were refused (it raised there)
+
+
 def _check_same_rows(this_rank: int, every_rank: list[list[int]], mine: list[int]) -> None:
-    """Every rank's (hidden, K, fp8, num_experts, handle given) must equal this rank's: the call is collective.
-    Every rank sees every rank's values, so all raise, as the kernels' ranks do when they disagree."""
-    names = ("x: hidden size", "topk_idx: K", "x dtype: fp8 (1) or bf16 (0), after quantize_fp8", "num_experts",
-             "handle: given (1) or not (0)")
+    """Every rank's count row (the count, then _SAME_ROWS) must be valid and its _SAME_ROWS equal this rank's: the
+    call is collective. Every rank sees every rank's values, so all raise, as the kernels' ranks do when they
+    disagree."""
     for rank, theirs in enumerate(every_rank):
-        for name, value, own in zip(names, theirs, mine):
+        if theirs[0] == REFUSED:
+            raise CommunicationError(this_rank, "dispatch/counts", f"rank {rank} refused its dispatch arguments "
+                                     "(it raised the error there); no rank dispatched", peer=rank)
+    for rank, theirs in enumerate(every_rank):
+        for name, value, own in zip(_SAME_ROWS, theirs[1:], mine):
             if value != own:
                 raise CommunicationError(this_rank, "dispatch/counts", f"ranks disagree on {name}: rank {rank} "
                                          f"passed {value}, this rank {own}; every rank must pass the same", peer=rank)
@@ -207,13 +216,17 @@ class ReferenceCommunicator:
         is checked for its kind, and the routing computed anew: this path has nothing to skip).
         With either, the host lists of counts are None, as on the kernels (no host wait there)."""
         self._check_open()
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
-        if handle is not None:  # the kernels' checks, so that a program that runs here runs there
-            self._check_handle(handle)
-            handle.routing.check_reused_by(topk_idx, num_experts)
-        if quantize_fp8:
-            if x.dtype != torch.bfloat16:
+        try:
+            check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
+            if handle is not None:  # the kernels' checks, so that a program that runs here runs there
+                self._check_handle(handle)
+                handle.routing.check_reused_by(topk_idx, num_experts)
+            if quantize_fp8 and x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+        except (TypeError, ValueError):
+            self._refuse_dispatch(x, topk_idx)
+            raise
+        if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights, num_experts, handle is not None)
@@ -225,6 +238,26 @@ class ReferenceCommunicator:
                 result.num_recv_tokens_per_rank = None
                 result.num_recv_tokens_per_expert_list = None
             return self._finish(result, caller, async_finish)
+
+    def _refuse_dispatch(self, *arguments) -> None:
+        """This rank's arguments were refused: take part in the count exchange its peers wait in, with a count
+        of -1, so that they raise at once naming this rank instead of waiting out their timeout. Best effort:
+        the caller raises the argument's own error whatever happens here."""
+        if self.topology.world_size == 1:
+            return
+        send = torch.full((self.topology.world_size, 1 + len(_SAME_ROWS)), REFUSED, dtype=torch.int64,
+                          device=self.refusal_device(*arguments))
+        try:
+            self._stage("dispatch/counts", dist.all_to_all_single, torch.empty_like(send), send, group=self.group)
+        except CommunicationError:
+            pass
+
+    def refusal_device(self, *arguments) -> torch.device:
+        """Where a rank whose arguments were refused puts its part of an exchange: NCCL takes CUDA tensors
+        only; gloo the peers' kind, most likely that of the arguments."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return next((a.device for a in arguments if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
     def _check_open(self) -> None:
         if self.closed:
@@ -261,7 +294,7 @@ class ReferenceCommunicator:
         received_t = torch.empty_like(send)
         self._stage("dispatch/counts", dist.all_to_all_single, received_t, send, group=self.group)
         received = received_t.tolist()  # one host copy for the counts and the check
-        _check_same_rows(topo.rank, [row[1:] for row in received], shape)
+        _check_same_rows(topo.rank, received, shape)
         send_counts, recv_counts = send_counts_t.tolist(), [row[0] for row in received]
 
         # One packed row per (token, destination rank): x | scales | topk_idx | topk_weights | token index.

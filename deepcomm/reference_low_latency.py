@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import fp8
-from deepcomm.errors import SlotReusedError
+from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.low_latency import (
     LowLatencyConfig, LowLatencyHandle, LowLatencyResult, check_low_latency_combine, check_low_latency_dispatch,
 )
-from deepcomm.reference import ReferenceCommunicator, _as_bytes, _split_columns
+from deepcomm.reference import REFUSED, ReferenceCommunicator, _as_bytes, _split_columns
 from deepcomm.streams import hand_back
 
 
@@ -120,13 +120,18 @@ class ReferenceLowLatency:
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
                  topk_weights=None) -> LowLatencyResult:
         world = self.topology.world_size
-        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True, topk_weights)
-        if self._calls + 1 - 2 in self._unreceived:
-            raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not received "
-                             "yet; call its hook() before this dispatch")
-        if quantize_fp8:
-            if x.dtype != torch.bfloat16:
+        try:
+            check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True,
+                                       topk_weights)
+            if self._calls + 1 - 2 in self._unreceived:
+                raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not "
+                                 "received yet; call its hook() before this dispatch")
+            if quantize_fp8 and x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+        except (TypeError, ValueError):
+            self._refuse(x, topk_idx)
+            raise
+        if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights)
@@ -137,6 +142,20 @@ class ReferenceLowLatency:
             self._unreceived.add(result.handle.call)
             result.hook = self._receive_hook(result)
         return result
+
+    def _refuse(self, *arguments) -> None:
+        """This rank's arguments were refused: take part in the count exchange its peers wait in, marked so, and
+        they raise at once naming this rank (as reference.ReferenceCommunicator does for dispatch)."""
+        if self.topology.world_size == 1:
+            return
+        sent = torch.full((self.config.num_experts + 1,), REFUSED, dtype=torch.int64,
+                          device=self.reference.refusal_device(*arguments))
+        try:
+            self.reference._stage("low_latency/counts", dist.all_gather,
+                                  [torch.empty_like(sent) for _ in range(self.topology.world_size)], sent,
+                                  group=self.reference.group)
+        except CommunicationError:
+            pass
 
     def _dispatch(self, x, x_scales, topk_idx, topk_weights) -> LowLatencyResult:
         config, topo = self.config, self.topology
@@ -157,6 +176,10 @@ class ReferenceLowLatency:
         every_count = [torch.empty_like(sent) for _ in range(world)]
         self.reference._stage("low_latency/counts", dist.all_gather, every_count, sent, group=self.reference.group)
         every_count = torch.stack(every_count)  # [W, E + 1]
+        refused = (every_count[:, -1] == REFUSED).nonzero().flatten().tolist()
+        if refused:
+            raise CommunicationError(rank, "low_latency/counts", f"rank {refused[0]} refused its dispatch arguments "
+                                     "(it raised the error there); no rank dispatched", peer=refused[0])
         differs = (every_count[:, -1] != every_count[rank, -1]).nonzero().flatten().tolist()
         if differs:
             raise ValueError(f"topk_weights: rank {differs[0]} {'gave' if topk_weights is None else 'did not give'} "

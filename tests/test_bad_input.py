@@ -238,6 +238,42 @@ def test_ranks_disagreeing_on_the_rows_all_raise():
     run_ranks(_disagreeing_ranks_worker, 2)
 
 
+def _refused_arguments_worker(rank: int, world_size: int) -> None:
+    import time
+
+    from deepcomm.errors import CommunicationError
+
+    comm = deepcomm.Communicator(backend="reference", timeout_s=60.0)
+    experts = 8 * world_size
+    x = torch.randn(T, H).to(torch.bfloat16)
+    idx, weights = torch.randint(0, experts, (T, K)), torch.rand(T, K)
+    bad_idx = idx.clone()
+    bad_idx[3, 1] = experts  # out of range on rank 2 only: a data-dependent error the other ranks cannot see
+    cases = [(dict(topk_idx=bad_idx), ValueError, "^topk_idx"),
+             (dict(x=x.float()), TypeError, "^x"),
+             (dict(x=x.to(fp8.FP8_DTYPE), x_scales=torch.ones(T, H // 128), quantize_fp8=True), ValueError,
+              "^quantize_fp8")]
+    for change, error, message in cases:
+        args = dict(x=x, topk_idx=idx, topk_weights=weights, num_experts=experts)
+        if rank == 2:
+            args.update(change)
+        start = time.monotonic()
+        if rank == 2:  # the argument's own error here...
+            with pytest.raises(error, match=message):
+                comm.dispatch(**args)
+        else:  # ...and at once on the others, naming rank 2, instead of after their 60 s timeout
+            with pytest.raises(CommunicationError, match="rank 2 refused its dispatch arguments") as info:
+                comm.dispatch(**args)
+            assert info.value.peer == 2 and time.monotonic() - start < 30
+    comm.dispatch(x, idx, weights, experts)  # and the next call runs
+
+
+def test_arguments_refused_on_one_rank_raise_on_every_rank_at_once():
+    from dist import run_ranks
+
+    run_ranks(_refused_arguments_worker, 3)
+
+
 def test_tensors_that_want_gradients_are_warned_about_outside_autograd(comm):
     inputs = good_inputs()
     with pytest.warns(UserWarning, match=r"^x: requires grad, but Communicator.dispatch is not differentiable"):

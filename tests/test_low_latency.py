@@ -189,6 +189,14 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
         args.update(change)
         with pytest.raises((TypeError, ValueError), match=message):
             comm.low_latency_dispatch(**args)
+    # Refused on rank 1 only: rank 0 raises at once too, naming rank 1, rather than waiting out its timeout.
+    if rank == 1:
+        with pytest.raises(ValueError, match="topk_idx: expert ids must lie"):
+            comm.low_latency_dispatch(x, torch.full((4, 2), E, dtype=torch.int64), E)
+    else:
+        with pytest.raises(CommunicationError, match="rank 1 refused its dispatch arguments") as info:
+            comm.low_latency_dispatch(x, idx, E)
+        assert info.value.peer == 1
     result = comm.low_latency_dispatch(x, idx, E)
     out = comm.low_latency_combine_input(result.handle)
     assert comm.low_latency_combine_input(result.handle) is out  # one per area, as on the kernels
