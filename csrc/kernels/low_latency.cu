@@ -293,6 +293,17 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
   return epoch;
 }
 
+// Where the pair of a staged row with tag code `code` (local expert * max_tokens + place; -1 or out of range: none)
+// lands in this rank's receive area, for the row of source `src`; base: [source][local expert], the lower
+// sources' rows for the expert.
+__device__ __forceinline__ int64_t placed_row(const Context& ctx, const AreaLayout& layout, const int32_t* base, int src,
+                                              int32_t code) {
+  const int local_experts = ctx.num_experts / ctx.num_ranks;
+  if (code < 0 || code >= local_experts * ctx.max_tokens) return -1;
+  const int expert = code / ctx.max_tokens;
+  return expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
+}
+
 // With weights, each staged row's reduce entry for the combine: per k the row the pair took here and its
 // weight (staged beside the tag). Only the receive launches of dispatches given weights have it (a template
 // flag): in the others its registers cost the fp8 launches spills. Runs before staging_free lets the sources
@@ -301,7 +312,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
 __device__ __forceinline__ void write_reduce_entries(const Context& ctx, uint8_t* own_area, const AreaLayout& layout,
                                                   const int* first_item, int items_per_row, const int32_t* base,
                                                   uint64_t epoch) {
-  const int num_ranks = ctx.num_ranks, local_experts = ctx.num_experts / num_ranks;
+  const int num_ranks = ctx.num_ranks;
   const int lane = threadIdx.x % 32;
   const int num_rows = first_item[num_ranks] / items_per_row;
   for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < num_rows; r += gridDim.x * kWarps) {
@@ -313,11 +324,7 @@ __device__ __forceinline__ void write_reduce_entries(const Context& ctx, uint8_t
     if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
     const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
     const int32_t code = lane < kMaxTopk ? next_lane_word : -1;
-    int32_t row = -1;
-    if (code >= 0 && code < local_experts * ctx.max_tokens) {
-      const int expert = code / ctx.max_tokens;
-      row = static_cast<int32_t>(expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens);
-    }
+    const int32_t row = static_cast<int32_t>(placed_row(ctx, layout, base, src, code));
     int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
     if (lane < kMaxTopk) {
       entry[1 + lane] = row;
@@ -417,11 +424,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
     const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
     const int32_t code = lane < kMaxTopk ? next_lane_word : -1;  // lane k: tag word 1 + k
-    int64_t row = -1;
-    if (code >= 0 && code < local_experts * ctx.max_tokens) {
-      const int expert = code / ctx.max_tokens;
-      row = expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
-    }
+    int64_t row = placed_row(ctx, layout, base, src, code);
     // A repeated expert's pairs share its row: the lowest lane copies it.
     const uint32_t lower = (1u << lane) - 1u;
     if ((__match_any_sync(0xffffffffu, row >= 0 ? row : -1 - lane) & lower) != 0) row = -1;
@@ -843,13 +846,13 @@ void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases ph
 void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, cudaStream_t stream) {
   check_context(ctx);
   check_area(args.area);
-  DC_CHECK_ARG(phases == Phases::kSend || args.num_blocks > 0, "num_sms: must be > 0");
+  // Every launch takes blocks but the pull's send (one thread raising its flag).
+  DC_CHECK_ARG(args.num_blocks > 0 || (phases == Phases::kSend && !args.owner_sums), "num_sms: must be > 0");
   DC_CHECK_ARG(args.num_tokens >= 0 && args.num_tokens <= ctx.max_tokens, "handle: token count out of range");
   DC_CHECK_ARG(args.num_topk > 0 && args.num_topk <= kMaxTopk, "handle: 1 to 16 experts per token");
   DC_CHECK_ARG(phases == Phases::kSend || args.num_tokens == 0 || args.y != nullptr, "y: null");
   DC_CHECK_ARG(args.owner_sums || args.num_tokens == 0 || args.topk_weights != nullptr, "topk_weights: null");
   if (args.owner_sums) {
-    DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
     launch_owner_combine(ctx, args, phases, stream);
   } else if (phases == Phases::kSend) {
     combine_send_kernel<<<1, 1, 0, stream>>>(ctx, args.area);
