@@ -224,7 +224,8 @@ class ReferenceCommunicator:
             if quantize_fp8 and x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
         except (TypeError, ValueError):
-            self._refuse_dispatch(x, topk_idx)
+            self.refuse("dispatch/counts", (self.topology.world_size, 1 + len(_SAME_ROWS)),
+                        lambda sent: dist.all_to_all_single(torch.empty_like(sent), sent, group=self.group), x, topk_idx)
             raise
         if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
@@ -239,25 +240,21 @@ class ReferenceCommunicator:
                 result.num_recv_tokens_per_expert_list = None
             return self._finish(result, caller, async_finish)
 
-    def _refuse_dispatch(self, *arguments) -> None:
-        """This rank's arguments were refused: take part in the count exchange its peers wait in, with a count
-        of -1, so that they raise at once naming this rank instead of waiting out their timeout. Best effort:
-        the caller raises the argument's own error whatever happens here."""
+    def refuse(self, stage: str, shape: tuple[int, ...], exchange, *arguments) -> None:
+        """This rank's arguments were refused: take part in the exchange its peers wait in (``exchange(sent)``,
+        one collective), every value REFUSED, so that they raise at once naming this rank instead of waiting out
+        their timeout. Best effort: the caller raises the argument's own error whatever happens here."""
         if self.topology.world_size == 1:
             return
-        send = torch.full((self.topology.world_size, 1 + len(_SAME_ROWS)), REFUSED, dtype=torch.int64,
-                          device=self.refusal_device(*arguments))
+        # NCCL takes CUDA tensors only; on gloo the peers' kind is most likely the arguments'.
+        if dist.get_backend(self.group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = next((a.device for a in arguments if isinstance(a, torch.Tensor)), torch.device("cpu"))
         try:
-            self._stage("dispatch/counts", dist.all_to_all_single, torch.empty_like(send), send, group=self.group)
+            self._stage(stage, exchange, torch.full(shape, REFUSED, dtype=torch.int64, device=device))
         except CommunicationError:
             pass
-
-    def refusal_device(self, *arguments) -> torch.device:
-        """Where a rank whose arguments were refused puts its part of an exchange: NCCL takes CUDA tensors
-        only; gloo the peers' kind, most likely that of the arguments."""
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return next((a.device for a in arguments if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
     def _check_open(self) -> None:
         if self.closed:

@@ -128,8 +128,11 @@ class ReferenceLowLatency:
                                  "received yet; call its hook() before this dispatch")
             if quantize_fp8 and x.dtype != torch.bfloat16:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
-        except (TypeError, ValueError):
-            self._refuse(x, topk_idx)
+        except (TypeError, ValueError):  # the peers wait in the count exchange: they raise at once, naming this rank
+            ref = self.reference
+            ref.refuse("low_latency/counts", (self.config.num_experts + 1,),
+                       lambda sent: dist.all_gather([torch.empty_like(sent) for _ in range(world)], sent, group=ref.group),
+                       x, topk_idx)
             raise
         if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
@@ -142,20 +145,6 @@ class ReferenceLowLatency:
             self._unreceived.add(result.handle.call)
             result.hook = self._receive_hook(result)
         return result
-
-    def _refuse(self, *arguments) -> None:
-        """This rank's arguments were refused: take part in the count exchange its peers wait in, marked so, and
-        they raise at once naming this rank (as reference.ReferenceCommunicator does for dispatch)."""
-        if self.topology.world_size == 1:
-            return
-        sent = torch.full((self.config.num_experts + 1,), REFUSED, dtype=torch.int64,
-                          device=self.reference.refusal_device(*arguments))
-        try:
-            self.reference._stage("low_latency/counts", dist.all_gather,
-                                  [torch.empty_like(sent) for _ in range(self.topology.world_size)], sent,
-                                  group=self.reference.group)
-        except CommunicationError:
-            pass
 
     def _dispatch(self, x, x_scales, topk_idx, topk_weights) -> LowLatencyResult:
         config, topo = self.config, self.topology
