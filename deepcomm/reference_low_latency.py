@@ -130,9 +130,11 @@ class ReferenceLowLatency:
                 raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
         except (TypeError, ValueError):  # the peers wait in the count exchange: they raise at once, naming this rank
             ref = self.reference
-            ref.refuse("low_latency/counts", (self.config.num_experts + 1,),
-                       lambda sent: dist.all_gather([torch.empty_like(sent) for _ in range(world)], sent, group=ref.group),
-                       x, topk_idx)
+
+            def exchange(sent: torch.Tensor) -> None:
+                dist.all_gather([torch.empty_like(sent) for _ in range(world)], sent, group=ref.group)
+
+            ref.refuse("low_latency/counts", (self.config.num_experts + 1,), exchange, x, topk_idx)
             raise
         if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
