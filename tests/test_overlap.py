@@ -347,11 +347,14 @@ def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_pa
     bench = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_overlap.py")
     command = [sys.executable, "-m", "deepcomm.launch", "--standalone", "--nproc-per-node", "2", bench, "--small",
                "--tokens", "64", "--seq", "16", "--layers", "2", "--iters", "1", "--warmup", "0",
-               "--trace-steps", "3", "--trace-dir", "traces", "--json", "block.json"]
+               "--trace-steps", "3", "--trace-dir", "traces", "--json", "block.json", "--split", "3,1",
+               "--experts", "4"]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "deepcomm block bench: device=cpu ranks=2 backend=reference" in out.stdout
+    assert "micro-batches=[3, 1] (sequences) layers=2 experts=4" in out.stdout
     result = json.loads((tmp_path / "block.json").read_text())
+    assert result["sizes"] == [3, 1] and result["args"]["experts"] == 4
     assert set(result["rows_us"]) == {"plain", "overlapped", "compute only", "communication only"}
     assert all(us > 0 for us in result["rows_us"].values())
     share = result["share"]
@@ -359,3 +362,19 @@ def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_pa
     assert share["step"] in (0, 1, 2)
     assert share["min_share"] is None  # the reference path launches no comm kernels: nothing to hide
     assert sorted(os.listdir(tmp_path / "traces")) == ["overlap_rank0.json", "overlap_rank1.json"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--split", "3,2"], "--split: expected two non-negative sequence counts summing to the batch (4)"),
+    (["--split", "a,b"], "--split: expected two comma-separated sequence counts"),
+    (["--experts", "0"], "--experts: must be >= 1"),
+])
+def test_block_bench_names_a_bad_argument(arguments, message):
+    import os
+    import subprocess
+    import sys
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_overlap.py")
+    out = subprocess.run([sys.executable, bench, "--small", "--tokens", "64", "--seq", "16", *arguments],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr

@@ -4,7 +4,9 @@
         --json block.json --trace-dir traces/
 
 Each rank runs a DeepSeek-V3-width block (hidden 7168, 256 experts top-8, expert width 2048,
-one shared expert; attention is plain multi-head attention, not MLA) on a prefill batch. Rows,
+one shared expert; attention is plain multi-head attention, not MLA) on a prefill batch. --experts
+changes the routed experts' count (16 on 2 ranks: DeepSeek-V3's 8 experts per rank at EP32, whose
+weights the grouped GEMM no longer spends its time reading), --split the micro-batches' sizes. Rows,
 all timed the same way (slowest rank's median, deepcomm.bench.Timer):
 
 - plain: ``block.forward`` on the whole batch (communication waits for compute and back);
@@ -44,6 +46,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=1024, help="sequence length; batch = tokens / seq")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="test-size widths instead of DeepSeek-V3's")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="routed experts over all ranks (default: the config's, 256 for DeepSeek-V3); "
+                             "16 on 2 ranks gives each rank DeepSeek-V3's 8 experts at EP32")
+    parser.add_argument("--split", default=None,
+                        help="sequences per micro-batch, e.g. 3,1 (default: as even as possible, larger first)")
     parser.add_argument("--dispatch-dtype", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--sms", type=int, default=24, help="SMs of each communication kernel")
     parser.add_argument("--compute-sms", type=int, default=None,
@@ -64,12 +71,27 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.tokens < args.seq or args.tokens % args.seq:
         parser.error(f"--tokens: must be a multiple of --seq ({args.seq}), got {args.tokens}")
+    if args.experts is not None and args.experts < 1:
+        parser.error(f"--experts: must be >= 1, got {args.experts}")
+    batch = args.tokens // args.seq
+    if args.split is None:
+        args.split = overlap.split_sizes(batch)
+    else:
+        try:
+            args.split = [int(part) for part in args.split.split(",")]
+        except ValueError:
+            parser.error(f"--split: expected two comma-separated sequence counts, got {args.split!r}")
+        if len(args.split) != 2 or min(args.split) < 0 or sum(args.split) != batch:
+            parser.error(f"--split: expected two non-negative sequence counts summing to the batch ({batch}), "
+                         f"got {args.split}")
     return args
 
 
 def block_config(args) -> moe.BlockConfig:
     config = moe.tiny() if args.small else moe.deepseek_v3()
-    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, dispatch_dtype=args.dispatch_dtype))
+    experts = config.moe.num_experts if args.experts is None else args.experts
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, dispatch_dtype=args.dispatch_dtype,
+                                                               num_experts=experts))
 
 
 def main() -> None:
@@ -78,6 +100,7 @@ def main() -> None:
     # Without a GPU the same steps run on the reference path (a smoke test of the bench, not a benchmark).
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = block_config(args)
+    args.experts = config.moe.num_experts  # the report and the JSON name what ran
     hidden = config.moe.hidden
     comm = Communicator(num_sms=args.sms, backend=args.backend,
                         buffer=BufferConfig(args.tokens, hidden, config.moe.num_topk))
@@ -86,7 +109,7 @@ def main() -> None:
     batch = args.tokens // args.seq
     generator = torch.Generator(device=device).manual_seed(dist.get_rank())
     x = torch.randn(batch, args.seq, hidden, device=device, dtype=torch.bfloat16, generator=generator)
-    sizes = overlap.split_sizes(batch)
+    sizes = args.split
     parts = torch.split(x, sizes)
     device_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     if device_sms is None or args.compute_sms == 0:
@@ -282,7 +305,7 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"deepcomm block bench: device={device_name} ranks={dist.get_world_size()} "
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
-          f"layers={args.layers} sms={args.sms} dispatch={args.dispatch_dtype} "
+          f"layers={args.layers} experts={args.experts} sms={args.sms} dispatch={args.dispatch_dtype} "
           f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
           f"MPS daemon={mps_state()} "
           f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
