@@ -552,21 +552,36 @@ __device__ __forceinline__ void sum_rows(const int4* lane_source, float lane_wei
           if (sources[j] != nullptr && base + u * 32 < units) loaded[j][u] = ptx::load_cg(sources[j] + base + u * 32);
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
-        if (group + j >= terms) break;
+        // Packed, the sources end at `terms` (null past it); otherwise a lane without one adds +0.0.
+        if constexpr (kPacked) {
+          if (sources[j] == nullptr) continue;
+        } else if (group + j >= terms) {
+          break;
+        }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          const bool present = sources[j] != nullptr && base + u * 32 < units;
-          if (kPacked && !present) continue;  // packed, only past the row's end: a unit never stored
-          float term[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          if (present) {
+          const bool in_row = base + u * 32 < units;
+          if (kPacked && !in_row) continue;  // a unit past the row's end, never stored
+          // The same operations either way; the product is taken where each kernel compiles best: with the
+          // pull's placement (and a second null test) the owner kernels grew by a tenth in PTX and their
+          // round trip by 2 µs (docs/benchmarks.md, eleventh session).
+          constexpr bool kWeightWhileAdding = kWeighted && kPacked;
+          float term[8];
+          if (kPacked || (sources[j] != nullptr && in_row)) {
             rows::unpack_bf16x8(loaded[j][u], term);
-            if constexpr (kWeighted) {
+            if constexpr (kWeighted && !kWeightWhileAdding) {
 #pragma unroll
               for (int i = 0; i < 8; ++i) term[i] = __fmul_rn(term[i], weights[j]);
             }
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) term[i] = 0.0f;  // unweighted: a missing pair's weight may be anything
           }
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+          for (int i = 0; i < 8; ++i) {
+            if constexpr (kWeightWhileAdding) term[i] = __fmul_rn(term[i], weights[j]);
+            acc[u][i] = group + j == 0 ? term[i] : __fadd_rn(acc[u][i], term[i]);
+          }
         }
       }
     }
