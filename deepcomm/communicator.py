@@ -22,15 +22,19 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
+from deepcomm.call_check import CallCheck, enabled_by_env, row_format, tensor_dim
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
-from deepcomm.low_latency import LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult
+from deepcomm.low_latency import (
+    LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult, check_low_latency_combine,
+    check_low_latency_dispatch,
+)
 from deepcomm.reference import ReferenceCommunicator
 from deepcomm.reference_low_latency import ReferenceLowLatency
 from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
-from deepcomm.validation import check_int
+from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_int
 
 BACKENDS = ("auto", "intranode", "internode", "reference")
 # "*_staged": every inter-node byte through local staging and a put, the access pattern of a NIC (tests that
@@ -61,6 +65,11 @@ class Communicator:
             backend is not ``"reference"`` and CUDA and the extension are there;
             they need every rank on one host (else ValueError naming
             ``low_latency``). Otherwise the reference path implements it.
+        check_calls: before each dispatch and combine, validate the arguments on the host and check
+            with the other ranks that they make the same call with the same hidden size, K, row
+            format, ``num_experts``, ``num_sms`` and handles, raising ``CommunicationError`` on every
+            rank at once where not (deepcomm.call_check; a host round trip per call: for
+            debugging). Default: the ``DEEPCOMM_CHECK_CALLS`` environment variable.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class Communicator:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
         low_latency: LowLatencyConfig | None = None,
+        check_calls: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -87,6 +97,10 @@ class Communicator:
             raise TypeError(f"ranks_per_node: expected an int or None, got {type(ranks_per_node).__name__}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+        if check_calls is None:
+            check_calls = enabled_by_env()
+        if not isinstance(check_calls, bool):
+            raise TypeError(f"check_calls: expected a bool or None, got {type(check_calls).__name__}")
         self.num_sms = num_sms
         self._closed = False
         self._reference = ReferenceCommunicator(group, ranks_per_node)
@@ -104,6 +118,9 @@ class Communicator:
         self._low_latency = None
         if low_latency is not None:
             self._low_latency = self._make_low_latency(group, backend, low_latency, num_sms, timeout_s)
+        reference = self._reference
+        self._call_check = (CallCheck(group, topology.rank, topology.world_size, reference._stage)
+                            if check_calls else None)
 
     def _make_low_latency(self, group, backend, config, num_sms, timeout_s):
         if not isinstance(config, LowLatencyConfig):
@@ -222,8 +239,10 @@ class Communicator:
         """
         self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch", x=x, topk_weights=topk_weights)
-        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
+        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle)
+        return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                        power_of_two_scales, previous_event, False, num_sms,
+                                                        num_recv_tokens, handle))
 
     def dispatch_async(
         self,
@@ -242,13 +261,16 @@ class Communicator:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
         self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch_async", x=x, topk_weights=topk_weights)
-        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
+        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle)
+        return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                        power_of_two_scales, previous_event, True, num_sms,
+                                                        num_recv_tokens, handle))
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
         self._check_call(num_sms)
         self._warn_if_differentiable("combine", expert_out=expert_out)
+        self._agree_combine(expert_out, handle, num_sms)
         y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
         return y
 
@@ -262,6 +284,7 @@ class Communicator:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
         self._check_call(num_sms, previous_event)
         self._warn_if_differentiable("combine_async", expert_out=expert_out)
+        self._agree_combine(expert_out, handle, num_sms)
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
     def combine_input(self, handle: object) -> torch.Tensor:
@@ -311,8 +334,10 @@ class Communicator:
         (its ``topk_weights`` is then None); every rank gives them or none does.
         """
         self._check_call(num_sms, previous_event)
-        return self._low_latency_impl().dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
-                                                 previous_event, async_finish, return_recv_hook, num_sms, topk_weights)
+        impl = self._low_latency_impl()
+        self._agree_low_latency_dispatch(impl, x, topk_idx, num_experts, x_scales, quantize_fp8, num_sms, topk_weights)
+        return self._dispatched(impl.dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                              previous_event, async_finish, return_recv_hook, num_sms, topk_weights))
 
     def low_latency_combine(
         self,
@@ -326,7 +351,9 @@ class Communicator:
         dispatch carried the weights, ``topk_weights`` is None and each owner rank sums its terms
         (k ascending, rounded to bf16) before the token's rank adds them in rank order."""
         self._check_call(num_sms)
-        y, _, _ = self._low_latency_impl().combine(expert_out, topk_weights, handle, None, False, False, num_sms)
+        impl = self._low_latency_impl()
+        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, num_sms)
+        y, _, _ = impl.combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
 
     def low_latency_combine_async(
@@ -342,8 +369,9 @@ class Communicator:
         hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
         (until then no SM waits for the peers) and makes the current stream wait for it."""
         self._check_call(num_sms, previous_event)
-        return self._low_latency_impl().combine(expert_out, topk_weights, handle, previous_event, True,
-                                                return_recv_hook, num_sms)
+        impl = self._low_latency_impl()
+        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, num_sms)
+        return impl.combine(expert_out, topk_weights, handle, previous_event, True, return_recv_hook, num_sms)
 
     def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """``[E/world, world * max_tokens_per_rank, H]`` bf16 for the expert outputs of ``handle``'s
@@ -351,6 +379,80 @@ class Communicator:
         any other tensor is copied in first). Writing it overwrites the dispatched rows."""
         self._check_call()
         return self._low_latency_impl().combine_input(handle)
+
+    # -- the opt-in agreement check of each call (check_calls, deepcomm.call_check) --------
+
+    @property
+    def check_calls(self) -> bool:
+        """Whether each dispatch and combine is checked against the other ranks' first."""
+        return self._call_check is not None
+
+    def _sms(self, num_sms: int | None) -> int:
+        return self.num_sms if num_sms is None else num_sms
+
+    def _dispatched(self, result):
+        """``result`` (a dispatch's), its handle numbered for the combines that name it."""
+        if self._call_check is not None:
+            self._call_check.dispatched(result.handle)
+        return result
+
+    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle) -> None:
+        if self._call_check is None:
+            return
+        impl = self._impl
+
+        def validate() -> None:
+            check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.world_size,
+                                  getattr(impl, "device", None))
+            if quantize_fp8 and x.dtype != torch.bfloat16:
+                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            if handle is not None:
+                impl._check_handle(handle)
+
+        self._call_check.agree("dispatch", {
+            "hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
+            "num_experts": num_experts if isinstance(num_experts, int) else None, "num_sms": self._sms(num_sms),
+            "handle reuse": handle is not None,
+        }, validate)
+
+    def _agree_combine(self, expert_out, handle, num_sms) -> None:
+        if self._call_check is None:
+            return
+        impl = self._impl
+
+        def validate() -> None:
+            impl._check_handle(handle)
+            check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, getattr(impl, "device", None))
+
+        self._call_check.agree("combine", {
+            "hidden size": tensor_dim(expert_out, 1), "num_sms": self._sms(num_sms),
+            "handle of dispatch number": self._call_check.dispatch_of(handle),
+        }, validate)
+
+    def _agree_low_latency_dispatch(self, impl, x, topk_idx, num_experts, x_scales, quantize_fp8, num_sms,
+                                    topk_weights) -> None:
+        if self._call_check is None:
+            return
+        self._call_check.agree("low_latency_dispatch", {
+            "hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
+            "num_experts": num_experts if isinstance(num_experts, int) else None, "num_sms": self._sms(num_sms),
+            "weights at dispatch": topk_weights is not None,
+        }, lambda: check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
+                                              getattr(impl, "device", None), True, topk_weights))
+
+    def _agree_low_latency_combine(self, impl, expert_out, topk_weights, handle, num_sms) -> None:
+        if self._call_check is None:
+            return
+
+        def validate() -> None:
+            impl._check_handle(handle)
+            check_low_latency_combine(impl.config, self.world_size, expert_out, topk_weights, handle,
+                                      getattr(impl, "device", None))
+
+        self._call_check.agree("low_latency_combine", {
+            "hidden size": tensor_dim(expert_out, -1), "weights at dispatch": topk_weights is None,
+            "num_sms": self._sms(num_sms), "handle of dispatch number": self._call_check.dispatch_of(handle),
+        }, validate)
 
     def traffic(self) -> dict[str, int]:
         """Bytes this rank's kernels moved so far on each leg (internode backend; waits for them).

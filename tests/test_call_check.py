@@ -1,0 +1,157 @@
+"""Communicator(check_calls=True): ranks that disagree on a call all raise at once, naming the field and rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import deepcomm
+from deepcomm import call_check, fp8
+from deepcomm.errors import CommunicationError
+
+T, H, K = 8, 256, 4
+
+
+def test_the_summary_helpers_read_what_a_call_sends():
+    x = torch.zeros(T, H, dtype=torch.bfloat16)
+    assert call_check.tensor_dim(x, 1) == H and call_check.tensor_dim(x, -1) == H
+    assert call_check.tensor_dim(x, 2) is None and call_check.tensor_dim("x", 0) is None
+    assert call_check.row_format(x) == "bfloat16"
+    assert call_check.row_format(x, quantize_fp8=True) == "fp8"
+    assert call_check.row_format(x.to(fp8.FP8_DTYPE)) == "fp8"
+    assert call_check.row_format(None) is None
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("On", True), ("0", False), ("", False)])
+def test_the_environment_variable_turns_the_check_on(single_rank_group, monkeypatch, value, on):
+    monkeypatch.setenv(call_check.ENV_VAR, value)
+    assert deepcomm.Communicator(single_rank_group, backend="reference").check_calls is on
+    # An explicit argument wins over the environment.
+    assert deepcomm.Communicator(single_rank_group, backend="reference", check_calls=not on).check_calls is not on
+
+
+def test_check_calls_must_be_a_bool(single_rank_group):
+    with pytest.raises(TypeError, match="^check_calls: expected a bool or None, got str"):
+        deepcomm.Communicator(single_rank_group, backend="reference", check_calls="yes")
+
+
+def test_one_rank_checks_its_own_arguments_and_runs(single_rank_group):
+    comm = deepcomm.Communicator(single_rank_group, backend="reference", check_calls=True)
+    x, idx, weights = torch.randn(T, H).to(torch.bfloat16), torch.randint(0, 8, (T, K)), torch.rand(T, K)
+    received = comm.dispatch(x, idx, weights, 8)
+    assert torch.equal(comm.combine(received.x, received.handle), comm.reference.combine(received.x, received.handle))
+    with pytest.raises(ValueError, match="^topk_idx: expert ids must lie in"):
+        comm.dispatch(x, torch.full((T, K), 8), weights, 8)
+
+
+def _expect(rank: int, call, message: str, culprit: int | None = None, error: type = ValueError,
+            peer: int | None = None) -> None:
+    """``culprit`` (when one rank refused its arguments) raises its own ``error``; every other rank a
+    CommunicationError naming ``peer`` (the culprit by default), well within the 60 s timeout the
+    communicators wait for a silent peer."""
+    start = time.monotonic()
+    if rank == culprit:
+        with pytest.raises(error, match=message):
+            call()
+        return
+    with pytest.raises(CommunicationError, match=message) as info:
+        call()
+    assert info.value.peer == (culprit if peer is None else peer), info.value
+    assert info.value.stage.endswith("/check") and time.monotonic() - start < 30
+
+
+def _disagreeing_calls_worker(rank: int, world_size: int) -> None:
+    comm = deepcomm.Communicator(backend="reference", timeout_s=60.0, check_calls=True)
+    unchecked = deepcomm.Communicator(backend="reference", timeout_s=60.0)
+    experts = 8 * world_size
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, H, generator=generator).to(torch.bfloat16)
+    idx = torch.randint(0, experts, (T, K), generator=generator)
+    weights = torch.rand(T, K, generator=generator)
+
+    # A good round trip gives what the unchecked communicator gives, bit for bit.
+    first = comm.dispatch(x, idx, weights, experts)
+    expected = unchecked.dispatch(x, idx, weights, experts)
+    assert torch.equal(first.x, expected.x) and torch.equal(first.topk_idx, expected.topk_idx)
+    assert torch.equal(comm.combine(first.x, first.handle), unchecked.combine(expected.x, expected.handle))
+
+    # One rank's num_sms differs (the kernels would wait out their timeout): every rank names it.
+    # Every rank names rank 2: the value most ranks share is taken as the right one.
+    _expect(rank, lambda: comm.dispatch(x, idx, weights, experts, num_sms=5 if rank == 2 else None),
+            r"num_sms differs between the ranks \(rank 0: 24, rank 1: 24, rank 2: 5\)", peer=2)
+
+    # A hidden size that differs on rank 1 (its rows would be read at the others' width).
+    wide = torch.randn(T, 2 * H, generator=generator).to(torch.bfloat16)
+    _expect(rank, lambda: comm.dispatch(wide if rank == 1 else x, idx, weights, experts),
+            r"hidden size differs between the ranks \(rank 0: 256, rank 1: 512, rank 2: 256\)", peer=1)
+
+    # Bad expert outputs on rank 1: its own ValueError there, at once on the others (unchecked, combine leaves
+    # them to their timeout).
+    second = comm.dispatch(x, idx, weights, experts)
+    bad_rows = second.x[:-1] if rank == 1 else second.x
+    _expect(rank, lambda: comm.combine(bad_rows, second.handle), "expert_out: expected shape", culprit=1)
+
+    # Rank 0 combines while the others dispatch.
+    if rank == 0:
+        with pytest.raises(CommunicationError, match="rank 1 is in dispatch where this rank is in combine"):
+            comm.combine(second.x, second.handle)
+    else:
+        with pytest.raises(CommunicationError, match="rank 0 is in combine where this rank is in dispatch") as info:
+            comm.dispatch(x, idx, weights, experts)
+        assert info.value.peer == 0
+
+    # Rank 2 combines the handle of an earlier dispatch than its peers'.
+    third = comm.dispatch(x, idx, weights, experts)
+    older = second if rank == 2 else third
+    _expect(rank, lambda: comm.combine(older.x, older.handle),
+            r"handle of dispatch number differs between the ranks \(rank 0: 3, rank 1: 3, rank 2: 2\)", peer=2)
+
+    # Refused dispatch arguments on rank 2 (an id out of range only it can see).
+    bad_idx = idx.clone()
+    bad_idx[0, 0] = experts
+    _expect(rank, lambda: comm.dispatch(x, bad_idx if rank == 2 else idx, weights, experts),
+            "topk_idx: expert ids must lie in", culprit=2)
+
+    # Every rank is still in step: the next round trip runs.
+    last = comm.dispatch(x, idx, weights, experts)
+    assert torch.equal(comm.combine(last.x, last.handle), unchecked.combine(expected.x, expected.handle))
+
+
+def test_ranks_that_disagree_on_a_call_all_raise_at_once_naming_the_field_and_rank():
+    from dist import run_ranks
+
+    run_ranks(_disagreeing_calls_worker, 3)
+
+
+def _low_latency_worker(rank: int, world_size: int) -> None:
+    experts = 4 * world_size
+    config = deepcomm.LowLatencyConfig(max_tokens_per_rank=T, hidden=H, num_experts=experts, num_topk=K)
+    comm = deepcomm.Communicator(backend="reference", timeout_s=60.0, low_latency=config, check_calls=True)
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, H, generator=generator).to(torch.bfloat16)
+    idx = torch.randint(0, experts, (T, K), generator=generator)
+    weights = torch.rand(T, K, generator=generator)
+
+    received = comm.low_latency_dispatch(x, idx, experts)
+    y = comm.low_latency_combine(received.x, weights, received.handle)
+    assert y.shape == (T, H)
+
+    # Weights sent with the dispatch on rank 1 only (the kernels' owners would wait for partials never sent).
+    _expect(rank, lambda: comm.low_latency_dispatch(x, idx, experts, topk_weights=weights if rank == 1 else None),
+            r"weights at dispatch differs between the ranks \(rank 0: False, rank 1: True\)", peer=1)
+    # fp8 on rank 0 only (two ranks, two values: the lower rank's is taken as the right one).
+    _expect(rank, lambda: comm.low_latency_dispatch(x, idx, experts, quantize_fp8=rank == 0),
+            r"row format differs between the ranks \(rank 0: 'fp8', rank 1: 'bfloat16'\)", peer=1)
+    # A combine without its weights on rank 0: refused there, named on rank 1.
+    received = comm.low_latency_dispatch(x, idx, experts)
+    _expect(rank, lambda: comm.low_latency_combine(received.x, None if rank == 0 else weights, received.handle),
+            "topk_weights: required", culprit=0)
+    assert comm.low_latency_combine(received.x, weights, received.handle).shape == (T, H)
+
+
+def test_low_latency_calls_that_disagree_all_raise_at_once():
+    from dist import run_ranks
+
+    run_ranks(_low_latency_worker, 2)
