@@ -396,12 +396,17 @@ class Communicator:
             self._call_check.dispatched(result.handle)
         return result
 
-    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle) -> None:
+    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle,
+                        caller_checks=None) -> None:
+        """With check_calls, agree on a dispatch; ``caller_checks``: the caller's own argument checks, run first
+        (deepcomm.autograd's)."""
         if self._call_check is None:
             return
         impl = self._impl
 
         def validate() -> None:
+            if caller_checks is not None:
+                caller_checks()
             check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.world_size,
                                   getattr(impl, "device", None))
             if quantize_fp8 and x.dtype != torch.bfloat16:
@@ -415,15 +420,18 @@ class Communicator:
             "handle reuse": handle is not None,
         }, validate)
 
-    def _agree_combine(self, expert_out, handle, num_sms) -> None:
+    def _check_combine_arguments(self, expert_out, handle) -> None:
+        """The backends' own combine checks, run on the host ahead of the call."""
+        self._impl._check_handle(handle)
+        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, getattr(self._impl, "device", None))
+
+    def _agree_combine(self, expert_out, handle, num_sms, checks=None) -> None:
+        """With check_calls, agree on a combine; ``checks``: the caller's argument checks in place of
+        :meth:`_check_combine_arguments` (deepcomm.autograd's, which also take float32 rows on the reference
+        path)."""
         if self._call_check is None:
             return
-        impl = self._impl
-
-        def validate() -> None:
-            impl._check_handle(handle)
-            check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, getattr(impl, "device", None))
-
+        validate = (lambda: self._check_combine_arguments(expert_out, handle)) if checks is None else checks
         self._call_check.agree("combine", {
             "hidden size": tensor_dim(expert_out, 1), "num_sms": self._sms(num_sms),
             "handle of dispatch number": self._call_check.dispatch_of(handle),

@@ -155,3 +155,50 @@ def test_low_latency_calls_that_disagree_all_raise_at_once():
     from dist import run_ranks
 
     run_ranks(_low_latency_worker, 2)
+
+
+def _autograd_worker(rank: int, world_size: int) -> None:
+    from deepcomm import autograd, moe, overlap
+
+    checked = deepcomm.Communicator(backend="reference", timeout_s=60.0, check_calls=True)
+    plain = deepcomm.Communicator(backend="reference", timeout_s=60.0)
+    config = moe.tiny()
+
+    # A MoE block forward and backward, plain and overlapped, with every collective checked: the same
+    # outputs and gradients as unchecked.
+    def run(comm, overlapped: bool):
+        block = moe.TransformerBlock(config, comm, torch.float32, seed=5)
+        x = torch.randn(2, 6, config.moe.hidden, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        if overlapped:
+            y, backward = overlap.run_overlapped([block], x, sizes=[1, 1])
+            y.backward(torch.ones_like(y))
+            backward.backward()
+        else:
+            y = block(x)
+            y.sum().backward()
+        return y.detach(), x.grad
+
+    for overlapped in (False, True):
+        got, expected = run(checked, overlapped), run(plain, overlapped)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    # Refused on one rank through autograd: float32 rows with quantize_fp8 on rank 1.
+    experts = 4 * world_size
+    x = torch.randn(T, H)
+    idx, weights = torch.randint(0, experts, (T, K)), torch.rand(T, K)
+    _expect(rank, lambda: autograd.dispatch(checked, x if rank == 1 else x.to(torch.bfloat16), idx, weights, experts,
+                                            quantize_fp8=True), "quantize_fp8: needs bf16 x", culprit=1)
+    # A combine of float32 rows (the reference path sums them in float32) with a handle of the wrong dispatch.
+    first = autograd.dispatch(checked, x, idx, weights, experts)
+    second = autograd.dispatch(checked, x, idx, weights, experts)
+    older = first if rank == 0 else second  # the blocks above dispatched three times on `checked`
+    _expect(rank, lambda: autograd.combine(checked, older.x, older.handle),
+            r"handle of dispatch number differs between the ranks \(rank 0: 4, rank 1: 5\)", peer=1)
+    y, _ = autograd.combine(checked, second.x, second.handle)
+    assert y.dtype == torch.float32 and y.shape == (T, H)
+
+
+def test_autograd_and_the_moe_block_are_checked_too():
+    from dist import run_ranks
+
+    run_ranks(_autograd_worker, 2)
