@@ -202,3 +202,55 @@ def test_autograd_and_the_moe_block_are_checked_too():
     from dist import run_ranks
 
     run_ranks(_autograd_worker, 2)
+
+
+def _kernels_worker(rank: int, world_size: int) -> None:
+    """The check in front of the intranode and low-latency kernels: refusals and disagreements raise on every
+    rank before anything launches, and the kernels run on afterwards, bit for bit with the reference."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device())
+    experts = 4 * world_size
+    low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=T, hidden=H, num_experts=experts, num_topk=K)
+    comm = deepcomm.Communicator(buffer=deepcomm.BufferConfig(max_tokens_per_rank=T, hidden=H, num_topk=K),
+                                 low_latency=low_latency, timeout_s=60.0, check_calls=True)
+    assert comm.backend == "intranode" and comm.check_calls
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, H, generator=generator).to(torch.bfloat16).to(device)
+    idx = torch.randint(0, experts, (T, K), generator=generator).to(device)
+    weights = torch.rand(T, K, generator=generator).to(device)
+
+    def round_trip() -> None:
+        ours = comm.dispatch(x, idx, weights, experts)
+        theirs = comm.reference.dispatch(x, idx, weights, experts)
+        assert torch.equal(ours.x.cpu(), theirs.x.cpu())
+        rows = ours.x.clone()
+        assert torch.equal(comm.combine(rows, ours.handle).cpu(), comm.reference.combine(theirs.x, theirs.handle).cpu())
+
+    round_trip()
+    _expect(rank, lambda: comm.dispatch(x, idx, weights, experts, num_sms=2 if rank == 1 else None),
+            r"num_sms differs between the ranks", peer=1)
+    bad_idx = idx.clone()
+    bad_idx[0, 0] = experts
+    _expect(rank, lambda: comm.dispatch(x, bad_idx if rank == 1 else idx, weights, experts),
+            "topk_idx: expert ids must lie in", culprit=1)
+    first, second = comm.dispatch(x, idx, weights, experts), comm.dispatch(x, idx, weights, experts)
+    older = first if rank == 0 else second
+    _expect(rank, lambda: comm.combine(older.x.clone(), older.handle), "handle of dispatch number differs", peer=1)
+    received = comm.low_latency_dispatch(x, idx, experts)
+    _expect(rank, lambda: comm.low_latency_combine(received.x, None if rank == 0 else weights, received.handle),
+            "topk_weights: required", culprit=0)
+    comm.low_latency_combine(received.x, weights, received.handle)
+    _expect(rank, lambda: comm.low_latency_dispatch(x, idx, experts, topk_weights=weights if rank == 1 else None),
+            "weights at dispatch differs", peer=1)
+    round_trip()
+    comm.check_errors()
+    comm.close()
+
+
+@pytest.mark.gpu
+def test_the_check_in_front_of_the_kernels():
+    from dist import run_ranks
+    from kernel_checks import require_ranks
+
+    require_ranks(2)
+    run_ranks(_kernels_worker, 2)
