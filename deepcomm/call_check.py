@@ -1,20 +1,22 @@
 """An opt-in check that the ranks agree on each collective call, before any of them launches it.
 
-``Communicator(check_calls=True)`` (or ``DEEPCOMM_CHECK_CALLS=1``): every dispatch and combine, normal
-and low-latency, first validates its arguments on the host (expert ids included) and exchanges a
-summary of the call with the other ranks over the communicator's group. Every rank then raises the
-same ``CommunicationError``, at once, when
+``Communicator(check_calls=True)`` (or ``DEEPCOMM_CHECK_CALLS=1``; every rank must choose the same): every
+dispatch and combine, normal and low-latency, and deepcomm.autograd's forward calls first check this rank's
+arguments on the host as its backend would before launching (expert ids too, unless a CUDA graph is being
+captured or ``previous_event`` orders them), then exchange a summary of the call with the other ranks over a
+gloo group of their own whose wait is the communicator's ``timeout_s``. Every rank then raises at once when
 
 - a rank refused its arguments (it raises its own ``TypeError``/``ValueError``, naming the argument),
 - the ranks are in different calls (one combines while another dispatches), or
 - a field the kernels need equal on every rank differs (hidden size, K, row format, ``num_experts``,
-  ``num_sms``, handle reuse, weights at dispatch), or a combine's handle comes from another
-  dispatch than its peers' (the n-th dispatch of each rank belong together).
+  ``num_sms``, weights at dispatch, and the dispatch a reused or combined handle came from: the n-th
+  dispatch of each rank belong together).
 
-Without it the kernel paths trust the caller: a peer with other arguments reads rows of another shape,
-or waits for a call that never comes until the timeout. The exchange costs a host round trip per call
-(debugging, not production); calls captured into a CUDA graph are not checked (nothing on the host
-runs at a replay).
+Without it the kernel paths trust the caller: a peer with other arguments reads rows of another shape, or
+waits for a call that never comes until the timeout. Not covered: what a backend finds only while running
+the call (a combine's rows in a receive slot a later dispatch reused, a communicator whose kernels already
+failed), and the collectives of autograd's backward. A host round trip per call: for debugging; calls
+captured into a CUDA graph check their own arguments only (nothing on the host runs at a replay).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch.distributed as dist
 from deepcomm.errors import CommunicationError
 
 ENV_VAR = "DEEPCOMM_CHECK_CALLS"
-_RECENT_DISPATCHES = 64  # handles a combine may still name (far more than any receive-slot count)
+# Handles a combine may still name; an older one is "unknown" (None) on every rank alike: agreed, not checked.
+_RECENT_DISPATCHES = 64
 
 
 def enabled_by_env() -> bool:
@@ -73,24 +76,26 @@ class CallCheck:
                 return number
         return None
 
-    def agree(self, method: str, fields: dict[str, object], validate: Callable[[], None]) -> None:
+    def agree(self, method: str, fields: dict[str, object], validate: Callable[[bool], None]) -> None:
         """Validate this rank's arguments, exchange ``fields`` with the other ranks, raise where they differ.
 
-        ``fields``: what every rank must pass equal (plain values). The same error is raised on every rank,
-        naming the first rank that refused or differs from the most common value (``.peer``), except on a
-        rank that refused: that one raises its own error.
+        ``validate(check_values)``: this rank's argument checks; ``check_values`` is False while a CUDA graph
+        is being captured (reading expert ids on the host would wait for the GPU there). ``fields``: what
+        every rank must pass equal (plain values). Every rank raises the same error, naming the first rank
+        that refused or the first that differs from the value most ranks share (``.peer``), except a rank
+        that refused: that one raises its own error.
         """
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            validate()  # a collective here would be captured into the graph: this rank's own checks only
+            validate(False)  # a collective here would be captured into the graph: this rank's own checks only
             return
         refused = None
         try:
-            validate()
+            validate(True)
         except (TypeError, ValueError) as error:
             refused = error
         stage = f"{method}/check"
-        mine = {"method": method, "refused": None if refused is None else f"{type(refused).__name__}: {refused}",
-                "fields": fields}
+        mine = {"refused": None if refused is None else f"{type(refused).__name__}: {refused}",
+                "fields": {"call": method, **fields}}
         everyone: list = [None] * self.world_size
         self._run_stage(stage, dist.all_gather_object, everyone, mine, group=self.group)
         if refused is not None:
@@ -99,15 +104,12 @@ class CallCheck:
             if theirs["refused"] is not None:
                 raise CommunicationError(self.rank, stage, f"rank {peer} refused its arguments ({theirs['refused']})",
                                          peer=peer)
-        for peer, theirs in enumerate(everyone):
-            if theirs["method"] != method:
-                raise CommunicationError(self.rank, stage, f"rank {peer} is in {theirs['method']} where this rank "
-                                         f"is in {method}: every rank must make the same calls in the same order",
-                                         peer=peer)
-        for name in fields:
+        for name in mine["fields"]:  # the call first: the other fields mean nothing between different calls
             values = [theirs["fields"].get(name) for theirs in everyone]
             if len(set(values)) > 1:
                 common = collections.Counter(values).most_common(1)[0][0]
                 peer = next(r for r, value in enumerate(values) if value != common)
                 listed = ", ".join(f"rank {r}: {value!r}" for r, value in enumerate(values))
-                raise CommunicationError(self.rank, stage, f"{name} differs between the ranks ({listed})", peer=peer)
+                hint = "; every rank must make the same calls in the same order" if name == "call" else ""
+                raise CommunicationError(self.rank, stage, f"{name} differs between the ranks ({listed}){hint}",
+                                         peer=peer)

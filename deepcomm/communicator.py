@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import socket
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
-from deepcomm.call_check import CallCheck, enabled_by_env, row_format, tensor_dim
+from deepcomm.call_check import ENV_VAR, CallCheck, enabled_by_env, row_format, tensor_dim
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
+from deepcomm.kernel_common import check_capacity, payload_of
 from deepcomm.low_latency import (
     LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult, check_low_latency_combine,
     check_low_latency_dispatch,
@@ -43,6 +45,12 @@ TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 9.0e9  # the kernels' bounded waits take nanoseconds as int64
+
+
+def _row_fields(x, topk_idx, num_experts, quantize_fp8: bool) -> dict:
+    """What every rank's rows of a dispatch must share (deepcomm.call_check)."""
+    return {"hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
+            "num_experts": num_experts if isinstance(num_experts, int) else None}
 
 
 class Communicator:
@@ -118,9 +126,20 @@ class Communicator:
         self._low_latency = None
         if low_latency is not None:
             self._low_latency = self._make_low_latency(group, backend, low_latency, num_sms, timeout_s)
-        reference = self._reference
-        self._call_check = (CallCheck(group, topology.rank, topology.world_size, reference._stage)
-                            if check_calls else None)
+        # A rank checking its calls runs a collective the others do not: they must all agree on it.
+        every: list = [None] * topology.world_size
+        dist.all_gather_object(every, check_calls, group=group)
+        if len(set(every)) > 1:
+            raise ValueError(f"check_calls: the ranks differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(every))}); "
+                             f"pass the same on every rank (or set {ENV_VAR} on every rank)")
+        self._call_check = None
+        if check_calls:
+            # Its own gloo group, so that a rank that never makes the call is waited for timeout_s, not the
+            # default group's timeout (30 minutes on gloo); only the group's members take part in making it.
+            members = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+            exchange = dist.new_group(members, timeout=timedelta(seconds=timeout_s), backend="gloo",
+                                      use_local_synchronization=True)
+            self._call_check = CallCheck(exchange, topology.rank, topology.world_size, self._reference._stage)
 
     def _make_low_latency(self, group, backend, config, num_sms, timeout_s):
         if not isinstance(config, LowLatencyConfig):
@@ -237,9 +256,9 @@ class Communicator:
         tensor; the intranode backend then reuses its routing (no layout, no count
         exchange, no host wait). Collective: every rank passes one, or none does.
         """
-        self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch", x=x, topk_weights=topk_weights)
-        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle)
+        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                             previous_event, num_sms, num_recv_tokens, handle)
         return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                                         power_of_two_scales, previous_event, False, num_sms,
                                                         num_recv_tokens, handle))
@@ -259,18 +278,17 @@ class Communicator:
         handle: object | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
-        self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch_async", x=x, topk_weights=topk_weights)
-        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle)
+        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                             previous_event, num_sms, num_recv_tokens, handle)
         return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
                                                         power_of_two_scales, previous_event, True, num_sms,
                                                         num_recv_tokens, handle))
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
-        self._check_call(num_sms)
         self._warn_if_differentiable("combine", expert_out=expert_out)
-        self._agree_combine(expert_out, handle, num_sms)
+        self._agree_combine(expert_out, handle, None, num_sms)
         y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
         return y
 
@@ -282,9 +300,8 @@ class Communicator:
         num_sms: int | None = None,
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
-        self._check_call(num_sms, previous_event)
         self._warn_if_differentiable("combine_async", expert_out=expert_out)
-        self._agree_combine(expert_out, handle, num_sms)
+        self._agree_combine(expert_out, handle, previous_event, num_sms)
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
     def combine_input(self, handle: object) -> torch.Tensor:
@@ -333,9 +350,9 @@ class Communicator:
         (float32 ``[T, K]``): sent with the rows, so that the combine sums at the owners
         (its ``topk_weights`` is then None); every rank gives them or none does.
         """
-        self._check_call(num_sms, previous_event)
         impl = self._low_latency_impl()
-        self._agree_low_latency_dispatch(impl, x, topk_idx, num_experts, x_scales, quantize_fp8, num_sms, topk_weights)
+        self._agree_low_latency_dispatch(impl, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                         previous_event, num_sms, topk_weights)
         return self._dispatched(impl.dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                               previous_event, async_finish, return_recv_hook, num_sms, topk_weights))
 
@@ -350,9 +367,8 @@ class Communicator:
         output row (``expert_out`` in the dispatch's layout), in float32, k ascending. When the
         dispatch carried the weights, ``topk_weights`` is None and each owner rank sums its terms
         (k ascending, rounded to bf16) before the token's rank adds them in rank order."""
-        self._check_call(num_sms)
         impl = self._low_latency_impl()
-        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, num_sms)
+        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, None, num_sms)
         y, _, _ = impl.combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
 
@@ -368,9 +384,8 @@ class Communicator:
         """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
         hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
         (until then no SM waits for the peers) and makes the current stream wait for it."""
-        self._check_call(num_sms, previous_event)
         impl = self._low_latency_impl()
-        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, num_sms)
+        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, previous_event, num_sms)
         return impl.combine(expert_out, topk_weights, handle, previous_event, True, return_recv_hook, num_sms)
 
     def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
@@ -396,28 +411,50 @@ class Communicator:
             self._call_check.dispatched(result.handle)
         return result
 
-    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, num_sms, handle,
-                        caller_checks=None) -> None:
-        """With check_calls, agree on a dispatch; ``caller_checks``: the caller's own argument checks, run first
-        (deepcomm.autograd's)."""
+    def _agree(self, method: str, fields: dict, validate) -> None:
+        """Run ``validate(check_values)`` (this rank's checks; True: expert ids read on the host too) and, with
+        check_calls, agree with the other ranks on ``fields`` first (deepcomm.call_check)."""
         if self._call_check is None:
-            return
+            validate(False)
+        else:
+            self._call_check.agree(method, fields, validate)
+
+    def _kernel_dispatch_checks(self, impl, x, topk_idx, quantize_fp8: bool, power_of_two_scales: bool) -> None:
+        """What the kernel backends refuse on the host before their launch beyond the argument contract: rows
+        they cannot move (alignment, quantize_fp8 of fp8 rows) and calls larger than their buffers."""
+        payload_of(x, quantize_fp8, power_of_two_scales)
+        if isinstance(impl.config, BufferConfig):
+            check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], impl.config)
+
+    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                        previous_event, num_sms, num_recv_tokens, handle, caller_checks=None) -> None:
+        """The per-call checks of a dispatch; with check_calls, also this rank's arguments as its backend
+        checks them, and agreement with the other ranks. ``caller_checks``: deepcomm.autograd's own, run first."""
         impl = self._impl
 
-        def validate() -> None:
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event, num_recv_tokens)
+            if self._call_check is None:
+                return
             if caller_checks is not None:
                 caller_checks()
+            # Ids made on another stream (previous_event) may not be written yet: the kernels check those on the GPU.
             check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.world_size,
-                                  getattr(impl, "device", None))
-            if quantize_fp8 and x.dtype != torch.bfloat16:
-                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
-            if handle is not None:
+                                  getattr(impl, "device", None), check_values and previous_event is None)
+            if impl is self._reference:
+                if quantize_fp8 and x.dtype != torch.bfloat16:
+                    raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            else:
+                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales)
+            if isinstance(impl, InternodeCommunicator):
+                impl._check_handle_reuse(handle)
+            elif handle is not None:
                 impl._check_handle(handle)
+                handle.routing.check_reused_by(topk_idx, num_experts)
 
-        self._call_check.agree("dispatch", {
-            "hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
-            "num_experts": num_experts if isinstance(num_experts, int) else None, "num_sms": self._sms(num_sms),
-            "handle reuse": handle is not None,
+        self._agree("dispatch", self._call_check and {
+            **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
+            "reused handle of dispatch number": None if handle is None else self._call_check.dispatch_of(handle),
         }, validate)
 
     def _check_combine_arguments(self, expert_out, handle) -> None:
@@ -425,39 +462,47 @@ class Communicator:
         self._impl._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, getattr(self._impl, "device", None))
 
-    def _agree_combine(self, expert_out, handle, num_sms, checks=None) -> None:
-        """With check_calls, agree on a combine; ``checks``: the caller's argument checks in place of
-        :meth:`_check_combine_arguments` (deepcomm.autograd's, which also take float32 rows on the reference
-        path)."""
-        if self._call_check is None:
-            return
-        validate = (lambda: self._check_combine_arguments(expert_out, handle)) if checks is None else checks
-        self._call_check.agree("combine", {
+    def _agree_combine(self, expert_out, handle, previous_event, num_sms, checks=None) -> None:
+        """The per-call checks of a combine; with check_calls, also :meth:`_check_combine_arguments` (or the
+        caller's ``checks`` in its place: deepcomm.autograd's, which take float32 rows on the reference path)
+        and agreement with the other ranks."""
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event)
+            if self._call_check is not None:
+                (checks or (lambda: self._check_combine_arguments(expert_out, handle)))()
+
+        self._agree("combine", self._call_check and {
             "hidden size": tensor_dim(expert_out, 1), "num_sms": self._sms(num_sms),
             "handle of dispatch number": self._call_check.dispatch_of(handle),
         }, validate)
 
-    def _agree_low_latency_dispatch(self, impl, x, topk_idx, num_experts, x_scales, quantize_fp8, num_sms,
-                                    topk_weights) -> None:
-        if self._call_check is None:
-            return
-        self._call_check.agree("low_latency_dispatch", {
-            "hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
-            "num_experts": num_experts if isinstance(num_experts, int) else None, "num_sms": self._sms(num_sms),
+    def _agree_low_latency_dispatch(self, impl, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                    previous_event, num_sms, topk_weights) -> None:
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event)
+            if self._call_check is None:
+                return
+            check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
+                                       getattr(impl, "device", None), check_values and previous_event is None,
+                                       topk_weights)
+            if isinstance(impl, LowLatencyKernels):
+                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales)
+
+        self._agree("low_latency_dispatch", self._call_check and {
+            **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
             "weights at dispatch": topk_weights is not None,
-        }, lambda: check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
-                                              getattr(impl, "device", None), True, topk_weights))
+        }, validate)
 
-    def _agree_low_latency_combine(self, impl, expert_out, topk_weights, handle, num_sms) -> None:
-        if self._call_check is None:
-            return
-
-        def validate() -> None:
-            impl._check_handle(handle)
+    def _agree_low_latency_combine(self, impl, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event)
+            if self._call_check is None:
+                return
+            impl._check_received(handle)  # the handle's, and its dispatch received (hook called), not combined
             check_low_latency_combine(impl.config, self.world_size, expert_out, topk_weights, handle,
                                       getattr(impl, "device", None))
 
-        self._call_check.agree("low_latency_combine", {
+        self._agree("low_latency_combine", self._call_check and {
             "hidden size": tensor_dim(expert_out, -1), "weights at dispatch": topk_weights is None,
             "num_sms": self._sms(num_sms), "handle of dispatch number": self._call_check.dispatch_of(handle),
         }, validate)

@@ -144,9 +144,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
         self.check_errors()
-        if handle is not None:
-            raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
-                             "dispatch without it")
+        self._check_handle_reuse(handle)
         topo = self.topology
         check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, topo.world_size, self.device,
                               check_values=False)
@@ -217,6 +215,12 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         return self._slots[slot].result(layout, rows, hidden, num_topk, payload, per_expert)
 
     # -- combine ------------------------------------------------------------
+
+    @staticmethod
+    def _check_handle_reuse(handle) -> None:
+        if handle is not None:
+            raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
+                             "dispatch without it")
 
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, InternodeHandle) or handle.owner != id(self):

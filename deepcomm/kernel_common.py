@@ -288,7 +288,7 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
         return CommunicationError(rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived")
     if code == ERROR_MODE_MISMATCH:
         return CommunicationError(rank, stage, f"ranks disagree on reusing a handle in this dispatch (rank {detail} "
-                                  "differs from this one; every rank passes one, or none does)")
+                                  "differs from this one; every rank passes one, or none does)", peer=detail)
     culprits = {r: int(n) for r, n in enumerate(invalid) if n}
     return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")
 

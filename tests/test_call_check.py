@@ -32,6 +32,37 @@ def test_the_environment_variable_turns_the_check_on(single_rank_group, monkeypa
     assert deepcomm.Communicator(single_rank_group, backend="reference", check_calls=not on).check_calls is not on
 
 
+def _one_rank_checks_worker(rank: int, world_size: int) -> None:
+    with pytest.raises(ValueError, match=r"^check_calls: the ranks differ \(rank 0: True, rank 1: False\)"):
+        deepcomm.Communicator(backend="reference", check_calls=rank == 0)
+
+
+def test_ranks_must_agree_on_checking_their_calls():
+    """A rank that checks runs a collective the others would not: the communicator refuses on every rank."""
+    from dist import run_ranks
+
+    run_ranks(_one_rank_checks_worker, 2)
+
+
+def _silent_rank_worker(rank: int, world_size: int) -> None:
+    comm = deepcomm.Communicator(backend="reference", timeout_s=3.0, check_calls=True)
+    x, idx, weights = torch.randn(T, H).to(torch.bfloat16), torch.randint(0, 8, (T, K)), torch.rand(T, K)
+    if rank == 1:
+        time.sleep(10)  # alive, but never makes the call
+        return
+    start = time.monotonic()
+    with pytest.raises(CommunicationError) as info:
+        comm.dispatch(x, idx, weights, 8)
+    assert info.value.stage == "dispatch/check" and info.value.rank == 0
+    assert time.monotonic() - start < 9, "waited longer than the communicator's timeout"
+
+
+def test_a_rank_that_never_calls_is_waited_for_the_communicators_timeout_only():
+    from dist import run_ranks
+
+    run_ranks(_silent_rank_worker, 2)
+
+
 def test_check_calls_must_be_a_bool(single_rank_group):
     with pytest.raises(TypeError, match="^check_calls: expected a bool or None, got str"):
         deepcomm.Communicator(single_rank_group, backend="reference", check_calls="yes")
@@ -93,14 +124,13 @@ def _disagreeing_calls_worker(rank: int, world_size: int) -> None:
     bad_rows = second.x[:-1] if rank == 1 else second.x
     _expect(rank, lambda: comm.combine(bad_rows, second.handle), "expert_out: expected shape", culprit=1)
 
-    # Rank 0 combines while the others dispatch.
-    if rank == 0:
-        with pytest.raises(CommunicationError, match="rank 1 is in dispatch where this rank is in combine"):
-            comm.combine(second.x, second.handle)
-    else:
-        with pytest.raises(CommunicationError, match="rank 0 is in combine where this rank is in dispatch") as info:
-            comm.dispatch(x, idx, weights, experts)
-        assert info.value.peer == 0
+    # Rank 0 combines while the others dispatch: every rank names rank 0.
+    _expect(rank, lambda: comm.combine(second.x, second.handle) if rank == 0 else comm.dispatch(x, idx, weights, experts),
+            r"call differs between the ranks \(rank 0: 'combine', rank 1: 'dispatch', rank 2: 'dispatch'\); "
+            "every rank must make the same calls", peer=0)
+    # A per-call argument every backend checks first (num_sms), refused on rank 1.
+    _expect(rank, lambda: comm.dispatch(x, idx, weights, experts, num_sms=0 if rank == 1 else None), "num_sms",
+            culprit=1)
 
     # Rank 2 combines the handle of an earlier dispatch than its peers'.
     third = comm.dispatch(x, idx, weights, experts)
@@ -149,6 +179,16 @@ def _low_latency_worker(rank: int, world_size: int) -> None:
     _expect(rank, lambda: comm.low_latency_combine(received.x, None if rank == 0 else weights, received.handle),
             "topk_weights: required", culprit=0)
     assert comm.low_latency_combine(received.x, weights, received.handle).shape == (T, H)
+    # Rank 1 combines before calling its dispatch's receive hook: refused there, named on rank 0 (unchecked,
+    # rank 0 would wait in the combine's exchange until the group's timeout).
+    hooked = comm.low_latency_dispatch(x, idx, experts, return_recv_hook=True)
+    if rank == 0:
+        hooked.hook()
+    _expect(rank, lambda: comm.low_latency_combine(hooked.x, weights, hooked.handle), "has not received yet",
+            culprit=1)
+    if rank == 1:
+        hooked.hook()
+    assert comm.low_latency_combine(hooked.x, weights, hooked.handle).shape == (T, H)
 
 
 def test_low_latency_calls_that_disagree_all_raise_at_once():
