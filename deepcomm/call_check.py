@@ -1,22 +1,25 @@
 """An opt-in check that the ranks agree on each collective call, before any of them launches it.
 
 ``Communicator(check_calls=True)`` (or ``DEEPCOMM_CHECK_CALLS=1``; every rank must choose the same): every
-dispatch and combine, normal and low-latency, and deepcomm.autograd's forward calls first check this rank's
-arguments on the host as its backend would before launching (expert ids too, unless a CUDA graph is being
-captured or ``previous_event`` orders them), then exchange a summary of the call with the other ranks over a
-gloo group of their own whose wait is the communicator's ``timeout_s``. Every rank then raises at once when
+dispatch and combine, normal and low-latency, and deepcomm.autograd's forward calls first run this rank's
+checks on the host (the argument contract, expert ids unless a CUDA graph is being captured or
+``previous_event`` orders them, and the kernel backends' own refusals: a failure they recorded, row
+alignment, buffer capacity, blocks per GPU, handle reuse, a low-latency combine before its hook), then
+exchange a summary of the call over the communicator's group. Every rank then raises at once when
 
-- a rank refused its arguments (it raises its own ``TypeError``/``ValueError``, naming the argument),
+- a rank refused (it raises its own error, the others ``CommunicationError`` naming it),
 - the ranks are in different calls (one combines while another dispatches), or
 - a field the kernels need equal on every rank differs (hidden size, K, row format, ``num_experts``,
   ``num_sms``, weights at dispatch, and the dispatch a reused or combined handle came from: the n-th
   dispatch of each rank belong together).
 
 Without it the kernel paths trust the caller: a peer with other arguments reads rows of another shape, or
-waits for a call that never comes until the timeout. Not covered: what a backend finds only while running
-the call (a combine's rows in a receive slot a later dispatch reused, a communicator whose kernels already
-failed), and the collectives of autograd's backward. A host round trip per call: for debugging; calls
-captured into a CUDA graph check their own arguments only (nothing on the host runs at a replay).
+waits for a call that never comes until the timeout. A rank that never makes the call is waited for as long
+as the group's timeout, after which the group is out of step: make a new one. Not covered: refusals a
+backend makes later (a reused handle's ``num_recv_tokens``, a low-latency dispatch onto an area whose hook
+is pending, the low-latency combine's row alignment, combine rows in the buffer outside the handle's slot
+or in a reused slot) and autograd's backward collectives. A host round trip per call: for debugging; calls
+captured into a CUDA graph run this rank's checks only (nothing on the host runs at a replay).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class CallCheck:
         refused = None
         try:
             validate(True)
-        except (TypeError, ValueError) as error:
+        except Exception as error:  # any: the peers must hear of it here, not wait for this rank's call
             refused = error
         stage = f"{method}/check"
         mine = {"refused": None if refused is None else f"{type(refused).__name__}: {refused}",

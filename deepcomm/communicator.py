@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import socket
 import warnings
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ from deepcomm.call_check import ENV_VAR, CallCheck, enabled_by_env, row_format, 
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
-from deepcomm.kernel_common import check_capacity, payload_of
+from deepcomm.kernel_common import blocks_of, check_capacity, payload_of
 from deepcomm.low_latency import (
     LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult, check_low_latency_combine,
     check_low_latency_dispatch,
@@ -113,6 +112,16 @@ class Communicator:
         self._closed = False
         self._reference = ReferenceCommunicator(group, ranks_per_node)
         topology = self._reference.topology
+        # Before any buffer is mapped: a rank checking its calls runs a collective the others would not.
+        every: list = [None] * topology.world_size
+        dist.all_gather_object(every, check_calls, group=group)
+        if len(set(every)) > 1:
+            raise ValueError(f"check_calls: the ranks differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(every))}); "
+                             f"pass the same on every rank (or set {ENV_VAR} on every rank)")
+        # The exchange runs on the communicator's group: a rank that never makes the call is waited for as long
+        # as the group's timeout (init_process_group(timeout=...)), as the reference path's collectives are.
+        self._call_check = CallCheck(group, topology.rank, topology.world_size, self._reference._stage) \
+            if check_calls else None
         self.backend = self._choose(backend, topology, buffer)
         if self.backend == "intranode":
             self._impl = IntranodeCommunicator(group, topology, buffer, num_sms, timeout_s)
@@ -126,20 +135,6 @@ class Communicator:
         self._low_latency = None
         if low_latency is not None:
             self._low_latency = self._make_low_latency(group, backend, low_latency, num_sms, timeout_s)
-        # A rank checking its calls runs a collective the others do not: they must all agree on it.
-        every: list = [None] * topology.world_size
-        dist.all_gather_object(every, check_calls, group=group)
-        if len(set(every)) > 1:
-            raise ValueError(f"check_calls: the ranks differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(every))}); "
-                             f"pass the same on every rank (or set {ENV_VAR} on every rank)")
-        self._call_check = None
-        if check_calls:
-            # Its own gloo group, so that a rank that never makes the call is waited for timeout_s, not the
-            # default group's timeout (30 minutes on gloo); only the group's members take part in making it.
-            members = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-            exchange = dist.new_group(members, timeout=timedelta(seconds=timeout_s), backend="gloo",
-                                      use_local_synchronization=True)
-            self._call_check = CallCheck(exchange, topology.rank, topology.world_size, self._reference._stage)
 
     def _make_low_latency(self, group, backend, config, num_sms, timeout_s):
         if not isinstance(config, LowLatencyConfig):
@@ -350,9 +345,9 @@ class Communicator:
         (float32 ``[T, K]``): sent with the rows, so that the combine sums at the owners
         (its ``topk_weights`` is then None); every rank gives them or none does.
         """
-        impl = self._low_latency_impl()
-        self._agree_low_latency_dispatch(impl, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+        self._agree_low_latency_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                          previous_event, num_sms, topk_weights)
+        impl = self._low_latency_impl()
         return self._dispatched(impl.dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                               previous_event, async_finish, return_recv_hook, num_sms, topk_weights))
 
@@ -367,8 +362,8 @@ class Communicator:
         output row (``expert_out`` in the dispatch's layout), in float32, k ascending. When the
         dispatch carried the weights, ``topk_weights`` is None and each owner rank sums its terms
         (k ascending, rounded to bf16) before the token's rank adds them in rank order."""
+        self._agree_low_latency_combine(expert_out, topk_weights, handle, None, num_sms)
         impl = self._low_latency_impl()
-        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, None, num_sms)
         y, _, _ = impl.combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
 
@@ -384,8 +379,8 @@ class Communicator:
         """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
         hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
         (until then no SM waits for the peers) and makes the current stream wait for it."""
+        self._agree_low_latency_combine(expert_out, topk_weights, handle, previous_event, num_sms)
         impl = self._low_latency_impl()
-        self._agree_low_latency_combine(impl, expert_out, topk_weights, handle, previous_event, num_sms)
         return impl.combine(expert_out, topk_weights, handle, previous_event, True, return_recv_hook, num_sms)
 
     def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
@@ -419,12 +414,25 @@ class Communicator:
         else:
             self._call_check.agree(method, fields, validate)
 
-    def _kernel_dispatch_checks(self, impl, x, topk_idx, quantize_fp8: bool, power_of_two_scales: bool) -> None:
+    @staticmethod
+    def _check_kernel_errors(impl) -> None:
+        """A kernel failure recorded on this rank raises here, before the exchange (the peers hear of it there)."""
+        check = getattr(impl, "check_errors", None)
+        if check is not None:
+            check()
+
+    def _kernel_dispatch_checks(self, impl, x, topk_idx, quantize_fp8: bool, power_of_two_scales: bool,
+                                num_sms) -> None:
         """What the kernel backends refuse on the host before their launch beyond the argument contract: rows
-        they cannot move (alignment, quantize_fp8 of fp8 rows) and calls larger than their buffers."""
+        they cannot move (alignment, quantize_fp8 of fp8 rows), calls larger than their buffers, and more
+        blocks than the ranks sharing this GPU can keep resident."""
         payload_of(x, quantize_fp8, power_of_two_scales)
         if isinstance(impl.config, BufferConfig):
             check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], impl.config)
+        if isinstance(impl, InternodeCommunicator):
+            impl._check_blocks(blocks_of(self.num_sms, num_sms))
+        elif isinstance(impl, LowLatencyKernels):
+            impl._blocks(num_sms)
 
     def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                         previous_event, num_sms, num_recv_tokens, handle, caller_checks=None) -> None:
@@ -436,6 +444,7 @@ class Communicator:
             self._check_call(num_sms, previous_event, num_recv_tokens)
             if self._call_check is None:
                 return
+            self._check_kernel_errors(impl)
             if caller_checks is not None:
                 caller_checks()
             # Ids made on another stream (previous_event) may not be written yet: the kernels check those on the GPU.
@@ -445,7 +454,7 @@ class Communicator:
                 if quantize_fp8 and x.dtype != torch.bfloat16:
                     raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
             else:
-                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales)
+                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales, num_sms)
             if isinstance(impl, InternodeCommunicator):
                 impl._check_handle_reuse(handle)
             elif handle is not None:
@@ -469,6 +478,7 @@ class Communicator:
         def validate(check_values: bool) -> None:
             self._check_call(num_sms, previous_event)
             if self._call_check is not None:
+                self._check_kernel_errors(self._impl)
                 (checks or (lambda: self._check_combine_arguments(expert_out, handle)))()
 
         self._agree("combine", self._call_check and {
@@ -476,28 +486,32 @@ class Communicator:
             "handle of dispatch number": self._call_check.dispatch_of(handle),
         }, validate)
 
-    def _agree_low_latency_dispatch(self, impl, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+    def _agree_low_latency_dispatch(self, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                     previous_event, num_sms, topk_weights) -> None:
         def validate(check_values: bool) -> None:
             self._check_call(num_sms, previous_event)
+            impl = self._low_latency_impl()
             if self._call_check is None:
                 return
+            self._check_kernel_errors(impl)
             check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
                                        getattr(impl, "device", None), check_values and previous_event is None,
                                        topk_weights)
             if isinstance(impl, LowLatencyKernels):
-                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales)
+                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales, num_sms)
 
         self._agree("low_latency_dispatch", self._call_check and {
             **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
             "weights at dispatch": topk_weights is not None,
         }, validate)
 
-    def _agree_low_latency_combine(self, impl, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
+    def _agree_low_latency_combine(self, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
         def validate(check_values: bool) -> None:
             self._check_call(num_sms, previous_event)
+            impl = self._low_latency_impl()
             if self._call_check is None:
                 return
+            self._check_kernel_errors(impl)
             impl._check_received(handle)  # the handle's, and its dispatch received (hook called), not combined
             check_low_latency_combine(impl.config, self.world_size, expert_out, topk_weights, handle,
                                       getattr(impl, "device", None))

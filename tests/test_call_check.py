@@ -45,7 +45,7 @@ def test_ranks_must_agree_on_checking_their_calls():
 
 
 def _silent_rank_worker(rank: int, world_size: int) -> None:
-    comm = deepcomm.Communicator(backend="reference", timeout_s=3.0, check_calls=True)
+    comm = deepcomm.Communicator(backend="reference", check_calls=True)
     x, idx, weights = torch.randn(T, H).to(torch.bfloat16), torch.randint(0, 8, (T, K)), torch.rand(T, K)
     if rank == 1:
         time.sleep(10)  # alive, but never makes the call
@@ -54,13 +54,13 @@ def _silent_rank_worker(rank: int, world_size: int) -> None:
     with pytest.raises(CommunicationError) as info:
         comm.dispatch(x, idx, weights, 8)
     assert info.value.stage == "dispatch/check" and info.value.rank == 0
-    assert time.monotonic() - start < 9, "waited longer than the communicator's timeout"
+    assert time.monotonic() - start < 9, "waited longer than the group's timeout"
 
 
-def test_a_rank_that_never_calls_is_waited_for_the_communicators_timeout_only():
+def test_a_rank_that_never_calls_is_waited_for_the_groups_timeout():
     from dist import run_ranks
 
-    run_ranks(_silent_rank_worker, 2)
+    run_ranks(_silent_rank_worker, 2, timeout_s=4.0)
 
 
 def test_check_calls_must_be_a_bool(single_rank_group):
@@ -128,6 +128,11 @@ def _disagreeing_calls_worker(rank: int, world_size: int) -> None:
     _expect(rank, lambda: comm.combine(second.x, second.handle) if rank == 0 else comm.dispatch(x, idx, weights, experts),
             r"call differs between the ranks \(rank 0: 'combine', rank 1: 'dispatch', rank 2: 'dispatch'\); "
             "every rank must make the same calls", peer=0)
+    # A closed communicator on rank 2 (close() is collective; here one rank closed alone): named at once.
+    lone = deepcomm.Communicator(backend="reference", check_calls=True)
+    if rank == 2:
+        lone.close()
+    _expect(rank, lambda: lone.dispatch(x, idx, weights, experts), "closed", culprit=2, error=RuntimeError)
     # A per-call argument every backend checks first (num_sms), refused on rank 1.
     _expect(rank, lambda: comm.dispatch(x, idx, weights, experts, num_sms=0 if rank == 1 else None), "num_sms",
             culprit=1)
