@@ -302,8 +302,9 @@ def dispatch(
     checked = getattr(comm, "check_calls", False)  # a Communicator made with check_calls (deepcomm.call_check)
     if checked:  # float32 rows travel as twice as many bf16 values: what the ranks must agree on
         wire = x.detach().view(torch.bfloat16) if as_float32 and x.dim() == 2 and x.is_contiguous() else x
-        comm._agree_dispatch(wire, topk_idx, topk_weights, num_experts, None, quantize_fp8, False, previous_event, None,
-                             None, None, caller_checks=checks)
+        comm._agree_dispatch(wire, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=quantize_fp8,
+                             power_of_two_scales=False, previous_event=previous_event, num_sms=None,
+                             num_recv_tokens=None, handle=None, caller_checks=checks)
     else:
         checks()
     # The kernel backends' backward needs the routing (module docstring).
@@ -392,7 +393,7 @@ def combine(
             if not _is_reference(impl):
                 _route_of(handle)
 
-        comm._agree_combine(expert_out, handle, previous_event, None, checks=checks)
+        comm._agree_combine(expert_out, handle, previous_event=previous_event, num_sms=None, checks=checks)
     route = None if _is_reference(impl) else _route_of(handle)  # before any rank starts communicating
     holder: dict = {}
     options = dict(previous_event=previous_event, async_finish=async_finish)

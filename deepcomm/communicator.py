@@ -116,8 +116,9 @@ class Communicator:
         every: list = [None] * topology.world_size
         dist.all_gather_object(every, check_calls, group=group)
         if len(set(every)) > 1:
-            raise ValueError(f"check_calls: the ranks differ ({', '.join(f'rank {r}: {v}' for r, v in enumerate(every))}); "
-                             f"pass the same on every rank (or set {ENV_VAR} on every rank)")
+            listed = ", ".join(f"rank {r}: {value}" for r, value in enumerate(every))
+            raise ValueError(f"check_calls: the ranks differ ({listed}); pass the same on every rank (or set "
+                             f"{ENV_VAR} on every rank)")
         # The exchange runs on the communicator's group: a rank that never makes the call is waited for as long
         # as the group's timeout (init_process_group(timeout=...)), as the reference path's collectives are.
         self._call_check = CallCheck(group, topology.rank, topology.world_size, self._reference._stage) \

@@ -283,7 +283,8 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
         return None
     stage, detail = STAGE_NAMES.get(int(words[1]), "unknown"), int(words[2])
     if code == ERROR_TIMEOUT:
-        return CommunicationError(rank, stage, f"waiting for rank {detail}: no answer within {timeout_s:g}s", peer=detail)
+        return CommunicationError(rank, stage, f"waiting for rank {detail}: no answer within {timeout_s:g}s",
+                                  peer=detail)
     if code == ERROR_SIZE_MISMATCH:
         return CommunicationError(rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived")
     if code == ERROR_MODE_MISMATCH:
