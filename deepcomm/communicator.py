@@ -487,14 +487,22 @@ class Communicator:
             "handle of dispatch number": self._call_check.dispatch_of(handle),
         }, validate)
 
+    def _low_latency_checks(self, num_sms, previous_event):
+        """What every low-latency call checks first; with check_calls, also a failure its kernels recorded, and
+        the low-latency backend to check the rest against (None without check_calls)."""
+        self._check_call(num_sms, previous_event)
+        impl = self._low_latency_impl()
+        if self._call_check is None:
+            return None
+        self._check_kernel_errors(impl)
+        return impl
+
     def _agree_low_latency_dispatch(self, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                     previous_event, num_sms, topk_weights) -> None:
         def validate(check_values: bool) -> None:
-            self._check_call(num_sms, previous_event)
-            impl = self._low_latency_impl()
-            if self._call_check is None:
+            impl = self._low_latency_checks(num_sms, previous_event)
+            if impl is None:
                 return
-            self._check_kernel_errors(impl)
             check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
                                        getattr(impl, "device", None), check_values and previous_event is None,
                                        topk_weights)
@@ -508,11 +516,9 @@ class Communicator:
 
     def _agree_low_latency_combine(self, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
         def validate(check_values: bool) -> None:
-            self._check_call(num_sms, previous_event)
-            impl = self._low_latency_impl()
-            if self._call_check is None:
+            impl = self._low_latency_checks(num_sms, previous_event)
+            if impl is None:
                 return
-            self._check_kernel_errors(impl)
             impl._check_received(handle)  # the handle's, and its dispatch received (hook called), not combined
             check_low_latency_combine(impl.config, self.world_size, expert_out, topk_weights, handle,
                                       getattr(impl, "device", None))
