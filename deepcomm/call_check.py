@@ -2,10 +2,11 @@
 
 ``Communicator(check_calls=True)`` (or ``DEEPCOMM_CHECK_CALLS=1``; every rank must choose the same): every
 dispatch and combine, normal and low-latency, and deepcomm.autograd's forward calls first run this rank's
-checks on the host (the argument contract, expert ids unless a CUDA graph is being captured or
-``previous_event`` orders them, and the kernel backends' own refusals: a failure they recorded, row
-alignment, buffer capacity, blocks per GPU, handle reuse, a low-latency combine before its hook), then
-exchange a summary of the call over the communicator's group. Every rank then raises at once when
+checks on the host — its backend's own ``check_dispatch`` / ``check_combine``, everything the backend refuses
+before it launches (a failure its kernels recorded, row alignment, buffer capacity, blocks per GPU, handles
+and their receive slots, hooks), plus the expert ids unless a CUDA graph is being captured or
+``previous_event`` orders them — then exchange a summary of the call over the communicator's group. Every
+rank then raises at once when
 
 - a rank refused (it raises its own error, the others ``CommunicationError`` naming it),
 - the ranks are in different calls (one combines while another dispatches), or
@@ -15,11 +16,10 @@ exchange a summary of the call over the communicator's group. Every rank then ra
 
 Without it the kernel paths trust the caller: a peer with other arguments reads rows of another shape, or
 waits for a call that never comes until the timeout. A rank that never makes the call is waited for as long
-as the group's timeout, after which the group is out of step: make a new one. Not covered: refusals a
-backend makes later (a reused handle's ``num_recv_tokens``, a low-latency dispatch onto an area whose hook
-is pending, the low-latency combine's row alignment, combine rows in the buffer outside the handle's slot
-or in a reused slot) and autograd's backward collectives. A host round trip per call: for debugging; calls
-captured into a CUDA graph run this rank's checks only (nothing on the host runs at a replay).
+as the group's timeout, after which the group is out of step: make a new one. Not covered: what the
+kernels find while they run (a peer that stops answering: their own bounded waits) and autograd's
+backward collectives. A host round trip per call: for debugging; calls captured into a CUDA graph run this
+rank's checks only (nothing on the host runs at a replay).
 """
 
 from __future__ import annotations

@@ -26,16 +26,12 @@ from deepcomm.call_check import ENV_VAR, CallCheck, enabled_by_env, row_format, 
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
-from deepcomm.kernel_common import blocks_of, check_capacity, payload_of
-from deepcomm.low_latency import (
-    LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult, check_low_latency_combine,
-    check_low_latency_dispatch,
-)
+from deepcomm.low_latency import LowLatencyConfig, LowLatencyHandle, LowLatencyKernels, LowLatencyResult
 from deepcomm.reference import ReferenceCommunicator
 from deepcomm.reference_low_latency import ReferenceLowLatency
 from deepcomm.results import DispatchResult
 from deepcomm.topology import Topology
-from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_int
+from deepcomm.validation import check_int
 
 BACKENDS = ("auto", "intranode", "internode", "reference")
 # "*_staged": every inter-node byte through local staging and a put, the access pattern of a NIC (tests that
@@ -415,62 +411,29 @@ class Communicator:
         else:
             self._call_check.agree(method, fields, validate)
 
-    @staticmethod
-    def _check_kernel_errors(impl) -> None:
-        """A kernel failure recorded on this rank raises here, before the exchange (the peers hear of it there)."""
-        check = getattr(impl, "check_errors", None)
-        if check is not None:
-            check()
-
-    def _kernel_dispatch_checks(self, impl, x, topk_idx, quantize_fp8: bool, power_of_two_scales: bool,
-                                num_sms) -> None:
-        """What the kernel backends refuse on the host before their launch beyond the argument contract: rows
-        they cannot move (alignment, quantize_fp8 of fp8 rows), calls larger than their buffers, and more
-        blocks than the ranks sharing this GPU can keep resident."""
-        payload_of(x, quantize_fp8, power_of_two_scales)
-        if isinstance(impl.config, BufferConfig):
-            check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], impl.config)
-        if isinstance(impl, InternodeCommunicator):
-            impl._check_blocks(blocks_of(self.num_sms, num_sms))
-        elif isinstance(impl, LowLatencyKernels):
-            impl._blocks(num_sms)
-
     def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                         previous_event, num_sms, num_recv_tokens, handle, caller_checks=None) -> None:
-        """The per-call checks of a dispatch; with check_calls, also this rank's arguments as its backend
-        checks them, and agreement with the other ranks. ``caller_checks``: deepcomm.autograd's own, run first."""
-        impl = self._impl
-
+        """The per-call checks of a dispatch; with check_calls, also the backend's own (its check_dispatch) and
+        agreement with the other ranks. ``caller_checks``: deepcomm.autograd's own, run first."""
         def validate(check_values: bool) -> None:
             self._check_call(num_sms, previous_event, num_recv_tokens)
             if self._call_check is None:
                 return
-            self._check_kernel_errors(impl)
             if caller_checks is not None:
                 caller_checks()
             # Ids made on another stream (previous_event) may not be written yet: the kernels check those on the GPU.
-            check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.world_size,
-                                  getattr(impl, "device", None), check_values and previous_event is None)
-            if impl is self._reference:
-                if quantize_fp8 and x.dtype != torch.bfloat16:
-                    raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
-            else:
-                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales, num_sms)
-            if isinstance(impl, InternodeCommunicator):
-                impl._check_handle_reuse(handle)
-            elif handle is not None:
-                impl._check_handle(handle)
-                handle.routing.check_reused_by(topk_idx, num_experts)
+            self._impl.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                      power_of_two_scales, num_sms, num_recv_tokens, handle,
+                                      check_values=check_values and previous_event is None)
 
         self._agree("dispatch", self._call_check and {
             **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
             "reused handle of dispatch number": None if handle is None else self._call_check.dispatch_of(handle),
         }, validate)
 
-    def _check_combine_arguments(self, expert_out, handle) -> None:
-        """The backends' own combine checks, run on the host ahead of the call."""
-        self._impl._check_handle(handle)
-        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, getattr(self._impl, "device", None))
+    def _check_combine_arguments(self, expert_out, handle, num_sms=None) -> None:
+        """The backend's own combine checks, run on the host ahead of the call."""
+        self._impl.check_combine(expert_out, handle, num_sms)
 
     def _agree_combine(self, expert_out, handle, previous_event, num_sms, checks=None) -> None:
         """The per-call checks of a combine; with check_calls, also :meth:`_check_combine_arguments` (or the
@@ -479,8 +442,7 @@ class Communicator:
         def validate(check_values: bool) -> None:
             self._check_call(num_sms, previous_event)
             if self._call_check is not None:
-                self._check_kernel_errors(self._impl)
-                (checks or (lambda: self._check_combine_arguments(expert_out, handle)))()
+                (checks or (lambda: self._check_combine_arguments(expert_out, handle, num_sms)))()
 
         self._agree("combine", self._call_check and {
             "hidden size": tensor_dim(expert_out, 1), "num_sms": self._sms(num_sms),
@@ -488,26 +450,19 @@ class Communicator:
         }, validate)
 
     def _low_latency_checks(self, num_sms, previous_event):
-        """What every low-latency call checks first; with check_calls, also a failure its kernels recorded, and
-        the low-latency backend to check the rest against (None without check_calls)."""
+        """What every low-latency call checks first; with check_calls, the low-latency backend whose own checks
+        run next (None without check_calls)."""
         self._check_call(num_sms, previous_event)
         impl = self._low_latency_impl()
-        if self._call_check is None:
-            return None
-        self._check_kernel_errors(impl)
-        return impl
+        return None if self._call_check is None else impl
 
     def _agree_low_latency_dispatch(self, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                     previous_event, num_sms, topk_weights) -> None:
         def validate(check_values: bool) -> None:
             impl = self._low_latency_checks(num_sms, previous_event)
-            if impl is None:
-                return
-            check_low_latency_dispatch(impl.config, self.world_size, x, x_scales, topk_idx, num_experts,
-                                       getattr(impl, "device", None), check_values and previous_event is None,
-                                       topk_weights)
-            if isinstance(impl, LowLatencyKernels):
-                self._kernel_dispatch_checks(impl, x, topk_idx, quantize_fp8, power_of_two_scales, num_sms)
+            if impl is not None:
+                impl.check_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales, num_sms,
+                                    topk_weights, check_values and previous_event is None)
 
         self._agree("low_latency_dispatch", self._call_check and {
             **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
@@ -517,11 +472,8 @@ class Communicator:
     def _agree_low_latency_combine(self, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
         def validate(check_values: bool) -> None:
             impl = self._low_latency_checks(num_sms, previous_event)
-            if impl is None:
-                return
-            impl._check_received(handle)  # the handle's, and its dispatch received (hook called), not combined
-            check_low_latency_combine(impl.config, self.world_size, expert_out, topk_weights, handle,
-                                      getattr(impl, "device", None))
+            if impl is not None:
+                impl.check_combine(expert_out, topk_weights, handle, num_sms)
 
         self._agree("low_latency_combine", self._call_check and {
             "hidden size": tensor_dim(expert_out, -1), "weights at dispatch": topk_weights is None,

@@ -139,21 +139,35 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
     # -- dispatch -----------------------------------------------------------
 
+    def check_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        num_sms=None, num_recv_tokens=None, handle=None, check_values=False,
+    ) -> tuple[int, int]:
+        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks).
+
+        Expert ids are range-checked on the GPU unless ``check_values`` (a host sync: the call check's).
+        """
+        self.check_errors()
+        if handle is not None:
+            raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
+                             "dispatch without it")
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
+                              check_values=check_values)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], self.config)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        self._check_blocks(num_blocks)
+        return payload, num_blocks
+
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
         previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
-        self.check_errors()
-        self._check_handle_reuse(handle)
+        payload, num_blocks = self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                  power_of_two_scales, num_sms, num_recv_tokens, handle)
         topo = self.topology
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, topo.world_size, self.device,
-                              check_values=False)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
-        check_capacity(num_tokens, hidden, num_topk, self.config)
-        num_blocks = blocks_of(self.num_sms, num_sms)
-        self._check_blocks(num_blocks)
         world, num_nodes = topo.world_size, topo.num_nodes
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -216,12 +230,6 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
     # -- combine ------------------------------------------------------------
 
-    @staticmethod
-    def _check_handle_reuse(handle) -> None:
-        if handle is not None:
-            raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
-                             "dispatch without it")
-
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, InternodeHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
@@ -229,7 +237,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
     def _slot_start(self, handle) -> int:
         return self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
 
-    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+    def check_combine(self, expert_out, handle, num_sms=None) -> int:
+        """Everything a combine refuses on the host before its launch (also the call check's); its blocks."""
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
@@ -237,8 +246,13 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         if dispatches_since >= self.config.num_recv_slots:
             raise ValueError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
                              f"(combine within {self.config.num_recv_slots} dispatches)")
+        self._check_combine_source(expert_out, handle)
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)
+        return num_blocks
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        num_blocks = self.check_combine(expert_out, handle, num_sms)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
             # On the communication stream, which writes it (after previous_event, the caller's stream may

@@ -157,19 +157,36 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
     # -- dispatch -----------------------------------------------------------
 
+    def check_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        num_sms=None, num_recv_tokens=None, handle=None, check_values=False,
+    ) -> tuple[int, int]:
+        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks).
+
+        Expert ids are range-checked on the GPU unless ``check_values`` (a host sync: the call check's).
+        """
+        self.check_errors()
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
+                              check_values=check_values)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], self.config)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        if handle is not None:
+            self._check_handle(handle)
+            handle.routing.check_reused_by(topk_idx, num_experts)
+            if num_recv_tokens is not None and num_recv_tokens != handle.num_recv_tokens:
+                raise ValueError(f"num_recv_tokens: the handle's dispatch received {handle.num_recv_tokens} rows, "
+                                 f"got {num_recv_tokens}")
+        return payload, num_blocks
+
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
         previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
-        self.check_errors()
-        # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
-                              check_values=False)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        payload, num_blocks = self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                  power_of_two_scales, num_sms, num_recv_tokens, handle)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
-        check_capacity(num_tokens, hidden, num_topk, self.config)
-        num_blocks = blocks_of(self.num_sms, num_sms)
         if handle is not None:
             return self._dispatch_reusing(handle, x, x_scales, topk_idx, topk_weights, num_experts, payload,
                                           num_blocks, previous_event, async_finish, num_recv_tokens)
@@ -249,11 +266,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         owner must have moved on before anyone writes into it), which all must reuse the routing
         of the same dispatch in the same call.
         """
-        self._check_handle(handle)
-        handle.routing.check_reused_by(topk_idx, num_experts)
-        rows = handle.num_recv_tokens
-        if num_recv_tokens is not None and num_recv_tokens != rows:
-            raise ValueError(f"num_recv_tokens: the handle's dispatch received {rows} rows, got {num_recv_tokens}")
+        rows = handle.num_recv_tokens  # check_dispatch checked the handle, its topk_idx and num_recv_tokens
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
         scratch, stream = handle.scratch, self._stream
@@ -297,11 +310,16 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
     def _slot_start(self, handle) -> int:
         return self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
 
-    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+    def check_combine(self, expert_out, handle, num_sms=None) -> int:
+        """Everything a combine refuses on the host before its launch (also the call check's); its blocks."""
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        num_blocks = blocks_of(self.num_sms, num_sms)
+        self._check_combine_source(expert_out, handle)
+        return blocks_of(self.num_sms, num_sms)
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        num_blocks = self.check_combine(expert_out, handle, num_sms)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
             # On the communication stream, which writes it (after previous_event, the caller's stream may

@@ -321,25 +321,36 @@ def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, h
     return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden).detach()
 
 
+def rows_in_slot(buffer: torch.Tensor, expert_out: torch.Tensor, slot_start: int, slot_bytes: int,
+                 dispatches_since: int, num_slots: int) -> int | None:
+    """Byte offset in ``buffer`` of rows that lie in the receive slot of the handle's dispatch
+    (``slot_start``, ``slot_bytes``), None for rows outside the buffer. Rows in another part of the
+    buffer (another dispatch's slot, which a later dispatch may have reused) are refused.
+    ``dispatches_since``: dispatches after the one whose handle combine uses."""
+    nbytes = expert_out.numel() * 2
+    start = expert_out.data_ptr() - buffer.data_ptr()
+    if not (nbytes and 0 <= start < buffer.numel()):
+        return None
+    if not slot_start <= start <= slot_start + slot_bytes - nbytes:
+        raise ValueError("expert_out: it lies in this communicator's buffer but not in the receive slot of "
+                         "handle's dispatch (use combine_input(handle), or a tensor of your own)")
+    _check_slot_alive(dispatches_since, num_slots, "expert_out")
+    return start
+
+
 def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int, slot_start: int,
                           slot_bytes: int, dispatches_since: int, num_slots: int) -> int:
     """Byte offset in ``buffer`` (this rank's registered memory) of the rows combine sends.
 
-    Rows in the receive slot of the handle's dispatch (``slot_start``, ``slot_bytes``: written
-    there by the experts, or a round trip of the received rows) are read where they are;
-    rows anywhere else outside the buffer are copied to the combine area at ``combine_offset``
-    first, because peers can only read registered memory. Rows in another part of the buffer
-    (another dispatch's slot, which a later dispatch may have reused) are refused.
-    ``dispatches_since``: dispatches after the one whose handle combine uses.
+    Rows in the receive slot of the handle's dispatch (written there by the experts, or a round trip
+    of the received rows) are read where they are (:func:`rows_in_slot`); rows anywhere else outside
+    the buffer are copied to the combine area at ``combine_offset`` first, because peers can only
+    read registered memory.
     """
-    nbytes = expert_out.numel() * 2
-    start = expert_out.data_ptr() - buffer.data_ptr()
-    if nbytes and 0 <= start < buffer.numel():
-        if not slot_start <= start <= slot_start + slot_bytes - nbytes:
-            raise ValueError("expert_out: it lies in this communicator's buffer but not in the receive slot of "
-                             "handle's dispatch (use combine_input(handle), or a tensor of your own)")
-        _check_slot_alive(dispatches_since, num_slots, "expert_out")
+    start = rows_in_slot(buffer, expert_out, slot_start, slot_bytes, dispatches_since, num_slots)
+    if start is not None:
         return start
+    nbytes = expert_out.numel() * 2
     staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
     staged.view(expert_out.shape).copy_(expert_out)
     return combine_offset
@@ -363,6 +374,11 @@ class ReceiveSlots:
     def _combine_source(self, expert_out: torch.Tensor, handle) -> int:
         return combine_source_offset(self.buffer, expert_out, self.combine_offset, self._slot_start(handle),
                                      self.slot_bytes, self._dispatches_since(handle), self.config.num_recv_slots)
+
+    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> None:
+        """What :meth:`_combine_source` refuses, without staging anything."""
+        rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes, self._dispatches_since(handle),
+                     self.config.num_recv_slots)
 
 
 class MailboxErrors:
