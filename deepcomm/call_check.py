@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm.errors import CommunicationError
+from deepcomm.fp8 import FP8_DTYPE
 
 ENV_VAR = "DEEPCOMM_CHECK_CALLS"
 # Handles a combine may still name; an older one is "unknown" (None) on every rank alike: agreed, not checked.
@@ -55,7 +56,7 @@ def row_format(x: object, quantize_fp8: bool = False) -> str | None:
     """What travels: ``"fp8"`` (fp8 rows, or bf16 quantised on the way) or the tensor's dtype."""
     if not isinstance(x, torch.Tensor):
         return None
-    return "fp8" if quantize_fp8 or x.dtype == torch.float8_e4m3fn else str(x.dtype).removeprefix("torch.")
+    return "fp8" if quantize_fp8 or x.dtype == FP8_DTYPE else str(x.dtype).removeprefix("torch.")
 
 
 class CallCheck:

@@ -249,11 +249,8 @@ class Communicator:
         exchange, no host wait). Collective: every rank passes one, or none does.
         """
         self._warn_if_differentiable("dispatch", x=x, topk_weights=topk_weights)
-        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
-                             previous_event, num_sms, num_recv_tokens, handle)
-        return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                                        power_of_two_scales, previous_event, False, num_sms,
-                                                        num_recv_tokens, handle))
+        return self._dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                              power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
 
     def dispatch_async(
         self,
@@ -271,10 +268,15 @@ class Communicator:
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
         self._warn_if_differentiable("dispatch_async", x=x, topk_weights=topk_weights)
+        return self._dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                              power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
+
+    def _dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                  previous_event, async_finish, num_sms, num_recv_tokens, handle) -> DispatchResult:
         self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                              previous_event, num_sms, num_recv_tokens, handle)
         return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                                        power_of_two_scales, previous_event, True, num_sms,
+                                                        power_of_two_scales, previous_event, async_finish, num_sms,
                                                         num_recv_tokens, handle))
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:

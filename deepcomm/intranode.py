@@ -27,15 +27,15 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, check_capacity,
-    check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of,
+    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
-from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_positive_ints
+from deepcomm.validation import check_combine_inputs, check_positive_ints
 
 MAX_TOPK = 32  # experts per token the dispatch kernels take (csrc/kernels/intranode.cu, internode.cu)
 
@@ -161,15 +161,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
         num_sms=None, num_recv_tokens=None, handle=None, check_values=False,
     ) -> tuple[int, int]:
-        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks).
-
-        Expert ids are range-checked on the GPU unless ``check_values`` (a host sync: the call check's).
-        """
+        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks)."""
         self.check_errors()
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
-                              check_values=check_values)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
-        check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], self.config)
+        payload = check_kernel_dispatch(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size,
+                                        self.device, self.config, quantize_fp8, power_of_two_scales, check_values)
         num_blocks = blocks_of(self.num_sms, num_sms)
         if handle is not None:
             self._check_handle(handle)

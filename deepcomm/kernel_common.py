@@ -19,7 +19,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.results import DispatchResult
-from deepcomm.validation import check_int
+from deepcomm.validation import check_dispatch_inputs, check_int
 
 PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
@@ -57,6 +57,18 @@ def blocks_of(default: int, num_sms: int | None) -> int:
     blocks = default if num_sms is None else num_sms
     check_int("num_sms", blocks)
     return blocks
+
+
+def check_kernel_dispatch(x, x_scales, topk_idx, topk_weights, num_experts, world_size: int, device, config,
+                          quantize_fp8: bool, power_of_two_scales: bool, check_values: bool) -> int:
+    """The argument checks of a normal-mode kernel dispatch (intranode, internode): the contract, rows the
+    kernels can move, a call that fits the buffer. Expert ids are range-checked on the GPU unless
+    ``check_values`` (a host sync: the call check's). Returns the payload."""
+    check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, world_size, device,
+                          check_values=check_values)
+    payload = payload_of(x, quantize_fp8, power_of_two_scales)
+    check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], config)
+    return payload
 
 
 def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
