@@ -27,7 +27,7 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of,
+    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, call_shape,
     check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
@@ -182,9 +182,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                                   power_of_two_scales, num_sms, num_recv_tokens, handle)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
+        shape = call_shape(hidden, num_topk, payload, num_experts, num_blocks)
         if handle is not None:
             return self._dispatch_reusing(handle, x, x_scales, topk_idx, topk_weights, num_experts, payload,
-                                          num_blocks, previous_event, async_finish, num_recv_tokens)
+                                          num_blocks, shape, previous_event, async_finish, num_recv_tokens)
         world, rank = self.topology.world_size, self.topology.rank
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -199,7 +200,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["layout_per_expert"], ptr["num_invalid"], num_experts,
+            self.ctx.notify(call, shape, ptr["per_rank"], ptr["layout_per_expert"], ptr["num_invalid"], num_experts,
                             ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"], cuda_stream)
             # Dispatch needs no host decision (it reads the counts on the device), so it is queued
             # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
@@ -252,7 +253,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             return spare
         return self._new_scratch(num_tokens, num_experts)
 
-    def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks,
+    def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks, shape,
                           previous_event, async_finish, num_recv_tokens) -> DispatchResult:
         """Dispatch along ``handle``'s routing: no layout, no count exchange, no host wait.
 
@@ -270,7 +271,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                              async_finish) as caller:
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.meet(call, handle.routing.call, ptr["abort"], cuda_stream)
+            self.ctx.meet(call, handle.routing.call, shape, ptr["abort"], cuda_stream)
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks
             self.ctx.dispatch(

@@ -24,7 +24,7 @@ from deepcomm.validation import check_dispatch_inputs, check_int
 PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
 # csrc/runtime/mailbox_layout.h
-ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH = 1, 2, 3, 4
+ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, ERROR_SHAPE_MISMATCH = 1, 2, 3, 4, 5
 STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
                6: "combine_credit", 7: "combine_recv", 8: "low_latency_staging", 9: "low_latency_rows",
                10: "low_latency_outputs", 11: "low_latency_partials"}
@@ -51,6 +51,24 @@ def recv_row_shape(payload: int, hidden: int) -> tuple[int, int]:
     if payload == PAYLOAD_BF16:
         return 2 * hidden, 0
     return hidden, hidden // fp8.BLOCK_CHANNELS
+
+
+# (field, bits) of a call's shape word, low bits first: every rank's notify compares its peers' word with its own.
+_CALL_SHAPE_FIELDS = (("hidden size", 24), ("K", 8), ("fp8 rows", 1), ("num_experts", 16), ("num_sms", 15))
+
+
+def call_shape(hidden: int, num_topk: int, payload: int, num_experts: int, num_blocks: int) -> int:
+    """The word a dispatch's notify publishes: what every rank must pass equal for the rows to land where
+    their receivers read them (received row format, not how it was made: bf16 quantised on the way and
+    fp8 given are the same rows)."""
+    word, shift = 0, 0
+    for (name, bits), value in zip(_CALL_SHAPE_FIELDS, (hidden, num_topk, int(payload != PAYLOAD_BF16), num_experts,
+                                                         num_blocks)):
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"{name}: {value} does not fit the kernels' call word ({bits} bits)")
+        word |= value << shift
+        shift += bits
+    return word
 
 
 def blocks_of(default: int, num_sms: int | None) -> int:
@@ -302,6 +320,11 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
     if code == ERROR_MODE_MISMATCH:
         return CommunicationError(rank, stage, f"ranks disagree on reusing a handle in this dispatch (rank {detail} "
                                   "differs from this one; every rank passes one, or none does)", peer=detail)
+    if code == ERROR_SHAPE_MISMATCH:
+        return CommunicationError(rank, stage, f"rank {detail}'s dispatch differs from this rank's in hidden size, K, "
+                                  "row format (bf16 / fp8), num_experts or num_sms; every rank must pass the same "
+                                  "(nothing was dispatched; Communicator(check_calls=True) names the field)",
+                                  peer=detail)
     culprits = {r: int(n) for r, n in enumerate(invalid) if n}
     return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")
 

@@ -74,7 +74,10 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
       own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
   }
-  if (threadIdx.x == 0) own->reused_routing[parity] = args.reused_routing;
+  if (threadIdx.x == 0) {
+    own->reused_routing[parity] = args.reused_routing;
+    own->call_shape[parity] = args.call_shape;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -82,9 +85,15 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
       ptx::store_release_sys(&signals_of(ctx, peer)->notify_arrived[ctx.rank], args.call);
     peers_arrived =
         wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageNotify);
+    // A rank whose rows another shape would write them where this rank's layout does not read them (silent
+    // garbage), or wait for blocks that never come: every rank sees the difference, and nobody dispatches.
     for (int peer = 0; peer < num_ranks && peers_arrived; ++peer) {
-      if (*reinterpret_cast<volatile uint64_t*>(&signals_of(ctx, peer)->reused_routing[parity]) != args.reused_routing) {
+      const SignalRegion* theirs = signals_of(ctx, peer);
+      if (*reinterpret_cast<const volatile uint64_t*>(&theirs->reused_routing[parity]) != args.reused_routing) {
         report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageNotify, peer);
+        peers_arrived = false;
+      } else if (*reinterpret_cast<const volatile uint64_t*>(&theirs->call_shape[parity]) != args.call_shape) {
+        report_error(&ctx.mailbox->header, kErrorShapeMismatch, kStageNotify, peer);
         peers_arrived = false;
       }
     }

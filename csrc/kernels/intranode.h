@@ -27,6 +27,9 @@ struct Context {
 struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
   uint64_t reused_routing;            // the call whose routing (the handle's) this dispatch reuses; 0: none
+  // What every rank's rows must share for the slots to be read as written (hidden size, K, row format,
+  // experts, blocks), packed by the host (deepcomm/intranode.py call_shape); compared, never decoded.
+  uint64_t call_shape;
   const int32_t* tokens_per_rank;     // [num_ranks] from the layout
   const int32_t* tokens_per_expert;   // [num_experts] from the layout
   const int32_t* num_invalid;         // [1] invalid expert ids in this rank's topk_idx (layout kernel)

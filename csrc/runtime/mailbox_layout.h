@@ -20,6 +20,7 @@ enum ErrorCode : int64_t {
   kErrorSizeMismatch = 2,
   kErrorInvalidIds = 3,
   kErrorModeMismatch = 4,  // ranks disagree on reusing a handle's routing in one call; detail: a rank that differs
+  kErrorShapeMismatch = 5,  // ranks disagree on a call's shape (hidden size, K, row format, experts, blocks); detail: a rank
 };
 
 // Where a kernel was waiting when it gave up.
