@@ -24,11 +24,18 @@ struct Context {
 // With reused_routing (a dispatch given the handle of an earlier one) notify publishes no counts:
 // it only meets every peer, so that nobody writes into a slot its owner may still read, and checks
 // that every rank reuses the routing of the same call. The count pointers and outputs are then unused.
+// Why a dispatch writes nothing. Invalid ids: the ranks still count each other's blocks (the communicator
+// carries on). A failed meeting (a peer late, or another call's shape or reused handle): the communicator
+// is done (its failure sticks), so the dispatch returns at once rather than wait for blocks whose number
+// may differ between the ranks.
+constexpr int32_t kAbortInvalidIds = 1;
+constexpr int32_t kAbortFailedMeeting = 2;
+
 struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
   uint64_t reused_routing;            // the call whose routing (the handle's) this dispatch reuses; 0: none
   // What every rank's rows must share for the slots to be read as written (hidden size, K, row format,
-  // experts, blocks), packed by the host (deepcomm/intranode.py call_shape); compared, never decoded.
+  // experts, blocks), packed by the host (deepcomm/kernel_common.py call_shape); compared, never decoded.
   uint64_t call_shape;
   const int32_t* tokens_per_rank;     // [num_ranks] from the layout
   const int32_t* tokens_per_expert;   // [num_experts] from the layout
@@ -37,7 +44,7 @@ struct NotifyArgs {
   int32_t* send_base;                 // out [num_ranks]: first row of this rank's tokens in each rank's slot
   int32_t* recv_totals;               // out [num_ranks]: rows each rank receives
   int32_t* recv_tokens_per_expert;    // out [num_experts / num_ranks]
-  int32_t* abort_dispatch;            // out [1]: 1 when any rank passed invalid ids (nobody dispatches)
+  int32_t* abort_dispatch;            // out [1]: kAbortInvalidIds or kAbortFailedMeeting (nobody dispatches)
 };
 
 enum class Payload : int { kBf16 = 0, kFp8 = 1, kBf16ToFp8 = 2, kBf16ToFp8Pow2 = 3 };
