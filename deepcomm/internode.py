@@ -31,8 +31,8 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_invalid_ids,
-    check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, call_shape,
+    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
@@ -163,6 +163,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         topo = self.topology
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
+        shape = call_shape(hidden, num_topk, payload, num_experts, num_blocks)
         world, num_nodes = topo.world_size, topo.num_nodes
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -177,9 +178,9 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["per_node"], ptr["layout_per_expert"], ptr["num_invalid"],
-                            num_experts, ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"],
-                            cuda_stream)
+            self.ctx.notify(call, shape, ptr["per_rank"], ptr["per_node"], ptr["layout_per_expert"],
+                            ptr["num_invalid"], num_experts, ptr["send_base"], ptr["recv_totals"],
+                            ptr["recv_per_expert"], ptr["abort"], cuda_stream)
             # Queued before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks

@@ -24,13 +24,6 @@ struct Context {
 // With reused_routing (a dispatch given the handle of an earlier one) notify publishes no counts:
 // it only meets every peer, so that nobody writes into a slot its owner may still read, and checks
 // that every rank reuses the routing of the same call. The count pointers and outputs are then unused.
-// Why a dispatch writes nothing. Invalid ids: the ranks still count each other's blocks (the communicator
-// carries on). A failed meeting (a peer late, or another call's shape or reused handle): the communicator
-// is done (its failure sticks), so the dispatch returns at once rather than wait for blocks whose number
-// may differ between the ranks.
-constexpr int32_t kAbortInvalidIds = 1;
-constexpr int32_t kAbortFailedMeeting = 2;
-
 struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
   uint64_t reused_routing;            // the call whose routing (the handle's) this dispatch reuses; 0: none
