@@ -128,7 +128,8 @@ PYBIND11_MODULE(_C, m) {
   intra.attr("ERRORS") = py::dict(py::arg("timeout") = static_cast<int>(deepcomm::kErrorTimeout),
                                   py::arg("size_mismatch") = static_cast<int>(deepcomm::kErrorSizeMismatch),
                                   py::arg("invalid_ids") = static_cast<int>(deepcomm::kErrorInvalidIds),
-                                  py::arg("mode_mismatch") = static_cast<int>(deepcomm::kErrorModeMismatch));
+                                  py::arg("mode_mismatch") = static_cast<int>(deepcomm::kErrorModeMismatch),
+                                  py::arg("shape_mismatch") = static_cast<int>(deepcomm::kErrorShapeMismatch));
   intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(deepcomm::kStageNotify),
                                   py::arg("dispatch") = static_cast<int>(deepcomm::kStageDispatch),
                                   py::arg("combine_ready") = static_cast<int>(deepcomm::kStageCombineReady),
@@ -165,26 +166,29 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("regions"), py::arg("rank"), py::arg("num_slots"), py::arg("slot_bytes"),
            py::arg("mailbox"), py::arg("timeout_ns"))
-      .def("notify", [](const in::Context& ctx, uint64_t call, uintptr_t tokens_per_rank, uintptr_t tokens_per_expert,
-                        uintptr_t num_invalid, int num_experts, uintptr_t send_base, uintptr_t recv_totals,
-                        uintptr_t recv_tokens_per_expert, uintptr_t abort_dispatch, uintptr_t stream) {
-        in::NotifyArgs args{call, 0, as_ptr<const int32_t>(tokens_per_rank), as_ptr<const int32_t>(tokens_per_expert),
-                            as_ptr<const int32_t>(num_invalid), num_experts, as_ptr<int32_t>(send_base),
-                            as_ptr<int32_t>(recv_totals), as_ptr<int32_t>(recv_tokens_per_expert),
-                            as_ptr<int32_t>(abort_dispatch)};
+      .def("notify", [](const in::Context& ctx, uint64_t call, uint64_t call_shape, uintptr_t tokens_per_rank,
+                        uintptr_t tokens_per_expert, uintptr_t num_invalid, int num_experts, uintptr_t send_base,
+                        uintptr_t recv_totals, uintptr_t recv_tokens_per_expert, uintptr_t abort_dispatch,
+                        uintptr_t stream) {
+        in::NotifyArgs args{call, 0, call_shape, as_ptr<const int32_t>(tokens_per_rank),
+                            as_ptr<const int32_t>(tokens_per_expert), as_ptr<const int32_t>(num_invalid), num_experts,
+                            as_ptr<int32_t>(send_base), as_ptr<int32_t>(recv_totals),
+                            as_ptr<int32_t>(recv_tokens_per_expert), as_ptr<int32_t>(abort_dispatch)};
         in::launch_notify(ctx, args, as_stream(stream));
       })
-      .def("meet", [](const in::Context& ctx, uint64_t call, uint64_t reused_routing, uintptr_t abort_dispatch,
-                      uintptr_t stream) {
+      .def("meet", [](const in::Context& ctx, uint64_t call, uint64_t reused_routing, uint64_t call_shape,
+                      uintptr_t abort_dispatch, uintptr_t stream) {
         DC_CHECK_ARG(reused_routing > 0 && reused_routing < call, "reused_routing: the call of an earlier dispatch");
         in::NotifyArgs args{};
         args.call = call;
         args.reused_routing = reused_routing;
+        args.call_shape = call_shape;
         args.abort_dispatch = as_ptr<int32_t>(abort_dispatch);
         in::launch_notify(ctx, args, as_stream(stream));
-      }, py::arg("call"), py::arg("reused_routing"), py::arg("abort_dispatch"), py::arg("stream"),
+      }, py::arg("call"), py::arg("reused_routing"), py::arg("call_shape"), py::arg("abort_dispatch"),
+         py::arg("stream"),
          "Notify for a dispatch that reuses the routing of call `reused_routing`: meet every peer (all must "
-         "reuse that call's routing); abort_dispatch gets 1 if that fails.")
+         "reuse that call's routing, with the same call_shape); abort_dispatch gets 1 if that fails.")
       .def("dispatch", [](const in::Context& ctx, uint64_t call, int slot, int payload, uintptr_t x, uintptr_t x_scales,
                           int hidden, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk,
                           int experts_per_rank, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,

@@ -97,11 +97,12 @@ void bind_internode(py::module_& m) {
            py::arg("slot_bytes"), py::arg("max_tokens"), py::arg("hidden"), py::arg("num_topk"),
            py::arg("forward_rows"), py::arg("forward_counts"), py::arg("traffic"), py::arg("mailbox"),
            py::arg("timeout_ns"))
-      .def("notify", [](const inter::ContextDesc& d, uint64_t call, uintptr_t tokens_per_rank,
+      .def("notify", [](const inter::ContextDesc& d, uint64_t call, uint64_t call_shape, uintptr_t tokens_per_rank,
                         uintptr_t tokens_per_node, uintptr_t tokens_per_expert, uintptr_t num_invalid, int num_experts,
                         uintptr_t send_base, uintptr_t recv_totals, uintptr_t recv_tokens_per_expert,
                         uintptr_t abort_dispatch, uintptr_t stream) {
-        inter::NotifyArgs args{call, as_ptr<const int32_t>(tokens_per_rank), as_ptr<const int32_t>(tokens_per_node),
+        inter::NotifyArgs args{call, call_shape, as_ptr<const int32_t>(tokens_per_rank),
+                               as_ptr<const int32_t>(tokens_per_node),
                                as_ptr<const int32_t>(tokens_per_expert), as_ptr<const int32_t>(num_invalid),
                                num_experts, as_ptr<int32_t>(send_base), as_ptr<int32_t>(recv_totals),
                                as_ptr<int32_t>(recv_tokens_per_expert), as_ptr<int32_t>(abort_dispatch)};

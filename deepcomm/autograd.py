@@ -289,12 +289,24 @@ def dispatch(
     slot is reused by later dispatches, and autograd keeps them for backward).
     """
     impl = _backend(comm)
-    _check_rows(comm, "x", x)
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-        if quantize_fp8:
-            raise ValueError("quantize_fp8: needs bf16 x, got float32")
-        if not x.is_contiguous():
-            raise ValueError("x: must be contiguous (call .contiguous())")
+    as_float32 = isinstance(x, torch.Tensor) and x.dtype == torch.float32
+
+    def checks() -> None:
+        _check_rows(comm, "x", x)
+        if as_float32:
+            if quantize_fp8:
+                raise ValueError("quantize_fp8: needs bf16 x, got float32")
+            if not x.is_contiguous():
+                raise ValueError("x: must be contiguous (call .contiguous())")
+
+    checked = getattr(comm, "check_calls", False)  # a Communicator made with check_calls (deepcomm.call_check)
+    if checked:  # float32 rows travel as twice as many bf16 values: what the ranks must agree on
+        wire = x.detach().view(torch.bfloat16) if as_float32 and x.dim() == 2 and x.is_contiguous() else x
+        comm._agree_dispatch(wire, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=quantize_fp8,
+                             power_of_two_scales=False, previous_event=previous_event, num_sms=None,
+                             num_recv_tokens=None, handle=None, caller_checks=checks)
+    else:
+        checks()
     # The kernel backends' backward needs the routing (module docstring).
     route = None if _is_reference(impl) else _Route(topk_idx, topk_weights.detach(), num_experts)
     holder: dict = {}
@@ -305,18 +317,22 @@ def dispatch(
     result.x, result.topk_weights = recv_x, recv_weights
     if route is not None:
         _remember_route(result.handle, route)
-    return result
+    return comm._dispatched(result) if checked else result
 
 
 # -- combine ------------------------------------------------------------------
 
 
-def _combine_float32(impl, rows, handle, previous_event, async_finish) -> tuple[torch.Tensor, EventHandle]:
-    """Combine of float32 rows on the reference backend: its reduction, kept in float32."""
+def _check_float32_rows(impl, rows, handle) -> None:
     impl._check_handle(handle)
     if rows.dim() != 2 or rows.shape[0] != handle.num_recv_tokens:
         raise ValueError(f"expert_out: expected [{handle.num_recv_tokens}, hidden] (the dispatched rows), "
                          f"got {list(rows.shape)}")
+
+
+def _combine_float32(impl, rows, handle, previous_event, async_finish) -> tuple[torch.Tensor, EventHandle]:
+    """Combine of float32 rows on the reference backend: its reduction, kept in float32."""
+    _check_float32_rows(impl, rows, handle)
     device = rows.device
     stream = impl.comm_stream(device)
     with CommStreamScope(stream, previous_event, (rows,)) as caller:
@@ -365,7 +381,19 @@ def combine(
     kernel backends ``handle`` must come from :func:`dispatch`.
     """
     impl = _backend(comm)
-    _check_rows(comm, "expert_out", expert_out)
+    if not getattr(comm, "check_calls", False):  # a Communicator made with check_calls (deepcomm.call_check)
+        _check_rows(comm, "expert_out", expert_out)
+    else:
+        def checks() -> None:  # the backend's own checks, which float32 rows on the reference path pass too
+            _check_rows(comm, "expert_out", expert_out)
+            if isinstance(expert_out, torch.Tensor) and expert_out.dtype == torch.float32:
+                _check_float32_rows(impl, expert_out, handle)
+            else:
+                comm._check_combine_arguments(expert_out, handle)
+            if not _is_reference(impl):
+                _route_of(handle)
+
+        comm._agree_combine(expert_out, handle, previous_event=previous_event, num_sms=None, checks=checks)
     route = None if _is_reference(impl) else _route_of(handle)  # before any rank starts communicating
     holder: dict = {}
     options = dict(previous_event=previous_event, async_finish=async_finish)

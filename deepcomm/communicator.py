@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
+from deepcomm.call_check import ENV_VAR, CallCheck, enabled_by_env, row_format, tensor_dim
 from deepcomm.events import EventHandle
 from deepcomm.internode import InternodeCommunicator
 from deepcomm.intranode import BufferConfig, IntranodeCommunicator
@@ -39,6 +40,12 @@ TRANSPORTS = ("auto", "ipc", "ipc_staged", "nvshmem", "nvshmem_staged")
 DEFAULT_NUM_SMS = 24  # of 132 on an H100/H200 (DESIGN.md decision 8)
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 9.0e9  # the kernels' bounded waits take nanoseconds as int64
+
+
+def _row_fields(x, topk_idx, num_experts, quantize_fp8: bool) -> dict:
+    """What every rank's rows of a dispatch must share (deepcomm.call_check)."""
+    return {"hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
+            "num_experts": num_experts if isinstance(num_experts, int) else None}
 
 
 class Communicator:
@@ -61,6 +68,11 @@ class Communicator:
             backend is not ``"reference"`` and CUDA and the extension are there;
             they need every rank on one host (else ValueError naming
             ``low_latency``). Otherwise the reference path implements it.
+        check_calls: before each dispatch and combine, validate the arguments on the host and check
+            with the other ranks that they make the same call with the same hidden size, K, row
+            format, ``num_experts``, ``num_sms`` and handles, raising ``CommunicationError`` on every
+            rank at once where not (deepcomm.call_check; a host round trip per call: for
+            debugging). Default: the ``DEEPCOMM_CHECK_CALLS`` environment variable.
     """
 
     def __init__(
@@ -73,6 +85,7 @@ class Communicator:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
         low_latency: LowLatencyConfig | None = None,
+        check_calls: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -87,10 +100,25 @@ class Communicator:
             raise TypeError(f"ranks_per_node: expected an int or None, got {type(ranks_per_node).__name__}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {TRANSPORTS}, got {transport!r}")
+        if check_calls is None:
+            check_calls = enabled_by_env()
+        if not isinstance(check_calls, bool):
+            raise TypeError(f"check_calls: expected a bool or None, got {type(check_calls).__name__}")
         self.num_sms = num_sms
         self._closed = False
         self._reference = ReferenceCommunicator(group, ranks_per_node)
         topology = self._reference.topology
+        # Before any buffer is mapped: a rank checking its calls runs a collective the others would not.
+        every: list = [None] * topology.world_size
+        dist.all_gather_object(every, check_calls, group=group)
+        if len(set(every)) > 1:
+            listed = ", ".join(f"rank {r}: {value}" for r, value in enumerate(every))
+            raise ValueError(f"check_calls: the ranks differ ({listed}); pass the same on every rank (or set "
+                             f"{ENV_VAR} on every rank)")
+        # The exchange runs on the communicator's group: a rank that never makes the call is waited for as long
+        # as the group's timeout (init_process_group(timeout=...)), as the reference path's collectives are.
+        self._call_check = CallCheck(group, topology.rank, topology.world_size, self._reference._stage) \
+            if check_calls else None
         self.backend = self._choose(backend, topology, buffer)
         if self.backend == "intranode":
             self._impl = IntranodeCommunicator(group, topology, buffer, num_sms, timeout_s)
@@ -220,10 +248,9 @@ class Communicator:
         tensor; the intranode backend then reuses its routing (no layout, no count
         exchange, no host wait). Collective: every rank passes one, or none does.
         """
-        self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch", x=x, topk_weights=topk_weights)
-        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
+        return self._dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                              power_of_two_scales, previous_event, False, num_sms, num_recv_tokens, handle)
 
     def dispatch_async(
         self,
@@ -240,15 +267,22 @@ class Communicator:
         handle: object | None = None,
     ) -> DispatchResult:
         """:meth:`dispatch` on the communication stream; wait on ``result.event`` before use."""
-        self._check_call(num_sms, previous_event, num_recv_tokens)
         self._warn_if_differentiable("dispatch_async", x=x, topk_weights=topk_weights)
-        return self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
-                                       power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
+        return self._dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                              power_of_two_scales, previous_event, True, num_sms, num_recv_tokens, handle)
+
+    def _dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                  previous_event, async_finish, num_sms, num_recv_tokens, handle) -> DispatchResult:
+        self._agree_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                             previous_event, num_sms, num_recv_tokens, handle)
+        return self._dispatched(self._impl.run_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                        power_of_two_scales, previous_event, async_finish, num_sms,
+                                                        num_recv_tokens, handle))
 
     def combine(self, expert_out: torch.Tensor, handle: object, num_sms: int | None = None) -> torch.Tensor:
         """``[R, H]`` bf16 rows back to their tokens, reduced in a fixed order: ``[T, H]`` bf16."""
-        self._check_call(num_sms)
         self._warn_if_differentiable("combine", expert_out=expert_out)
+        self._agree_combine(expert_out, handle, None, num_sms)
         y, _ = self._impl.run_combine(expert_out, handle, None, False, num_sms)
         return y
 
@@ -260,8 +294,8 @@ class Communicator:
         num_sms: int | None = None,
     ) -> tuple[torch.Tensor, EventHandle]:
         """:meth:`combine` on the communication stream; returns ``(y, event)``."""
-        self._check_call(num_sms, previous_event)
         self._warn_if_differentiable("combine_async", expert_out=expert_out)
+        self._agree_combine(expert_out, handle, previous_event, num_sms)
         return self._impl.run_combine(expert_out, handle, previous_event, True, num_sms)
 
     def combine_input(self, handle: object) -> torch.Tensor:
@@ -310,9 +344,11 @@ class Communicator:
         (float32 ``[T, K]``): sent with the rows, so that the combine sums at the owners
         (its ``topk_weights`` is then None); every rank gives them or none does.
         """
-        self._check_call(num_sms, previous_event)
-        return self._low_latency_impl().dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
-                                                 previous_event, async_finish, return_recv_hook, num_sms, topk_weights)
+        self._agree_low_latency_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                         previous_event, num_sms, topk_weights)
+        impl = self._low_latency_impl()
+        return self._dispatched(impl.dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                              previous_event, async_finish, return_recv_hook, num_sms, topk_weights))
 
     def low_latency_combine(
         self,
@@ -325,8 +361,9 @@ class Communicator:
         output row (``expert_out`` in the dispatch's layout), in float32, k ascending. When the
         dispatch carried the weights, ``topk_weights`` is None and each owner rank sums its terms
         (k ascending, rounded to bf16) before the token's rank adds them in rank order."""
-        self._check_call(num_sms)
-        y, _, _ = self._low_latency_impl().combine(expert_out, topk_weights, handle, None, False, False, num_sms)
+        self._agree_low_latency_combine(expert_out, topk_weights, handle, None, num_sms)
+        impl = self._low_latency_impl()
+        y, _, _ = impl.combine(expert_out, topk_weights, handle, None, False, False, num_sms)
         return y
 
     def low_latency_combine_async(
@@ -341,9 +378,9 @@ class Communicator:
         """:meth:`low_latency_combine` on the communication stream: ``(y, event, hook)``. Without a
         hook, wait on ``event``; with ``return_recv_hook``, ``hook()`` queues the pull and reduction
         (until then no SM waits for the peers) and makes the current stream wait for it."""
-        self._check_call(num_sms, previous_event)
-        return self._low_latency_impl().combine(expert_out, topk_weights, handle, previous_event, True,
-                                                return_recv_hook, num_sms)
+        self._agree_low_latency_combine(expert_out, topk_weights, handle, previous_event, num_sms)
+        impl = self._low_latency_impl()
+        return impl.combine(expert_out, topk_weights, handle, previous_event, True, return_recv_hook, num_sms)
 
     def low_latency_combine_input(self, handle: LowLatencyHandle) -> torch.Tensor:
         """``[E/world, world * max_tokens_per_rank, H]`` bf16 for the expert outputs of ``handle``'s
@@ -351,6 +388,99 @@ class Communicator:
         any other tensor is copied in first). Writing it overwrites the dispatched rows."""
         self._check_call()
         return self._low_latency_impl().combine_input(handle)
+
+    # -- the opt-in agreement check of each call (check_calls, deepcomm.call_check) --------
+
+    @property
+    def check_calls(self) -> bool:
+        """Whether each dispatch and combine is checked against the other ranks' first."""
+        return self._call_check is not None
+
+    def _sms(self, num_sms: int | None) -> int:
+        return self.num_sms if num_sms is None else num_sms
+
+    def _dispatched(self, result):
+        """``result`` (a dispatch's), its handle numbered for the combines that name it."""
+        if self._call_check is not None:
+            self._call_check.dispatched(result.handle)
+        return result
+
+    def _agree(self, method: str, fields: dict, validate) -> None:
+        """Run ``validate(check_values)`` (this rank's checks; True: expert ids read on the host too) and, with
+        check_calls, agree with the other ranks on ``fields`` first (deepcomm.call_check)."""
+        if self._call_check is None:
+            validate(False)
+        else:
+            self._call_check.agree(method, fields, validate)
+
+    def _agree_dispatch(self, x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                        previous_event, num_sms, num_recv_tokens, handle, caller_checks=None) -> None:
+        """The per-call checks of a dispatch; with check_calls, also the backend's own (its check_dispatch) and
+        agreement with the other ranks. ``caller_checks``: deepcomm.autograd's own, run first."""
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event, num_recv_tokens)
+            if self._call_check is None:
+                return
+            if caller_checks is not None:
+                caller_checks()
+            # Ids made on another stream (previous_event) may not be written yet: the kernels check those on the GPU.
+            self._impl.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                      power_of_two_scales, num_sms, num_recv_tokens, handle,
+                                      check_values=check_values and previous_event is None)
+
+        self._agree("dispatch", self._call_check and {
+            **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
+            "reused handle of dispatch number": None if handle is None else self._call_check.dispatch_of(handle),
+        }, validate)
+
+    def _check_combine_arguments(self, expert_out, handle, num_sms=None) -> None:
+        """The backend's own combine checks, run on the host ahead of the call."""
+        self._impl.check_combine(expert_out, handle, num_sms)
+
+    def _agree_combine(self, expert_out, handle, previous_event, num_sms, checks=None) -> None:
+        """The per-call checks of a combine; with check_calls, also :meth:`_check_combine_arguments` (or the
+        caller's ``checks`` in its place: deepcomm.autograd's, which take float32 rows on the reference path)
+        and agreement with the other ranks."""
+        def validate(check_values: bool) -> None:
+            self._check_call(num_sms, previous_event)
+            if self._call_check is not None:
+                (checks or (lambda: self._check_combine_arguments(expert_out, handle, num_sms)))()
+
+        self._agree("combine", self._call_check and {
+            "hidden size": tensor_dim(expert_out, 1), "num_sms": self._sms(num_sms),
+            "handle of dispatch number": self._call_check.dispatch_of(handle),
+        }, validate)
+
+    def _low_latency_checks(self, num_sms, previous_event):
+        """What every low-latency call checks first; with check_calls, the low-latency backend whose own checks
+        run next (None without check_calls)."""
+        self._check_call(num_sms, previous_event)
+        impl = self._low_latency_impl()
+        return None if self._call_check is None else impl
+
+    def _agree_low_latency_dispatch(self, x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                    previous_event, num_sms, topk_weights) -> None:
+        def validate(check_values: bool) -> None:
+            impl = self._low_latency_checks(num_sms, previous_event)
+            if impl is not None:
+                impl.check_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales, num_sms,
+                                    topk_weights, check_values and previous_event is None)
+
+        self._agree("low_latency_dispatch", self._call_check and {
+            **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
+            "weights at dispatch": topk_weights is not None,
+        }, validate)
+
+    def _agree_low_latency_combine(self, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
+        def validate(check_values: bool) -> None:
+            impl = self._low_latency_checks(num_sms, previous_event)
+            if impl is not None:
+                impl.check_combine(expert_out, topk_weights, handle, num_sms)
+
+        self._agree("low_latency_combine", self._call_check and {
+            "hidden size": tensor_dim(expert_out, -1), "weights at dispatch": topk_weights is None,
+            "num_sms": self._sms(num_sms), "handle of dispatch number": self._call_check.dispatch_of(handle),
+        }, validate)
 
     def traffic(self) -> dict[str, int]:
         """Bytes this rank's kernels moved so far on each leg (internode backend; waits for them).

@@ -7,16 +7,16 @@ class CommunicationError(RuntimeError):
     """A collective step failed or a peer stopped answering within the timeout.
 
     ``rank`` is the rank that raised, ``stage`` the step it was in (for
-    example ``"dispatch/counts"``), ``peer`` the rank that did not answer when
-    it is known.
+    example ``"dispatch/counts"``), ``peer`` the rank that did not answer, or
+    refused, or differs, when it is known.
     """
 
     def __init__(self, rank: int, stage: str, detail: str, peer: int | None = None) -> None:
         self.rank = rank
         self.stage = stage
         self.peer = peer
-        who = f" waiting for rank {peer}" if peer is not None else ""
-        super().__init__(f"rank {rank}: stage '{stage}' failed{who}: {detail}")
+        # The detail names the peer and what it did (did not answer, refused, passed another value).
+        super().__init__(f"rank {rank}: stage '{stage}' failed: {detail}")
 
 
 class SlotReusedError(ValueError):

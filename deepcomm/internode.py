@@ -31,8 +31,8 @@ from deepcomm.errors import CommunicationError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, check_capacity,
-    check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, ScratchRouting, SlotViews, blocks_of, call_shape,
+    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
@@ -40,7 +40,7 @@ from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology, gpu_share
 from deepcomm.transport import make_transport
-from deepcomm.validation import check_combine_inputs, check_dispatch_inputs
+from deepcomm.validation import check_combine_inputs
 
 
 @dataclass(frozen=True)
@@ -139,23 +139,31 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
     # -- dispatch -----------------------------------------------------------
 
-    def run_dispatch(
+    def check_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
-        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
-    ) -> DispatchResult:
+        num_sms=None, num_recv_tokens=None, handle=None, check_values=False,
+    ) -> tuple[int, int]:
+        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks)."""
         self.check_errors()
         if handle is not None:
             raise ValueError("handle: reusing a dispatch's routing is implemented by the intranode backend only; "
                              "dispatch without it")
-        topo = self.topology
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, topo.world_size, self.device,
-                              check_values=False)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
-        num_tokens, hidden = x.shape
-        num_topk = topk_idx.shape[1]
-        check_capacity(num_tokens, hidden, num_topk, self.config)
+        payload = check_kernel_dispatch(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size,
+                                        self.device, self.config, quantize_fp8, power_of_two_scales, check_values)
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)
+        return payload, num_blocks
+
+    def run_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
+    ) -> DispatchResult:
+        payload, num_blocks = self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                  power_of_two_scales, num_sms, num_recv_tokens, handle)
+        topo = self.topology
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        shape = call_shape(hidden, num_topk, payload, num_experts, num_blocks)
         world, num_nodes = topo.world_size, topo.num_nodes
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -170,9 +178,9 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["per_node"], ptr["layout_per_expert"], ptr["num_invalid"],
-                            num_experts, ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"],
-                            cuda_stream)
+            self.ctx.notify(call, shape, ptr["per_rank"], ptr["per_node"], ptr["layout_per_expert"],
+                            ptr["num_invalid"], num_experts, ptr["send_base"], ptr["recv_totals"],
+                            ptr["recv_per_expert"], ptr["abort"], cuda_stream)
             # Queued before the host waits: the GPU runs layout → notify → dispatch without a bubble.
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks
@@ -225,7 +233,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
     def _slot_start(self, handle) -> int:
         return self.kernels.NODE_DATA_OFFSET + handle.slot * self.slot_bytes
 
-    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+    def check_combine(self, expert_out, handle, num_sms=None) -> int:
+        """Everything a combine refuses on the host before its launch (also the call check's); its blocks."""
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
@@ -233,8 +242,13 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         if dispatches_since >= self.config.num_recv_slots:
             raise ValueError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
                              f"(combine within {self.config.num_recv_slots} dispatches)")
+        self._check_combine_source(expert_out, handle)
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)
+        return num_blocks
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        num_blocks = self.check_combine(expert_out, handle, num_sms)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
             # On the communication stream, which writes it (after previous_event, the caller's stream may

@@ -27,15 +27,15 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
-    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, check_capacity,
-    check_invalid_ids, check_slot_sizes, payload_of, recv_layout, recv_row_shape,
+    DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, call_shape,
+    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
-from deepcomm.validation import check_combine_inputs, check_dispatch_inputs, check_positive_ints
+from deepcomm.validation import check_combine_inputs, check_positive_ints
 
 MAX_TOPK = 32  # experts per token the dispatch kernels take (csrc/kernels/intranode.cu, internode.cu)
 
@@ -157,22 +157,35 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
     # -- dispatch -----------------------------------------------------------
 
+    def check_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        num_sms=None, num_recv_tokens=None, handle=None, check_values=False,
+    ) -> tuple[int, int]:
+        """Everything a dispatch refuses on the host before its launch (also the call check's); (payload, blocks)."""
+        self.check_errors()
+        payload = check_kernel_dispatch(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size,
+                                        self.device, self.config, quantize_fp8, power_of_two_scales, check_values)
+        num_blocks = blocks_of(self.num_sms, num_sms)
+        if handle is not None:
+            self._check_handle(handle)
+            handle.routing.check_reused_by(topk_idx, num_experts)
+            if num_recv_tokens is not None and num_recv_tokens != handle.num_recv_tokens:
+                raise ValueError(f"num_recv_tokens: the handle's dispatch received {handle.num_recv_tokens} rows, "
+                                 f"got {num_recv_tokens}")
+        return payload, num_blocks
+
     def run_dispatch(
         self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
         previous_event=None, async_finish=False, num_sms=None, num_recv_tokens=None, handle=None,
     ) -> DispatchResult:
-        self.check_errors()
-        # Expert ids are range-checked on the GPU (no host sync, so the call stays asynchronous).
-        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size, self.device,
-                              check_values=False)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        payload, num_blocks = self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8,
+                                                  power_of_two_scales, num_sms, num_recv_tokens, handle)
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
-        check_capacity(num_tokens, hidden, num_topk, self.config)
-        num_blocks = blocks_of(self.num_sms, num_sms)
+        shape = call_shape(hidden, num_topk, payload, num_experts, num_blocks)
         if handle is not None:
             return self._dispatch_reusing(handle, x, x_scales, topk_idx, topk_weights, num_experts, payload,
-                                          num_blocks, previous_event, async_finish, num_recv_tokens)
+                                          num_blocks, shape, previous_event, async_finish, num_recv_tokens)
         world, rank = self.topology.world_size, self.topology.rank
         experts_per_rank = num_experts // world
         stream = self._stream
@@ -187,7 +200,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
 
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.notify(call, ptr["per_rank"], ptr["layout_per_expert"], ptr["num_invalid"], num_experts,
+            self.ctx.notify(call, shape, ptr["per_rank"], ptr["layout_per_expert"], ptr["num_invalid"], num_experts,
                             ptr["send_base"], ptr["recv_totals"], ptr["recv_per_expert"], ptr["abort"], cuda_stream)
             # Dispatch needs no host decision (it reads the counts on the device), so it is queued
             # before the host waits: the GPU runs layout → notify → dispatch without a bubble.
@@ -240,7 +253,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             return spare
         return self._new_scratch(num_tokens, num_experts)
 
-    def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks,
+    def _dispatch_reusing(self, handle, x, x_scales, topk_idx, topk_weights, num_experts, payload, num_blocks, shape,
                           previous_event, async_finish, num_recv_tokens) -> DispatchResult:
         """Dispatch along ``handle``'s routing: no layout, no count exchange, no host wait.
 
@@ -249,11 +262,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         owner must have moved on before anyone writes into it), which all must reuse the routing
         of the same dispatch in the same call.
         """
-        self._check_handle(handle)
-        handle.routing.check_reused_by(topk_idx, num_experts)
-        rows = handle.num_recv_tokens
-        if num_recv_tokens is not None and num_recv_tokens != rows:
-            raise ValueError(f"num_recv_tokens: the handle's dispatch received {rows} rows, got {num_recv_tokens}")
+        rows = handle.num_recv_tokens  # check_dispatch checked the handle, its topk_idx and num_recv_tokens
         num_tokens, hidden = x.shape
         num_topk = topk_idx.shape[1]
         scratch, stream = handle.scratch, self._stream
@@ -262,7 +271,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                              async_finish) as caller:
             call = self._dispatch_calls + 1
             slot = call % self.config.num_recv_slots
-            self.ctx.meet(call, handle.routing.call, ptr["abort"], cuda_stream)
+            self.ctx.meet(call, handle.routing.call, shape, ptr["abort"], cuda_stream)
             self._dispatch_calls = call
             self._dispatch_blocks += num_blocks
             self.ctx.dispatch(
@@ -297,11 +306,16 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
     def _slot_start(self, handle) -> int:
         return self.kernels.DATA_OFFSET + (handle.dispatch_call % self.config.num_recv_slots) * self.slot_bytes
 
-    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+    def check_combine(self, expert_out, handle, num_sms=None) -> int:
+        """Everything a combine refuses on the host before its launch (also the call check's); its blocks."""
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        num_blocks = blocks_of(self.num_sms, num_sms)
+        self._check_combine_source(expert_out, handle)
+        return blocks_of(self.num_sms, num_sms)
+
+    def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
+        num_blocks = self.check_combine(expert_out, handle, num_sms)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
             # On the communication stream, which writes it (after previous_event, the caller's stream may

@@ -19,12 +19,12 @@ from deepcomm import _ext, fp8
 from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.events import EventHandle
 from deepcomm.results import DispatchResult
-from deepcomm.validation import check_int
+from deepcomm.validation import check_dispatch_inputs, check_int
 
 PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1, 2, 3
 
 # csrc/runtime/mailbox_layout.h
-ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH = 1, 2, 3, 4
+ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, ERROR_SHAPE_MISMATCH = 1, 2, 3, 4, 5
 STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
                6: "combine_credit", 7: "combine_recv", 8: "low_latency_staging", 9: "low_latency_rows",
                10: "low_latency_outputs", 11: "low_latency_partials"}
@@ -53,10 +53,40 @@ def recv_row_shape(payload: int, hidden: int) -> tuple[int, int]:
     return hidden, hidden // fp8.BLOCK_CHANNELS
 
 
+# (field, bits) of a call's shape word, low bits first: every rank's notify compares its peers' word with its own.
+_CALL_SHAPE_FIELDS = (("hidden size", 24), ("K", 8), ("fp8 rows", 1), ("num_experts", 16), ("num_sms", 15))
+
+
+def call_shape(hidden: int, num_topk: int, payload: int, num_experts: int, num_blocks: int) -> int:
+    """The word a dispatch's notify publishes: what every rank must pass equal for the rows to land where
+    their receivers read them (received row format, not how it was made: bf16 quantised on the way and
+    fp8 given are the same rows)."""
+    word, shift = 0, 0
+    for (name, bits), value in zip(_CALL_SHAPE_FIELDS, (hidden, num_topk, int(payload != PAYLOAD_BF16), num_experts,
+                                                         num_blocks)):
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"{name}: {value} does not fit the kernels' call word ({bits} bits)")
+        word |= value << shift
+        shift += bits
+    return word
+
+
 def blocks_of(default: int, num_sms: int | None) -> int:
     blocks = default if num_sms is None else num_sms
     check_int("num_sms", blocks)
     return blocks
+
+
+def check_kernel_dispatch(x, x_scales, topk_idx, topk_weights, num_experts, world_size: int, device, config,
+                          quantize_fp8: bool, power_of_two_scales: bool, check_values: bool) -> int:
+    """The argument checks of a normal-mode kernel dispatch (intranode, internode): the contract, rows the
+    kernels can move, a call that fits the buffer. Expert ids are range-checked on the GPU unless
+    ``check_values`` (a host sync: the call check's). Returns the payload."""
+    check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, world_size, device,
+                          check_values=check_values)
+    payload = payload_of(x, quantize_fp8, power_of_two_scales)
+    check_capacity(x.shape[0], x.shape[1], topk_idx.shape[1], config)
+    return payload
 
 
 def check_capacity(num_tokens: int, hidden: int, num_topk: int, config) -> None:
@@ -283,12 +313,18 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
         return None
     stage, detail = STAGE_NAMES.get(int(words[1]), "unknown"), int(words[2])
     if code == ERROR_TIMEOUT:
-        return CommunicationError(rank, stage, f"no answer within {timeout_s:g}s", peer=detail)
+        return CommunicationError(rank, stage, f"waiting for rank {detail}: no answer within {timeout_s:g}s",
+                                  peer=detail)
     if code == ERROR_SIZE_MISMATCH:
         return CommunicationError(rank, stage, f"num_recv_tokens was wrong: {detail} rows arrived")
     if code == ERROR_MODE_MISMATCH:
         return CommunicationError(rank, stage, f"ranks disagree on reusing a handle in this dispatch (rank {detail} "
-                                  "differs from this one; every rank passes one, or none does)")
+                                  "differs from this one; every rank passes one, or none does)", peer=detail)
+    if code == ERROR_SHAPE_MISMATCH:
+        return CommunicationError(rank, stage, f"rank {detail}'s dispatch differs from this rank's in hidden size, K, "
+                                  "row format (bf16 / fp8), num_experts or num_sms; every rank must pass the same "
+                                  "(nothing was dispatched; Communicator(check_calls=True) names the field)",
+                                  peer=detail)
     culprits = {r: int(n) for r, n in enumerate(invalid) if n}
     return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")
 
@@ -320,25 +356,36 @@ def combine_input_view(buffer: torch.Tensor, slot_start: int, slot_bytes: int, h
     return buffer[slot_start : slot_start + rows * hidden * 2].view(torch.bfloat16).view(rows, hidden).detach()
 
 
+def rows_in_slot(buffer: torch.Tensor, expert_out: torch.Tensor, slot_start: int, slot_bytes: int,
+                 dispatches_since: int, num_slots: int) -> int | None:
+    """Byte offset in ``buffer`` of rows that lie in the receive slot of the handle's dispatch
+    (``slot_start``, ``slot_bytes``), None for rows outside the buffer. Rows in another part of the
+    buffer (another dispatch's slot, which a later dispatch may have reused) are refused.
+    ``dispatches_since``: dispatches after the one whose handle combine uses."""
+    nbytes = expert_out.numel() * 2
+    start = expert_out.data_ptr() - buffer.data_ptr()
+    if not (nbytes and 0 <= start < buffer.numel()):
+        return None
+    if not slot_start <= start <= slot_start + slot_bytes - nbytes:
+        raise ValueError("expert_out: it lies in this communicator's buffer but not in the receive slot of "
+                         "handle's dispatch (use combine_input(handle), or a tensor of your own)")
+    _check_slot_alive(dispatches_since, num_slots, "expert_out")
+    return start
+
+
 def combine_source_offset(buffer: torch.Tensor, expert_out: torch.Tensor, combine_offset: int, slot_start: int,
                           slot_bytes: int, dispatches_since: int, num_slots: int) -> int:
     """Byte offset in ``buffer`` (this rank's registered memory) of the rows combine sends.
 
-    Rows in the receive slot of the handle's dispatch (``slot_start``, ``slot_bytes``: written
-    there by the experts, or a round trip of the received rows) are read where they are;
-    rows anywhere else outside the buffer are copied to the combine area at ``combine_offset``
-    first, because peers can only read registered memory. Rows in another part of the buffer
-    (another dispatch's slot, which a later dispatch may have reused) are refused.
-    ``dispatches_since``: dispatches after the one whose handle combine uses.
+    Rows in the receive slot of the handle's dispatch (written there by the experts, or a round trip
+    of the received rows) are read where they are (:func:`rows_in_slot`); rows anywhere else outside
+    the buffer are copied to the combine area at ``combine_offset`` first, because peers can only
+    read registered memory.
     """
-    nbytes = expert_out.numel() * 2
-    start = expert_out.data_ptr() - buffer.data_ptr()
-    if nbytes and 0 <= start < buffer.numel():
-        if not slot_start <= start <= slot_start + slot_bytes - nbytes:
-            raise ValueError("expert_out: it lies in this communicator's buffer but not in the receive slot of "
-                             "handle's dispatch (use combine_input(handle), or a tensor of your own)")
-        _check_slot_alive(dispatches_since, num_slots, "expert_out")
+    start = rows_in_slot(buffer, expert_out, slot_start, slot_bytes, dispatches_since, num_slots)
+    if start is not None:
         return start
+    nbytes = expert_out.numel() * 2
     staged = buffer[combine_offset : combine_offset + nbytes].view(torch.bfloat16)
     staged.view(expert_out.shape).copy_(expert_out)
     return combine_offset
@@ -362,6 +409,11 @@ class ReceiveSlots:
     def _combine_source(self, expert_out: torch.Tensor, handle) -> int:
         return combine_source_offset(self.buffer, expert_out, self.combine_offset, self._slot_start(handle),
                                      self.slot_bytes, self._dispatches_since(handle), self.config.num_recv_slots)
+
+    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> None:
+        """What :meth:`_combine_source` refuses, without staging anything."""
+        rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes, self._dispatches_since(handle),
+                     self.config.num_recv_slots)
 
 
 class MailboxErrors:

@@ -301,22 +301,29 @@ class LowLatencyKernels:
 
     # -- dispatch -------------------------------------------------------
 
+    def check_dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+                       num_sms=None, topk_weights=None, check_values=False) -> tuple[int, int]:
+        """Everything a dispatch refuses on the host before its launch (also the call check's, which reads the
+        expert ids too: the kernels skip invalid ones and report them at the next call); (payload, blocks)."""
+        self.check_errors()
+        check_low_latency_dispatch(self.config, self.topology.world_size, x, x_scales, topk_idx, num_experts,
+                                   self.device, check_values, topk_weights)
+        payload = payload_of(x, quantize_fp8, power_of_two_scales)
+        num_blocks = self._blocks(num_sms)
+        pending = self._calls + 1 - self.kernels.NUM_AREAS
+        if pending in self._unreceived:
+            raise ValueError(f"return_recv_hook: dispatch {pending} on the same receive area has not received yet; "
+                             "call its hook() before this dispatch")
+        return payload, num_blocks
+
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
                  topk_weights=None) -> LowLatencyResult:
-        self.check_errors()
-        world = self.topology.world_size
-        # Expert ids are range-checked on the GPU (invalid ones skipped, reported at the next call).
-        check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, self.device, False,
-                                   topk_weights)
-        payload = payload_of(x, quantize_fp8, power_of_two_scales)
-        num_blocks = self._blocks(num_sms)
+        payload, num_blocks = self.check_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                                  num_sms, topk_weights)
         num_tokens, num_topk = topk_idx.shape
         call = self._calls + 1
         area = call % self.kernels.NUM_AREAS
-        if call - self.kernels.NUM_AREAS in self._unreceived:
-            raise ValueError(f"return_recv_hook: dispatch {call - self.kernels.NUM_AREAS} on the same receive area has "
-                             "not received yet; call its hook() before this dispatch")
         pair_rows, counts = self._routing_of(area, num_tokens, num_topk)
         views = self._views[area]
         handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self),
@@ -422,18 +429,24 @@ class LowLatencyKernels:
         self._check_received(handle)
         return self._views[handle.area][torch.bfloat16]
 
-    def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
-                return_recv_hook=False, num_sms=None):
-        """``(y, event, hook)``; once per dispatch (a second combine raises)."""
+    def check_combine(self, expert_out, topk_weights, handle, num_sms=None) -> tuple[int, bool]:
+        """Everything a combine refuses on the host before its launch (also the call check's); (blocks, whether
+        expert_out is copied into the receive area first)."""
         self.check_errors()
         self._check_received(handle)
         check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, self.device)
         num_blocks = self._blocks(num_sms)
-        area = handle.area
         owner_sums = handle.weights_at_dispatch  # only this rank reads expert_out: any memory will do
-        staged = not owner_sums and expert_out.data_ptr() != self._views[area][torch.bfloat16].data_ptr()
+        staged = not owner_sums and expert_out.data_ptr() != self._views[handle.area][torch.bfloat16].data_ptr()
         if (owner_sums or staged) and expert_out.data_ptr() % 16:
             raise ValueError("expert_out: must start at a 16-byte boundary for the kernels; pass expert_out.clone()")
+        return num_blocks, staged
+
+    def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
+                return_recv_hook=False, num_sms=None):
+        """``(y, event, hook)``; once per dispatch (a second combine raises)."""
+        num_blocks, staged = self.check_combine(expert_out, topk_weights, handle, num_sms)
+        area, owner_sums = handle.area, handle.weights_at_dispatch
 
         def send(cuda_stream: int, phases: int) -> torch.Tensor:
             if staged:  # the pull reads registered memory only

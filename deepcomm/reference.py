@@ -217,12 +217,8 @@ class ReferenceCommunicator:
         With either, the host lists of counts are None, as on the kernels (no host wait there)."""
         self._check_open()
         try:
-            check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size)
-            if handle is not None:  # the kernels' checks, so that a program that runs here runs there
-                self._check_handle(handle)
-                handle.routing.check_reused_by(topk_idx, num_experts)
-            if quantize_fp8 and x.dtype != torch.bfloat16:
-                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
+                                num_sms, num_recv_tokens, handle)
         except (TypeError, ValueError):
             self.refuse("dispatch/counts", (self.topology.world_size, 1 + len(_SAME_ROWS)),
                         lambda sent: dist.all_to_all_single(torch.empty_like(sent), sent, group=self.group), x, topk_idx)
@@ -239,6 +235,20 @@ class ReferenceCommunicator:
                 result.num_recv_tokens_per_rank = None
                 result.num_recv_tokens_per_expert_list = None
             return self._finish(result, caller, async_finish)
+
+    def check_dispatch(
+        self, x, topk_idx, topk_weights, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+        num_sms=None, num_recv_tokens=None, handle=None, check_values=True,
+    ) -> None:
+        """Everything a dispatch refuses before it communicates (the kernels' contract, so that a program that
+        runs here runs there; also the call check's)."""
+        check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, num_experts, self.topology.world_size,
+                              check_values=check_values)
+        if handle is not None:
+            self._check_handle(handle)
+            handle.routing.check_reused_by(topk_idx, num_experts)
+        if quantize_fp8 and x.dtype != torch.bfloat16:
+            raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
 
     def refuse(self, stage: str, shape: tuple[int, ...], exchange, *arguments) -> None:
         """This rank's arguments were refused: take part in the exchange its peers wait in (``exchange(sent)``,
@@ -368,13 +378,17 @@ class ReferenceCommunicator:
         return torch.empty(handle.num_recv_tokens, handle.hidden, dtype=torch.bfloat16,
                            device=handle.send_token_idx.device)
 
+    def check_combine(self, expert_out, handle, num_sms=None) -> None:
+        """Everything a combine refuses before it communicates (also the call check's)."""
+        self._check_open()
+        self._check_handle(handle)
+        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
+
     def run_combine(
         self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None
     ) -> tuple[torch.Tensor, EventHandle]:
         """The backend interface Communicator drives (``num_sms`` does not apply here)."""
-        self._check_open()
-        self._check_handle(handle)
-        check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, handle.send_token_idx.device)
+        self.check_combine(expert_out, handle)
         with self._on_comm_stream(expert_out.device, previous_event, (expert_out,)) as caller:
             combined = self._combine(expert_out, handle)
             device = expert_out.device

@@ -116,18 +116,24 @@ class ReferenceLowLatency:
 
         return hook
 
+    def check_dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
+                       num_sms=None, topk_weights=None, check_values=True) -> None:
+        """Everything a dispatch refuses before it communicates (the kernels' contract; also the call check's)."""
+        check_low_latency_dispatch(self.config, self.topology.world_size, x, x_scales, topk_idx, num_experts, None,
+                                   check_values, topk_weights)
+        if self._calls + 1 - 2 in self._unreceived:
+            raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not "
+                             "received yet; call its hook() before this dispatch")
+        if quantize_fp8 and x.dtype != torch.bfloat16:
+            raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
                  topk_weights=None) -> LowLatencyResult:
         world = self.topology.world_size
         try:
-            check_low_latency_dispatch(self.config, world, x, x_scales, topk_idx, num_experts, None, True,
-                                       topk_weights)
-            if self._calls + 1 - 2 in self._unreceived:
-                raise ValueError(f"return_recv_hook: dispatch {self._calls - 1} on the same receive area has not "
-                                 "received yet; call its hook() before this dispatch")
-            if quantize_fp8 and x.dtype != torch.bfloat16:
-                raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+            self.check_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales, num_sms,
+                                topk_weights)
         except (TypeError, ValueError):  # the peers wait in the count exchange: they raise at once, naming this rank
             ref = self.reference
 
@@ -228,11 +234,14 @@ class ReferenceLowLatency:
             self._outputs[key] = torch.zeros(shape, dtype=torch.bfloat16, device=handle.pair_rows.device)
         return self._outputs[key]
 
+    def check_combine(self, expert_out, topk_weights, handle, num_sms=None) -> None:
+        """Everything a combine refuses before it communicates (also the call check's)."""
+        self._check_received(handle)
+        check_low_latency_combine(self.config, self.topology.world_size, expert_out, topk_weights, handle, None)
+
     def combine(self, expert_out, topk_weights, handle, previous_event=None, async_finish=False,
                 return_recv_hook=False, num_sms=None):
-        self._check_received(handle)
-        world = self.topology.world_size
-        check_low_latency_combine(self.config, world, expert_out, topk_weights, handle, None)
+        self.check_combine(expert_out, topk_weights, handle, num_sms)
         self._combined.add(handle.call)
         device = expert_out.device
         with self.reference._on_comm_stream(device, previous_event, (expert_out, topk_weights)) as caller:

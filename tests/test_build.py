@@ -144,7 +144,8 @@ def test_kernel_error_vocabulary_matches_python():
         pytest.skip("extension not built")
     errors = _ext.extension().intranode.ERRORS
     assert errors == {"timeout": kc.ERROR_TIMEOUT, "size_mismatch": kc.ERROR_SIZE_MISMATCH,
-                      "invalid_ids": kc.ERROR_INVALID_IDS, "mode_mismatch": kc.ERROR_MODE_MISMATCH}
+                      "invalid_ids": kc.ERROR_INVALID_IDS, "mode_mismatch": kc.ERROR_MODE_MISMATCH,
+                      "shape_mismatch": kc.ERROR_SHAPE_MISMATCH}
     core = _ext.extension()
     for name, stage in {**core.intranode.STAGES, **core.low_latency.STAGES}.items():
         assert kc.STAGE_NAMES[stage] == name
@@ -152,3 +153,25 @@ def test_kernel_error_vocabulary_matches_python():
     words[:3] = (kc.ERROR_MODE_MISMATCH, 1, 3)
     failure = kc.mailbox_failure(words, 0, 1.0, np.zeros(2, dtype=np.int64))
     assert failure is not None and "disagree on reusing a handle" in str(failure) and "rank 3" in str(failure)
+    words[:3] = (kc.ERROR_SHAPE_MISMATCH, 1, 2)
+    failure = kc.mailbox_failure(words, 0, 1.0, np.zeros(2, dtype=np.int64))
+    assert failure.peer == 2 and failure.stage == "notify" and "rank 2's dispatch differs" in str(failure)
+
+
+def test_a_call_shape_word_tells_every_field_apart():
+    """Every field the intranode notify compares changes the word; how fp8 rows were made does not."""
+    from deepcomm import kernel_common as kc
+
+    base = dict(hidden=7168, num_topk=8, payload=kc.PAYLOAD_BF16, num_experts=256, num_blocks=24)
+    word = kc.call_shape(**base)
+    changes = [dict(hidden=7169), dict(num_topk=9), dict(payload=kc.PAYLOAD_FP8), dict(num_experts=257),
+               dict(num_blocks=25), dict(hidden=(1 << 24) - 1), dict(num_blocks=(1 << 15) - 1)]
+    words = {kc.call_shape(**(base | change)) for change in changes}
+    assert word not in words and len(words) == len(changes)
+    fp8_words = {kc.call_shape(**(base | dict(payload=p)))
+                 for p in (kc.PAYLOAD_FP8, kc.PAYLOAD_BF16_TO_FP8, kc.PAYLOAD_BF16_TO_FP8_POW2)}
+    assert len(fp8_words) == 1
+    with pytest.raises(ValueError, match="^hidden size: 16777216 does not fit"):
+        kc.call_shape(**(base | dict(hidden=1 << 24)))
+    with pytest.raises(ValueError, match="^num_sms: -1 does not fit"):
+        kc.call_shape(**(base | dict(num_blocks=-1)))

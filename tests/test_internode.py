@@ -228,6 +228,36 @@ def test_internode_rank_that_skips_dispatch_is_named_at_notify():
     run_ranks(_skipping_notify_worker, 4, timeout_s=90)
 
 
+def _shape_mismatch_worker(rank: int, world_size: int, differs: str) -> None:
+    comm = _communicator(2, "ipc", timeout_s=30.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(5, rank, 16, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 2)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)  # one good call first
+    _poison_receive_slots(comm)
+    kwargs = {}
+    if rank == 3 and differs == "hidden":
+        x = x[:, : HIDDEN // 2].contiguous()  # within the buffer: the kernels would run, reading garbage
+    elif rank == 3 and differs == "num_sms":
+        kwargs["num_sms"] = 6
+    start = time.monotonic()
+    with pytest.raises(deepcomm.CommunicationError, match="dispatch differs from this rank's") as info:
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, **kwargs)
+    assert info.value.stage == "notify" and info.value.peer in range(world_size), info.value
+    assert time.monotonic() - start < 10, "raised only after the timeout"
+    torch.cuda.synchronize()
+    impl = comm._impl
+    assert bool((impl.buffer[impl.kernels.NODE_DATA_OFFSET :] == 0xFF).all()), f"rank {rank}: rows were written"
+    dist.barrier()
+
+
+@pytest.mark.parametrize("differs", ["hidden", "num_sms"])
+def test_internode_ranks_whose_dispatch_shapes_differ_all_raise_at_once_and_nothing_moves(differs):
+    """2 nodes x 2 ranks, one rank with another hidden size or num_sms: every rank raises at notify."""
+    require_ranks(4)
+    run_ranks(_shape_mismatch_worker, 4, differs, timeout_s=90)
+
+
 def _bad_input_worker(rank: int, world_size: int) -> None:
     comm = _communicator(1, "ipc")
     device = torch.device("cuda", torch.cuda.current_device())

@@ -303,3 +303,37 @@ def _mixed_reuse_worker(rank: int, world_size: int) -> None:
 def test_ranks_that_disagree_on_reusing_a_handle_all_raise():
     _require(2)
     run_ranks(_mixed_reuse_worker, 2)
+
+
+def _shape_mismatch_worker(rank: int, world_size: int, differs: str) -> None:
+    comm = _communicator(timeout_s=30.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    local = make_inputs(8, rank, 32, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (local.x, local.topk_idx, local.topk_weights))
+    comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)  # one good call first
+    _poison_receive_slots(comm)
+    kwargs = {}
+    if rank == 1 and differs == "hidden":
+        x = x[:, : HIDDEN // 2].contiguous()  # within the buffer: the kernels would run, reading garbage
+    elif rank == 1 and differs == "num_sms":
+        kwargs["num_sms"] = 2
+    elif rank == 1 and differs == "row format":
+        kwargs["quantize_fp8"] = True
+    start = time.monotonic()
+    with pytest.raises(deepcomm.CommunicationError, match="dispatch differs from this rank's") as info:
+        comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, **kwargs)
+    assert info.value.stage == "notify" and info.value.peer == 1 - rank, info.value
+    assert time.monotonic() - start < 10, "raised only after the timeout"
+    # Nobody dispatched: every receive slot still holds the poison.
+    torch.cuda.synchronize()
+    impl = comm._impl
+    assert bool((impl.buffer[impl.kernels.DATA_OFFSET :] == 0xFF).all()), f"rank {rank}: rows were written"
+    dist.barrier()
+
+
+@pytest.mark.parametrize("differs", ["hidden", "num_sms", "row format"])
+def test_ranks_whose_dispatch_shapes_differ_all_raise_at_once_and_nothing_moves(differs):
+    """Without check_calls: the notify compares each rank's call shape (hidden size, K, row format, experts,
+    blocks) with its peers' and nobody dispatches (silent garbage or a timeout before)."""
+    _require(2)
+    run_ranks(_shape_mismatch_worker, 2, differs)

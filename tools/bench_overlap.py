@@ -96,11 +96,14 @@ def block_config(args) -> moe.BlockConfig:
 
 def main() -> None:
     args = parse_args()
+    try:
+        config = block_config(args)
+    except ValueError as error:  # e.g. fewer experts than each token's top-k
+        raise SystemExit(f"--experts: {error}") from None
+    args.experts = config.moe.num_experts  # the report and the JSON name what ran
     init_distributed()
     # Without a GPU the same steps run on the reference path (a smoke test of the bench, not a benchmark).
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    config = block_config(args)
-    args.experts = config.moe.num_experts  # the report and the JSON name what ran
     hidden = config.moe.hidden
     comm = Communicator(num_sms=args.sms, backend=args.backend,
                         buffer=BufferConfig(args.tokens, hidden, config.moe.num_topk))

@@ -190,7 +190,9 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
   const int parity = static_cast<int>(args.call & 1);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int experts_per_rank = args.num_experts / W;
-  const int message_ints = W + N + 1 + experts_per_rank;
+  // Message: tokens per rank [W], per node [N], invalid ids, the call shape (low, high), tokens per expert.
+  const int shape_at = W + N + 1, experts_at = W + N + 3;
+  const int message_ints = experts_at + experts_per_rank;
   const int64_t message_bytes = tl.notify_ints * 4;
   auto received = [&](int src) {
     return reinterpret_cast<const volatile int32_t*>(
@@ -206,7 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
       if (i < W) value = args.tokens_per_rank[i];
       else if (i < W + N) value = args.tokens_per_node[i - W];
       else if (i == W + N) value = *args.num_invalid;
-      else value = args.tokens_per_expert[dst * experts_per_rank + (i - W - N - 1)];
+      else if (i < experts_at) value = static_cast<int32_t>(args.call_shape >> (32 * (i - shape_at)));
+      else value = args.tokens_per_expert[dst * experts_per_rank + (i - experts_at)];
       message[i] = value;
     }
     __syncwarp();
@@ -218,10 +221,19 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
     ctx.transport.quiet();
     peers_arrived = wait_for_peers(local_signal(ctx, notify_signal_offset(0)), W, args.call, ctx.timeout_ns,
                                    ctx.mailbox, kStageNotify);
+    // A rank of another call shape would send rows its receivers read at the wrong width (intranode notify).
+    for (int src = 0; src < W && peers_arrived; ++src) {
+      const uint64_t shape = static_cast<uint32_t>(received(src)[shape_at]) |
+                             static_cast<uint64_t>(static_cast<uint32_t>(received(src)[shape_at + 1])) << 32;
+      if (shape != args.call_shape) {
+        report_error(ctx.mailbox, kErrorShapeMismatch, kStageNotify, src);
+        peers_arrived = false;
+      }
+    }
   }
   __syncthreads();
   if (!peers_arrived) {
-    if (threadIdx.x == 0) *args.abort_dispatch = 1;
+    if (threadIdx.x == 0) *args.abort_dispatch = kAbortFailedMeeting;
     return;
   }
 
@@ -240,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
   }
   for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
     int32_t total = 0;
-    for (int src = 0; src < W; ++src) total += received(src)[W + N + 1 + e];
+    for (int src = 0; src < W; ++src) total += received(src)[experts_at + e];
     args.recv_tokens_per_expert[e] = total;
     ctx.host->recv_tokens_per_expert[e] = total;
   }
@@ -248,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context<T> ctx, Not
   if (threadIdx.x == 0) {
     int32_t any_invalid = 0;
     for (int src = 0; src < W; ++src) any_invalid |= received(src)[W + N];
-    *args.abort_dispatch = any_invalid != 0;
+    *args.abort_dispatch = any_invalid != 0 ? kAbortInvalidIds : 0;
     __threadfence_system();
     *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->notify_done) = static_cast<int64_t>(args.call);
     __threadfence_system();
@@ -547,6 +559,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
   __shared__ BlockTraffic traffic;
   __shared__ int overflow;
   __shared__ bool failed;
+  if (*args.abort_dispatch == kAbortFailedMeeting) return;  // notify recorded why; nothing to write or count
   const int L = ctx.ranks_per_node;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   bulk::WarpStage stage;
@@ -576,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context<T> ctx, D
   __syncthreads();
   const bool aborted = overflow || *args.abort_dispatch;
   if (blockIdx.x == 0 && threadIdx.x == 0 && args.expected_recv >= 0) {
-    if (*args.abort_dispatch) report_error(ctx.mailbox, kErrorInvalidIds, kStageDispatch, ctx.rank);
+    if (*args.abort_dispatch == kAbortInvalidIds) report_error(ctx.mailbox, kErrorInvalidIds, kStageDispatch, ctx.rank);
     else if (args.recv_totals[ctx.rank] != args.expected_recv)
       report_error(ctx.mailbox, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
   }

@@ -47,6 +47,7 @@ struct ContextDesc {
 
 struct NotifyArgs {
   uint64_t call;
+  uint64_t call_shape;               // intranode::NotifyArgs::call_shape: compared with every peer's
   const int32_t* tokens_per_rank;    // [W]
   const int32_t* tokens_per_node;    // [N]
   const int32_t* tokens_per_expert;  // [E]

@@ -74,7 +74,10 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
       own->tokens_to_expert[parity][i] = args.tokens_per_expert[i];
   }
-  if (threadIdx.x == 0) own->reused_routing[parity] = args.reused_routing;
+  if (threadIdx.x == 0) {
+    own->reused_routing[parity] = args.reused_routing;
+    own->call_shape[parity] = args.call_shape;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
@@ -82,9 +85,15 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
       ptx::store_release_sys(&signals_of(ctx, peer)->notify_arrived[ctx.rank], args.call);
     peers_arrived =
         wait_for_peers(own->notify_arrived, num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header, kStageNotify);
+    // A rank whose rows another shape would write them where this rank's layout does not read them (silent
+    // garbage), or wait for blocks that never come: every rank sees the difference, and nobody dispatches.
     for (int peer = 0; peer < num_ranks && peers_arrived; ++peer) {
-      if (*reinterpret_cast<volatile uint64_t*>(&signals_of(ctx, peer)->reused_routing[parity]) != args.reused_routing) {
+      const SignalRegion* theirs = signals_of(ctx, peer);
+      if (*reinterpret_cast<const volatile uint64_t*>(&theirs->reused_routing[parity]) != args.reused_routing) {
         report_error(&ctx.mailbox->header, kErrorModeMismatch, kStageNotify, peer);
+        peers_arrived = false;
+      } else if (*reinterpret_cast<const volatile uint64_t*>(&theirs->call_shape[parity]) != args.call_shape) {
+        report_error(&ctx.mailbox->header, kErrorShapeMismatch, kStageNotify, peer);
         peers_arrived = false;
       }
     }
@@ -94,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
     // Dispatch is already queued behind this kernel: it writes nothing after a failed meeting, and
     // reuses the handle's routing after a good one.
     if (threadIdx.x == 0) {
-      *args.abort_dispatch = !peers_arrived;
+      *args.abort_dispatch = peers_arrived ? 0 : kAbortFailedMeeting;
       if (peers_arrived) {
         __threadfence_system();
         *reinterpret_cast<volatile int64_t*>(&ctx.mailbox->header.notify_done) = static_cast<int64_t>(args.call);
@@ -117,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(Context ctx, Notify
       ctx.mailbox->invalid_ids[src] = invalid;
       any_invalid |= invalid;
     }
-    *args.abort_dispatch = any_invalid != 0;
+    *args.abort_dispatch = any_invalid != 0 ? kAbortInvalidIds : 0;
   }
   __syncthreads();
   for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
@@ -175,6 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   constexpr bool kQuantize = kPayload == Payload::kBf16ToFp8 || kPayload == Payload::kBf16ToFp8Pow2;
   constexpr bool kHasScales = kPayload != Payload::kBf16;
   __shared__ DestinationRows dest_rows[kMaxRanks];
+  if (*args.abort_dispatch == kAbortFailedMeeting) return;  // notify recorded why; nothing to write or count
   const int num_ranks = ctx.num_ranks;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -205,7 +215,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
   // The host skipped its wait and trusted a caller-given row count: if it is wrong (or the call
   // aborted), say so in the mailbox; the host raises at its next check.
   if (blockIdx.x == 0 && threadIdx.x == 0 && args.expected_recv >= 0) {
-    if (*args.abort_dispatch) report_error(&ctx.mailbox->header, kErrorInvalidIds, kStageDispatch, ctx.rank);
+    if (*args.abort_dispatch == kAbortInvalidIds)
+      report_error(&ctx.mailbox->header, kErrorInvalidIds, kStageDispatch, ctx.rank);
     else if (args.recv_totals[ctx.rank] != args.expected_recv)
       report_error(&ctx.mailbox->header, kErrorSizeMismatch, kStageDispatch, args.recv_totals[ctx.rank]);
   }

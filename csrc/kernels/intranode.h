@@ -27,6 +27,9 @@ struct Context {
 struct NotifyArgs {
   uint64_t call;                      // 1, 2, ... the same on every rank
   uint64_t reused_routing;            // the call whose routing (the handle's) this dispatch reuses; 0: none
+  // What every rank's rows must share for the slots to be read as written (hidden size, K, row format,
+  // experts, blocks), packed by the host (deepcomm/kernel_common.py call_shape); compared, never decoded.
+  uint64_t call_shape;
   const int32_t* tokens_per_rank;     // [num_ranks] from the layout
   const int32_t* tokens_per_expert;   // [num_experts] from the layout
   const int32_t* num_invalid;         // [1] invalid expert ids in this rank's topk_idx (layout kernel)
@@ -34,7 +37,7 @@ struct NotifyArgs {
   int32_t* send_base;                 // out [num_ranks]: first row of this rank's tokens in each rank's slot
   int32_t* recv_totals;               // out [num_ranks]: rows each rank receives
   int32_t* recv_tokens_per_expert;    // out [num_experts / num_ranks]
-  int32_t* abort_dispatch;            // out [1]: 1 when any rank passed invalid ids (nobody dispatches)
+  int32_t* abort_dispatch;            // out [1]: kAbortInvalidIds or kAbortFailedMeeting (nobody dispatches)
 };
 
 enum class Payload : int { kBf16 = 0, kFp8 = 1, kBf16ToFp8 = 2, kBf16ToFp8Pow2 = 3 };

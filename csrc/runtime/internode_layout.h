@@ -122,7 +122,7 @@ DC_HOST_DEVICE inline TransportLayout transport_layout(int num_ranks, int ranks_
   const int64_t fp8_stride = row_format(hidden, scale_cols, ranks_per_node, num_topk).stride;
   t.dispatch_stride = bf16_stride > fp8_stride ? bf16_stride : fp8_stride;
   t.combine_stride = 2 * hidden;
-  t.notify_ints = align_up(num_ranks + t.num_nodes + 1 + kMaxExperts / num_ranks, 4);
+  t.notify_ints = align_up(num_ranks + t.num_nodes + 3 + kMaxExperts / num_ranks, 4);  // + the call shape's 2
   t.notify_recv = align_up(sizeof(TransportSignals), 4096);
   t.notify_staging = t.notify_recv + 2 * num_ranks * t.notify_ints * 4;
   t.dispatch_recv = align_up(t.notify_staging + num_ranks * t.notify_ints * 4, 4096);

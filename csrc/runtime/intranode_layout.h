@@ -49,6 +49,7 @@ struct SignalRegion {
   int64_t combine_source_offset[2];               // byte offset of this rank's combine rows in its buffer
   int32_t invalid_ids[2];                         // invalid expert ids in this rank's input
   uint64_t reused_routing[2];                     // the call whose routing this call reuses; 0: counts published
+  uint64_t call_shape[2];                         // NotifyArgs::call_shape of this rank's call
   int32_t tokens_to_rank[2][kMaxRanks];           // tokens this rank sends to each rank
   int32_t tokens_to_expert[2][kMaxExperts];       // (token, k) entries this rank sends to each expert
   // Written and read by this rank only: what the combine rendezvous learnt, for the combine copy.

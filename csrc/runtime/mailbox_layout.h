@@ -20,7 +20,15 @@ enum ErrorCode : int64_t {
   kErrorSizeMismatch = 2,
   kErrorInvalidIds = 3,
   kErrorModeMismatch = 4,  // ranks disagree on reusing a handle's routing in one call; detail: a rank that differs
+  kErrorShapeMismatch = 5,  // ranks disagree on a call's shape (hidden size, K, row format, experts, blocks); detail: a rank
 };
+
+// Why a dispatch writes nothing (notify's abort_dispatch word). Invalid ids: the ranks still count each
+// other's blocks (the communicator carries on). A failed meeting (a peer late, or another call shape or
+// reused handle): the communicator is done (its failure sticks), so the dispatch returns at once rather
+// than wait for blocks whose number may differ between the ranks.
+constexpr int32_t kAbortInvalidIds = 1;
+constexpr int32_t kAbortFailedMeeting = 2;
 
 // Where a kernel was waiting when it gave up.
 enum Stage : int64_t {
