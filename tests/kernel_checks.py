@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pytest
 import torch
 
-from deepcomm import _ext, fp8
+from deepcomm import CommunicationError, _ext, fp8
 from deepcomm.launch import mps_running
 
 
@@ -50,3 +53,26 @@ def combine_from_combine_input(comm, handle, expert_out: torch.Tensor, expected:
         assert 0 <= start and start + rows_in.numel() * 2 <= buffer.numel(), f"{what}: not in the registered buffer"
     rows_in.copy_(expert_out)
     same_bits(comm.combine(rows_in, handle), expected, what)
+
+
+def a_differing_dispatch(x: torch.Tensor, differs: str, num_sms: int) -> tuple[torch.Tensor, dict]:
+    """x and the keyword arguments of a dispatch whose call shape differs from its peers' in one field."""
+    if differs == "hidden":
+        return x[:, : x.shape[1] // 2].contiguous(), {}  # within the buffer: the kernels would run, reading garbage
+    if differs == "num_sms":
+        return x, {"num_sms": num_sms}
+    if differs == "row format":
+        return x, {"quantize_fp8": True}
+    raise ValueError(f"differs: {differs!r}")
+
+
+def refused_at_notify(call: Callable[[], object], peers, received: torch.Tensor, what: str) -> None:
+    """call raises CommunicationError at the notify, naming one of peers, well before the timeout, and nobody
+    dispatched: received (the poisoned receive memory) still holds 0xFF everywhere."""
+    start = time.monotonic()
+    with pytest.raises(CommunicationError, match="dispatch differs from this rank's") as info:
+        call()
+    assert info.value.stage == "notify" and info.value.peer in peers, info.value
+    assert time.monotonic() - start < 10, "raised only after the timeout"
+    torch.cuda.synchronize()
+    assert bool((received == 0xFF).all()), f"{what}: rows were written"
