@@ -61,15 +61,22 @@ class LowLatencyConfig:
     hidden: the hidden size (every call uses exactly this one).
     num_experts: experts in the model (every call uses exactly this many).
     num_topk: the largest K.
+    early_launch: on GPUs of compute capability 9.0 and later, launch each call's kernels early
+        (programmatic dependent launch): their blocks are placed while the kernel before them on the
+        stream still runs, and wait for it to end, so that the launch's latency overlaps that kernel.
+        Ignored on older GPUs; False launches them plainly.
     """
 
     max_tokens_per_rank: int
     hidden: int
     num_experts: int
     num_topk: int = 8
+    early_launch: bool = True
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_tokens_per_rank", "hidden", "num_experts", "num_topk"))
+        if not isinstance(self.early_launch, bool):
+            raise TypeError(f"early_launch: expected a bool, got {type(self.early_launch).__name__}")
         if self.hidden % 8:
             raise ValueError(f"hidden: must be a multiple of 8 (16-byte bf16 rows), got {self.hidden}")
         if self.num_topk > MAX_TOPK:
@@ -229,6 +236,7 @@ class LowLatencyKernels:
         self._peers, regions = open_peer_buffers(self.buffer, group, topology.rank, range(world))
         self.ctx = core.Context(regions, topology.rank, config.num_experts, config.max_tokens_per_rank, config.hidden,
                                 self.mailbox.data_ptr(), int(timeout_s * 1e9))
+        self.ctx.launch_early(config.early_launch and torch.cuda.get_device_capability(self.device)[0] >= 9)
         local_experts = config.num_experts // world
         self._routing_words = [torch.empty(local_experts + config.max_tokens_per_rank * config.num_topk,
                                            dtype=torch.int32, device=self.device) for _ in range(core.NUM_AREAS)]

@@ -257,6 +257,8 @@ def test_low_latency_config_checks_its_fields():
         deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=2048)
     with pytest.raises(ValueError, match="max_tokens_per_rank: 4096 tokens x 1024 experts"):
         deepcomm.LowLatencyConfig(max_tokens_per_rank=4096, hidden=128, num_experts=1024)
+    with pytest.raises(TypeError, match="early_launch: expected a bool, got int"):
+        deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=8, early_launch=1)
     config = deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=128, num_experts=6)
     with pytest.raises(ValueError, match="num_experts: must be a positive multiple of the world size 4"):
         config.check_world(4)
@@ -387,12 +389,13 @@ def test_low_latency_kernels_match_the_reference_bit_for_bit(world_size):
 
 def _odd_shapes_worker(rank: int, world_size: int) -> None:
     """Row sizes whose 16-byte units leave part of a warp idle in the last pass (640 channels: 80 units;
-    136: 17, bf16 only), each on a fresh communicator that may get the memory of the one before."""
+    136: 17, bf16 only), each on a fresh communicator that may get the memory of the one before; the last
+    launches its kernels plainly (early_launch=False), the others early."""
     torch.cuda.set_device(rank % torch.cuda.device_count())
     device = torch.device("cuda", torch.cuda.current_device())
-    for hidden, modes in ((640, ("bf16", "quantize")), (136, ("bf16",)), (640, ("bf16",))):
+    for hidden, modes, early in ((640, ("bf16", "quantize"), True), (136, ("bf16",), True), (640, ("bf16",), False)):
         config = deepcomm.LowLatencyConfig(max_tokens_per_rank=MAX_TOKENS, hidden=hidden,
-                                           num_experts=4 * world_size, num_topk=8)
+                                           num_experts=4 * world_size, num_topk=8, early_launch=early)
         comm = deepcomm.Communicator(low_latency=config)
         oracle = ReferenceLowLatency(comm.reference, config)
         local, rows_per_expert, _ = config.recv_shape(world_size)

@@ -43,6 +43,7 @@
 // waits for that rank's rows_done, raised by a send after this rank's combine.
 #include <cuda_runtime.h>
 
+#include "kernels/common/launch.cuh"
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/rows.cuh"
@@ -367,6 +368,9 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   }
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsArrived);
+  // The last wait on a peer is over: what follows (the combine, in a round trip with nothing between) may be
+  // placed on free SMs now.
+  ptx::allow_next_kernel();
   const AreaLayout layout = layout_of(ctx);
   if (arrived) {
     auto count = [&](int src, int64_t expert) {
@@ -471,6 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
                                                                Chunking place_chunks) {
   extern __shared__ uint32_t masks[];
   __shared__ PhaseStamps<> stamps;
+  ptx::wait_for_previous_kernel();
   stamps.stamp(ctx, kPhaseStart);
   uint64_t epoch = 0;
   if constexpr (kSend) epoch = send_rows<kPayload>(ctx, args, send_chunks, masks, stamps);
@@ -489,12 +494,16 @@ __device__ __forceinline__ void publish_outputs(const Context& ctx, int area) {
     ptx::store_release_sys(&signals_of(ctx, dst)->outputs_ready[area][ctx.rank], epoch);
 }
 
-__global__ void combine_send_kernel(Context ctx, int area) { publish_outputs(ctx, area); }
+__global__ void combine_send_kernel(Context ctx, int area) {
+  ptx::wait_for_previous_kernel();
+  publish_outputs(ctx, area);
+}
 
 // Expert outputs computed elsewhere, copied into this rank's receive area where peers can pull them:
 // only each local expert's received rows, [0, count), one warp per row.
 __global__ void __launch_bounds__(kThreads, 1) stage_outputs_kernel(Context ctx, int area, const int4* outputs,
                                                                     const int32_t* recv_counts) {
+  ptx::wait_for_previous_kernel();
   const AreaLayout layout = layout_of(ctx);
   const int64_t row_units = layout.row_stride / 16;
   const int64_t num_rows = static_cast<int64_t>(ctx.num_experts / ctx.num_ranks) * layout.rows_per_expert;
@@ -596,6 +605,7 @@ template <bool kPublish, bool kClocked>
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, CombineArgs args, Chunking chunking) {
   __shared__ bool ready;
   __shared__ PhaseStamps<kClocked> stamps;
+  ptx::wait_for_previous_kernel();
   stamps.stamp(ctx, kPhaseCombineStart);
   SignalRegion* own = signals_of(ctx, ctx.rank);
   if (kPublish && blockIdx.x == 0 && threadIdx.x == 0) publish_outputs(ctx, args.area);
@@ -604,6 +614,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
                            &ctx.mailbox->header, kStageLowLatencyOutputs);
   __syncthreads();
   stamps.stamp(ctx, kPhaseOutputsReady);
+  ptx::allow_next_kernel();  // the last wait on a peer is over
   if (!ready) {  // y stays unwritten; the host raises at its next check
     stamps.flush(ctx, args.area, epoch_of(own, args.area), kPhaseCombineStart, kPhaseOutputsReady);
     return;
@@ -709,6 +720,7 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
                              &ctx.mailbox->header, kStageLowLatencyPartials);
   __syncthreads();
   stamps.stamp(ctx, kPhasePartialsArrived);
+  ptx::allow_next_kernel();  // the last wait on a peer is over
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
@@ -737,6 +749,7 @@ template <bool kSend, bool kReceive, bool kClocked>
 __global__ void __launch_bounds__(kThreads, 1) combine_owner_kernel(Context ctx, CombineArgs args, Chunking reduce_chunks,
                                                                     Chunking sum_chunks) {
   __shared__ PhaseStamps<kClocked> stamps;
+  ptx::wait_for_previous_kernel();
   const AreaLayout layout = layout_of(ctx);
   const uint64_t epoch = epoch_of(signals_of(ctx, ctx.rank), args.area);
   if constexpr (kSend) {
@@ -790,7 +803,7 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
       if (shared_bytes + static_cast<int64_t>(attributes.sharedSizeBytes) > kDefaultSharedBytes)
         DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
     }
-    kernel<<<args.num_blocks, kThreads, shared_bytes, stream>>>(ctx, args, send_chunks, place_chunks);
+    launch_kernel(kernel, args.num_blocks, kThreads, shared_bytes, stream, ctx.early_launch, ctx, args, send_chunks, place_chunks);
   };
   switch (phases) {
     case Phases::kSend: launch(dispatch_kernel<kPayload, true, false>); break;
@@ -829,7 +842,8 @@ void launch_stage_outputs(const Context& ctx, int area, const void* outputs, con
   check_context(ctx);
   check_area(area);
   DC_CHECK_ARG(num_blocks > 0, "num_sms: must be > 0");
-  stage_outputs_kernel<<<num_blocks, kThreads, 0, stream>>>(ctx, area, static_cast<const int4*>(outputs), recv_counts);
+  launch_kernel(stage_outputs_kernel, num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, area,
+                static_cast<const int4*>(outputs), recv_counts);
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -847,7 +861,7 @@ void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases ph
   const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
   auto launch = [&](auto clocked_kernel, auto plain_kernel) {
     auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
-    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, reduce_chunks, sum_chunks);
+    launch_kernel(kernel, args.num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, args, reduce_chunks, sum_chunks);
   };
   switch (phases) {
     case Phases::kSend: launch(combine_owner_kernel<true, false, true>, combine_owner_kernel<true, false, false>); break;
@@ -870,13 +884,13 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
   if (args.owner_sums) {
     launch_owner_combine(ctx, args, phases, stream);
   } else if (phases == Phases::kSend) {
-    combine_send_kernel<<<1, 1, 0, stream>>>(ctx, args.area);
+    launch_kernel(combine_send_kernel, 1, 1, 0, stream, ctx.early_launch, ctx, args.area);
   } else {
     const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
     const bool publish = phases == Phases::kBoth, clocked = ctx.phase_clock != nullptr;
     auto kernel = publish ? (clocked ? combine_recv_kernel<true, true> : combine_recv_kernel<true, false>)
                           : (clocked ? combine_recv_kernel<false, true> : combine_recv_kernel<false, false>);
-    kernel<<<args.num_blocks, kThreads, 0, stream>>>(ctx, args, chunking);
+    launch_kernel(kernel, args.num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, args, chunking);
   }
   DC_CUDA_CHECK(cudaGetLastError());
 }

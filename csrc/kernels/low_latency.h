@@ -26,6 +26,8 @@ struct Context {
   // block (block < kPhaseBlocks) of a call at slot (epoch * kNumAreas + area) % phase_slots.
   uint64_t* phase_clock;
   int phase_slots;
+  // Kernels launched early (kernels/common/launch.cuh): on sm_90 and later GPUs, unless the caller turns it off.
+  bool early_launch;
 };
 
 // Where a call is when its blocks stamp the phase clock (tools/profile_low_latency.py --phases).

@@ -52,4 +52,21 @@ __device__ __forceinline__ int4 load_cg(const int4* address) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90 on; nothing before). A kernel launched early (kernels/common/launch.cuh)
+// may have its blocks resident while the kernel before it on the stream still runs: it waits here, before it
+// touches memory, for that kernel to end and its writes to be visible.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// This block's part of letting the kernel queued behind this one (when launched early) start its blocks: they
+// start once every block of this grid got here or ended, and still wait for this grid to end.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 }  // namespace deepcomm::ptx
