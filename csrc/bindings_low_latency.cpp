@@ -82,9 +82,13 @@ void bind_low_latency(py::module_& m) {
            }),
            py::arg("regions"), py::arg("rank"), py::arg("num_experts"), py::arg("max_tokens"), py::arg("hidden"),
            py::arg("mailbox"), py::arg("timeout_ns"))
-      .def("launch_early", [](ll::Context& ctx, bool on) { ctx.early_launch = on; }, py::arg("on"),
-           "Launch every later call's kernels early (programmatic dependent launch, sm_90 on): their blocks may be "
-           "placed while the kernel before them on the stream still runs, and wait for it.")
+      .def("set_early_launch", [](ll::Context& ctx, bool on, int device) {
+        ctx.early_launch = on && ll::can_launch_early(device);
+        return ctx.early_launch;
+      }, py::arg("on"), py::arg("device"),
+         "Launch every later call's kernels early (programmatic dependent launch) where the kernels as `device` "
+         "runs them wait for the kernel before (built for sm_90 on): their blocks may be placed while that kernel "
+         "still runs. Returns whether they will be.")
       .def("record_phases", [](ll::Context& ctx, uintptr_t clock, int slots) {
         DC_CHECK_ARG(clock == 0 || slots > 0, "slots: must be > 0");
         ctx.phase_clock = as_ptr<uint64_t>(clock);

@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")
     parser.add_argument("--mode", choices=("normal", "low-latency", "both"), default="normal",
                         help="normal dispatch/combine, the low-latency mode (deepcomm.bench_low_latency), or both")
+    parser.add_argument("--plain-launch", action="store_true",
+                        help="launch the low-latency kernels plainly (LowLatencyConfig(early_launch=False)), to "
+                             "measure what launching them early gains")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)

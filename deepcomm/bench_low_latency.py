@@ -66,15 +66,28 @@ def captured(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
     return graph.replay, outputs
 
 
+def _noting(row: Callable, path: str, words: str) -> Callable:
+    """row, with words added to the note of every row of path."""
+    def noted(row_path, *fields, **named):
+        made = row(row_path, *fields, **named)
+        if row_path == path:
+            made.note = f"{made.note}; {words}" if made.note else words
+        return made
+    return noted
+
+
 def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: Callable, row: Callable,
                      device: torch.device, own_gpu: bool, sms_values: list[int], all_ok: Callable,
                      mean_over_ranks: Callable) -> list:
-    config = LowLatencyConfig(shape["tokens"], shape["hidden"], shape["experts"], shape["topk"])
+    config = LowLatencyConfig(shape["tokens"], shape["hidden"], shape["experts"], shape["topk"],
+                              early_launch=not args.plain_launch)
     experts = shape["experts"]
     local = experts // topo.world_size
     paths = {"reference": Communicator(backend="reference", low_latency=config)}
     if device.type == "cuda" and _ext.available():
         paths["low_latency"] = Communicator(num_sms=sms_values[0], low_latency=config, timeout_s=args.timeout)
+        launched = "early" if paths["low_latency"]._low_latency.early_launch else "plainly"
+        row = _noting(row, "low_latency", f"kernels launched {launched}")
     # Rows this rank keeps (its tokens to its own experts): on GPUs of their own, the floor is the rest.
     kept = distinct_pairs(topk_idx, topo.rank * local, local)
     expected = round_trip_expected(x, topk_idx, topk_weights)

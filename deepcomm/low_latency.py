@@ -236,7 +236,9 @@ class LowLatencyKernels:
         self._peers, regions = open_peer_buffers(self.buffer, group, topology.rank, range(world))
         self.ctx = core.Context(regions, topology.rank, config.num_experts, config.max_tokens_per_rank, config.hidden,
                                 self.mailbox.data_ptr(), int(timeout_s * 1e9))
-        self.ctx.launch_early(config.early_launch and torch.cuda.get_device_capability(self.device)[0] >= 9)
+        # Whether the kernels are launched early: asked for, and built for sm_90 or later (their waits compile
+        # to nothing below, e.g. PTX of an older arch compiled for this GPU at load).
+        self.early_launch = self.ctx.set_early_launch(config.early_launch, self.device.index)
         local_experts = config.num_experts // world
         self._routing_words = [torch.empty(local_experts + config.max_tokens_per_rank * config.num_topk,
                                            dtype=torch.int32, device=self.device) for _ in range(core.NUM_AREAS)]

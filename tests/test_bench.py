@@ -161,7 +161,7 @@ def test_bench_low_latency_mode_on_cpu_processes(tmp_path):
     command = [
         sys.executable, "-m", "deepcomm.bench", "--nproc", "2", "--device", "cpu", "--tokens", "32",
         "--hidden", "256", "--experts", "8", "--topk", "4", "--iters", "2", "--warmup", "1",
-        "--mode", "low-latency", "--json", str(json_path),
+        "--mode", "low-latency", "--plain-launch", "--json", str(json_path),
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -175,3 +175,17 @@ def test_bench_low_latency_mode_on_cpu_processes(tmp_path):
     dispatch_bf16 = rows[1]
     # One row per (token, expert), top-4 of 8 experts on 2 ranks: each rank receives about half of 2 x 32 x 4.
     assert 0 < dispatch_bf16["bytes_per_rank"] <= 2 * 32 * 4 * 256 * 2
+
+
+def test_the_low_latency_kernels_rows_say_how_they_were_launched():
+    from deepcomm.bench import Row
+    from deepcomm.bench_low_latency import _noting
+
+    def row(path, dtype, stage, sms, us, bytes_per_rank, floor_us, check, note=""):
+        return Row("cpu", path, dtype, stage, 8, 16, 2, 4, 2, 2, sms, us, None, bytes_per_rank, floor_us, check, note)
+
+    noted = _noting(row, "low_latency", "kernels launched early")
+    assert noted("low_latency", "bf16", "ll_dispatch", 24, 1.0, 0, None, "ok").note == "kernels launched early"
+    assert noted("low_latency", "bf16", "ll_dispatch", 24, 1.0, 0, None, "ok", "no host wait").note == \
+        "no host wait; kernels launched early"
+    assert noted("reference", "bf16", "ll_dispatch", None, 1.0, 0, None, "ok", "x").note == "x"

@@ -387,16 +387,26 @@ def test_low_latency_kernels_match_the_reference_bit_for_bit(world_size):
     run_ranks(_agreement_worker, world_size)
 
 
+def _written_by_a_kernel(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on the device as the output of a kernel queued just before the call (an early launch then follows a
+    kernel that writes what it reads, not a copy)."""
+    return t.to(device) * 1
+
+
 def _odd_shapes_worker(rank: int, world_size: int) -> None:
     """Row sizes whose 16-byte units leave part of a warp idle in the last pass (640 channels: 80 units;
-    136: 17, bf16 only), each on a fresh communicator that may get the memory of the one before; the last
-    launches its kernels plainly (early_launch=False), the others early."""
+    136: 17, bf16 only), each on a fresh communicator that may get the memory of the one before; every
+    input written by a kernel just before the call. The last communicator launches its kernels plainly
+    (early_launch=False), the others early (where the build allows: sm_90 code)."""
     torch.cuda.set_device(rank % torch.cuda.device_count())
     device = torch.device("cuda", torch.cuda.current_device())
+    sm90_code = torch.cuda.get_device_capability(device)[0] >= 9 and any(
+        arch.startswith("90") for arch in deepcomm.features()["build"]["cuda_archs"].split(";"))
     for hidden, modes, early in ((640, ("bf16", "quantize"), True), (136, ("bf16",), True), (640, ("bf16",), False)):
         config = deepcomm.LowLatencyConfig(max_tokens_per_rank=MAX_TOKENS, hidden=hidden,
                                            num_experts=4 * world_size, num_topk=8, early_launch=early)
         comm = deepcomm.Communicator(low_latency=config)
+        assert comm._low_latency.early_launch == (early and sm90_code), (early, sm90_code)
         oracle = ReferenceLowLatency(comm.reference, config)
         local, rows_per_expert, _ = config.recv_shape(world_size)
         for call, mode in enumerate(modes * 2):
@@ -405,18 +415,21 @@ def _odd_shapes_worker(rank: int, world_size: int) -> None:
             idx = torch.rand(24, config.num_experts, generator=generator).topk(NUM_TOPK, dim=1).indices
             weights = torch.rand(24, NUM_TOPK, generator=generator)
             kwargs = dict(quantize_fp8=True) if mode == "quantize" else {}
-            ours = comm.low_latency_dispatch(x.to(device), idx.to(device), config.num_experts, **kwargs)
+            ours = comm.low_latency_dispatch(_written_by_a_kernel(x, device), _written_by_a_kernel(idx, device),
+                                             config.num_experts, **kwargs)
             theirs = oracle.dispatch(x, idx, config.num_experts, **kwargs)
             _check_received(ours, theirs, f"hidden {hidden}, {mode}, call {call}, rank {rank}")
             outputs = _random_outputs(call, rank, (local, rows_per_expert, hidden))
             expected = oracle.combine(outputs, weights, theirs.handle)[0]
-            same_bits(comm.low_latency_combine(outputs.to(device), weights.to(device), ours.handle), expected,
-                      f"hidden {hidden}, combine, call {call}")
+            same_bits(comm.low_latency_combine(_written_by_a_kernel(outputs, device),
+                                               _written_by_a_kernel(weights, device), ours.handle),
+                      expected, f"hidden {hidden}, combine, call {call}")
             # The weights sent with the dispatch: the owners' sums over the same odd rows.
-            ours = comm.low_latency_dispatch(x.to(device), idx.to(device), config.num_experts,
-                                             topk_weights=weights.to(device), **kwargs)
+            ours = comm.low_latency_dispatch(_written_by_a_kernel(x, device), _written_by_a_kernel(idx, device),
+                                             config.num_experts, topk_weights=_written_by_a_kernel(weights, device),
+                                             **kwargs)
             theirs = oracle.dispatch(x, idx, config.num_experts, topk_weights=weights, **kwargs)
-            same_bits(comm.low_latency_combine(outputs.to(device), None, ours.handle),
+            same_bits(comm.low_latency_combine(_written_by_a_kernel(outputs, device), None, ours.handle),
                       oracle.combine(outputs, None, theirs.handle)[0], f"hidden {hidden}, owner sums, call {call}")
         comm.check_errors()
         comm.close()

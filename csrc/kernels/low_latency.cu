@@ -368,9 +368,7 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
   }
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsArrived);
-  // The last wait on a peer is over: what follows (the combine, in a round trip with nothing between) may be
-  // placed on free SMs now.
-  ptx::allow_next_kernel();
+  ptx::allow_next_kernel();  // past the last wait on a peer (kernels/common/launch.cuh says why only now)
   const AreaLayout layout = layout_of(ctx);
   if (arrived) {
     auto count = [&](int src, int64_t expert) {
@@ -614,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Context ctx, 
                            &ctx.mailbox->header, kStageLowLatencyOutputs);
   __syncthreads();
   stamps.stamp(ctx, kPhaseOutputsReady);
-  ptx::allow_next_kernel();  // the last wait on a peer is over
+  ptx::allow_next_kernel();  // past the last wait on a peer (kernels/common/launch.cuh says why only now)
   if (!ready) {  // y stays unwritten; the host raises at its next check
     stamps.flush(ctx, args.area, epoch_of(own, args.area), kPhaseCombineStart, kPhaseOutputsReady);
     return;
@@ -720,7 +718,7 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
                              &ctx.mailbox->header, kStageLowLatencyPartials);
   __syncthreads();
   stamps.stamp(ctx, kPhasePartialsArrived);
-  ptx::allow_next_kernel();  // the last wait on a peer is over
+  ptx::allow_next_kernel();  // past the last wait on a peer (kernels/common/launch.cuh says why only now)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
@@ -777,7 +775,23 @@ void check_context(const Context& ctx) {
 
 void check_area(int area) { DC_CHECK_ARG(area >= 0 && area < kNumAreas, "area: 0 or 1"); }
 
+Launch launch_of(const Context& ctx) { return ctx.early_launch ? Launch::kEarly : Launch::kPlain; }
+
 }  // namespace
+
+bool can_launch_early(int device) {
+  // The code this device runs (SASS built for it, or PTX compiled for it at load) waits for the kernel before
+  // only if it was built for sm_90 or later: ptx.cuh's waits compile to nothing below.
+  int current = 0;
+  DC_CUDA_CHECK(cudaGetDevice(&current));
+  DC_CUDA_CHECK(cudaSetDevice(device));
+  cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, combine_send_kernel);
+  // No code for this device at all: not early; the first launch says why it cannot run.
+  if (status != cudaSuccess) (void)cudaGetLastError();
+  DC_CUDA_CHECK(cudaSetDevice(current));
+  return status == cudaSuccess && attributes.ptxVersion >= 90;
+}
 
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens) {
   return static_cast<int64_t>(num_experts) * ((max_tokens + 31) / 32) * 4;
@@ -803,7 +817,7 @@ void launch_dispatch_phases(const Context& ctx, const DispatchArgs& args, Phases
       if (shared_bytes + static_cast<int64_t>(attributes.sharedSizeBytes) > kDefaultSharedBytes)
         DC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
     }
-    launch_kernel(kernel, args.num_blocks, kThreads, shared_bytes, stream, ctx.early_launch, ctx, args, send_chunks, place_chunks);
+    launch_kernel(launch_of(ctx), kernel, args.num_blocks, kThreads, shared_bytes, stream, ctx, args, send_chunks, place_chunks);
   };
   switch (phases) {
     case Phases::kSend: launch(dispatch_kernel<kPayload, true, false>); break;
@@ -842,7 +856,7 @@ void launch_stage_outputs(const Context& ctx, int area, const void* outputs, con
   check_context(ctx);
   check_area(area);
   DC_CHECK_ARG(num_blocks > 0, "num_sms: must be > 0");
-  launch_kernel(stage_outputs_kernel, num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, area,
+  launch_kernel(launch_of(ctx), stage_outputs_kernel, num_blocks, kThreads, 0, stream, ctx, area,
                 static_cast<const int4*>(outputs), recv_counts);
   DC_CUDA_CHECK(cudaGetLastError());
 }
@@ -861,7 +875,7 @@ void launch_owner_combine(const Context& ctx, const CombineArgs& args, Phases ph
   const Chunking sum_chunks = chunking_of(ctx.hidden, args.num_tokens, warps);
   auto launch = [&](auto clocked_kernel, auto plain_kernel) {
     auto kernel = ctx.phase_clock != nullptr ? clocked_kernel : plain_kernel;
-    launch_kernel(kernel, args.num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, args, reduce_chunks, sum_chunks);
+    launch_kernel(launch_of(ctx), kernel, args.num_blocks, kThreads, 0, stream, ctx, args, reduce_chunks, sum_chunks);
   };
   switch (phases) {
     case Phases::kSend: launch(combine_owner_kernel<true, false, true>, combine_owner_kernel<true, false, false>); break;
@@ -884,13 +898,13 @@ void launch_combine(const Context& ctx, const CombineArgs& args, Phases phases, 
   if (args.owner_sums) {
     launch_owner_combine(ctx, args, phases, stream);
   } else if (phases == Phases::kSend) {
-    launch_kernel(combine_send_kernel, 1, 1, 0, stream, ctx.early_launch, ctx, args.area);
+    launch_kernel(launch_of(ctx), combine_send_kernel, 1, 1, 0, stream, ctx, args.area);
   } else {
     const Chunking chunking = chunking_of(ctx.hidden, args.num_tokens, static_cast<int64_t>(args.num_blocks) * kWarps);
     const bool publish = phases == Phases::kBoth, clocked = ctx.phase_clock != nullptr;
     auto kernel = publish ? (clocked ? combine_recv_kernel<true, true> : combine_recv_kernel<true, false>)
                           : (clocked ? combine_recv_kernel<false, true> : combine_recv_kernel<false, false>);
-    launch_kernel(kernel, args.num_blocks, kThreads, 0, stream, ctx.early_launch, ctx, args, chunking);
+    launch_kernel(launch_of(ctx), kernel, args.num_blocks, kThreads, 0, stream, ctx, args, chunking);
   }
   DC_CUDA_CHECK(cudaGetLastError());
 }

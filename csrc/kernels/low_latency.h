@@ -26,13 +26,13 @@ struct Context {
   // block (block < kPhaseBlocks) of a call at slot (epoch * kNumAreas + area) % phase_slots.
   uint64_t* phase_clock;
   int phase_slots;
-  // Kernels launched early (kernels/common/launch.cuh): on sm_90 and later GPUs, unless the caller turns it off.
+  // Launch each call's kernels early (kernels/common/launch.cuh); set only where can_launch_early.
   bool early_launch;
 };
 
 // Where a call is when its blocks stamp the phase clock (tools/profile_low_latency.py --phases).
 enum Phase : int {
-  kPhaseStart,           // a dispatch kernel's block begins
+  kPhaseStart,           // a dispatch kernel's block begins (past its wait for the kernel before, if launched early)
   kPhaseRouted,          // send: thread 0's share of the routing masks is built
   kPhaseStagingFree,     // send: every rank placed what this rank staged there last time on the area (masks built)
   kPhaseRowsSent,        // send: this block's rows are written
@@ -41,7 +41,7 @@ enum Phase : int {
   kPhasePlacesAdded,     // receive: bases, counts and pair rows final
   kPhaseRowsPlaced,      // receive: this block's rows copied to their places
   kPhaseEnd,             // receive: counted (the last block freed the staging rows)
-  kPhaseCombineStart,    // a combine kernel's block begins
+  kPhaseCombineStart,    // a combine kernel's block begins (past its wait for the kernel before, if launched early)
   kPhaseOutputsReady,    // pull: every rank's outputs_ready
   kPhasePartialsSent,    // owner sums: this block's partial sums written to the tokens' ranks
   kPhasePartialsArrived, // owner sums: every owner's partials of this rank's tokens (partials_done)
@@ -80,6 +80,10 @@ struct CombineArgs {
 // Dynamic shared memory of the send (routing bit masks), for config checks; the kernels' static shared
 // arrays (the receive's bases, the phase stamps, a few words) stay below kStaticSharedBound beside it.
 int64_t dispatch_shared_bytes(int num_experts, int max_tokens);
+
+// Whether the kernels as this device runs them wait for the kernel before (built for sm_90 or later), so that
+// they may be launched early.
+bool can_launch_early(int device);
 constexpr int kStaticSharedBound = 8 * 1024;
 
 // Which part of a call a launch runs: both (a synchronous call, one launch), or the send now and the
