@@ -61,10 +61,10 @@ class LowLatencyConfig:
     hidden: the hidden size (every call uses exactly this one).
     num_experts: experts in the model (every call uses exactly this many).
     num_topk: the largest K.
-    early_launch: on GPUs of compute capability 9.0 and later, launch each call's kernels early
-        (programmatic dependent launch): their blocks are placed while the kernel before them on the
-        stream still runs, and wait for it to end, so that the launch's latency overlaps that kernel.
-        Ignored on older GPUs; False launches them plainly.
+    early_launch: launch each call's kernels early (programmatic dependent launch): their blocks are
+        placed while the kernel before them on the stream still runs, and wait for it to end, so that the
+        launch's latency overlaps that kernel. Only where the extension's code for the GPU was built for
+        sm_90 or later; elsewhere, and with False, they are launched plainly.
     """
 
     max_tokens_per_rank: int

@@ -784,7 +784,10 @@ bool can_launch_early(int device) {
   // only if it was built for sm_90 or later: ptx.cuh's waits compile to nothing below.
   int current = 0;
   DC_CUDA_CHECK(cudaGetDevice(&current));
-  DC_CUDA_CHECK(cudaSetDevice(device));
+  if (cudaSetDevice(device) != cudaSuccess) {  // not early; the calls on that device say what is wrong
+    (void)cudaGetLastError();
+    return false;
+  }
   cudaFuncAttributes attributes{};
   const cudaError_t status = cudaFuncGetAttributes(&attributes, combine_send_kernel);
   // No code for this device at all: not early; the first launch says why it cannot run.
