@@ -67,6 +67,9 @@ constexpr int kSumUnroll = 3;
 // in flight as 4 x 3 and takes a decode chunk (a third of a 7168 row, 304 units) in two rounds instead of four.
 constexpr int kAddGroup = 2;
 constexpr int kAddUnroll = 5;
+// The send's copy: a decode chunk of bf16 (a third of a 7168 row, 304 units) in one round of loads, where
+// rows.cuh's 8 units a lane took two (256, then 48).
+constexpr int kSendUnroll = 10;
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
 constexpr int kDefaultSharedBytes = 48 * 1024;
@@ -280,7 +283,7 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
         rows::PendingScales<> scales;
         if constexpr (kPayload == Payload::kFp8)
           scales.load(args.x_scales + static_cast<int64_t>(token) * scale_cols + first_channel / 128, channels / 128, lane);
-        rows::copy_row(source, channels * kSourceBytesPerChannel / 16, x_targets, lane);
+        rows::copy_row<kTargetGroup, false, kSendUnroll>(source, channels * kSourceBytesPerChannel / 16, x_targets, lane);
         if constexpr (kPayload == Payload::kFp8) scales.store(scale_targets, lane);
       }
     }
