@@ -58,15 +58,12 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTargetGroup = 8;      // destinations a warp writes per pass over a chunk (copy_row keeps them in registers)
 constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in flight: 8 sources x 2
-// The owner sums: sources (packed to the first lanes) taken kSumGroup at a time, kSumUnroll 16-byte units
-// of each per lane in flight. A decode token has a few of its K pairs on each owner and a few owners, so
-// groups of 4 are mostly full; 4 x 3 is what 512 threads' registers hold without spilling.
-constexpr int kSumGroup = 4;
-constexpr int kSumUnroll = 3;
-// The adding after them has one source per owner of the token (two at two ranks): 2 x 5 keeps as many loads
-// in flight as 4 x 3 and takes a decode chunk (a third of a 7168 row, 304 units) in two rounds instead of four.
-constexpr int kAddGroup = 2;
-constexpr int kAddUnroll = 5;
+// The owner sums and the adding after them: sources (packed to the first lanes) taken kSumGroup at a time,
+// kSumUnroll 16-byte units of each per lane in flight, about what 512 threads' registers hold without
+// spilling. A decode chunk of the owner sums (160 units) then takes one round of loads per two sources (a
+// token has 4 of its 8 pairs on each of 2 owners on average), the adding's (304 units, a source per owner) two.
+constexpr int kSumGroup = 2;
+constexpr int kSumUnroll = 5;
 // The send's copy: a decode chunk of bf16 (a third of a 7168 row, 304 units) in one round of loads, where
 // rows.cuh's 8 units a lane took two (256, then 48).
 constexpr int kSendUnroll = 10;
@@ -741,7 +738,7 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
     const int4* lane_source =
         lane < num_ranks && ((owners >> lane) & 1u) ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
                                                     : nullptr;
-    sum_rows<kAddGroup, kAddUnroll, false, true>(lane_source, 1.0f, 0, units,
+    sum_rows<kSumGroup, kSumUnroll, false, true>(lane_source, 1.0f, 0, units,
                     reinterpret_cast<int4*>(args.y) + static_cast<int64_t>(token) * (ctx.hidden / 8) + first_unit, lane);
   }
   __syncthreads();
