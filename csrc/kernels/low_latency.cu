@@ -717,6 +717,18 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
                              uint64_t epoch, PhaseStamps<kClocked>& stamps) {
   __shared__ bool arrived;
   const int num_ranks = ctx.num_ranks, num_topk = args.num_topk;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
+  // The owners of a token's pairs (a bit per rank), from this rank's pair rows: the dispatch wrote them.
+  auto owners_of = [&](int token) {
+    const int32_t pair_row = lane < num_topk ? args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] : -1;
+    const bool valid = pair_row >= 0 && pair_row < owner_rows * num_ranks;  // a failed dispatch may have left any value
+    return __reduce_or_sync(0xffffffffu, valid ? 1u << (pair_row / owner_rows) : 0u);
+  };
+  // A warp's first item's owners are read before the flag's wait, which hides that load (at decode sizes a warp
+  // has one item).
+  const int first_item = blockIdx.x * kWarps + warp, all_items = args.num_tokens * chunking.count;
+  uint32_t owners = first_item < all_items ? owners_of(first_item / chunking.count) : 0u;
   if (threadIdx.x == 0)
     arrived = wait_for_peers(signals_of(ctx, ctx.rank)->partials_done[args.area], num_ranks, epoch, ctx.timeout_ns,
                              &ctx.mailbox->header, kStageLowLatencyPartials);
@@ -724,17 +736,13 @@ __device__ void add_partials(const Context& ctx, const CombineArgs& args, Chunki
   stamps.stamp(ctx, kPhasePartialsArrived);
   ptx::allow_next_kernel();  // past the last wait on a peer (kernels/common/launch.cuh says why only now)
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t owner_rows = static_cast<int64_t>(ctx.num_experts / num_ranks) * layout.rows_per_expert;
   // After a timeout y stays unwritten (the host raises at its next check).
-  const int num_items = arrived ? args.num_tokens * chunking.count : 0;
-  for (int item = blockIdx.x * kWarps + warp; item < num_items; item += gridDim.x * kWarps) {
+  const int num_items = arrived ? all_items : 0;
+  for (int item = first_item; item < num_items; item += gridDim.x * kWarps) {
     const int token = item / chunking.count, chunk = item % chunking.count;
     const int first_unit = chunk * chunking.channels / 8;
     const int units = min(chunking.channels, ctx.hidden - chunk * chunking.channels) / 8;
-    const int32_t pair_row = lane < num_topk ? args.pair_rows[static_cast<int64_t>(token) * num_topk + lane] : -1;
-    const bool valid = pair_row >= 0 && pair_row < owner_rows * num_ranks;  // a failed dispatch may have left any value
-    const uint32_t owners = __reduce_or_sync(0xffffffffu, valid ? 1u << (pair_row / owner_rows) : 0u);
+    if (item != first_item) owners = owners_of(token);
     const int4* lane_source =
         lane < num_ranks && ((owners >> lane) & 1u) ? partial_of(ctx, ctx.rank, args.area, layout, lane, token) + first_unit
                                                     : nullptr;
