@@ -65,7 +65,7 @@ constexpr int kCombineUnroll = 2;    // 16-byte units per source and lane in fli
 constexpr int kSumGroup = 2;
 constexpr int kSumUnroll = 5;
 // The send's copy: a decode chunk of bf16 (a third of a 7168 row, 304 units) in one round of loads, where
-// rows.cuh's 8 units a lane took two (256, then 48).
+// rows.cuh's 8 units a lane took two (256, then 48). An fp8 chunk (152 units) takes one at 8, which spills less.
 constexpr int kSendUnroll = 10;
 constexpr int kMinChunkBlocks = 4;   // 128-channel blocks per chunk at least (1 KiB of bf16)
 constexpr int kPlaceItemsPerWarp = 4;  // the receive's (staged row, chunk) items per warp it aims for (bf16 rows)
@@ -280,7 +280,8 @@ __device__ uint64_t send_rows(const Context& ctx, const DispatchArgs& args, Chun
         rows::PendingScales<> scales;
         if constexpr (kPayload == Payload::kFp8)
           scales.load(args.x_scales + static_cast<int64_t>(token) * scale_cols + first_channel / 128, channels / 128, lane);
-        rows::copy_row<kTargetGroup, false, kSendUnroll>(source, channels * kSourceBytesPerChannel / 16, x_targets, lane);
+        constexpr int kUnroll = kPayload == Payload::kBf16 ? kSendUnroll : rows::kCopyUnroll;  // fp8: one round at 8
+        rows::copy_row<kTargetGroup, false, kUnroll>(source, channels * kSourceBytesPerChannel / 16, x_targets, lane);
         if constexpr (kPayload == Payload::kFp8) scales.store(scale_targets, lane);
       }
     }
