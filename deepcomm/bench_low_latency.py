@@ -122,6 +122,17 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                 rows.append(row(path, dtype, "ll_dispatch", sms, dispatch_us[dtype], int(mean_over_ranks(nbytes)),
                                 floor(nbytes, row_bytes), check, "no host wait" if path == "low_latency" else ""))
 
+                # The dispatch of a combine at the owners: the receive also stages each row's weights.
+                def dispatch_with_weights():
+                    return comm.low_latency_dispatch(x, topk_idx, experts, quantize_fp8=dtype == "fp8", num_sms=sms,
+                                                     topk_weights=topk_weights)
+
+                received = int(dispatch_with_weights().num_tokens_per_expert.sum())
+                check = all_ok(round(mean_over_ranks(received) * world) == sent)
+                rows.append(row(path, dtype, "ll_dispatch(weights)", sms, timer(dispatch_with_weights),
+                                int(mean_over_ranks(nbytes)), floor(nbytes, row_bytes), check,
+                                "weights sent, for the combine at the owners"))
+
             def round_trip():
                 out = comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms)
                 # On the kernels the received rows are combine's input in place (the experts' outputs would be).

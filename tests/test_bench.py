@@ -167,8 +167,9 @@ def test_bench_low_latency_mode_on_cpu_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(json_path.read_text())
     assert [(r["stage"], r["dtype"]) for r in rows] == [
-        ("layout", "-"), ("ll_dispatch", "bf16"), ("ll_dispatch", "fp8"), ("ll_combine", "bf16"),
-        ("ll_round_trip", "bf16"), ("ll_round_trip(owners)", "bf16"),
+        ("layout", "-"), ("ll_dispatch", "bf16"), ("ll_dispatch(weights)", "bf16"), ("ll_dispatch", "fp8"),
+        ("ll_dispatch(weights)", "fp8"), ("ll_combine", "bf16"), ("ll_round_trip", "bf16"),
+        ("ll_round_trip(owners)", "bf16"),
     ]
     for row in rows:
         assert row["check"] == "ok" and row["path"] == "reference", row
