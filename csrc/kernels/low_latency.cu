@@ -310,35 +310,15 @@ __device__ __forceinline__ int64_t placed_row(const Context& ctx, const AreaLayo
   return expert * layout.rows_per_expert + base[src * local_experts + expert] + code % ctx.max_tokens;
 }
 
-// With weights, each staged row's reduce entry for the combine: per k the row the pair took here and its
-// weight (staged beside the tag). Only the receive launches of dispatches given weights have it (a template
-// flag): in the others its registers cost the fp8 launches spills. Runs before staging_free lets the sources
-// stage over the weights. first_item: each source's items, back to back (items_per_row per staged row); base:
-// [source][local expert].
-__device__ __forceinline__ void write_reduce_entries(const Context& ctx, uint8_t* own_area, const AreaLayout& layout,
-                                                  const int* first_item, int items_per_row, const int32_t* base,
-                                                  uint64_t epoch) {
-  const int num_ranks = ctx.num_ranks;
-  const int lane = threadIdx.x % 32;
-  const int num_rows = first_item[num_ranks] / items_per_row;
-  for (int r = blockIdx.x * kWarps + threadIdx.x / 32; r < num_rows; r += gridDim.x * kWarps) {
-    int src = 0;
-    while (r * items_per_row >= first_item[src + 1]) ++src;
-    const int64_t staged_row = static_cast<int64_t>(src) * ctx.max_tokens + r - first_item[src] / items_per_row;
-    const int32_t word =
-        lane < kTagInts ? reinterpret_cast<const volatile int32_t*>(own_area + layout.staging_tags)[staged_row * kTagInts + lane] : -1;
-    if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
-    const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
-    const int32_t code = lane < kMaxTopk ? next_lane_word : -1;
-    const int32_t row = static_cast<int32_t>(placed_row(ctx, layout, base, src, code));
-    int32_t* entry = reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts;
-    if (lane < kMaxTopk) {
-      entry[1 + lane] = row;
-      entry[1 + kMaxTopk + lane] = __float_as_int(
-          reinterpret_cast<const volatile float*>(own_area + layout.staged_weights)[staged_row * kMaxTopk + lane]);
-    }
-    if (lane == 0) entry[0] = static_cast<int32_t>(epoch);
+// With weights, a staged row's reduce entry for the combine, written by the warp that places the row's first
+// chunk: lane k gives the row its pair k took here (a repeated expert's too: its weight counts again in the
+// owner's sum; -1: none) and the pair's weight, staged beside the tag.
+__device__ __forceinline__ void write_reduce_entry(int32_t* entry, int64_t row, float weight, uint64_t epoch, int lane) {
+  if (lane < kMaxTopk) {
+    entry[1 + lane] = static_cast<int32_t>(row);
+    entry[1 + kMaxTopk + lane] = __float_as_int(weight);
   }
+  if (lane == 0) entry[0] = static_cast<int32_t>(epoch);
 }
 
 // Receive: wait for every rank's rows; finish this rank's pair rows (add the lower ranks' counts) and the
@@ -431,10 +411,16 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
     if (__shfl_sync(0xffffffffu, word, 0) != static_cast<int32_t>(epoch)) continue;
     const int32_t next_lane_word = __shfl_down_sync(0xffffffffu, word, 1);
     const int32_t code = lane < kMaxTopk ? next_lane_word : -1;  // lane k: tag word 1 + k
-    int64_t row = placed_row(ctx, layout, base, src, code);
+    const int64_t pair_row = placed_row(ctx, layout, base, src, code);
+    // The weights load while the row moves. They are read before staging_free lets the source stage over them.
+    const bool writes_entry = kWeights && chunk == 0;
+    const float weight = writes_entry && lane < kMaxTopk
+                             ? reinterpret_cast<const volatile float*>(own_area + layout.staged_weights)[staged_row * kMaxTopk + lane]
+                             : 0.0f;
     // A repeated expert's pairs share its row: the lowest lane copies it.
     const uint32_t lower = (1u << lane) - 1u;
-    if ((__match_any_sync(0xffffffffu, row >= 0 ? row : -1 - lane) & lower) != 0) row = -1;
+    const int64_t row =
+        (__match_any_sync(0xffffffffu, pair_row >= 0 ? pair_row : -1 - lane) & lower) != 0 ? -1 : pair_row;
     const int first_channel = chunk * chunking.channels;
     const int channels = min(chunking.channels, hidden - first_channel);
     uint8_t* x_target = row >= 0 ? own_area + (row * hidden + first_channel) * kBytesPerChannel : nullptr;
@@ -454,10 +440,10 @@ __device__ void place_rows(const Context& ctx, const DispatchArgs& args, Chunkin
       rows::copy_row<kTargetGroup, true>(source, channels * kBytesPerChannel / 16, x_targets, lane);
       if constexpr (kFp8) scales.store(scale_targets, lane);
     }
+    if (writes_entry)
+      write_reduce_entry(reinterpret_cast<int32_t*>(own_area + layout.reduce_entries) + staged_row * kReduceInts, pair_row,
+                         weight, epoch, lane);
   }
-  // After a timeout base was never written and the entries stay unread (reduce_tokens is 0): none are written.
-  if constexpr (kWeights)
-    if (arrived) write_reduce_entries(ctx, own_area, layout, first_item, chunking.count, base, epoch);
 
   __syncthreads();
   stamps.stamp(ctx, kPhaseRowsPlaced);
