@@ -91,6 +91,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
     deepcomm::launch_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
   }, py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_blocks"), py::arg("stream"));
+  m.def("bulk_copy", [](uintptr_t dst, uintptr_t src, int64_t bytes, int num_blocks, uintptr_t stream) {
+    deepcomm::launch_bulk_copy(as_ptr<void>(dst), as_ptr<const void>(src), bytes, num_blocks, as_stream(stream));
+  }, py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_blocks"), py::arg("stream"));
 
   m.attr("MAX_SORTED_EXPERTS") = deepcomm::kMaxSortedExperts;
   m.def("expert_order_blocks", &deepcomm::expert_order_blocks, py::arg("num_places"),

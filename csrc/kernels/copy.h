@@ -10,4 +10,7 @@ namespace deepcomm {
 
 void launch_copy(void* dst, const void* src, int64_t bytes, int num_blocks, cudaStream_t stream);
 
+// The same bytes by bulk (TMA) copies through shared memory: an 8 KiB piece per warp at a time.
+void launch_bulk_copy(void* dst, const void* src, int64_t bytes, int num_blocks, cudaStream_t stream);
+
 }  // namespace deepcomm
