@@ -18,7 +18,8 @@ from deepcomm import _ext  # noqa: E402
 def test_arguments_are_checked_by_name():
     args = peer_copy_rates.parse_args(["--sms", "16,24", "--megabytes", "8"])
     assert args.sms == [16, 24] and args.megabytes == 8
-    for bad in (["--sms", "24,x"], ["--sms", "0"], ["--megabytes", "0"]):
+    for bad in (["--sms", "24,x"], ["--sms", "0"], ["--megabytes", "0"], ["--iters", "0"], ["--warmup", "-1"],
+                ["--json", "/no/such/folder/rows.json"]):
         with pytest.raises(SystemExit):
             peer_copy_rates.parse_args(bad)
 

@@ -9,19 +9,21 @@ r + 1, so every GPU sends and receives at once, as in an all-to-all), on each SM
 - ``store``: 16-byte loads here, 16-byte stores into the peer (`_C.copy`: the benchmark's copy floor);
 - ``load``: 16-byte loads from the peer, stores here (what a pulling combine does);
 - ``bulk store`` / ``bulk load``: the same bytes by bulk (TMA) copies through shared memory
-  (`_C.bulk_copy`), which keep more bytes in flight per SM without registers;
+  (`_C.bulk_copy`), which keep more bytes in flight per SM without registers (one 8 KiB piece a warp at
+  a time, its load and store one after the other: the rate of this copy, not the most bulk copies give);
 - ``copy engine``: ``cudaMemcpyAsync`` from here into the peer (no SM at all; the SM count is ignored).
 
-It prints GB/s per GPU (the slowest rank's median) and checks, once per way, that every byte landed
-(the target poisoned first). The 4-rank intranode combine runs at 1.11× the ``store`` floor on 24 SMs
+It prints GB/s per GPU (the slowest rank's median) and checks, for each way and SM count, that every
+byte landed (the target poisoned first). The 4-rank intranode combine runs at 1.11× the ``store`` floor on 24 SMs
 (docs/benchmarks.md, fourteenth session): if a way moves clearly more on 24 SMs, the combine can too.
-Needs one GPU per rank.
+Needs two or more ranks, one GPU each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", dest="json_path", default=None, help="write every row to this file")
     args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
+        parser.error(f"--json: no folder {Path(args.json_path).resolve().parent}")
     try:
         args.sms = [int(v) for v in args.sms.split(",")]
     except ValueError:
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     init_distributed(600)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world < 2:
+        raise SystemExit("peer_copy_rates: needs two or more ranks (each moves bytes to the next one's GPU)")
     if not torch.cuda.is_available() or torch.cuda.device_count() < world:
         raise SystemExit(f"peer_copy_rates: needs one GPU per rank ({world} ranks, "
                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPUs)")
@@ -102,23 +110,23 @@ def main(argv: list[str] | None = None) -> None:
         stream = torch.cuda.current_stream(device).cuda_stream
         calls = ways(core, here, landing, peer_src.tensor, peer_landing.tensor, stream)
         for way in WAYS:
-            # The poison goes in once no peer writes here any more (the last way's timed calls), and before any
-            # peer writes this way's one checked call.
-            torch.cuda.synchronize(device)
-            dist.barrier()
-            landing.fill_(POISON)
-            torch.cuda.synchronize(device)
-            dist.barrier()
-            calls[way](args.sms[0])
-            torch.cuda.synchronize(device)
-            dist.barrier()
-            ok = landed_ok(way, rank, world, landing, device)
-            ok_everywhere = torch.tensor([int(ok)], device=device)
-            dist.all_reduce(ok_everywhere, op=dist.ReduceOp.MIN)
             for sms in (args.sms if way != "copy engine" else [None]):
-                us = timer(lambda: calls[way](sms or args.sms[0]))
+                call = (lambda: calls[way](sms)) if sms else (lambda: calls[way](0))
+                # The poison goes in once no peer writes here any more (the timed calls before), and before
+                # any peer writes the one checked call.
+                torch.cuda.synchronize(device)
+                dist.barrier()
+                landing.fill_(POISON)
+                torch.cuda.synchronize(device)
+                dist.barrier()
+                call()
+                torch.cuda.synchronize(device)
+                dist.barrier()
+                ok = torch.tensor([int(landed_ok(way, rank, world, landing, device))], device=device)
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                us = timer(call)
                 rows.append({"way": way, "sms": sms, "ranks": world, "bytes": nbytes, "us": us,
-                             "gbps": nbytes / us / 1e3, "check": "ok" if int(ok_everywhere) else "FAILED"})
+                             "gbps": nbytes / us / 1e3, "check": "ok" if int(ok) else "FAILED"})
         torch.cuda.synchronize(device)
         dist.barrier()  # nobody unmaps or frees a buffer a peer still uses
     if rank == 0:

@@ -58,9 +58,15 @@ void launch_bulk_copy(void* dst, const void* src, int64_t bytes, int num_blocks,
   DC_CHECK_ARG(reinterpret_cast<uintptr_t>(dst) % 16 == 0, "dst: bulk copies need 16-byte aligned addresses");
   DC_CHECK_ARG(reinterpret_cast<uintptr_t>(src) % 16 == 0, "src: bulk copies need 16-byte aligned addresses");
   if (bytes == 0) return;
-  bulk::allow_staging<bulk_copy_kernel>(kBulkStagingBytes);
-  bulk_copy_kernel<<<num_blocks, kCopyThreads, kBulkStagingBytes, stream>>>(static_cast<uint8_t*>(dst),
-                                                                            static_cast<const uint8_t*>(src), bytes);
+  // Below sm_90 the kernel moves the bytes through registers (bulk.cuh) and needs no staging, which such a
+  // GPU may not have room for.
+  int device = 0, major = 0;
+  DC_CUDA_CHECK(cudaGetDevice(&device));
+  DC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const int staging = major >= 9 ? kBulkStagingBytes : 0;
+  if (staging > 0) bulk::allow_staging<bulk_copy_kernel>(staging);
+  bulk_copy_kernel<<<num_blocks, kCopyThreads, staging, stream>>>(static_cast<uint8_t*>(dst),
+                                                                  static_cast<const uint8_t*>(src), bytes);
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
