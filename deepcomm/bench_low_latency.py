@@ -95,6 +95,11 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
     expected_by_owner = round_trip_by_owner_expected(x, topk_idx, topk_weights, experts, world)
     owner_pairs = distinct_pairs(topk_idx // local)  # (token, owner rank) partials of this rank's tokens
     sent = round(mean_over_ranks(distinct_pairs(topk_idx)) * world)
+
+    def every_row_arrived(result) -> str:
+        """Every row sent arrives somewhere: the totals over ranks agree (a collective)."""
+        return all_ok(round(mean_over_ranks(int(result.num_tokens_per_expert.sum())) * world) == sent)
+
     rows = []
     for path, comm in paths.items():
         for sms in sms_values if path == "low_latency" else [None]:
@@ -113,11 +118,9 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                     return comm.low_latency_dispatch(x, topk_idx, experts, quantize_fp8=dtype == "fp8", num_sms=sms)
 
                 result = dispatch()
-                received = int(result.num_tokens_per_expert.sum())
                 row_bytes = 2 * shape["hidden"] if dtype == "bf16" else shape["hidden"] + shape["hidden"] // 32
-                # Every row sent arrives somewhere: the totals over ranks agree.
-                check = all_ok(round(mean_over_ranks(received) * world) == sent)
-                nbytes = received * row_bytes
+                check = every_row_arrived(result)
+                nbytes = int(result.num_tokens_per_expert.sum()) * row_bytes
                 dispatch_us[dtype] = timer(dispatch)
                 rows.append(row(path, dtype, "ll_dispatch", sms, dispatch_us[dtype], int(mean_over_ranks(nbytes)),
                                 floor(nbytes, row_bytes), check, "no host wait" if path == "low_latency" else ""))
@@ -127,8 +130,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
                     return comm.low_latency_dispatch(x, topk_idx, experts, quantize_fp8=dtype == "fp8", num_sms=sms,
                                                      topk_weights=topk_weights)
 
-                received = int(dispatch_with_weights().num_tokens_per_expert.sum())
-                check = all_ok(round(mean_over_ranks(received) * world) == sent)
+                check = every_row_arrived(dispatch_with_weights())
                 rows.append(row(path, dtype, "ll_dispatch(weights)", sms, timer(dispatch_with_weights),
                                 int(mean_over_ranks(nbytes)), floor(nbytes, row_bytes), check,
                                 "weights sent, for the combine at the owners"))
@@ -164,7 +166,7 @@ def low_latency_rows(args, shape: dict, topo, x, topk_idx, topk_weights, timer: 
             if path == "low_latency":  # as decode runs in serving engines: no host work per call
                 replay, graph_out = captured(lambda: comm.low_latency_dispatch(x, topk_idx, experts, num_sms=sms))
                 us = timer(replay)
-                check = all_ok(round(mean_over_ranks(int(graph_out.num_tokens_per_expert.sum())) * world) == sent)
+                check = every_row_arrived(graph_out)
                 rows.append(row(path, "bf16", "ll_dispatch(graph)", sms, us, int(mean_over_ranks(nbytes)),
                                 floor(nbytes, 2 * shape["hidden"]), check, "CUDA graph replay"))
                 replay, (graph_y, _) = captured(round_trip)

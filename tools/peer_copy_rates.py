@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         calls = ways(core, here, landing, peer_src.tensor, peer_landing.tensor, stream)
         for way in WAYS:
             for sms in (args.sms if way != "copy engine" else [None]):
-                call = (lambda: calls[way](sms)) if sms else (lambda: calls[way](0))
+                def call():
+                    return calls[way](sms)  # the copy engine ignores sms (None)
+
                 # The poison goes in once no peer writes here any more (the timed calls before), and before
                 # any peer writes the one checked call.
                 torch.cuda.synchronize(device)
