@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/copy.h"
@@ -29,6 +30,35 @@ using deepcomm::as_stream;
 
 void bind_internode(py::module_& m);  // bindings_internode.cpp
 void bind_low_latency(py::module_& m);  // bindings_low_latency.cpp
+
+namespace {
+
+// One value per rank of the context, from a Python list.
+template <typename From, typename To>
+void copy_per_rank(const deepcomm::intranode::Context& ctx, const std::vector<From>& values, To* out, const char* name) {
+  DC_CHECK_ARG(values.size() == static_cast<size_t>(ctx.num_ranks),
+               std::string(name) + ": one value per rank (" + std::to_string(ctx.num_ranks) + "), got " +
+                   std::to_string(values.size()));
+  for (size_t r = 0; r < values.size(); ++r) {
+    if constexpr (std::is_pointer_v<To>) out[r] = reinterpret_cast<To>(values[r]);
+    else out[r] = static_cast<To>(values[r]);
+  }
+}
+
+void fill_combine(deepcomm::intranode::CombineArgs& args, uintptr_t y, int hidden, int num_tokens,
+                  uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base, uint64_t done_expected,
+                  int num_blocks) {
+  args.y = reinterpret_cast<void*>(y);
+  args.hidden = hidden;
+  args.num_tokens = num_tokens;
+  args.is_token_in_rank = reinterpret_cast<const bool*>(is_token_in_rank);
+  args.send_pos = reinterpret_cast<const int32_t*>(send_pos);
+  args.send_base = reinterpret_cast<const int32_t*>(send_base);
+  args.done_expected = done_expected;
+  args.num_blocks = num_blocks;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepcomm C++/CUDA core (no torch headers: pointers, sizes and streams are ints)";
@@ -132,11 +162,14 @@ PYBIND11_MODULE(_C, m) {
                                   py::arg("size_mismatch") = static_cast<int>(deepcomm::kErrorSizeMismatch),
                                   py::arg("invalid_ids") = static_cast<int>(deepcomm::kErrorInvalidIds),
                                   py::arg("mode_mismatch") = static_cast<int>(deepcomm::kErrorModeMismatch),
-                                  py::arg("shape_mismatch") = static_cast<int>(deepcomm::kErrorShapeMismatch));
+                                  py::arg("shape_mismatch") = static_cast<int>(deepcomm::kErrorShapeMismatch),
+                                  py::arg("combine_mode_mismatch") =
+                                      static_cast<int>(deepcomm::kErrorCombineModeMismatch));
   intra.attr("STAGES") = py::dict(py::arg("notify") = static_cast<int>(deepcomm::kStageNotify),
                                   py::arg("dispatch") = static_cast<int>(deepcomm::kStageDispatch),
                                   py::arg("combine_ready") = static_cast<int>(deepcomm::kStageCombineReady),
-                                  py::arg("combine_done") = static_cast<int>(deepcomm::kStageCombineDone));
+                                  py::arg("combine_done") = static_cast<int>(deepcomm::kStageCombineDone),
+                                  py::arg("combine_landed") = static_cast<int>(deepcomm::kStageCombineLanded));
   intra.def("recv_layout", [](int64_t rows, int64_t x_row_bytes, int64_t scale_cols, int64_t num_topk) {
     const in::RecvLayout l = in::recv_layout(rows, x_row_bytes, scale_cols, num_topk);
     py::dict d;
@@ -208,11 +241,48 @@ PYBIND11_MODULE(_C, m) {
       .def("combine", [](const in::Context& ctx, uint64_t call, int64_t source_offset, uintptr_t y, int hidden,
                          int num_tokens, uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base,
                          uint64_t done_expected, int num_blocks, uintptr_t stream) {
-        in::CombineArgs args{call, source_offset, as_ptr<void>(y), hidden, num_tokens,
-                             as_ptr<const bool>(is_token_in_rank), as_ptr<const int32_t>(send_pos),
-                             as_ptr<const int32_t>(send_base), done_expected, num_blocks};
+        in::CombineArgs args{};
+        args.call = call;
+        args.source_offset = source_offset;
+        fill_combine(args, y, hidden, num_tokens, is_token_in_rank, send_pos, send_base, done_expected, num_blocks);
         in::launch_combine(ctx, args, as_stream(stream));
-      });
+      }, "Pull: every token's rows loaded from the ranks that hold them (source_offset: this rank's rows in its "
+         "region).")
+      .def("combine_pushed", [](const in::Context& ctx, uint64_t call, uintptr_t own_rows, int64_t row_bytes,
+                                int64_t landing_offset, const std::vector<int64_t>& first_row,
+                                const std::vector<int64_t>& num_rows, const std::vector<int64_t>& landing_row,
+                                const std::vector<int32_t>& push_chunk_rows,
+                                const std::vector<uint32_t>& push_chunks_before,
+                                const std::vector<int64_t>& landing_first_row, const std::vector<int32_t>& chunk_rows,
+                                const std::vector<uint32_t>& chunks_before, uintptr_t y, int hidden, int num_tokens,
+                                uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base, int num_blocks,
+                                uintptr_t stream, const std::vector<uintptr_t>& copy_streams) {
+        DC_CHECK_ARG(own_rows != 0, "own_rows: null");
+        DC_CHECK_ARG(row_bytes == 2LL * hidden, "row_bytes: one bf16 row of hidden");
+        in::PushArgs push{};
+        push.rows = as_ptr<const uint8_t>(own_rows);
+        push.row_bytes = row_bytes;
+        push.landing_offset = landing_offset;
+        copy_per_rank(ctx, first_row, push.first_row, "first_row");
+        copy_per_rank(ctx, num_rows, push.num_rows, "num_rows");
+        copy_per_rank(ctx, landing_row, push.landing_row, "landing_row");
+        copy_per_rank(ctx, push_chunk_rows, push.chunk_rows, "push_chunk_rows");
+        copy_per_rank(ctx, push_chunks_before, push.chunks_before, "push_chunks_before");
+        in::CombineArgs args{};
+        args.call = call;
+        args.own_rows = push.rows;
+        args.landing.offset = landing_offset;
+        copy_per_rank(ctx, landing_first_row, args.landing.first_row, "landing_first_row");
+        copy_per_rank(ctx, chunk_rows, args.landing.chunk_rows, "chunk_rows");
+        copy_per_rank(ctx, chunks_before, args.landing.chunks_before, "chunks_before");
+        fill_combine(args, y, hidden, num_tokens, is_token_in_rank, send_pos, send_base, 0, num_blocks);
+        cudaStream_t per_owner[in::kMaxRanks] = {};
+        copy_per_rank(ctx, copy_streams, per_owner, "copy_streams");
+        in::launch_pushed_combine(ctx, args, push, as_stream(stream), per_owner);
+      }, "Push: this rank's rows for every owner copied into its landing area by the copy engines (first_row, "
+         "num_rows, landing_row, push_chunk_rows, push_chunks_before: per owner; on copy_streams[owner]), and "
+         "every token of this rank summed from own_rows and its landing area once its chunks have landed "
+         "(landing_first_row, chunk_rows, chunks_before: per peer).");
   bind_internode(m);
   bind_low_latency(m);
 

@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inter-node leg of the internode path")
     parser.add_argument("--sms", default="24", help="comma list of SM counts to sweep for the kernels")
     parser.add_argument("--overlap", action="store_true", help="also time a matmul alongside dispatch+combine")
+    parser.add_argument("--combine", choices=("auto", "pull", "push"), default="auto",
+                        help="intranode combine: rows pulled by the SMs, pushed by the copy engines, or "
+                             "BufferConfig's default (pull)")
     parser.add_argument("--mode", choices=("normal", "low-latency", "both"), default="normal",
                         help="normal dispatch/combine, the low-latency mode (deepcomm.bench_low_latency), or both")
     parser.add_argument("--plain-launch", action="store_true",
@@ -230,7 +233,8 @@ KERNEL_PATHS = ("intranode", "internode")
 
 def make_communicator(path: str, args: argparse.Namespace, shape: dict, num_sms: int) -> Communicator:
     """The communicator of one path; the flat intranode path treats all ranks as one node."""
-    buffer = BufferConfig(shape["tokens"], shape["hidden"], shape["topk"]) if path in KERNEL_PATHS else None
+    push = {"pull": {"push_combine_min_bytes": None}, "push": {"push_combine_min_bytes": 0}}.get(args.combine, {})
+    buffer = BufferConfig(shape["tokens"], shape["hidden"], shape["topk"], **push) if path in KERNEL_PATHS else None
     ranks_per_node = dist.get_world_size() if path == "intranode" else args.ranks_per_node
     return Communicator(num_sms=num_sms, ranks_per_node=ranks_per_node, backend=path, buffer=buffer,
                         timeout_s=args.timeout, transport=args.transport if path == "internode" else "auto")
@@ -359,6 +363,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                 inputs = [("combine" if dtype == "bf16" else f"combine({dtype} dispatch)", expert_out)]
                 if dtype == "bf16" and path in KERNEL_PATHS:  # what the copy into registered memory costs
                     inputs.append(("combine(copied in)", expert_out.clone()))
+                if path == "intranode":
+                    combine_note = "pushed (copy engines)" if comm._impl.push_plan(result.handle) else "pulled"
                 for stage, rows_in in inputs:
                     combine_ok = all_ok(torch.equal(comm.combine(rows_in, result.handle, num_sms=sms), expected))
                     rows.append(row(path, "bf16", stage, sms,

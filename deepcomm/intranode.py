@@ -7,8 +7,10 @@ CUDA IPC, and the kernels write every received row once, at its final place.
 A call: the layout kernel counts tokens per rank and expert; notify exchanges
 the counts on the GPU and the host waits once (pinned mailbox) to learn how
 many rows arrive; dispatch then runs as a persistent grid of ``num_sms`` blocks
-on the communication stream. Combine pulls each token's rows from the ranks
-that hold them and reduces them in ascending rank order.
+on the communication stream. Combine reduces each token's rows in ascending
+rank order, after pulling them from the ranks that hold them with the SMs, or,
+for large combines, after those ranks' copy engines pushed them into this
+rank's landing area (deepcomm/landing.py; ``BufferConfig.push_combine_min_bytes``).
 
 Received tensors are views into a ring of ``num_recv_slots`` receive slots:
 a DispatchResult stays valid until ``num_recv_slots`` further dispatches on the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,6 +33,7 @@ from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, call_shape,
     check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
 )
+from deepcomm.landing import ChunkCounts, PushPlan, push_plan
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
 from deepcomm.results import DispatchResult
@@ -48,17 +52,29 @@ class BufferConfig:
     hidden: the largest hidden size dispatched.
     num_topk: the largest K.
     num_recv_slots: dispatch results alive at once (2 covers two micro-batches).
+    push_combine_min_bytes: None (the default): combine pulls the rows with the SMs. A number: a combine
+        whose rows crossing between ranks add up to at least this many bytes (over all ranks) has them
+        pushed by the copy engines instead, and its SMs only add them up; smaller ones still pull (a copy
+        costs microseconds to start). Worth it when the combine gets few SMs: on two H200s a prefill
+        combine took 301 µs pushed against 403 pulled on 8 SMs, but 232 against 202 on 24
+        (docs/benchmarks.md). Pushing needs a landing area of ``max_tokens_per_rank * (ranks - 1)`` rows a
+        rank, and a dispatch that waited for the counts (not given ``num_recv_tokens``). Every rank must
+        pass the same config.
     """
 
     max_tokens_per_rank: int
     hidden: int
     num_topk: int = 8
     num_recv_slots: int = 2
+    push_combine_min_bytes: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_tokens_per_rank", "hidden", "num_topk", "num_recv_slots"))
         if self.num_topk > MAX_TOPK:  # else the kernels refuse the call only after notify has run
             raise ValueError(f"num_topk: the dispatch kernels support at most {MAX_TOPK}, got {self.num_topk}")
+        threshold = self.push_combine_min_bytes
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0):
+            raise ValueError(f"push_combine_min_bytes: expected None or an int >= 0, got {threshold!r}")
 
     def max_recv_rows(self, world_size: int) -> int:
         # Every token of every rank may go to one rank.
@@ -74,12 +90,19 @@ class BufferConfig:
     def combine_bytes(self, world_size: int) -> int:
         return self.max_recv_rows(world_size) * 2 * self.hidden
 
+    def landing_bytes(self, world_size: int) -> int:
+        """The landing area of a pushing combine: every peer's rows of this rank's tokens."""
+        if self.push_combine_min_bytes is None:
+            return 0
+        return self.max_tokens_per_rank * (world_size - 1) * 2 * self.hidden
+
     def total_bytes(self, world_size: int) -> int:
         """Bytes of the one buffer each rank allocates."""
         return (
             _ext.extension().intranode.DATA_OFFSET
             + self.num_recv_slots * self.slot_bytes(world_size)
             + self.combine_bytes(world_size)
+            + self.landing_bytes(world_size)
         )
 
 
@@ -94,6 +117,8 @@ class IntranodeHandle(ScratchRouting):
     dispatch_call: int
     owner: int  # id() of the communicator that made it
     routing: RoutingSource  # what a dispatch reusing this handle must be given
+    # [src][dst] tokens of every rank, when the dispatch waited for the counts: a combine can then push.
+    tokens_matrix: np.ndarray | None
 
 
 class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
@@ -124,6 +149,11 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         world = topology.world_size
         self.slot_bytes = config.slot_bytes(world)
         self.combine_offset = self.kernels.DATA_OFFSET + config.num_recv_slots * self.slot_bytes
+        self.landing_offset = self.combine_offset + config.combine_bytes(world)
+        configs = [None] * world
+        dist.all_gather_object(configs, config, group=group)
+        if any(c != config for c in configs):  # peers would push past the end of a smaller buffer
+            raise ValueError(f"config: every rank must pass the same BufferConfig, got {configs}")
 
         self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
@@ -152,6 +182,9 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         # High priority: as compute blocks retire, the scheduler places communication blocks first.
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         name_stream(self._stream, "deepcomm communication")
+        # A pushing combine's copies, one stream per owner so that the copy engines serve owners at once.
+        self._chunk_counts = ChunkCounts(world)
+        self._copy_streams: list[torch.cuda.Stream] | None = None
         dist.barrier(group=group)  # every peer has mapped every buffer before any kernel writes
 
 
@@ -237,7 +270,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                  scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            return self._finish(result, scratch, totals[rank], call, event, routing)
+            return self._finish(result, scratch, totals[rank], call, event, routing, matrix.copy())
 
     def _new_scratch(self, num_tokens: int, num_experts: int) -> DispatchScratch:
         return DispatchScratch(self.device, num_tokens, self.topology.world_size, self.topology.num_nodes,
@@ -286,11 +319,11 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             result.num_recv_tokens_per_rank = None
             # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
             event = hand_back((scratch.recv_per_expert,), self.device, stream, caller, async_finish)
-            return self._finish(result, scratch, rows, call, event, handle.routing)
+            return self._finish(result, scratch, rows, call, event, handle.routing, handle.tokens_matrix)
 
-    def _finish(self, result, scratch, num_recv_tokens, call, event, routing):
+    def _finish(self, result, scratch, num_recv_tokens, call, event, routing, tokens_matrix=None):
         result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self),
-                                        routing)
+                                        routing, tokens_matrix)
         result.event = event
         return result
 
@@ -311,25 +344,67 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
+        if expert_out.data_ptr() % 16 != 0:  # the kernels and copies move rows in 16-byte units
+            raise ValueError(f"expert_out: must start at a 16-byte boundary for the kernels (a view at storage "
+                             f"offset {expert_out.storage_offset()}); pass expert_out.clone()")
         self._check_combine_source(expert_out, handle)
         return blocks_of(self.num_sms, num_sms)
 
+    def push_plan(self, handle) -> PushPlan | None:
+        """The plan of a pushing combine of ``handle``'s rows, or None when it pulls them.
+
+        Every rank decides alike: from the config and the token matrix, which all ranks read the same.
+        A dispatch that skipped its host wait has no matrix here and pulls (if it skipped it on some ranks
+        only, combine_ready reports the ranks' disagreement). Under CUDA graph capture it pulls: the
+        copies' chunk counts would be replayed as captured.
+        """
+        threshold = self.config.push_combine_min_bytes
+        if threshold is None or handle.tokens_matrix is None or self.topology.world_size == 1:
+            return None
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        plan = push_plan(handle.tokens_matrix, self.topology.rank, 2 * handle.hidden)
+        return plan if plan.cross_bytes >= threshold else None
+
     def run_combine(self, expert_out, handle, previous_event=None, async_finish=False, num_sms=None):
         num_blocks = self.check_combine(expert_out, handle, num_sms)
+        plan = self.push_plan(handle)
         stream = self._stream
         with CommStreamScope(stream, previous_event, (expert_out,), async_finish) as caller:
             # On the communication stream, which writes it (after previous_event, the caller's stream may
             # still be using memory it freed); hand_back makes it safe on the caller's.
             y = torch.empty(handle.num_tokens, handle.hidden, dtype=torch.bfloat16, device=self.device)
-            source_offset = self._combine_source(expert_out, handle)
             call = self._combine_calls + 1
             self._combine_calls = call
-            self._combine_blocks += num_blocks
             routing = handle.scratch.ptr
-            self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
-                             routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
-                             self._combine_blocks, num_blocks, stream.cuda_stream)
+            if plan is None:
+                source_offset = self._combine_source(expert_out, handle)
+                self._combine_blocks += num_blocks  # only pulling combines count their blocks in the peers
+                self.ctx.combine(call, source_offset, y.data_ptr(), handle.hidden, handle.num_tokens,
+                                 routing["is_token_in_rank"], routing["send_pos"], routing["send_base"],
+                                 self._combine_blocks, num_blocks, stream.cuda_stream)
+            else:
+                # The copies read expert_out where it is: it need not be in the registered buffer.
+                counts = self._chunk_counts
+                # A rank that received no rows has an empty expert_out (address 0 perhaps): it pushes
+                # nothing, and any address of this GPU marks its combine as a pushing one.
+                own_rows = expert_out.data_ptr() or self.buffer.data_ptr()
+                self.ctx.combine_pushed(
+                    call, own_rows, 2 * handle.hidden, self.landing_offset, plan.first_row,
+                    plan.num_rows, plan.landing_row, plan.push_chunk_rows, counts.pushed, plan.landing_first_row,
+                    plan.land_chunk_rows, counts.landed, y.data_ptr(), handle.hidden, handle.num_tokens,
+                    routing["is_token_in_rank"], routing["send_pos"], routing["send_base"], num_blocks,
+                    stream.cuda_stream, self._copy_stream_handles(),
+                )
+                counts.advance(plan)
             return y, hand_back((y,), self.device, stream, caller, async_finish)
+
+    def _copy_stream_handles(self) -> list[int]:
+        if self._copy_streams is None:
+            self._copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.topology.world_size)]
+            for owner, copies in enumerate(self._copy_streams):
+                name_stream(copies, f"deepcomm combine copies to rank {owner}")
+        return [copies.cuda_stream for copies in self._copy_streams]
 
     def close(self) -> None:
         """Unmap the peers' buffers (every rank should close together)."""

@@ -25,9 +25,10 @@ PAYLOAD_BF16, PAYLOAD_FP8, PAYLOAD_BF16_TO_FP8, PAYLOAD_BF16_TO_FP8_POW2 = 0, 1,
 
 # csrc/runtime/mailbox_layout.h
 ERROR_TIMEOUT, ERROR_SIZE_MISMATCH, ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, ERROR_SHAPE_MISMATCH = 1, 2, 3, 4, 5
+ERROR_COMBINE_MODE_MISMATCH = 6
 STAGE_NAMES = {1: "notify", 2: "dispatch", 3: "combine_ready", 4: "combine_done", 5: "forward",
                6: "combine_credit", 7: "combine_recv", 8: "low_latency_staging", 9: "low_latency_rows",
-               10: "low_latency_outputs", 11: "low_latency_partials"}
+               10: "low_latency_outputs", 11: "low_latency_partials", 12: "combine_landed"}
 NOTIFY_DONE_WORD = 3
 
 
@@ -324,6 +325,11 @@ def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.
         return CommunicationError(rank, stage, f"rank {detail}'s dispatch differs from this rank's in hidden size, K, "
                                   "row format (bf16 / fp8), num_experts or num_sms; every rank must pass the same "
                                   "(nothing was dispatched; Communicator(check_calls=True) names the field)",
+                                  peer=detail)
+    if code == ERROR_COMBINE_MODE_MISMATCH:
+        return CommunicationError(rank, stage, f"rank {detail} pulls this combine's rows where this rank pushes them, "
+                                  "or the other way round: the ranks' dispatches differ in num_recv_tokens (given on "
+                                  "some ranks only), and only a dispatch that waited for the counts can push",
                                   peer=detail)
     culprits = {r: int(n) for r, n in enumerate(invalid) if n}
     return CommunicationError(rank, stage, f"topk_idx had invalid expert ids (rank: count) {culprits}")

@@ -145,7 +145,8 @@ def test_kernel_error_vocabulary_matches_python():
     errors = _ext.extension().intranode.ERRORS
     assert errors == {"timeout": kc.ERROR_TIMEOUT, "size_mismatch": kc.ERROR_SIZE_MISMATCH,
                       "invalid_ids": kc.ERROR_INVALID_IDS, "mode_mismatch": kc.ERROR_MODE_MISMATCH,
-                      "shape_mismatch": kc.ERROR_SHAPE_MISMATCH}
+                      "shape_mismatch": kc.ERROR_SHAPE_MISMATCH,
+                      "combine_mode_mismatch": kc.ERROR_COMBINE_MODE_MISMATCH}
     core = _ext.extension()
     for name, stage in {**core.intranode.STAGES, **core.low_latency.STAGES}.items():
         assert kc.STAGE_NAMES[stage] == name

@@ -43,8 +43,18 @@ def test_buffer_holds_the_worst_case_receive():
     bf16_rows = rows * 2 * 7168 + rows * 8 * (8 + 4) + rows * 8
     assert config.slot_bytes(world) >= bf16_rows
     total = config.total_bytes(world)
+    assert config.landing_bytes(world) == 0  # combines pull: no landing area
     assert total == _ext.extension().intranode.DATA_OFFSET + 2 * config.slot_bytes(world) + rows * 2 * 7168
     assert 0.6e9 < total < 0.8e9  # ≈ 0.7 GB per rank, as docs/api.md says
+    pushing = deepcomm.BufferConfig(max_tokens_per_rank=4096, hidden=7168, num_topk=8, push_combine_min_bytes=0)
+    landing = 4096 * (world - 1) * 2 * 7168  # every peer's rows of this rank's tokens, pushed back
+    assert pushing.landing_bytes(world) == landing and pushing.total_bytes(world) == total + landing
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "32M"])
+def test_buffer_config_rejects_a_bad_push_threshold(value):
+    with pytest.raises(ValueError, match="^push_combine_min_bytes:"):
+        deepcomm.BufferConfig(max_tokens_per_rank=8, hidden=128, push_combine_min_bytes=value)
 
 
 @needs_extension

@@ -64,7 +64,7 @@ def test_handles_show_their_scratch_as_routing_views():
     s = DispatchScratch(torch.device("cpu"), 5, 4, 2, 16, with_node_rows=True)
     s.words.zero_()
     s.send_pos.fill_(2)
-    for handle in (IntranodeHandle(5, 8, 3, s, 1, 0, None), InternodeHandle(5, 8, 3, s, 0, 2, 1, 0)):
+    for handle in (IntranodeHandle(5, 8, 3, s, 1, 0, None, None), InternodeHandle(5, 8, 3, s, 0, 2, 1, 0)):
         assert handle.send_pos.data_ptr() == s.ptr["send_pos"] and bool((handle.send_pos == 2).all())
         assert handle.is_token_in_rank.data_ptr() == s.ptr["is_token_in_rank"]
         assert handle.send_base.data_ptr() == s.ptr["send_base"]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import deepcomm
-from deepcomm import fp8
+from deepcomm import fp8, landing
 from cases import ROUTINGS, make_inputs
 from dist import run_ranks
 from kernel_checks import a_differing_dispatch, combine_from_combine_input, dispatch_both as _dispatch_both
@@ -27,9 +27,15 @@ NUM_TOPK = 6
 MAX_TOKENS = 96
 
 
-def _communicator(**kwargs) -> deepcomm.Communicator:
+def _communicator(combine: str = "auto", **kwargs) -> deepcomm.Communicator:
+    """combine: "auto" (the default config: combines pull) or "push" (every combine pushes, in chunks
+    of a few rows, so that each pair of ranks moves several)."""
     torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
-    config = deepcomm.BufferConfig(max_tokens_per_rank=MAX_TOKENS, hidden=HIDDEN, num_topk=8)
+    push = {}
+    if combine == "push":
+        push = {"push_combine_min_bytes": 0}
+        landing.MIN_CHUNK_BYTES = 4 * 2 * HIDDEN  # this process only (run_ranks spawns the ranks)
+    config = deepcomm.BufferConfig(max_tokens_per_rank=MAX_TOKENS, hidden=HIDDEN, num_topk=8, **push)
     comm = deepcomm.Communicator(backend="intranode", buffer=config, **kwargs)
     assert comm.backend == "intranode"
     return comm
@@ -45,8 +51,8 @@ def _poison_receive_slots(comm: deepcomm.Communicator) -> None:
     dist.barrier()
 
 
-def _agreement_worker(rank: int, world_size: int) -> None:
-    comm = _communicator()
+def _agreement_worker(rank: int, world_size: int, combine: str) -> None:
+    comm = _communicator(combine)
     device = torch.device("cuda", torch.cuda.current_device())
     num_experts = 8 * world_size
     for seed, routing in enumerate(ROUTINGS):
@@ -96,14 +102,15 @@ def _agreement_worker(rank: int, world_size: int) -> None:
     dist.barrier()
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_dispatch_and_combine_match_reference_bit_for_bit(world_size):
+@pytest.mark.parametrize("world_size, combine", [(2, "auto"), (4, "auto"), (8, "auto"), (2, "push"), (3, "push"),
+                                                (4, "push")])
+def test_dispatch_and_combine_match_reference_bit_for_bit(world_size, combine):
     _require(world_size)
-    run_ranks(_agreement_worker, world_size)
+    run_ranks(_agreement_worker, world_size, combine)
 
 
-def _repeat_worker(rank: int, world_size: int, calls: int) -> None:
-    comm = _communicator()
+def _repeat_worker(rank: int, world_size: int, calls: int, combine: str = "auto") -> None:
+    comm = _communicator(combine)
     device = torch.device("cuda", torch.cuda.current_device())
     inputs = make_inputs(5, rank, MAX_TOKENS, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
     x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
@@ -126,6 +133,12 @@ def _repeat_worker(rank: int, world_size: int, calls: int) -> None:
 def test_a_thousand_calls_keep_memory_flat_and_results_fixed():
     _require(2)
     run_ranks(_repeat_worker, 2, 1000)
+
+
+def test_pushed_combines_repeat_with_memory_flat_and_results_fixed():
+    """The chunk counts only grow: owners and pushers keep agreeing on them call after call."""
+    _require(3)
+    run_ranks(_repeat_worker, 3, 301, "push")
 
 
 def _close_worker(rank: int, world_size: int) -> None:
@@ -204,8 +217,8 @@ def _bad_input_worker(rank: int, world_size: int) -> None:
     dist.barrier()
 
 
-def _caller_known_sizes_worker(rank: int, world_size: int) -> None:
-    comm = _communicator()
+def _caller_known_sizes_worker(rank: int, world_size: int, combine: str = "auto") -> None:
+    comm = _communicator(combine)
     device = torch.device("cuda", torch.cuda.current_device())
     inputs = make_inputs(9, rank, 40, HIDDEN, NUM_TOPK, 8 * world_size, "skewed", 1)
     x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
@@ -228,6 +241,37 @@ def _caller_known_sizes_worker(rank: int, world_size: int) -> None:
 def test_caller_known_sizes_skip_the_wait_and_are_checked_on_the_gpu():
     _require(2)
     run_ranks(_caller_known_sizes_worker, 2)
+
+
+def test_combines_that_push_and_pull_alternate():
+    """With pushing on, a dispatch that waited pushes its combine and one given num_recv_tokens pulls."""
+    _require(2)
+    run_ranks(_caller_known_sizes_worker, 2, "push")
+
+
+def _mixed_push_worker(rank: int, world_size: int) -> None:
+    comm = _communicator("push", timeout_s=5.0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    inputs = make_inputs(4, rank, 40, HIDDEN, NUM_TOPK, 8 * world_size, "uniform", 1)
+    x, topk_idx, topk_weights = (t.to(device) for t in (inputs.x, inputs.topk_idx, inputs.topk_weights))
+    rows = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size).x.shape[0]
+    # Rank 0 alone gives num_recv_tokens: it has no counts on the host and pulls where the others push.
+    result = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, num_recv_tokens=rows if rank == 0 else None)
+    assert (comm._impl.push_plan(result.handle) is None) == (rank == 0)
+    start = time.monotonic()
+    comm.combine(result.x, result.handle)
+    torch.cuda.synchronize()
+    with pytest.raises(deepcomm.CommunicationError) as info:
+        comm.check_errors()
+    assert info.value.stage == "combine_ready" and "pulls this combine's rows where this rank pushes" in str(info.value)
+    assert info.value.peer == (1 if rank == 0 else 0)
+    assert time.monotonic() - start < 5.0, "the disagreement was found at the meeting, not by a timeout"
+    dist.barrier()
+
+
+def test_ranks_that_disagree_on_pushing_a_combine_all_raise():
+    _require(3)
+    run_ranks(_mixed_push_worker, 3)
 
 
 def test_intranode_bad_input():

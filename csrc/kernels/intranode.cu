@@ -25,14 +25,22 @@
 // peer; block 0 then waits until every peer's blocks have arrived here, so the
 // kernel ends only when this rank's slot is complete.
 //
-// Combine (pull): a one-thread kernel publishes where this rank's [R, H] bf16
-// expert rows are, raises "combine_ready" in all peers and waits for theirs;
-// then, in the copy kernel, one warp per token of this
-// rank reads the token's row from each rank that received it (every source's
-// units loaded before any is summed: over NVLink the loads in flight set the
-// rate), sums in float32 in ascending rank order starting from the first row,
-// and writes the bf16 result once. Blocks finish with a "combine_done" count in every peer; block 0
-// waits for all peers, so no rank reuses a buffer another is still reading.
+// Combine: a one-thread kernel publishes where this rank's [R, H] bf16 expert
+// rows are and whether it pushes or pulls them, raises "combine_ready" in all
+// peers and waits for theirs; then one warp per token of this rank gathers the
+// token's row from each rank that received it (every source's units loaded
+// before any is summed: the loads in flight set the rate), sums in float32 in
+// ascending rank order starting from the first row, and writes the bf16 result
+// once. Pull: the warp loads the rows from the peers' regions over NVLink;
+// blocks finish with a "combine_done" count in every peer and block 0 waits for
+// all peers, so no rank reuses a buffer another is still reading. Push: every
+// rank's copy engines have written its rows for this rank into this rank's
+// landing area, chunk by chunk (push_rows), and the warp waits for the chunks
+// that hold its token's rows. Copy engines move more over NVLink than SM
+// stores or loads (tools/peer_copy_rates.py: 385 against 341 and 328 GB/s on
+// two H200s) and leave the SMs only the sums, so pushing wins when the combine
+// gets few SMs; with 24 the pull was faster (docs/design.md). Pushing is
+// opt-in, and small combines pull anyway: a copy costs microseconds to start.
 #include "kernels/common/peer_wait.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/rows.cuh"
@@ -277,49 +285,107 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
 
 // --------------------------------------------------------------- combine
 
-// One thread: publish where this rank's expert rows are, raise "combine_ready" in every peer, wait
-// for every peer, and note their row offsets for combine_kernel. A kernel of its own so that while
-// a peer is late one thread waits, not num_blocks blocks holding SMs that compute kernels could use.
+// One thread: publish where this rank's expert rows are and whether it pushes them, raise
+// "combine_ready" in every peer, wait for every peer, and note their row offsets for combine_kernel.
+// A kernel of its own so that while a peer is late one thread waits, not num_blocks blocks holding
+// SMs that compute kernels could use. For a pushing rank it is also the landing area's all-clear:
+// its combine before this one, on the same stream, has read every row peers pushed there.
 __global__ void combine_ready_kernel(Context ctx, CombineArgs args) {
   const int parity = static_cast<int>(args.call & 1);
+  const int32_t pushes = args.own_rows != nullptr;
   SignalRegion* own = signals_of(ctx, ctx.rank);
   own->combine_source_offset[parity] = args.source_offset;
+  own->combine_pushes[parity] = pushes;
   __threadfence_system();
   for (int peer = 0; peer < ctx.num_ranks; ++peer)
     ptx::store_release_sys(&signals_of(ctx, peer)->combine_ready[ctx.rank], args.call);
-  const bool ready =
-      wait_for_peers(own->combine_ready, ctx.num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header,
-                     kStageCombineReady);
+  bool ready = wait_for_peers(own->combine_ready, ctx.num_ranks, args.call, ctx.timeout_ns, &ctx.mailbox->header,
+                              kStageCombineReady);
+  for (int peer = 0; ready && peer < ctx.num_ranks; ++peer) {
+    if (*reinterpret_cast<volatile int32_t*>(&signals_of(ctx, peer)->combine_pushes[parity]) != pushes) {
+      report_error(&ctx.mailbox->header, kErrorCombineModeMismatch, kStageCombineReady, peer);
+      ready = false;
+    }
+  }
   for (int peer = 0; peer < ctx.num_ranks; ++peer)
     own->combine_peer_offset[peer] =
         ready ? *reinterpret_cast<volatile int64_t*>(&signals_of(ctx, peer)->combine_source_offset[parity]) : 0;
   own->combine_peers_ready = ready;
 }
 
+// Push: lane `src` (a peer whose row the token has) waits until the chunk holding that row has landed.
+// `seen` keeps, per lane, the last count it read: tokens come in ascending order, so most need no read.
+// False (and the mailbox says why) when a peer's chunk did not land in time.
+__device__ __forceinline__ bool wait_landed(const Context& ctx, const Landing& landing, const int32_t* send_base,
+                                            uint32_t mask, const int (&positions)[kMaxRanks], int lane,
+                                            uint32_t& seen) {
+  bool landed = true;
+  if (lane < ctx.num_ranks && lane != ctx.rank && ((mask >> lane) & 1u)) {
+    int position = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxRanks; ++i) position = i == lane ? positions[i] : position;
+    const uint32_t needed =
+        landing.chunks_before[lane] + static_cast<uint32_t>((position - send_base[lane]) / landing.chunk_rows[lane]) + 1;
+    // Counts wrap after 2^32 chunks: compare by difference.
+    if (static_cast<int32_t>(seen - needed) < 0) {
+      const uint32_t* count = &signals_of(ctx, ctx.rank)->chunks_landed[lane];
+      const uint64_t start = ptx::global_timer_ns();
+      while (static_cast<int32_t>((seen = ptx::load_acquire_sys(count)) - needed) < 0) {
+        if (static_cast<int64_t>(ptx::global_timer_ns() - start) > ctx.timeout_ns) {
+          report_error(&ctx.mailbox->header, kErrorTimeout, kStageCombineLanded, lane);
+          landed = false;
+          break;
+        }
+      }
+    }
+  }
+  // The other lanes read the rows this lane saw land: the warp barrier orders them after its acquire.
+  return __all_sync(0xffffffffu, landed);
+}
+
 // kRankBound >= num_ranks: a compile-time bound, so the loops over sources unroll into registers.
-template <int kRankBound>
+template <int kRankBound, bool kPushed>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, CombineArgs args) {
   constexpr int kUnroll = kCombineLoadsInFlight / kRankBound;  // units per source per step
   static_assert(kUnroll >= 1 && kUnroll * kRankBound == kCombineLoadsInFlight, "kRankBound must divide the loads");
   __shared__ const uint8_t* source_rows[kMaxRanks];
   __shared__ bool peers_ready;
+  __shared__ int failed;  // push: a peer's rows did not land; every warp stops
   const int num_ranks = ctx.num_ranks;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   SignalRegion* own = signals_of(ctx, ctx.rank);
+  const int64_t row_bytes = 2LL * args.hidden;
 
   // combine_ready_kernel ran just before on this stream: every peer is here (or one timed out).
-  if (threadIdx.x < num_ranks) source_rows[threadIdx.x] = ctx.regions[threadIdx.x] + own->combine_peer_offset[threadIdx.x];
-  if (threadIdx.x == 0) peers_ready = own->combine_peers_ready != 0;
+  // Push: a peer's rows are in the landing area, from its first row there (less send_base[peer], which
+  // positions[] include); this rank's own rows are where the caller has them.
+  if (threadIdx.x < num_ranks) {
+    const int src = threadIdx.x;
+    if constexpr (kPushed)
+      source_rows[src] = src == ctx.rank ? args.own_rows
+                                         : ctx.regions[ctx.rank] + args.landing.offset +
+                                               (args.landing.first_row[src] - args.send_base[src]) * row_bytes;
+    else
+      source_rows[src] = ctx.regions[src] + own->combine_peer_offset[src];
+  }
+  if (threadIdx.x == 0) {
+    peers_ready = own->combine_peers_ready != 0;
+    failed = 0;
+  }
   __syncthreads();
   if (!peers_ready) return;
 
-  const int64_t row_bytes = 2LL * args.hidden;
   const int num_units = static_cast<int>(row_bytes / 16);
+  uint32_t seen = lane < kMaxRanks ? args.landing.chunks_before[lane] : 0;
   for (int token = blockIdx.x * kWarps + warp; token < args.num_tokens; token += gridDim.x * kWarps) {
     int positions[kMaxRanks];
     const uint32_t mask = token_rows(args.is_token_in_rank, args.send_pos, args.send_base, token, num_ranks, lane,
                                      positions);
+    if constexpr (kPushed) {
+      if (!wait_landed(ctx, args.landing, args.send_base, mask, positions, lane, seen)) failed = 1;
+      if (*reinterpret_cast<volatile int*>(&failed)) break;
+    }
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(args.y) + token * row_bytes);
 
     for (int base = lane; base < num_units; base += 32 * kUnroll) {
@@ -361,15 +427,24 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
       }
     }
   }
-
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int peer = 0; peer < num_ranks; ++peer)
-      ptx::add_release_sys(&signals_of(ctx, peer)->combine_done[ctx.rank], 1);
-    if (blockIdx.x == 0)
-      wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, &ctx.mailbox->header, kStageCombineDone);
+  if constexpr (!kPushed) {  // a push reads no peer's memory: nobody waits for it to finish
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      for (int peer = 0; peer < num_ranks; ++peer)
+        ptx::add_release_sys(&signals_of(ctx, peer)->combine_done[ctx.rank], 1);
+      if (blockIdx.x == 0)
+        wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, &ctx.mailbox->header,
+                       kStageCombineDone);
+    }
   }
+}
+
+template <bool kPushed>
+void launch_combine_kernel(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+  if (ctx.num_ranks <= 2) combine_kernel<2, kPushed><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  else if (ctx.num_ranks <= 4) combine_kernel<4, kPushed><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+  else combine_kernel<kMaxRanks, kPushed><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
 }
 
 void check_context(const Context& ctx) {
@@ -411,15 +486,25 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t 
   DC_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+void launch_combine_ready(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
   check_context(ctx);
   DC_CHECK_ARG(args.num_blocks > 0, "num_sms: must be > 0");
+  for (int peer = 0; args.own_rows != nullptr && peer < ctx.num_ranks; ++peer)
+    DC_CHECK_ARG(peer == ctx.rank || args.landing.chunk_rows[peer] > 0, "landing: chunk_rows must be > 0 for every peer");
   combine_ready_kernel<<<1, 1, 0, stream>>>(ctx, args);
   DC_CUDA_CHECK(cudaGetLastError());
-  if (ctx.num_ranks <= 2) combine_kernel<2><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
-  else if (ctx.num_ranks <= 4) combine_kernel<4><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
-  else combine_kernel<kMaxRanks><<<args.num_blocks, kThreads, 0, stream>>>(ctx, args);
+}
+
+void launch_combine_sums(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+  if (args.own_rows != nullptr) launch_combine_kernel<true>(ctx, args, stream);
+  else launch_combine_kernel<false>(ctx, args, stream);
   DC_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
+  DC_CHECK_ARG(args.own_rows == nullptr, "own_rows: a pushed combine goes through launch_pushed_combine");
+  launch_combine_ready(ctx, args, stream);
+  launch_combine_sums(ctx, args, stream);
 }
 
 }  // namespace deepcomm::intranode

@@ -64,9 +64,22 @@ struct DispatchArgs {
   int num_blocks;
 };
 
+// A combine either pulls every token's rows from the ranks that hold them (SMs load them over NVLink), or
+// has them pushed: every rank's copy engines write its rows for each owner into the owner's landing area,
+// chunk by chunk, each chunk signalled by a stream memory operation (push_rows), and the owner's SMs add up
+// each token once its chunks have landed. Every rank must do the same (combine_ready checks).
+struct Landing {
+  int64_t offset;                     // the landing area's byte offset in every rank's region
+  int64_t first_row[kMaxRanks];       // where each peer's rows for this rank start in it
+  int32_t chunk_rows[kMaxRanks];      // rows per pushed chunk from each peer (>= 1; deepcomm/landing.py)
+  uint32_t chunks_before[kMaxRanks];  // chunks_landed[peer] before this call
+};
+
 struct CombineArgs {
   uint64_t call;
-  int64_t source_offset;         // byte offset of this rank's [R, H] bf16 rows in its own region
+  int64_t source_offset;         // pull: byte offset of this rank's [R, H] bf16 rows in its own region
+  const uint8_t* own_rows;       // push: this rank's [R, H] bf16 rows (anywhere on this GPU); null: pull
+  Landing landing;               // push
   void* y;                       // out [T, H] bf16
   int hidden;
   int num_tokens;
@@ -77,8 +90,29 @@ struct CombineArgs {
   int num_blocks;
 };
 
+// What a pushing rank sends each owner o: its rows for o (rows [first_row[o], first_row[o] + num_rows[o])
+// of its [R, H] rows, in the order o's tokens came) to landing row landing_row[o] of o's landing area.
+struct PushArgs {
+  const uint8_t* rows;                 // [R, H] bf16, on this GPU
+  int64_t row_bytes;
+  int64_t landing_offset;
+  int64_t first_row[kMaxRanks];
+  int64_t num_rows[kMaxRanks];
+  int64_t landing_row[kMaxRanks];
+  int32_t chunk_rows[kMaxRanks];       // as the owner's Landing::chunk_rows[this rank]
+  uint32_t chunks_before[kMaxRanks];   // o's chunks_landed[this rank] before this call
+};
+
 void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream);
 void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t stream);
+// Pull (args.own_rows null): the meeting, then the sums.
 void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream);
+// Push (intranode_push.cpp): the meeting on `stream`; then, on copy_streams[o] for each owner o, this
+// rank's rows for o; then the sums on `stream`, which afterwards also waits for the copies.
+void launch_pushed_combine(const Context& ctx, const CombineArgs& args, const PushArgs& push, cudaStream_t stream,
+                           const cudaStream_t (&copy_streams)[kMaxRanks]);
+// The halves of a combine (kernels/intranode.cu): the meeting (combine_ready) and the sums.
+void launch_combine_ready(const Context& ctx, const CombineArgs& args, cudaStream_t stream);
+void launch_combine_sums(const Context& ctx, const CombineArgs& args, cudaStream_t stream);
 
 }  // namespace deepcomm::intranode

@@ -13,6 +13,7 @@ namespace deepcomm::driver {
 namespace {
 
 using MemGetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+using StreamWriteValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
 template <typename Fn>
 Fn resolve(const char* symbol, int cuda_version) {
@@ -40,6 +41,18 @@ void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size) {
   }
   *base = static_cast<uintptr_t>(base_ptr);
   *size = bytes;
+}
+
+void stream_write_value32(uintptr_t stream, uintptr_t address, uint32_t value) {
+  static std::once_flag once;
+  static StreamWriteValue32Fn write_value = nullptr;
+  // Version 12000: the _v2 entry point, which CUDA 12 made the default (stream memory operations on by default).
+  std::call_once(once, [] { write_value = resolve<StreamWriteValue32Fn>("cuStreamWriteValue32", 12000); });
+  const CUresult status = write_value(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(address), value,
+                                      CU_STREAM_WRITE_VALUE_DEFAULT);
+  if (status != CUDA_SUCCESS) {
+    throw CudaError("cuStreamWriteValue32 failed with CUresult " + std::to_string(static_cast<int>(status)));
+  }
 }
 
 }  // namespace deepcomm::driver

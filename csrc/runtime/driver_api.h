@@ -13,4 +13,9 @@ namespace deepcomm::driver {
 // (cuMemGetAddressRange). Throws when `ptr` is not device memory.
 void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size);
 
+// Queues on `stream` (a cudaStream_t) a write of `value` to `address` (device memory, a peer's
+// mapped memory included), after a fence that makes the stream's earlier work, copies included,
+// visible first (cuStreamWriteValue32): how a copy engine's rows are signalled without an SM.
+void stream_write_value32(uintptr_t stream, uintptr_t address, uint32_t value);
+
 }  // namespace deepcomm::driver

@@ -3,7 +3,7 @@
 //
 // Each rank owns one registered buffer, mapped into every peer by CUDA IPC:
 //
-//   [ SignalRegion | pad to 4 KiB | recv slot 0 | ... | recv slot S-1 | combine slot ]
+//   [ SignalRegion | pad to 4 KiB | recv slot 0 | ... | recv slot S-1 | combine slot | landing area ]
 //
 // SignalRegion holds flags that *peers* write (arrived/ready/done, indexed by
 // the writing rank) and values that *this* rank publishes for peers to read
@@ -13,7 +13,9 @@
 // A recv slot receives one dispatch: R rows laid out by recv_layout(). Rows
 // are written once, by their senders, at their final positions; DispatchResult
 // views them in place. Slots rotate per dispatch. The combine slot takes
-// expert outputs that do not already live in this buffer.
+// expert outputs that do not already live in this buffer (a pulling combine
+// reads them there). The landing area, when configured, takes the rows peers'
+// copy engines push back to this rank in a pushing combine, peer after peer.
 #pragma once
 
 #include <cstdint>
@@ -45,8 +47,11 @@ struct SignalRegion {
   uint64_t dispatch_arrived[kMaxRanks];  // blocks of s that finished writing rows here (cumulative)
   uint64_t combine_ready[kMaxRanks];     // last call at which s's combine rows were ready
   uint64_t combine_done[kMaxRanks];      // blocks of s that finished reading all peers (cumulative)
+  uint32_t chunks_landed[kMaxRanks];     // chunks of rows s's copy engines pushed into the landing area
+                                         // (cumulative; a stream memory operation of s writes it)
   // Published by this rank, read by peers, by call parity:
   int64_t combine_source_offset[2];               // byte offset of this rank's combine rows in its buffer
+  int32_t combine_pushes[2];                      // 1: this rank's combine pushes its rows; 0: peers pull them
   int32_t invalid_ids[2];                         // invalid expert ids in this rank's input
   uint64_t reused_routing[2];                     // the call whose routing this call reuses; 0: counts published
   uint64_t call_shape[2];                         // NotifyArgs::call_shape of this rank's call

@@ -21,6 +21,7 @@ enum ErrorCode : int64_t {
   kErrorInvalidIds = 3,
   kErrorModeMismatch = 4,  // ranks disagree on reusing a handle's routing in one call; detail: a rank that differs
   kErrorShapeMismatch = 5,  // ranks disagree on a call's shape (hidden size, K, row format, experts, blocks); detail: a rank
+  kErrorCombineModeMismatch = 6,  // ranks disagree on pushing or pulling a combine's rows; detail: a rank that differs
 };
 
 // Why a dispatch writes nothing (notify's abort_dispatch word). Invalid ids: the ranks still count each
@@ -43,6 +44,7 @@ enum Stage : int64_t {
   kStageLowLatencyRows = 9,     // every rank finishing the rows it sends here (low-latency receive)
   kStageLowLatencyOutputs = 10, // every rank's expert outputs in place (low-latency combine)
   kStageLowLatencyPartials = 11,  // every owner's partial sums of this rank's tokens (low-latency combine, weights at dispatch)
+  kStageCombineLanded = 12,       // rows a peer's copy engines push into this rank's landing area (intranode combine)
 };
 
 }  // namespace deepcomm
