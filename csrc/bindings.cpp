@@ -15,6 +15,7 @@
 #include "runtime/addresses.h"
 #include "runtime/build_info.h"
 #include "runtime/device.h"
+#include "runtime/driver_api.h"
 #include "runtime/error.h"
 #include "runtime/nvtx_names.h"
 #include "runtime/stream_order.h"
@@ -181,6 +182,8 @@ PYBIND11_MODULE(_C, m) {
     d["total_bytes"] = l.total_bytes;
     return d;
   });
+  intra.def("require_stream_write_value", &deepcomm::driver::require_stream_write_value32,
+            "Raises unless the driver offers cuStreamWriteValue32 (a pushing combine's chunk signals).");
   intra.def("wait_notify", [](uintptr_t mailbox, int64_t call, double timeout_s) {
     return static_cast<int>(deepcomm::wait_notify(mailbox, call, timeout_s));
   }, py::arg("mailbox"), py::arg("call"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());

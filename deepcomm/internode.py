@@ -78,6 +78,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
             raise ValueError(f"ranks_per_node: the internode path supports up to {self.kernels.MAX_LOCAL_RANKS} ranks "
                              f"per node and {self.kernels.MAX_NODES} nodes, got {topology.ranks_per_node} x "
                              f"{topology.num_nodes}")
+        if config.push_combine_min_bytes is not None:
+            raise ValueError("push_combine_min_bytes: only the intranode path pushes a combine; pass None")
         if not torch.cuda.is_available():
             raise ValueError("backend: the internode path needs a CUDA device")
         self.group, self.topology, self.config, self.num_sms = group, topology, config, num_sms

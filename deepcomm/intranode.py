@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deepcomm import _ext, fp8
+from deepcomm import _ext, fp8, landing
 from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
@@ -55,9 +55,9 @@ class BufferConfig:
     push_combine_min_bytes: None (the default): combine pulls the rows with the SMs. A number: a combine
         whose rows crossing between ranks add up to at least this many bytes (over all ranks) has them
         pushed by the copy engines instead, and its SMs only add them up; smaller ones still pull (a copy
-        costs microseconds to start). Worth it when the combine gets few SMs: on two H200s a prefill
-        combine took 301 µs pushed against 403 pulled on 8 SMs, but 232 against 202 on 24
-        (docs/benchmarks.md). Pushing needs a landing area of ``max_tokens_per_rank * (ranks - 1)`` rows a
+        costs microseconds to start; 32 MiB keeps decode-size calls pulling). Worth it when the combine
+        gets few SMs: on two H200s a prefill combine took 301–302 µs pushed against 400–401 pulled on 8
+        SMs, but 237–239 against 202 on 24 (docs/benchmarks.md). Pushing needs a landing area of ``max_tokens_per_rank * (ranks - 1)`` rows a
         rank, and a dispatch that waited for the counts (not given ``num_recv_tokens``). Every rank must
         pass the same config.
     """
@@ -150,10 +150,15 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self.slot_bytes = config.slot_bytes(world)
         self.combine_offset = self.kernels.DATA_OFFSET + config.num_recv_slots * self.slot_bytes
         self.landing_offset = self.combine_offset + config.combine_bytes(world)
-        configs = [None] * world
-        dist.all_gather_object(configs, config, group=group)
-        if any(c != config for c in configs):  # peers would push past the end of a smaller buffer
-            raise ValueError(f"config: every rank must pass the same BufferConfig, got {configs}")
+        # Peers would push past the end of a smaller buffer, or cut chunks differently.
+        settings = (config, landing.CHUNKS_PER_PEER, landing.MIN_CHUNK_BYTES)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, settings, group=group)
+        if any(s != settings for s in gathered):
+            raise ValueError(f"config: every rank must pass the same BufferConfig (and keep deepcomm.landing's chunk "
+                             f"sizes), got {gathered}")
+        if config.push_combine_min_bytes is not None:
+            self.kernels.require_stream_write_value()
 
         self.buffer = torch.empty(config.total_bytes(world), dtype=torch.uint8, device=self.device)
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
@@ -344,10 +349,12 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        if expert_out.data_ptr() % 16 != 0:  # the kernels and copies move rows in 16-byte units
+        in_slot = self._check_combine_source(expert_out, handle)
+        # The kernels move rows in 16-byte units: a pull copies rows from outside the buffer into it first,
+        # but reads those in the slot, and a push sums this rank's own rows, where they are.
+        if expert_out.data_ptr() % 16 and (in_slot or self.config.push_combine_min_bytes is not None):
             raise ValueError(f"expert_out: must start at a 16-byte boundary for the kernels (a view at storage "
                              f"offset {expert_out.storage_offset()}); pass expert_out.clone()")
-        self._check_combine_source(expert_out, handle)
         return blocks_of(self.num_sms, num_sms)
 
     def push_plan(self, handle) -> PushPlan | None:

@@ -416,10 +416,10 @@ class ReceiveSlots:
         return combine_source_offset(self.buffer, expert_out, self.combine_offset, self._slot_start(handle),
                                      self.slot_bytes, self._dispatches_since(handle), self.config.num_recv_slots)
 
-    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> None:
-        """What :meth:`_combine_source` refuses, without staging anything."""
-        rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes, self._dispatches_since(handle),
-                     self.config.num_recv_slots)
+    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> bool:
+        """What :meth:`_combine_source` refuses, without staging anything; whether the rows are in the slot."""
+        return rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes,
+                            self._dispatches_since(handle), self.config.num_recv_slots) is not None
 
 
 class MailboxErrors:

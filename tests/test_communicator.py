@@ -51,6 +51,16 @@ def test_buffer_holds_the_worst_case_receive():
     assert pushing.landing_bytes(world) == landing and pushing.total_bytes(world) == total + landing
 
 
+@needs_extension
+def test_the_internode_path_refuses_to_push_a_combine():
+    from deepcomm.internode import InternodeCommunicator
+    from deepcomm.topology import Topology
+
+    config = deepcomm.BufferConfig(max_tokens_per_rank=8, hidden=128, push_combine_min_bytes=0)
+    with pytest.raises(ValueError, match="^push_combine_min_bytes: only the intranode path"):
+        InternodeCommunicator(None, Topology(0, 4, 2), config, 24, 10.0)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True, "32M"])
 def test_buffer_config_rejects_a_bad_push_threshold(value):
     with pytest.raises(ValueError, match="^push_combine_min_bytes:"):

@@ -51,6 +51,16 @@ def _poison_receive_slots(comm: deepcomm.Communicator) -> None:
     dist.barrier()
 
 
+def _poison_landing(comm: deepcomm.Communicator) -> None:
+    """Fill this rank's landing area with 0xFF once every rank is between combines: a pushed combine that
+    read a row before its chunk landed then gives NaNs, not last call's (equal) row."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    comm._impl.buffer[comm._impl.landing_offset :].fill_(0xFF)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
 def _agreement_worker(rank: int, world_size: int, combine: str) -> None:
     comm = _communicator(combine)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -81,6 +91,8 @@ def _agreement_worker(rank: int, world_size: int, combine: str) -> None:
         expected_round_trip = comm.reference.combine(cpu.x, cpu.handle)
         expert_out = expert_out.to(device)
         for num_sms in (24, 2):
+            if combine == "push":
+                _poison_landing(comm)
             y = comm.combine(expert_out, ours.handle, num_sms=num_sms)
             comm.check_errors()
             _same_bits(y, expected, f"{routing}: combine sms{num_sms}")
@@ -103,7 +115,7 @@ def _agreement_worker(rank: int, world_size: int, combine: str) -> None:
 
 
 @pytest.mark.parametrize("world_size, combine", [(2, "auto"), (4, "auto"), (8, "auto"), (2, "push"), (3, "push"),
-                                                (4, "push")])
+                                                (4, "push"), (8, "push")])
 def test_dispatch_and_combine_match_reference_bit_for_bit(world_size, combine):
     _require(world_size)
     run_ranks(_agreement_worker, world_size, combine)
@@ -117,13 +129,16 @@ def _repeat_worker(rank: int, world_size: int, calls: int, combine: str = "auto"
     expected = None
     for call in range(calls):
         result = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)
-        y = comm.combine(result.x, result.handle)
+        # Pushed: every other call combines the rows doubled (exact in bf16, and so is the sum), so that a
+        # row read before its chunk landed (last call's) shows; those calls are all checked.
+        doubled = combine == "push" and call % 2 == 1
+        y = comm.combine(result.x * 2 if doubled else result.x, result.handle)
         if call == 10:
             expected = y.clone()
             torch.cuda.synchronize()
             memory = torch.cuda.memory_allocated()
-        elif call > 10 and call % 100 == 0:
-            assert torch.equal(y, expected), f"call {call}: combine changed"
+        elif call > 10 and (call % 100 == 0 or combine == "push"):
+            assert torch.equal(y, expected * 2 if doubled else expected), f"call {call}: combine changed"
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= memory, "memory grew over repeated calls"
     assert torch.equal(y, expected)
@@ -229,6 +244,8 @@ def _caller_known_sizes_worker(rank: int, world_size: int, combine: str = "auto"
     assert known.num_recv_tokens_per_rank is None
     _same_bits(known.x, expected_x, "x with caller-known size")
     _same_bits(comm.combine(known.x, known.handle), expected_y, "combine with caller-known size")
+    again = comm.dispatch(x, topk_idx, topk_weights, 8 * world_size)  # with pushing on, a push after a pull
+    _same_bits(comm.combine(again.x, again.handle), expected_y, "combine after a caller-known size")
     torch.cuda.synchronize()
     comm.check_errors()
     comm.dispatch(x, topk_idx, topk_weights, 8 * world_size, num_recv_tokens=rows + 1)  # wrong: found on the GPU

@@ -339,8 +339,10 @@ __device__ __forceinline__ bool wait_landed(const Context& ctx, const Landing& l
       }
     }
   }
+  const bool all_landed = __all_sync(0xffffffffu, landed);
   // The other lanes read the rows this lane saw land: the warp barrier orders them after its acquire.
-  return __all_sync(0xffffffffu, landed);
+  __syncwarp();
+  return all_landed;
 }
 
 // kRankBound >= num_ranks: a compile-time bound, so the loops over sources unroll into registers.

@@ -43,12 +43,23 @@ void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size) {
   *size = bytes;
 }
 
-void stream_write_value32(uintptr_t stream, uintptr_t address, uint32_t value) {
+namespace {
+
+StreamWriteValue32Fn stream_write_value32_fn() {
   static std::once_flag once;
   static StreamWriteValue32Fn write_value = nullptr;
   // Version 12000: the _v2 entry point, which CUDA 12 made the default (stream memory operations on by default).
+  // A failed resolve throws and leaves the flag unset, so a later call tries (and throws) again.
   std::call_once(once, [] { write_value = resolve<StreamWriteValue32Fn>("cuStreamWriteValue32", 12000); });
-  const CUresult status = write_value(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(address), value,
+  return write_value;
+}
+
+}  // namespace
+
+void require_stream_write_value32() { stream_write_value32_fn(); }
+
+void stream_write_value32(uintptr_t stream, uintptr_t address, uint32_t value) {
+  const CUresult status = stream_write_value32_fn()(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(address), value,
                                       CU_STREAM_WRITE_VALUE_DEFAULT);
   if (status != CUDA_SUCCESS) {
     throw CudaError("cuStreamWriteValue32 failed with CUresult " + std::to_string(static_cast<int>(status)));

@@ -17,5 +17,8 @@ void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size);
 // mapped memory included), after a fence that makes the stream's earlier work, copies included,
 // visible first (cuStreamWriteValue32): how a copy engine's rows are signalled without an SM.
 void stream_write_value32(uintptr_t stream, uintptr_t address, uint32_t value);
+// Throws now if stream_write_value32 could not work (the entry point missing): a communicator that may
+// push asks before its first combine, not halfway through queueing one.
+void require_stream_write_value32();
 
 }  // namespace deepcomm::driver
