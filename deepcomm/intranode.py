@@ -31,7 +31,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, call_shape,
-    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, recv_layout, recv_row_shape,
+    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, misaligned_rows, recv_layout, recv_row_shape,
 )
 from deepcomm.landing import ChunkCounts, PushPlan, push_plan
 from deepcomm.layout import launch_dispatch_layout
@@ -349,12 +349,10 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self.check_errors()
         self._check_handle(handle)
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
-        in_slot = self._check_combine_source(expert_out, handle)
-        # The kernels move rows in 16-byte units: a pull copies rows from outside the buffer into it first,
-        # but reads those in the slot, and a push sums this rank's own rows, where they are.
-        if expert_out.data_ptr() % 16 and (in_slot or self.config.push_combine_min_bytes is not None):
-            raise ValueError(f"expert_out: must start at a 16-byte boundary for the kernels (a view at storage "
-                             f"offset {expert_out.storage_offset()}); pass expert_out.clone()")
+        self._check_combine_source(expert_out, handle)
+        # A push sums this rank's own rows where they are, in 16-byte units, wherever they are.
+        if expert_out.data_ptr() % 16 and self.config.push_combine_min_bytes is not None:
+            raise misaligned_rows(expert_out)
         return blocks_of(self.num_sms, num_sms)
 
     def push_plan(self, handle) -> PushPlan | None:

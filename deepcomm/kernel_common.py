@@ -416,10 +416,18 @@ class ReceiveSlots:
         return combine_source_offset(self.buffer, expert_out, self.combine_offset, self._slot_start(handle),
                                      self.slot_bytes, self._dispatches_since(handle), self.config.num_recv_slots)
 
-    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> bool:
-        """What :meth:`_combine_source` refuses, without staging anything; whether the rows are in the slot."""
-        return rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes,
-                            self._dispatches_since(handle), self.config.num_recv_slots) is not None
+    def _check_combine_source(self, expert_out: torch.Tensor, handle) -> None:
+        """What :meth:`_combine_source` refuses, without staging anything. Rows in the slot are read there,
+        by kernels that move 16-byte units (rows from elsewhere are copied into the buffer first)."""
+        in_slot = rows_in_slot(self.buffer, expert_out, self._slot_start(handle), self.slot_bytes,
+                               self._dispatches_since(handle), self.config.num_recv_slots) is not None
+        if in_slot and expert_out.data_ptr() % 16:
+            raise misaligned_rows(expert_out)
+
+
+def misaligned_rows(expert_out: torch.Tensor) -> ValueError:
+    return ValueError(f"expert_out: must start at a 16-byte boundary for the kernels (a view at storage offset "
+                      f"{expert_out.storage_offset()}); pass expert_out.clone()")
 
 
 class MailboxErrors:

@@ -141,7 +141,7 @@ def _repeat_worker(rank: int, world_size: int, calls: int, combine: str = "auto"
             assert torch.equal(y, expected * 2 if doubled else expected), f"call {call}: combine changed"
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= memory, "memory grew over repeated calls"
-    assert torch.equal(y, expected)
+    assert torch.equal(y, expected * 2 if doubled else expected)
     dist.barrier()
 
 

@@ -3,7 +3,6 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
-#include <mutex>
 #include <string>
 
 #include "runtime/error.h"
@@ -15,26 +14,39 @@ namespace {
 using MemGetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
 using StreamWriteValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
-template <typename Fn>
-Fn resolve(const char* symbol, int cuda_version) {
+// An entry point looked up once per process. A failed lookup is kept and reported at every use: nothing
+// throws inside the one-time initialisation (libstdc++'s call_once may hang after a throw, GCC PR 66146).
+struct EntryPoint {
   void* fn = nullptr;
+  std::string error;
+};
+
+EntryPoint look_up(const char* symbol, int cuda_version) {
+  EntryPoint entry;
   cudaDriverEntryPointQueryResult found{};
-  DC_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &fn, cuda_version, cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
-    throw CudaError(std::string("driver entry point ") + symbol + " not found (driver too old?)");
+  const cudaError_t status =
+      cudaGetDriverEntryPointByVersion(symbol, &entry.fn, cuda_version, cudaEnableDefault, &found);
+  if (status != cudaSuccess || found != cudaDriverEntryPointSuccess || entry.fn == nullptr) {
+    entry.fn = nullptr;
+    entry.error = std::string("driver entry point ") + symbol + " not found (driver too old?)";
+    if (status != cudaSuccess) entry.error += std::string(": ") + cudaGetErrorString(status);
   }
-  return reinterpret_cast<Fn>(fn);
+  return entry;
+}
+
+template <typename Fn>
+Fn usable(const EntryPoint& entry) {
+  if (entry.fn == nullptr) throw CudaError(entry.error);
+  return reinterpret_cast<Fn>(entry.fn);
 }
 
 }  // namespace
 
 void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size) {
-  static std::once_flag once;
-  static MemGetAddressRangeFn mem_get_address_range = nullptr;
-  std::call_once(once, [] { mem_get_address_range = resolve<MemGetAddressRangeFn>("cuMemGetAddressRange", 3020); });
+  static const EntryPoint entry = look_up("cuMemGetAddressRange", 3020);
   CUdeviceptr base_ptr = 0;
   size_t bytes = 0;
-  CUresult status = mem_get_address_range(&base_ptr, &bytes, static_cast<CUdeviceptr>(ptr));
+  CUresult status = usable<MemGetAddressRangeFn>(entry)(&base_ptr, &bytes, static_cast<CUdeviceptr>(ptr));
   if (status != CUDA_SUCCESS) {
     throw CudaError("cuMemGetAddressRange failed with CUresult " + std::to_string(static_cast<int>(status)) +
                     ": pointer is not device memory");
@@ -46,12 +58,9 @@ void allocation_range(uintptr_t ptr, uintptr_t* base, size_t* size) {
 namespace {
 
 StreamWriteValue32Fn stream_write_value32_fn() {
-  static std::once_flag once;
-  static StreamWriteValue32Fn write_value = nullptr;
   // Version 12000: the _v2 entry point, which CUDA 12 made the default (stream memory operations on by default).
-  // A failed resolve throws and leaves the flag unset, so a later call tries (and throws) again.
-  std::call_once(once, [] { write_value = resolve<StreamWriteValue32Fn>("cuStreamWriteValue32", 12000); });
-  return write_value;
+  static const EntryPoint entry = look_up("cuStreamWriteValue32", 12000);
+  return usable<StreamWriteValue32Fn>(entry);
 }
 
 }  // namespace
