@@ -251,8 +251,8 @@ PYBIND11_MODULE(_C, m) {
         in::launch_combine(ctx, args, as_stream(stream));
       }, "Pull: every token's rows loaded from the ranks that hold them (source_offset: this rank's rows in its "
          "region).")
-      .def("combine_pushed", [](const in::Context& ctx, uint64_t call, uintptr_t own_rows, int64_t row_bytes,
-                                int64_t landing_offset, const std::vector<int64_t>& first_row,
+      .def("combine_pushed", [](const in::Context& ctx, uint64_t call, uintptr_t own_rows, int64_t landing_offset,
+                                const std::vector<int64_t>& first_row,
                                 const std::vector<int64_t>& num_rows, const std::vector<int64_t>& landing_row,
                                 const std::vector<int32_t>& push_chunk_rows,
                                 const std::vector<uint32_t>& push_chunks_before,
@@ -261,11 +261,7 @@ PYBIND11_MODULE(_C, m) {
                                 uintptr_t is_token_in_rank, uintptr_t send_pos, uintptr_t send_base, int num_blocks,
                                 uintptr_t stream, const std::vector<uintptr_t>& copy_streams) {
         DC_CHECK_ARG(own_rows != 0, "own_rows: null");
-        DC_CHECK_ARG(row_bytes == 2LL * hidden, "row_bytes: one bf16 row of hidden");
         in::PushArgs push{};
-        push.rows = as_ptr<const uint8_t>(own_rows);
-        push.row_bytes = row_bytes;
-        push.landing_offset = landing_offset;
         copy_per_rank(ctx, first_row, push.first_row, "first_row");
         copy_per_rank(ctx, num_rows, push.num_rows, "num_rows");
         copy_per_rank(ctx, landing_row, push.landing_row, "landing_row");
@@ -273,7 +269,7 @@ PYBIND11_MODULE(_C, m) {
         copy_per_rank(ctx, push_chunks_before, push.chunks_before, "push_chunks_before");
         in::CombineArgs args{};
         args.call = call;
-        args.own_rows = push.rows;
+        args.own_rows = as_ptr<const uint8_t>(own_rows);
         args.landing.offset = landing_offset;
         copy_per_rank(ctx, landing_first_row, args.landing.first_row, "landing_first_row");
         copy_per_rank(ctx, chunk_rows, args.landing.chunk_rows, "chunk_rows");

@@ -57,9 +57,9 @@ class BufferConfig:
         pushed by the copy engines instead, and its SMs only add them up; smaller ones still pull (a copy
         costs microseconds to start; 32 MiB keeps decode-size calls pulling). Worth it when the combine
         gets few SMs: on two H200s a prefill combine took 301–302 µs pushed against 400–401 pulled on 8
-        SMs, but 237–239 against 202 on 24 (docs/benchmarks.md). Pushing needs a landing area of ``max_tokens_per_rank * (ranks - 1)`` rows a
-        rank, and a dispatch that waited for the counts (not given ``num_recv_tokens``). Every rank must
-        pass the same config.
+        SMs, but 237–239 against 202 on 24 (docs/benchmarks.md). Pushing needs a landing area of
+        ``max_tokens_per_rank * (ranks - 1)`` rows a rank, and a dispatch that waited for the counts (not
+        given ``num_recv_tokens``). Intranode path only. Every rank must pass the same config.
     """
 
     max_tokens_per_rank: int
@@ -395,7 +395,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 # nothing, and any address of this GPU marks its combine as a pushing one.
                 own_rows = expert_out.data_ptr() or self.buffer.data_ptr()
                 self.ctx.combine_pushed(
-                    call, own_rows, 2 * handle.hidden, self.landing_offset, plan.first_row,
+                    call, own_rows, self.landing_offset, plan.first_row,
                     plan.num_rows, plan.landing_row, plan.push_chunk_rows, counts.pushed, plan.landing_first_row,
                     plan.land_chunk_rows, counts.landed, y.data_ptr(), handle.hidden, handle.num_tokens,
                     routing["is_token_in_rank"], routing["send_pos"], routing["send_base"], num_blocks,

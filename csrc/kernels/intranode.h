@@ -91,11 +91,9 @@ struct CombineArgs {
 };
 
 // What a pushing rank sends each owner o: its rows for o (rows [first_row[o], first_row[o] + num_rows[o])
-// of its [R, H] rows, in the order o's tokens came) to landing row landing_row[o] of o's landing area.
+// of its CombineArgs::own_rows, in the order o's tokens came) to landing row landing_row[o] of o's
+// landing area (at CombineArgs::landing.offset in every region).
 struct PushArgs {
-  const uint8_t* rows;                 // [R, H] bf16, on this GPU
-  int64_t row_bytes;
-  int64_t landing_offset;
   int64_t first_row[kMaxRanks];
   int64_t num_rows[kMaxRanks];
   int64_t landing_row[kMaxRanks];

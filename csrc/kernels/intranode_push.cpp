@@ -20,22 +20,22 @@ namespace {
 uintptr_t handle_of(cudaStream_t stream) { return reinterpret_cast<uintptr_t>(stream); }
 
 // Each owner's chunks, one copy and one signal a chunk, on streams[owner].
-void push_rows(const Context& ctx, const PushArgs& args, const cudaStream_t (&streams)[kMaxRanks]) {
-  DC_CHECK_ARG(args.rows != nullptr, "rows: null");
-  DC_CHECK_ARG(args.row_bytes > 0, "row_bytes: must be > 0");
+void push_rows(const Context& ctx, const CombineArgs& combine, const PushArgs& args,
+               const cudaStream_t (&streams)[kMaxRanks]) {
+  const int64_t row_bytes = 2LL * combine.hidden;
   // Owners in turn from the next rank on, so that the ranks' first chunks go to different owners.
   for (int step = 1; step < ctx.num_ranks; ++step) {
     const int owner = (ctx.rank + step) % ctx.num_ranks;
     const int64_t rows = args.num_rows[owner], chunk_rows = args.chunk_rows[owner];
     if (rows == 0) continue;
     DC_CHECK_ARG(chunk_rows > 0, "chunk_rows: must be > 0 for an owner that gets rows");
-    uint8_t* landing = ctx.regions[owner] + args.landing_offset + args.landing_row[owner] * args.row_bytes;
-    const uint8_t* source = args.rows + args.first_row[owner] * args.row_bytes;
+    uint8_t* landing = ctx.regions[owner] + combine.landing.offset + args.landing_row[owner] * row_bytes;
+    const uint8_t* source = combine.own_rows + args.first_row[owner] * row_bytes;
     auto* landed = &reinterpret_cast<SignalRegion*>(ctx.regions[owner])->chunks_landed[ctx.rank];
     uint32_t chunks = args.chunks_before[owner];
     for (int64_t row = 0; row < rows; row += chunk_rows) {
-      const int64_t bytes = (rows - row < chunk_rows ? rows - row : chunk_rows) * args.row_bytes;
-      DC_CUDA_CHECK(cudaMemcpyAsync(landing + row * args.row_bytes, source + row * args.row_bytes, bytes,
+      const int64_t bytes = (rows - row < chunk_rows ? rows - row : chunk_rows) * row_bytes;
+      DC_CUDA_CHECK(cudaMemcpyAsync(landing + row * row_bytes, source + row * row_bytes, bytes,
                                     cudaMemcpyDeviceToDevice, streams[owner]));
       driver::stream_write_value32(handle_of(streams[owner]), reinterpret_cast<uintptr_t>(landed), ++chunks);
     }
@@ -46,7 +46,7 @@ void push_rows(const Context& ctx, const PushArgs& args, const cudaStream_t (&st
 
 void launch_pushed_combine(const Context& ctx, const CombineArgs& args, const PushArgs& push, cudaStream_t stream,
                            const cudaStream_t (&copy_streams)[kMaxRanks]) {
-  DC_CHECK_ARG(args.own_rows != nullptr && args.own_rows == push.rows, "own_rows: the rows this rank pushes");
+  DC_CHECK_ARG(args.own_rows != nullptr, "own_rows: the rows this rank pushes");
   launch_combine_ready(ctx, args, stream);
   // The copies start once every peer has met: its landing area is free (its previous combine read it).
   for (int owner = 0; owner < ctx.num_ranks; ++owner)
@@ -54,7 +54,7 @@ void launch_pushed_combine(const Context& ctx, const CombineArgs& args, const Pu
   // The sums are queued before the copies: queueing a copy takes the host microseconds, and the sums
   // of the first chunks should run while later ones are still being queued and copied.
   launch_combine_sums(ctx, args, stream);
-  push_rows(ctx, push, copy_streams);
+  push_rows(ctx, args, push, copy_streams);
   // What follows the combine on `stream` (the caller's event) also follows the copies: the rows may then be reused.
   for (int owner = 0; owner < ctx.num_ranks; ++owner)
     if (owner != ctx.rank && push.num_rows[owner] > 0) order_streams(handle_of(stream), handle_of(copy_streams[owner]));
