@@ -1,24 +1,27 @@
-"""python -m deepcomm.ray_launch: ranks as Ray actors, numbered host after host, with torchrun's environment."""
+"""python -m deepcomm.ray_launch: ranks as Ray actors, numbered host after host, with torchrun's rank variables;
+the first failing rank stops the others and is named with its error."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from deepcomm.ray_launch import Placement, exit_code, parse_args, rank_environments, rank_order
+from deepcomm.ray_launch import Placement, parse_args, rank_environments, rank_order
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 
 
 def test_ranks_are_numbered_host_after_host_and_by_gpu_within_a_host():
     # Ray may hand actors out interleaved across hosts and GPUs in any order.
-    placements = [Placement("10.0.0.2", (3,)), Placement("10.0.0.1", (1,)), Placement("10.0.0.2", (0,)),
-                  Placement("10.0.0.1", (0,))]
+    placements = [Placement("10.0.0.2", ("3",)), Placement("10.0.0.1", ("1",)), Placement("10.0.0.2", ("0",)),
+                  Placement("10.0.0.1", ("0",))]
     assert rank_order(placements) == [2, 0, 3, 1]  # host 10.0.0.2 first seen: its GPU 0, then GPU 3
     envs = rank_environments(placements, 29500)
     by_rank = sorted(envs, key=lambda e: int(e["RANK"]))
@@ -26,11 +29,19 @@ def test_ranks_are_numbered_host_after_host_and_by_gpu_within_a_host():
     for env in envs:
         assert env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2"
         assert env["MASTER_ADDR"] == "10.0.0.2" and env["MASTER_PORT"] == "29500"
-    # Every actor of a host sees that host's GPUs in local-rank order: local rank i's is the i-th, its own.
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # Ray's numbering
+    # Every rank of a host sees that host's GPUs in local-rank order: local rank i's is the i-th, its own.
     for actor, env in enumerate(envs):
         visible = env["CUDA_VISIBLE_DEVICES"].split(",")
-        assert int(visible[int(env["LOCAL_RANK"])]) == placements[actor].gpus[0]
+        assert visible[int(env["LOCAL_RANK"])] == placements[actor].gpus[0]
     assert envs[0]["CUDA_VISIBLE_DEVICES"] == "0,3" and envs[1]["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_gpus_sort_as_numbers_and_uuids_as_text():
+    assert rank_order([Placement("h", ("10",)), Placement("h", ("9",))]) == [1, 0]
+    uuids = [Placement("h", ("GPU-bb",)), Placement("h", ("GPU-aa",))]
+    assert rank_order(uuids) == [1, 0]
+    assert rank_environments(uuids, 1)[0]["CUDA_VISIBLE_DEVICES"] == "GPU-aa,GPU-bb"
 
 
 def test_cpu_ranks_see_no_gpu():
@@ -39,7 +50,11 @@ def test_cpu_ranks_see_no_gpu():
     assert [e["RANK"] for e in envs] == ["0", "1"]
 
 
-@pytest.mark.parametrize("placements, port, message", [([], 1, "^placements:"), ([Placement("h", ())], 0, "^master_port:")])
+@pytest.mark.parametrize("placements, port, message", [
+    ([], 1, "^placements: no actor"),
+    ([Placement("h", ())], 0, "^master_port:"),
+    ([Placement("a", ()), Placement("a", ()), Placement("b", ())], 1, "^placements: .*different numbers of ranks"),
+])
 def test_bad_placements_are_refused_by_name(placements, port, message):
     with pytest.raises(ValueError, match=message):
         rank_environments(placements, port)
@@ -49,10 +64,12 @@ def test_the_target_and_everything_after_it_are_the_targets(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("")
     args = parse_args(["--nproc", "2", "--gpus-per-rank=0", str(script), "--nproc", "7", "-m", "x"])
-    assert (args.nproc, args.gpus_per_rank, args.module) == (2, 0, None)
-    assert args.path == str(script) and args.argv == ["--nproc", "7", "-m", "x"]
-    args = parse_args(["--nproc", "3", "-m", "deepcomm.bench", "--preset", "prefill"])
-    assert args.module == "deepcomm.bench" and args.argv == ["--preset", "prefill"] and args.path is None
+    assert (args.nproc, args.gpus_per_rank) == (2, 0)
+    assert args.command == [str(script), "--nproc", "7", "-m", "x"]
+    args = parse_args(["--nproc", "3", "--grace", "1", "-m", "deepcomm.bench", "--preset", "prefill", "-h"])
+    assert args.command == ["-m", "deepcomm.bench", "--preset", "prefill", "-h"] and args.grace == 1
+    assert parse_args(["--nproc", "1", "-mdeepcomm.bench"]).command == ["-m", "deepcomm.bench"]  # as python takes it
+    assert parse_args(["--nproc", "1", "--", "-m", "m"]).command == ["-m", "m"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -60,8 +77,12 @@ def test_the_target_and_everything_after_it_are_the_targets(tmp_path):
     (["--nproc", "2"], "target: a script to run, or -m MODULE"),
     (["--nproc", "2", "-m"], "-m: expected a module name"),
     (["--nproc", "2", "no_such_script.py"], "target: no script at no_such_script.py"),
-    (["--nproc", "2", "--cpus-per-rank", "0", "-m", "m"], "--cpus-per-rank: must be > 0"),
+    (["--nproc", "2", "--cpus-per-rank", "0", "-m", "m"], "--cpus-per-rank: must be a number > 0"),
+    (["--nproc", "2", "--cpus-per-rank", "inf", "-m", "m"], "--cpus-per-rank: must be a number > 0"),
+    (["--nproc", "2", "--timeout", "-1", "-m", "m"], "--timeout: must be a number > 0"),
+    (["--nproc", "2", "--grace", "-1", "-m", "m"], "--grace: must be a number >= 0"),
     (["--nproc", "2", "--gpus-per-rank", "2", "-m", "m"], "--gpus-per-rank"),
+    (["--np", "2", "-m", "m"], "--nproc"),  # no abbreviations: a target's options never pass for ours
 ])
 def test_bad_launcher_options_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -69,46 +90,74 @@ def test_bad_launcher_options_are_refused_by_name(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_scripts_exit_means_what_the_interpreter_would_exit_with():
-    assert [exit_code(SystemExit(c)) for c in (None, 0, 3, "failed")] == [0, 0, 3, 1]
-
-
 def _launch(tmp_path, *argv, timeout=240):
+    """The launcher with a Ray instance of its own (never a cluster this machine may run)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "deepcomm.ray_launch", *argv]
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=timeout)
+    start = time.monotonic()
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=timeout, env=env)
+    return out, time.monotonic() - start
 
 
 @needs_ray
 def test_the_benchmark_runs_on_ray_actors_and_checks_itself(tmp_path):
     """The main job under Ray: three CPU ranks run the reference path over gloo, checked as under torchrun."""
-    rows_path = tmp_path / "rows.json"
-    out = _launch(tmp_path, "--nproc", "3", "--gpus-per-rank", "0", "-m", "deepcomm.bench", "--device", "cpu",
-                  "--tokens", "32", "--hidden", "128", "--experts", "12", "--topk", "4", "--iters", "2",
-                  "--warmup", "1", "--dtypes", "bf16", "--json", str(rows_path))
+    out, _ = _launch(tmp_path, "--nproc", "3", "--gpus-per-rank", "0", "-m", "deepcomm.bench", "--device", "cpu",
+                     "--tokens", "32", "--hidden", "128", "--experts", "12", "--topk", "4", "--iters", "2",
+                     "--warmup", "1", "--dtypes", "bf16", "--json", "rows.json")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    rows = json.loads(rows_path.read_text())
+    rows = json.loads((tmp_path / "rows.json").read_text())  # relative: the ranks ran where the launcher did
     assert [(r["stage"], r["dtype"]) for r in rows] == [("layout", "-"), ("dispatch", "bf16"), ("combine", "bf16")]
     assert all(r["check"] == "ok" and r["ranks"] == 3 and r["path"] == "reference" for r in rows)
 
 
+PROBE = """
+import json, os, sys, time
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES"]
+seen = {k: os.environ.get(k) for k in keys}
+seen["argv"] = sys.argv[1:]
+with open(f"seen_{os.getpid()}.json", "w") as f:
+    json.dump(seen, f)
+"""
+
+
 @needs_ray
-def test_each_actor_gets_torchruns_environment_and_a_failing_rank_is_named(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, os, sys
-        keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "CUDA_VISIBLE_DEVICES"]
-        seen = {{k: os.environ.get(k) for k in keys}}
-        seen["argv"] = sys.argv[1:]
-        with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
-            json.dump(seen, f)
-        sys.exit(3 if os.environ["RANK"] == "1" else 0)
-    """))
-    out = _launch(tmp_path, "--nproc", "3", "--gpus-per-rank", "0", str(script), "--flag", "value")
-    assert out.returncode == 3, (out.stdout + out.stderr)[-4000:]
-    assert "rank 1 exited with status 3" in out.stderr
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
-    assert [s["RANK"] for s in seen] == ["0", "1", "2"] and {s["WORLD_SIZE"] for s in seen} == {"3"}
-    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1", "2"] and {s["LOCAL_WORLD_SIZE"] for s in seen} == {"3"}
-    assert {s["GROUP_RANK"] for s in seen} == {"0"} and len({(s["MASTER_ADDR"], s["MASTER_PORT"]) for s in seen}) == 1
+def test_each_rank_gets_torchruns_rank_variables(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    out, _ = _launch(tmp_path, "--nproc", "3", "--gpus-per-rank", "0", "probe.py", "--flag", "value")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    seen = sorted((json.loads(p.read_text()) for p in tmp_path.glob("seen_*.json")), key=lambda s: s["RANK"])
+    assert [s["RANK"] for s in seen] == ["0", "1", "2"]  # one process a rank, each its own rank
+    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1", "2"]
+    assert {(s["WORLD_SIZE"], s["LOCAL_WORLD_SIZE"], s["GROUP_RANK"]) for s in seen} == {("3", "3", "0")}
+    assert len({(s["MASTER_ADDR"], s["MASTER_PORT"]) for s in seen}) == 1
+    assert seen[0]["MASTER_ADDR"] and seen[0]["MASTER_PORT"].isdigit()
     assert all(s["CUDA_VISIBLE_DEVICES"] == "" and s["argv"] == ["--flag", "value"] for s in seen)
+
+
+@needs_ray
+def test_the_first_failing_rank_stops_the_others_and_is_named_with_its_error(tmp_path):
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import os, time
+        if os.environ["RANK"] == "1":
+            raise ValueError("boom from rank 1")
+        time.sleep(120)  # as a rank blocked in a collective its failed peer never joins
+    """))
+    out, elapsed = _launch(tmp_path, "--nproc", "3", "--gpus-per-rank", "0", "--grace", "1", "job.py")
+    assert out.returncode == 1, (out.stdout + out.stderr)[-4000:]  # python's status for an uncaught exception
+    assert elapsed < 90, "the other ranks were not stopped"
+    assert "rank 1 exited with status 1" in out.stderr
+    assert "[rank 1] ValueError: boom from rank 1" in out.stderr
+    assert "stopping rank 0: rank 1 failed" in out.stderr and "stopping rank 2: rank 1 failed" in out.stderr
+
+
+@needs_ray
+def test_a_crash_gives_its_status_and_the_timeout_stops_every_rank(tmp_path):
+    (tmp_path / "crash.py").write_text("import os\nos._exit(7 if os.environ['RANK'] == '0' else 0)\n")
+    out, _ = _launch(tmp_path, "--nproc", "2", "--gpus-per-rank", "0", "crash.py")
+    assert out.returncode == 7 and "rank 0 exited with status 7" in out.stderr, out.stderr[-4000:]
+    (tmp_path / "sleep.py").write_text("import time\ntime.sleep(120)\n")
+    out, elapsed = _launch(tmp_path, "--nproc", "2", "--gpus-per-rank", "0", "--timeout", "3", "sleep.py")
+    assert out.returncode == 124 and elapsed < 90, out.stderr[-4000:]
+    assert "stopping rank 0: the 3 s --timeout ran out" in out.stderr
