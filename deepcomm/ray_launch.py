@@ -257,11 +257,11 @@ def _wait_for_ranks(actors, runs, ranks: list[int], args: argparse.Namespace) ->
 
 
 def launch(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # the ranks' lines differ by little: keep each (read at import)
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # the ranks' lines differ by little: keep each
     _connect(args)
     group = None
     try:
