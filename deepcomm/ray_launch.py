@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -108,6 +109,8 @@ class RankActor:
 
     def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
+        self._stopped = False
+        self._lock = threading.Lock()  # run and stop may meet: a stop must not miss a child starting
 
     def placement(self) -> Placement:
         import ray
@@ -121,9 +124,12 @@ class RankActor:
 
     def run(self, environment: dict[str, str], command: list[str], cwd: str) -> tuple[int, list[str]]:
         """The target's exit status (a signal's as 128 + its number) and the end of its error output."""
-        self._child = subprocess.Popen(
-            [sys.executable, *command], env={**os.environ, **environment}, cwd=cwd if os.path.isdir(cwd) else None,
-            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        with self._lock:
+            if self._stopped:
+                return 128 + signal.SIGTERM, ["stopped before it started"]
+            self._child = subprocess.Popen(
+                [sys.executable, *command], env={**os.environ, **environment}, cwd=cwd if os.path.isdir(cwd) else None,
+                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         for line in self._child.stderr:  # passed on as it comes (Ray forwards it), the end kept
             sys.stderr.write(line)
@@ -134,7 +140,9 @@ class RankActor:
         return (128 - status if status < 0 else status), list(tail)
 
     def stop(self) -> None:
-        child = self._child
+        with self._lock:
+            self._stopped = True
+            child = self._child
         if child is not None and child.poll() is None:
             os.killpg(child.pid, signal.SIGTERM)
             try:
@@ -263,7 +271,7 @@ def launch(args: argparse.Namespace) -> int:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     _connect(args)
-    group = None
+    group, actors = None, []
     try:
         gpus = args.gpus_per_rank
         if gpus is None:
@@ -301,12 +309,20 @@ def launch(args: argparse.Namespace) -> int:
         runs = [actor.run.remote(env, args.command, os.getcwd()) for actor, env in zip(actors, environments)]
         return _wait_for_ranks(actors, runs, [int(env["RANK"]) for env in environments], args)
     finally:
+        # Interrupted (Ctrl-C) or failed in between: no rank's process outlives the run holding its GPU. The
+        # ranks run in sessions of their own, which ending their actors would not end.
+        if actors:
+            try:
+                ray.get([actor.stop.remote() for actor in actors], timeout=30)
+            except Exception as error:  # the run's end matters more than a stop that failed
+                print(f"deepcomm.ray_launch: stopping the ranks failed: {error}", file=sys.stderr)
         if group is not None:
             remove_placement_group(group)
         ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Ctrl-C, and SIGTERM (ray.init makes it a SystemExit), end through launch's cleanup, which stops the ranks.
     sys.exit(launch(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
