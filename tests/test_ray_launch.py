@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -161,3 +162,32 @@ def test_a_crash_gives_its_status_and_the_timeout_stops_every_rank(tmp_path):
     out, elapsed = _launch(tmp_path, "--nproc", "2", "--gpus-per-rank", "0", "--timeout", "3", "sleep.py")
     assert out.returncode == 124 and elapsed < 90, out.stderr[-4000:]
     assert "stopping rank 0: the 3 s --timeout ran out" in out.stderr
+
+
+@needs_ray
+def test_interrupting_the_launcher_stops_every_ranks_process(tmp_path):
+    (tmp_path / "wait.py").write_text(textwrap.dedent("""
+        import os, time
+        with open(f"pid_{os.environ['RANK']}", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "deepcomm.ray_launch", "--nproc", "2", "--gpus-per-rank", "0", "wait.py"], cwd=tmp_path,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("pid_*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid_*")]
+        assert len(pids) == 2, "the ranks did not start"
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=90)
+    finally:
+        launcher.kill()
+    time.sleep(1)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the rank's process is gone (not left holding its GPU)
