@@ -117,7 +117,8 @@ class IntranodeHandle(ScratchRouting):
     dispatch_call: int
     owner: int  # id() of the communicator that made it
     routing: RoutingSource  # what a dispatch reusing this handle must be given
-    # [src][dst] tokens of every rank, when the dispatch waited for the counts: a combine can then push.
+    # [src][dst] tokens of every rank, when the dispatch waited for the counts and the config may push (a
+    # combine can then push); None otherwise.
     tokens_matrix: np.ndarray | None
 
 
@@ -275,7 +276,9 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                                  scratch.recv_per_expert)
             result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
             result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
-            return self._finish(result, scratch, totals[rank], call, event, routing, matrix.copy())
+            # Kept past the next notify (which rewrites the mailbox) only where a combine may push.
+            pushable = matrix.copy() if self.config.push_combine_min_bytes is not None else None
+            return self._finish(result, scratch, totals[rank], call, event, routing, pushable)
 
     def _new_scratch(self, num_tokens: int, num_experts: int) -> DispatchScratch:
         return DispatchScratch(self.device, num_tokens, self.topology.world_size, self.topology.num_nodes,

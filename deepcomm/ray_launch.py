@@ -74,6 +74,7 @@ def rank_environments(placements: list[Placement], master_port: int) -> list[dic
     if not 0 < master_port < 65536:
         raise ValueError(f"master_port: expected a TCP port, got {master_port}")
     order = rank_order(placements)
+    rank_of = {actor: rank for rank, actor in enumerate(order)}
     hosts = list(dict.fromkeys(placements[a].host for a in order))
     per_host = collections.Counter(p.host for p in placements)
     if len(set(per_host.values())) > 1:
@@ -85,7 +86,7 @@ def rank_environments(placements: list[Placement], master_port: int) -> list[dic
         visible = ",".join(gpu for a in local for gpu in placements[a].gpus)
         for local_rank, actor in enumerate(local):
             environments[actor] = {
-                "RANK": str(order.index(actor)),
+                "RANK": str(rank_of[actor]),
                 "WORLD_SIZE": str(len(placements)),
                 "LOCAL_RANK": str(local_rank),
                 "LOCAL_WORLD_SIZE": str(len(local)),
