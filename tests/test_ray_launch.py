@@ -112,6 +112,21 @@ def test_the_benchmark_runs_on_ray_actors_and_checks_itself(tmp_path):
     assert all(r["check"] == "ok" and r["ranks"] == 3 and r["path"] == "reference" for r in rows)
 
 
+@needs_ray
+@pytest.mark.multigpu
+def test_the_kernels_run_between_ray_ranks_with_a_gpu_each(tmp_path):
+    """Ranks placed by Ray, a GPU each: CUDA IPC between them works (every rank sees its host's GPUs), so the
+    intranode and low-latency kernels run and check themselves against the reference path of the same run."""
+    out, _ = _launch(tmp_path, "--nproc", "2", "--gpus-per-rank", "1", "--timeout", "300", "-m", "deepcomm.bench",
+                     "--preset", "small", "--mode", "both", "--iters", "3", "--warmup", "1", "--dtypes", "bf16,fp8",
+                     "--json", "rows.json", timeout=420)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    paths = {r["path"] for r in rows}
+    assert paths == {"intranode", "low_latency", "reference"}, paths
+    assert all(r["check"] == "ok" and r["ranks"] == 2 and r["device"] != "cpu" for r in rows), rows
+
+
 PROBE = """
 import json, os, sys, time
 keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",

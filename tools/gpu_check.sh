@@ -12,6 +12,7 @@
 #          lowlatency (decode in the low-latency mode: bench rows and a profile per rank count)
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
+#          ray (ranks placed by Ray, a GPU each, beside deepcomm.launch; Ray from RAY_BUNDLE where missing)
 #   LL_NRANKS (default NRANKS): the rank counts step lowlatency runs.
 #   DECODE_LAUNCHES=N launches step bench's decode run N times and tabulates each row's spread
 #   (tools/ab_table.py --spread). BUILD=0 reuses the extension an earlier call built. INTERNODE=0 leaves the internode rows out of
@@ -281,6 +282,34 @@ if step lowlatency; then
   done
 fi
 
+# The ranks placed by Ray instead of torchrun (python -m deepcomm.ray_launch), a GPU each, beside the same run
+# launched by deepcomm.launch, alternating; Ray from RAY_BUNDLE (tools/ray_bundle.sh) where it is not installed.
+if step ray; then
+  if ! python3 -c 'import ray' 2> /dev/null && [ -d "${RAY_BUNDLE:-}" ]; then
+    tools/ray_bundle.sh install "$RAY_BUNDLE" > "$OUT/ray_install.log" 2>&1 || note "ray: install FAILED (see ray_install.log)"
+  fi
+  if ! python3 -c 'import ray' 2> /dev/null; then
+    note "ray: not run (ray is not installed; RAY_BUNDLE=${RAY_BUNDLE:-unset})"
+  else
+    pytest_to tests_ray tests/test_ray_launch.py
+    RAY_ARGS=${RAY_ARGS:-"--preset prefill --backend intranode --dtypes bf16,fp8 --sms 24"}
+    for n in $NRANKS; do
+      [ "$n" -le "$num_gpus" ] || continue
+      for round in 1 2; do
+        bench "launch_prefill_${n}ranks_r${round}" "$n" $RAY_ARGS
+        if timeout 600 python3 -m deepcomm.ray_launch --nproc "$n" --gpus-per-rank 1 --timeout 540 -m deepcomm.bench \
+            $RAY_ARGS --json "$OUT/ray_prefill_${n}ranks_r${round}.json" > "$OUT/ray_prefill_${n}ranks_r${round}.log" 2>&1; then
+          note "ray bench prefill ${n} ranks, round ${round}: ok"
+        else
+          note "ray bench prefill ${n} ranks, round ${round}: FAILED (see its log)"; status=1
+        fi
+      done
+      python3 tools/ab_table.py --base "$OUT"/launch_prefill_${n}ranks_r*.json --this "$OUT"/ray_prefill_${n}ranks_r*.json \
+        > "$OUT/ray_vs_launch_${n}ranks.txt" 2>&1 || note "ray: no table of ${n} ranks (see ray_vs_launch_${n}ranks.txt)"
+    done
+  fi
+fi
+
 # Two-micro-batch overlap: a DeepSeek-V3-width block on 2 ranks with half the SMs each, and
 # the small model trained plain and overlapped on the same ranks.
 if step overlap; then
@@ -326,6 +355,9 @@ for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/ll_decode_*.log "$OUT
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=|low-latency call)' "$log" | grep -v '^rows written'; }
 done
 [ -f "$OUT/ab_table.txt" ] && { echo; echo "before/after (base: $AB_DIR):"; cat "$OUT/ab_table.txt"; }
+for table in "$OUT"/ray_vs_launch_*ranks.txt; do
+  [ -f "$table" ] && { echo; echo "launched by deepcomm.launch (base) and by Ray (this), $(basename "$table"):"; cat "$table"; }
+done
 for spread in "$OUT"/decode_*ranks_spread.txt; do
   [ -f "$spread" ] && { echo; echo "spread between launches ($(basename "$spread")):"; cat "$spread"; }
 done
