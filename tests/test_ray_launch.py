@@ -127,6 +127,34 @@ def test_the_kernels_run_between_ray_ranks_with_a_gpu_each(tmp_path):
     assert all(r["check"] == "ok" and r["ranks"] == 2 and r["device"] != "cpu" for r in rows), rows
 
 
+BUNDLE = os.path.join(os.path.dirname(__file__), "..", "tools", "ray_bundle.sh")
+
+
+def _python_tag() -> str:
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def test_a_ray_bundle_installs_where_it_is_asked(tmp_path):
+    """tools/ray_bundle.sh install: the archive for this Python unpacked into the site folder given, the
+    requirements from the bundle's own wheels only (none here); a stand-in Ray, as `make` needs the index."""
+    tree, bundle, site = tmp_path / "tree", tmp_path / "bundle", tmp_path / "site"
+    (tree / "ray").mkdir(parents=True)
+    (tree / "ray" / "__init__.py").write_text('__version__ = "0.0.stand-in"\n')
+    (bundle / "deps").mkdir(parents=True)
+    (bundle / "requirements.txt").write_text("")
+    subprocess.run(["tar", "-C", str(tree), "-cJf", str(bundle / f"ray-0.0-{_python_tag()}.tar.xz"), "."], check=True)
+    out = subprocess.run(["bash", BUNDLE, "install", str(bundle), str(site)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"ray 0.0.stand-in from {site}/ray/__init__.py" in out.stdout
+    # No bundle for this Python: refused, naming what it looked for.
+    (bundle / f"ray-0.0-{_python_tag()}.tar.xz").rename(bundle / "ray-0.0-cp27.tar.xz")
+    out = subprocess.run(["bash", BUNDLE, "install", str(bundle), str(site)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and f"no Ray bundle for {_python_tag()} in {bundle}" in out.stderr
+    assert subprocess.run(["bash", BUNDLE, "unpack", str(bundle)], capture_output=True).returncode == 2  # usage
+
+
 PROBE = """
 import json, os, sys, time
 keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",

@@ -5,7 +5,8 @@
 #
 #   tools/ray_bundle.sh make DIR [PYTHON_VERSION]   # e.g. 3.12: Ray's wheel for that Python, its
 #                                                   # dependencies' wheels, into DIR (about 23 MB)
-#   tools/ray_bundle.sh install DIR                 # on the target: into the running python3's site-packages
+#   tools/ray_bundle.sh install DIR [SITE]          # on the target: into SITE, by default the running
+#                                                   # python3's site-packages
 #
 # The wheel is about 80 MB; the bundle keeps Ray's core (raylet, GCS, the Python API and the dashboard
 # agent's modules) and leaves out what a launcher never imports (RLlib, Tune, Train, Serve, Data, the
@@ -15,7 +16,7 @@ RAY_VERSION=${RAY_VERSION:-2.60.0}
 # Subpackages and data the launcher does not need (ray_launch: ray.init, actors, placement groups).
 UNUSED="ray/jars ray/rllib ray/tune ray/train ray/serve ray/data ray/llm ray/workflow ray/dashboard/client"
 
-usage() { sed -n '2,12p' "$0" >&2; exit 2; }
+usage() { sed -n '2,13p' "$0" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 command=$1 dir=$2
 
@@ -34,19 +35,22 @@ case $command in
     # shellcheck disable=SC2086
     pip download --only-binary=:all: --python-version "$py" $platforms -r "$dir/requirements.txt" -d "$dir/deps"
     mkdir "$work/tree"
+    # shellcheck disable=SC2086  # UNUSED is a list of paths
     (cd "$work/tree" && unzip -q "$work"/ray-*.whl && rm -rf $UNUSED && find . -name '*.js.map' -delete)
     tar -C "$work/tree" -cf - . | xz -T0 -9 > "$dir/ray-$RAY_VERSION-$tag.tar.xz"
     du -sh "$dir"
     ;;
   install)
     tag=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-    archive=$(ls "$dir"/ray-*-"$tag".tar.xz 2> /dev/null | head -1)
-    [ -n "$archive" ] || { echo "ray_bundle: no Ray bundle for $tag in $dir" >&2; exit 1; }
+    archives=("$dir"/ray-*-"$tag".tar.xz)
+    archive=${archives[0]}
+    [ -f "$archive" ] || { echo "ray_bundle: no Ray bundle for $tag in $dir" >&2; exit 1; }
     # Only what is missing or too old: the packages already there (torch's among them) stay as they are.
-    python3 -m pip install -q --no-index --find-links "$dir/deps" -r "$dir/requirements.txt"
-    site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    site=${3:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
+    target=(); [ $# -ge 3 ] && target=(--target "$site")
+    python3 -m pip install -q --no-index --find-links "$dir/deps" "${target[@]}" -r "$dir/requirements.txt"
     tar -C "$site" -xJf "$archive"
-    python3 -c 'import ray; print("ray", ray.__version__, "from", ray.__file__)'
+    PYTHONPATH="$site" python3 -c 'import ray; print("ray", ray.__version__, "from", ray.__file__)'
     ;;
   *) usage ;;
 esac
