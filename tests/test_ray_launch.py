@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def _python_tag() -> str:
     return f"cp{sys.version_info[0]}{sys.version_info[1]}"
 
 
+@pytest.mark.skipif(shutil.which("xz") is None, reason="xz is not installed")
 def test_a_ray_bundle_installs_where_it_is_asked(tmp_path):
     """tools/ray_bundle.sh install: the archive for this Python unpacked into the site folder given, the
     requirements from the bundle's own wheels only (none here); a stand-in Ray, as `make` needs the index."""
@@ -142,15 +144,16 @@ def test_a_ray_bundle_installs_where_it_is_asked(tmp_path):
     (tree / "ray" / "__init__.py").write_text('__version__ = "0.0.stand-in"\n')
     (bundle / "deps").mkdir(parents=True)
     (bundle / "requirements.txt").write_text("")
-    subprocess.run(["tar", "-C", str(tree), "-cJf", str(bundle / f"ray-0.0-{_python_tag()}.tar.xz"), "."], check=True)
+    subprocess.run(["tar", "-C", str(tree), "-cJf", str(bundle / f"ray-0.0-{_python_tag()}.tar.xz"), "ray"], check=True)
+    env = {**os.environ, "PYTHON": sys.executable}  # this test's Python, whatever python3 is on PATH
     out = subprocess.run(["bash", BUNDLE, "install", str(bundle), str(site)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"ray 0.0.stand-in from {site}/ray/__init__.py" in out.stdout
     # No bundle for this Python: refused, naming what it looked for.
     (bundle / f"ray-0.0-{_python_tag()}.tar.xz").rename(bundle / "ray-0.0-cp27.tar.xz")
     out = subprocess.run(["bash", BUNDLE, "install", str(bundle), str(site)], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=env)
     assert out.returncode == 1 and f"no Ray bundle for {_python_tag()} in {bundle}" in out.stderr
     assert subprocess.run(["bash", BUNDLE, "unpack", str(bundle)], capture_output=True).returncode == 2  # usage
 

@@ -285,20 +285,23 @@ fi
 # The ranks placed by Ray instead of torchrun (python -m deepcomm.ray_launch), a GPU each, beside the same run
 # launched by deepcomm.launch, alternating; Ray from RAY_BUNDLE (tools/ray_bundle.sh) where it is not installed.
 if step ray; then
+  rm -f "$OUT"/launch_prefill_*ranks_r*.json "$OUT"/ray_prefill_*ranks_r*.json "$OUT"/ray_vs_launch_*ranks.txt
   if ! python3 -c 'import ray' 2> /dev/null && [ -d "${RAY_BUNDLE:-}" ]; then
     tools/ray_bundle.sh install "$RAY_BUNDLE" > "$OUT/ray_install.log" 2>&1 || note "ray: install FAILED (see ray_install.log)"
   fi
   if ! python3 -c 'import ray' 2> /dev/null; then
-    note "ray: not run (ray is not installed; RAY_BUNDLE=${RAY_BUNDLE:-unset})"
+    note "ray: FAILED: not run, ray is not installed (RAY_BUNDLE=${RAY_BUNDLE:-unset})"; status=1
   else
     pytest_to tests_ray tests/test_ray_launch.py
     RAY_ARGS=${RAY_ARGS:-"--preset prefill --backend intranode --dtypes bf16,fp8 --sms 24"}
     for n in $NRANKS; do
-      [ "$n" -le "$num_gpus" ] || continue
+      if [ "$n" -gt "$num_gpus" ]; then note "ray: ${n} ranks not run (a GPU each; ${num_gpus} here)"; continue; fi
       for round in 1 2; do
         bench "launch_prefill_${n}ranks_r${round}" "$n" $RAY_ARGS
-        if timeout 600 python3 -m deepcomm.ray_launch --nproc "$n" --gpus-per-rank 1 --timeout 540 -m deepcomm.bench \
-            $RAY_ARGS --json "$OUT/ray_prefill_${n}ranks_r${round}.json" > "$OUT/ray_prefill_${n}ranks_r${round}.log" 2>&1; then
+        # A Ray instance of the run's own (never a cluster RAY_ADDRESS may name).
+        if env -u RAY_ADDRESS timeout -k 30 600 python3 -m deepcomm.ray_launch --nproc "$n" --gpus-per-rank 1 \
+            --timeout 540 -m deepcomm.bench $RAY_ARGS --json "$OUT/ray_prefill_${n}ranks_r${round}.json" \
+            > "$OUT/ray_prefill_${n}ranks_r${round}.log" 2>&1; then
           note "ray bench prefill ${n} ranks, round ${round}: ok"
         else
           note "ray bench prefill ${n} ranks, round ${round}: FAILED (see its log)"; status=1
