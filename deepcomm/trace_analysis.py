@@ -52,7 +52,8 @@ class KernelRecord:
     """One GPU kernel execution, attributed to the range that launched it (None outside any range).
 
     ``process``: the launching process (an nsys report may hold several ranks; a torch trace is one, 0):
-    one rank's compute never hides another's communication, even on a shared GPU.
+    one rank's compute never hides another's communication, even on a shared GPU. ``launch_ns``: when the
+    host called the launch, on the kernels' clock (None where the trace has no launch for it).
     """
 
     name: str
@@ -65,6 +66,7 @@ class KernelRecord:
     microbatch: int | None = None
     stage: str | None = None
     process: int = 0
+    launch_ns: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (COMM, COMPUTE):
@@ -317,6 +319,41 @@ def compute_time_by_stage(records: Iterable[KernelRecord]) -> dict[tuple[int | N
     return dict(totals)
 
 
+@dataclass(frozen=True)
+class LeadStats:
+    """The host's lead over the GPU for one stage's kernels: how long before each started it was launched."""
+
+    kernels: int
+    min_ns: int
+    median_ns: int
+    short: int  # kernels launched less than the threshold before they started
+
+
+def launch_leads(records: Iterable[KernelRecord], kind: str = COMM) -> list[KernelRecord]:
+    """The ``kind`` kernels whose launch the trace recorded, the shortest lead (start - launch) first.
+
+    A kernel queued well ahead starts when the GPU gets to it; one whose lead is about the launch latency
+    (a few µs) found its stream idle, waiting for the host: there the host set the pace, and a slower host
+    (or a profiler's overhead) delays it. Communication kernels launched that late start late on one rank
+    and keep the others' kernels spinning.
+    """
+    timed = [r for r in records if r.kind == kind and r.launch_ns is not None]
+    return sorted(timed, key=lambda r: (r.start_ns - r.launch_ns, r.start_ns))
+
+
+def lead_by_stage(records: Iterable[KernelRecord], short_ns: int, kind: str = COMM) -> dict[str, LeadStats]:
+    """:class:`LeadStats` per stage name ("(outside ranges)" for the unattributed), in first-start order."""
+    leads: dict[str, list[int]] = defaultdict(list)
+    for r in sorted(launch_leads(records, kind), key=lambda r: r.start_ns):
+        leads[r.stage if r.stage is not None else "(outside ranges)"].append(r.start_ns - r.launch_ns)
+    stats = {}
+    for stage, values in leads.items():
+        ordered = sorted(values)
+        stats[stage] = LeadStats(len(ordered), ordered[0], ordered[len(ordered) // 2],
+                                 sum(v < short_ns for v in ordered))
+    return stats
+
+
 # --------------------------------------------------------------------------------------------------
 # Attribution of launches to ranges (shared by both loaders)
 
@@ -397,6 +434,7 @@ def _attribute(
             k.name, k.start_ns, k.end_ns, k.stream, k.device,
             COMM if pattern.search(k.name) else COMPUTE,
             r.layer if r else None, r.microbatch if r else None, r.stage if r else None, k.process,
+            launches[k.launch][1] if k.launch in launches else None,
         )
         for k, r in zip(kernels, enclosing)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -21,6 +22,8 @@ from deepcomm.trace_analysis import (
     after_peer_arrival,
     analyze,
     exposed_spans,
+    launch_leads,
+    lead_by_stage,
     load_nsys_sqlite,
     load_torch_trace,
     load_trace,
@@ -201,7 +204,7 @@ def test_torch_and_nsys_give_the_same_records_and_report(tmp_path):
     def relative(records):
         origin = records[0].start_ns
         return [(r.name, r.start_ns - origin, r.end_ns - origin, r.stream, r.device, r.kind, r.layer,
-                 r.microbatch, r.stage) for r in records]
+                 r.microbatch, r.stage, r.launch_ns - origin) for r in records]
 
     assert relative(torch_records) == relative(nsys_records)
     assert analyze(torch_records) == analyze(nsys_records)
@@ -336,6 +339,55 @@ def test_comm_pattern_override(tmp_path):
     path = write_torch_trace(tmp_path / "t.json", MAIN)
     records = load_trace(path, comm_pattern="gemm")
     assert {r.name for r in records if r.kind == COMM} == {GEMM}
+
+
+# The host's lead: a dispatch queued 900 µs ahead, a combine launched 5 µs before it started (its stream had
+# waited for the host), a comm kernel whose launch the trace lost, and a compute kernel (not counted).
+LATE = Spec(
+    ranges=[(0, "L0/mb0/dispatch", 0, 50), (0, "L0/mb0/combine", 900, 1000), (0, "L0/mb1/dispatch", 1000, 1100)],
+    kernels=[
+        (DISPATCH, 900, 950, 20, 0, 0),
+        (GEMM, 905, 990, 7, 0, 10),
+        (COMBINE, 1000, 1050, 20, 0, 995),
+        (DISPATCH, 1060, 1070, 20, 0, None),
+        (DISPATCH, 1080, 1090, 20, 0, 1030),
+    ],
+)
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_launch_leads_say_where_the_stream_waited_for_the_host(tmp_path, fmt):
+    records = load_trace(WRITERS[fmt](tmp_path, LATE))
+    leads = [(r.stage, (r.start_ns - r.launch_ns) // 1000) for r in launch_leads(records)]
+    assert leads == [("combine", 5), ("dispatch", 50), ("dispatch", 900)]  # shortest first; no launch: left out
+    by_stage = lead_by_stage(records, short_ns=20_000)
+    assert list(by_stage) == ["dispatch", "combine"]  # in the order the stages' kernels first started
+    assert dataclasses.astuple(by_stage["dispatch"]) == (2, 50_000, 900_000, 0)
+    assert dataclasses.astuple(by_stage["combine"]) == (1, 5_000, 5_000, 1)
+    assert [r.name for r in launch_leads(records, kind=COMPUTE)] == [GEMM]
+    assert lead_by_stage([], short_ns=1) == {}
+
+
+def test_cli_lists_the_host_lead_of_comm_kernels(tmp_path, capsys):
+    path = str(write_torch_trace(tmp_path / "t.json", LATE))
+    overlap_report.main([path, "--launches", "1", "--json", str(tmp_path / "o.json")])
+    out = capsys.readouterr().out
+    assert "host lead of comm kernels (start - launch; under 20 µs the stream waited for the host)" in out
+    section = out[out.index("host lead"):].splitlines()
+    assert [line.split() for line in section[2:4]] == [["dispatch", "2", "50.0", "900.0", "0"],
+                                                       ["combine", "1", "5.0", "5.0", "1"]]
+    assert out.rstrip().endswith("5.0         100.0  L0/mb0/combine")  # the one launched latest, at 1000 µs
+    saved = json.loads((tmp_path / "o.json").read_text())["traces"][0]["launch_leads"]
+    assert saved["combine"] == {"kernels": 1, "min_ns": 5000, "median_ns": 5000, "short": 1}
+    overlap_report.main([path, "--launches", "0", "--short-lead", "60"])
+    out = capsys.readouterr().out
+    assert "under 60 µs" in out and "lead µs" not in out  # the table without the list
+    for bad in (["--launches", "-1"], ["--launches", "1", "--short-lead", "0"]):
+        with pytest.raises(SystemExit):
+            overlap_report.main([path, *bad])
+    spec = Spec([(0, "L0/mb0/attention", 0, 100)], [(GEMM, 1000, 1100, 7, 0, 10)])
+    overlap_report.main([str(write_torch_trace(tmp_path / "c.json", spec)), "--launches", "3"])
+    assert "no comm kernel with a recorded launch" in capsys.readouterr().out
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

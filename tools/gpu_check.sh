@@ -320,7 +320,7 @@ if step overlap; then
   if timeout ${OVERLAP_TIMEOUT:-420} python3 -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 tools/bench_overlap.py \
       ${OVERLAP_ARGS:-} --trace-dir "$OUT/overlap_traces" --json "$OUT/overlap_block.json" > "$OUT/overlap_block.log" 2>&1; then
     note "overlap block: ok"
-    python3 tools/overlap_report.py "$OUT"/overlap_traces/*.json --same-step --exposed 12 --stage-times \
+    python3 tools/overlap_report.py "$OUT"/overlap_traces/*.json --same-step --exposed 12 --stage-times --launches 8 \
       --png "$OUT/overlap_timeline.png" \
       > "$OUT/overlap_report.log" 2>&1 || note "overlap report: FAILED (see overlap_report.log)"
   else

@@ -13,6 +13,7 @@ A trace is a torch profiler Chrome trace (.json, .json.gz) or an Nsight Systems 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -35,6 +36,8 @@ from deepcomm.trace_analysis import (  # noqa: E402
     analyze,
     compute_time_by_stage,
     exposed_spans,
+    launch_leads,
+    lead_by_stage,
     load_trace,
     split_by_process,
 )
@@ -101,6 +104,25 @@ def format_stage_times(labels: list[str], records: list[list[KernelRecord]]) -> 
         name = "(outside ranges)" if stage is None else f"L{layer}/mb{microbatch}/{stage}"
         lines.append(f"{name:<22} " + " ".join(f"{_us(t.get((layer, microbatch, stage), 0)):>{width}}"
                                               for t in totals))
+    return "\n".join(lines)
+
+
+def format_leads(records: list[KernelRecord], count: int, short_us: float) -> str:
+    """The host's lead over the GPU for comm kernels: per stage, then the ``count`` launched latest."""
+    short_ns = round(short_us * 1000)
+    by_stage = lead_by_stage(records, short_ns)
+    if not by_stage:
+        return "no comm kernel with a recorded launch"
+    lines = [f"host lead of comm kernels (start - launch; under {short_us:g} µs the stream waited for the host):",
+             f"{'stage':<24} {'kernels':>8} {'min µs':>10} {'median µs':>10} {'under':>6}"]
+    for stage, stats in by_stage.items():
+        lines.append(f"{stage:<24} {stats.kernels:>8} {_us(stats.min_ns):>10} {_us(stats.median_ns):>10} "
+                     f"{stats.short:>6}")
+    if count:
+        origin = min(r.start_ns for r in records)
+        lines.append(f"{'lead µs':>9} {'starts at µs':>13}  kernel")
+        for r in launch_leads(records)[:count]:
+            lines.append(f"{_us(r.start_ns - r.launch_ns):>9} {_us(r.start_ns - origin):>13}  {_label(r)}")
     return "\n".join(lines)
 
 
@@ -251,6 +273,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exposed", type=int, default=0, metavar="N",
                         help="list each trace's N longest stretches of comm time no compute covered (with "
                              "--same-step, counted from the peer's arrival)")
+    parser.add_argument("--launches", type=int, default=None, metavar="N",
+                        help="the host's lead over the GPU per comm stage (how long before a kernel started it "
+                             "was launched) and the N comm kernels launched latest: is the host setting the pace?")
+    parser.add_argument("--short-lead", type=float, default=20.0, metavar="US",
+                        help="with --launches, a lead under this many µs counts as the stream waiting for the host "
+                             "(default: %(default)s)")
     parser.add_argument("--stage-times", action="store_true",
                         help="compute-kernel time per layer, micro-batch and stage, one column per trace")
     limit = parser.add_mutually_exclusive_group()
@@ -265,6 +293,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--comm-pattern: {err}")
     if args.exposed < 0:
         parser.error(f"--exposed: must be >= 0, got {args.exposed}")
+    if args.launches is not None and args.launches < 0:
+        parser.error(f"--launches: must be >= 0, got {args.launches}")
+    if not args.short_lead > 0:
+        parser.error(f"--short-lead: must be a positive number of µs, got {args.short_lead}")
     if args.rank_label is None:
         args.rank_label = args.traces
     elif len(args.rank_label) != len(args.traces):
@@ -325,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
         shown = arrived if arrived is not None else [records for _, records, _ in traces]
         for (label, _, _), records in zip(traces, shown):
             print(f"== {label}: " + format_exposed(records, args.exposed))
+    if args.launches is not None:
+        for label, records, _ in traces:
+            print(f"== {label}: " + format_leads(records, args.launches, args.short_lead))
     if args.stage_times:
         print(format_stage_times([label for label, _, _ in traces], [records for _, records, _ in traces]))
     if args.json:
@@ -332,8 +367,11 @@ def main(argv: list[str] | None = None) -> None:
             return None if found is None else {"label": found[0], "share": found[1]}
 
         with open(args.json, "w") as f:
-            json.dump({"traces": [{"label": label, "path": path, "layers": report.to_dict()}
-                                  for (label, _, report), path in zip(traces, paths)],
+            short_ns = round(args.short_lead * 1000)
+            json.dump({"traces": [{"label": label, "path": path, "layers": report.to_dict(),
+                                   "launch_leads": {stage: dataclasses.asdict(stats) for stage, stats
+                                                    in lead_by_stage(records, short_ns).items()}}
+                                  for (label, records, report), path in zip(traces, paths)],
                        "min_share": labelled(lowest), "min_share_after_peer_arrival": labelled(arrived_lowest)},
                       f, indent=1)
     if args.png:
