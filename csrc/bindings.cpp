@@ -188,6 +188,32 @@ PYBIND11_MODULE(_C, m) {
     return static_cast<int>(deepcomm::wait_notify(mailbox, call, timeout_s));
   }, py::arg("mailbox"), py::arg("call"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());
 
+  // What a dispatch reads after wait_notify, in one crossing (numpy slices and sums of the mailbox cost
+  // several µs of a decode-size call's host path): the first rank that passed invalid expert ids (-1: none)
+  // and how many, the rows each rank receives, the rows this rank receives from each rank, and its entries
+  // per local expert.
+  intra.def("read_counts", [](uintptr_t mailbox, int num_ranks, int rank, int experts_per_rank) {
+    DC_CHECK_ARG(num_ranks > 0 && num_ranks <= in::kMaxRanks, "num_ranks: in [1, " + std::to_string(in::kMaxRanks) + "]");
+    DC_CHECK_ARG(rank >= 0 && rank < num_ranks, "rank: in [0, num_ranks)");
+    DC_CHECK_ARG(experts_per_rank >= 0 && experts_per_rank <= in::kMaxExperts,
+                 "experts_per_rank: in [0, " + std::to_string(in::kMaxExperts) + "]");
+    DC_CHECK_ARG(mailbox != 0, "mailbox: a null address");
+    const auto* box = as_ptr<const in::HostMailbox>(mailbox);
+    int invalid_rank = -1;
+    for (int r = 0; r < num_ranks && invalid_rank < 0; ++r)
+      if (box->invalid_ids[r] != 0) invalid_rank = r;
+    py::list totals(num_ranks), from_ranks(num_ranks), per_expert(experts_per_rank);
+    for (int r = 0; r < num_ranks; ++r) {
+      int64_t rows = 0;
+      for (int src = 0; src < num_ranks; ++src) rows += box->tokens_matrix[src][r];
+      totals[r] = rows;                            // rows rank r receives
+      from_ranks[r] = box->tokens_matrix[r][rank];  // rows this rank receives from rank r
+    }
+    for (int e = 0; e < experts_per_rank; ++e) per_expert[e] = box->recv_tokens_per_expert[e];
+    return py::make_tuple(invalid_rank, invalid_rank < 0 ? 0 : box->invalid_ids[invalid_rank], totals, from_ranks,
+                          per_expert);
+  }, py::arg("mailbox"), py::arg("num_ranks"), py::arg("rank"), py::arg("experts_per_rank"));
+
   py::class_<in::Context>(intra, "Context")
       .def(py::init([](const std::vector<uintptr_t>& regions, int rank, int num_slots, int64_t slot_bytes,
                        uintptr_t mailbox, int64_t timeout_ns) {

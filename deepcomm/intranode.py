@@ -31,7 +31,7 @@ from deepcomm.errors import CommunicationError
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
     DispatchScratch, MailboxErrors, ReceiveSlots, RoutingSource, ScratchRouting, SlotViews, blocks_of, call_shape,
-    check_invalid_ids, check_kernel_dispatch, check_slot_sizes, misaligned_rows, recv_layout, recv_row_shape,
+    check_kernel_dispatch, check_slot_sizes, invalid_ids_error, misaligned_rows, recv_layout, recv_row_shape,
 )
 from deepcomm.landing import ChunkCounts, PushPlan, push_plan
 from deepcomm.layout import launch_dispatch_layout
@@ -165,13 +165,14 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
         self.buffer[: self.kernels.DATA_OFFSET].zero_()
         self._slots = SlotViews.of_slots(self.buffer, self.kernels.DATA_OFFSET, self.slot_bytes, config.num_recv_slots)
         self.mailbox = torch.zeros(self.kernels.MAILBOX_BYTES // 8, dtype=torch.int64, pin_memory=True)
-        # numpy views of the mailbox: reading them costs no torch dispatch.
+        # A dispatch reads its counts in one extension call (read_counts); numpy views of the mailbox for the
+        # error words (MailboxErrors) and the token matrix a pushing combine plans from.
+        self._mailbox_address = self.mailbox.data_ptr()
         mailbox = self._mailbox_words = self.mailbox.numpy()
         max_ranks, kernels = self.kernels.MAX_RANKS, self.kernels
         self._tokens_matrix = mailbox[kernels.MAILBOX_TOKENS_MATRIX :][: max_ranks * max_ranks].reshape(max_ranks,
                                                                                                     max_ranks)
         self._invalid_ids = mailbox[kernels.MAILBOX_INVALID_IDS :][:max_ranks]
-        self._recv_per_expert = mailbox[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
         torch.cuda.synchronize(self.device)
         self._peers, regions = open_peer_buffers(self.buffer, group, topology.rank, range(world))
         self.ctx = self.kernels.Context(
@@ -267,17 +268,19 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
                 return self._finish(result, scratch, num_recv_tokens, call, event, routing)
             self._spare_scratch = self._new_scratch(num_tokens, num_experts)
             self._wait_notify(call)
-            matrix = self._tokens_matrix[:world, :world]
-            check_invalid_ids(self._invalid_ids[:world], num_experts)
-            totals = matrix.sum(axis=0).tolist()
+            culprit, invalid, totals, from_ranks, per_expert = self.kernels.read_counts(
+                self._mailbox_address, world, rank, experts_per_rank)
+            if culprit >= 0:
+                raise invalid_ids_error(culprit, invalid, num_experts)
             # Every rank sees the same counts: on overflow the kernels wrote nothing and every rank raises.
             own_layout = check_slot_sizes(totals, payload, hidden, num_topk, self.slot_bytes, rank)
             result = self._views(slot, own_layout, totals[rank], hidden, num_topk, payload,
                                  scratch.recv_per_expert)
-            result.num_recv_tokens_per_rank = matrix[:, rank].tolist()
-            result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
+            result.num_recv_tokens_per_rank = from_ranks
+            result.num_recv_tokens_per_expert_list = per_expert
             # Kept past the next notify (which rewrites the mailbox) only where a combine may push.
-            pushable = matrix.copy() if self.config.push_combine_min_bytes is not None else None
+            pushable = (self._tokens_matrix[:world, :world].copy() if self.config.push_combine_min_bytes is not None
+                        else None)
             return self._finish(result, scratch, totals[rank], call, event, routing, pushable)
 
     def _new_scratch(self, num_tokens: int, num_experts: int) -> DispatchScratch:

@@ -301,10 +301,14 @@ def check_slot_sizes(totals: list[int], payload: int, hidden: int, num_topk: int
 
 def check_invalid_ids(invalid: np.ndarray, num_experts: int) -> None:
     if invalid.any():
-        # Every rank sees every rank's count: all raise, none dispatched.
         culprit = int(invalid.nonzero()[0][0])
-        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
-                         f"passed {int(invalid[culprit])} invalid ids")
+        raise invalid_ids_error(culprit, int(invalid[culprit]), num_experts)
+
+
+def invalid_ids_error(culprit: int, count: int, num_experts: int) -> ValueError:
+    # Every rank sees every rank's count: all raise, none dispatched.
+    return ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = no expert); rank {culprit} "
+                      f"passed {count} invalid ids")
 
 
 def mailbox_failure(words: np.ndarray, rank: int, timeout_s: float, invalid: np.ndarray) -> CommunicationError | None:

@@ -176,3 +176,39 @@ def test_a_call_shape_word_tells_every_field_apart():
         kc.call_shape(**(base | dict(hidden=1 << 24)))
     with pytest.raises(ValueError, match="^num_sms: -1 does not fit"):
         kc.call_shape(**(base | dict(num_blocks=-1)))
+
+
+@needs_extension
+def test_read_counts_gives_what_the_numpy_views_of_the_mailbox_give():
+    """intranode.read_counts (host memory only): the counts a dispatch reads after its notify wait."""
+    from deepcomm.kernel_common import invalid_ids_error
+
+    kernels = _ext.extension().intranode
+    max_ranks, world, rank, experts_per_rank = kernels.MAX_RANKS, 4, 2, 32
+    words = np.zeros(kernels.MAILBOX_BYTES // 8, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    matrix = words[kernels.MAILBOX_TOKENS_MATRIX :][: max_ranks * max_ranks].reshape(max_ranks, max_ranks)
+    matrix[:] = rng.integers(0, 1000, matrix.shape)  # beyond the world too: must be left out
+    per_expert = words[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
+    per_expert[:] = rng.integers(0, 50, per_expert.shape)
+    invalid = words[kernels.MAILBOX_INVALID_IDS :][:max_ranks]
+    invalid[world:] = 7  # outside the world: not a culprit
+    address = words.ctypes.data
+
+    culprit, count, totals, from_ranks, experts = kernels.read_counts(address, world, rank, experts_per_rank)
+    assert (culprit, count) == (-1, 0)
+    assert totals == matrix[:world, :world].sum(axis=0).tolist()
+    assert from_ranks == matrix[:world, rank].tolist()
+    assert experts == per_expert[:experts_per_rank].tolist()
+
+    invalid[1], invalid[3] = 5, 2
+    culprit, count, *_ = kernels.read_counts(address, world, rank, experts_per_rank)
+    assert (culprit, count) == (1, 5)
+    assert "rank 1 passed 5 invalid ids" in str(invalid_ids_error(culprit, count, 256))
+    bad = (((0, 0, 1), "num_ranks"), ((max_ranks + 1, 0, 1), "num_ranks"), ((world, world, 1), "rank"),
+           ((world, 0, -1), "experts_per_rank"), ((world, 0, kernels.MAX_EXPERTS + 1), "experts_per_rank"))
+    for args, name in bad:
+        with pytest.raises(ValueError, match=name):
+            kernels.read_counts(address, *args)
+    with pytest.raises(ValueError, match="mailbox"):
+        kernels.read_counts(0, world, rank, experts_per_rank)

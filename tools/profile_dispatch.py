@@ -111,10 +111,18 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
             pass
 
     def counts():
-        matrix = impl._tokens_matrix[:world, :world]
+        impl.kernels.read_counts(impl._mailbox_address, world, rank, num_experts // world)
+
+    # How the counts were read before read_counts (numpy views of the mailbox), for comparison in one process.
+    words, kernels = impl._mailbox_words, impl.kernels
+    numpy_matrix = words[kernels.MAILBOX_TOKENS_MATRIX :][: kernels.MAX_RANKS ** 2].reshape(kernels.MAX_RANKS, -1)
+    numpy_per_expert = words[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
+
+    def counts_numpy():
+        matrix = numpy_matrix[:world, :world]
         check_invalid_ids(impl._invalid_ids[:world], num_experts)
         matrix.sum(axis=0).tolist(), matrix[:, rank].tolist()
-        impl._recv_per_expert[: num_experts // world].tolist()
+        numpy_per_expert[: num_experts // world].tolist()
 
     def finish():
         caller = CallerStream(device.index)
@@ -134,7 +142,8 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
             scratch.ptr["send_pos"]),
         # A stream ordered after itself returns at once: the cost of crossing into the extension.
         "an extension call (no work)": lambda: extension.order_streams(stream.cuda_stream, stream.cuda_stream),
-        "counts from the mailbox (numpy)": counts,
+        "counts from the mailbox (read_counts)": counts,
+        "the same by numpy views (before read_counts)": counts_numpy,
         "check_slot_sizes": lambda: check_slot_sizes(totals, kind, hidden, num_topk, impl.slot_bytes, rank),
         "result views": lambda: impl._views(0, layout, num_tokens, hidden, num_topk, kind, scratch.recv_per_expert),
         "RoutingSource + handle": lambda: IntranodeHandle(num_tokens, hidden, num_tokens, scratch, 1, id(impl),
@@ -150,7 +159,7 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
 # What --host-split stamps inside an intranode dispatch: methods of the communicator, the names its
 # module calls, and the kernel launches of its extension context (entry and exit of each).
 STAMPED_METHODS = ("_take_scratch", "_new_scratch", "_wait_notify", "_views", "_finish")
-STAMPED_FUNCTIONS = ("launch_dispatch_layout", "hand_back", "check_invalid_ids", "check_slot_sizes")
+STAMPED_FUNCTIONS = ("launch_dispatch_layout", "hand_back", "check_slot_sizes")
 STAMPED_LAUNCHES = ("notify", "dispatch")
 
 
