@@ -147,7 +147,7 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
         "check_slot_sizes": lambda: check_slot_sizes(totals, kind, hidden, num_topk, impl.slot_bytes, rank),
         "result views": lambda: impl._views(0, layout, num_tokens, hidden, num_topk, kind, scratch.recv_per_expert),
         "RoutingSource + handle": lambda: IntranodeHandle(num_tokens, hidden, num_tokens, scratch, 1, id(impl),
-                                                          RoutingSource.of(topk_idx, num_experts, 1)),
+                                                          RoutingSource.of(topk_idx, num_experts, 1), None),
         "hand_back (record_stream, event, order)": finish,
         "EventHandle.record alone": lambda: EventHandle.record(device, stream),
     }
