@@ -337,14 +337,17 @@ def launch_leads(records: Iterable[KernelRecord], kind: str = COMM) -> list[Kern
     (or a profiler's overhead) delays it. Communication kernels launched that late start late on one rank
     and keep the others' kernels spinning.
     """
-    timed = [r for r in records if r.kind == kind and r.launch_ns is not None]
-    return sorted(timed, key=lambda r: (r.start_ns - r.launch_ns, r.start_ns))
+    return sorted(_launched(records, kind), key=lambda r: (r.start_ns - r.launch_ns, r.start_ns))
+
+
+def _launched(records: Iterable[KernelRecord], kind: str) -> list[KernelRecord]:
+    return [r for r in records if r.kind == kind and r.launch_ns is not None]
 
 
 def lead_by_stage(records: Iterable[KernelRecord], short_ns: int, kind: str = COMM) -> dict[str, LeadStats]:
     """:class:`LeadStats` per stage name ("(outside ranges)" for the unattributed), in first-start order."""
     leads: dict[str, list[int]] = defaultdict(list)
-    for r in sorted(launch_leads(records, kind), key=lambda r: r.start_ns):
+    for r in sorted(_launched(records, kind), key=lambda r: r.start_ns):
         leads[r.stage if r.stage is not None else "(outside ranges)"].append(r.start_ns - r.launch_ns)
     stats = {}
     for stage, values in leads.items():

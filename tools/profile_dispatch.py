@@ -114,12 +114,10 @@ def time_dispatch_parts(comm, payload, scales, topk_idx, weights, num_experts: i
         impl.kernels.read_counts(impl._mailbox_address, world, rank, num_experts // world)
 
     # How the counts were read before read_counts (numpy views of the mailbox), for comparison in one process.
-    words, kernels = impl._mailbox_words, impl.kernels
-    numpy_matrix = words[kernels.MAILBOX_TOKENS_MATRIX :][: kernels.MAX_RANKS ** 2].reshape(kernels.MAX_RANKS, -1)
-    numpy_per_expert = words[kernels.MAILBOX_RECV_PER_EXPERT :][: kernels.MAX_EXPERTS]
+    numpy_per_expert = impl._mailbox_words[impl.kernels.MAILBOX_RECV_PER_EXPERT :][: impl.kernels.MAX_EXPERTS]
 
     def counts_numpy():
-        matrix = numpy_matrix[:world, :world]
+        matrix = impl._tokens_matrix[:world, :world]
         check_invalid_ids(impl._invalid_ids[:world], num_experts)
         matrix.sum(axis=0).tolist(), matrix[:, rank].tolist()
         numpy_per_expert[: num_experts // world].tolist()
