@@ -62,6 +62,21 @@ __device__ __forceinline__ SignalRegion* signals_of(const Context& ctx, int rank
   return reinterpret_cast<SignalRegion*>(ctx.regions[rank]);
 }
 
+// End of a kernel that touched peers' memory: every block adds 1 to its counter (this rank's entry of
+// `counter`) in every peer, then block 0 waits until every peer's blocks have counted here, so the
+// kernel ends only when no peer still writes into or reads from this rank. Every thread calls this.
+__device__ __forceinline__ void count_blocks_everywhere(const Context& ctx, uint64_t (SignalRegion::*counter)[kMaxRanks],
+                                                        uint64_t expected, int64_t stage) {
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  __threadfence_system();
+  for (int peer = 0; peer < ctx.num_ranks; ++peer)
+    ptx::add_release_sys(&(signals_of(ctx, peer)->*counter)[ctx.rank], 1);
+  if (blockIdx.x == 0)
+    wait_for_peers(signals_of(ctx, ctx.rank)->*counter, ctx.num_ranks, expected, ctx.timeout_ns, &ctx.mailbox->header,
+                   stage);
+}
+
 __device__ __forceinline__ uint8_t* slot_of(const Context& ctx, int rank, int slot) {
   return ctx.regions[rank] + kDataOffset + static_cast<int64_t>(slot) * ctx.slot_bytes;
 }
@@ -272,15 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(Context ctx, Disp
     }
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int peer = 0; peer < num_ranks; ++peer)
-      ptx::add_release_sys(&signals_of(ctx, peer)->dispatch_arrived[ctx.rank], 1);
-    if (blockIdx.x == 0)
-      wait_for_peers(signals_of(ctx, ctx.rank)->dispatch_arrived, num_ranks, args.arrivals_expected, ctx.timeout_ns,
-                     &ctx.mailbox->header, kStageDispatch);
-  }
+  count_blocks_everywhere(ctx, &SignalRegion::dispatch_arrived, args.arrivals_expected, kStageDispatch);
 }
 
 // --------------------------------------------------------------- combine
@@ -327,17 +334,11 @@ __device__ __forceinline__ bool wait_landed(const Context& ctx, const Landing& l
     const uint32_t needed =
         landing.chunks_before[lane] + static_cast<uint32_t>((position - send_base[lane]) / landing.chunk_rows[lane]) + 1;
     // Counts wrap after 2^32 chunks: compare by difference.
-    if (static_cast<int32_t>(seen - needed) < 0) {
-      const uint32_t* count = &signals_of(ctx, ctx.rank)->chunks_landed[lane];
-      const uint64_t start = ptx::global_timer_ns();
-      while (static_cast<int32_t>((seen = ptx::load_acquire_sys(count)) - needed) < 0) {
-        if (static_cast<int64_t>(ptx::global_timer_ns() - start) > ctx.timeout_ns) {
-          report_error(&ctx.mailbox->header, kErrorTimeout, kStageCombineLanded, lane);
-          landed = false;
-          break;
-        }
-      }
-    }
+    const auto covers = [needed](uint32_t count) { return static_cast<int32_t>(count - needed) >= 0; };
+    if (!covers(seen))
+      landed = wait_until(&signals_of(ctx, ctx.rank)->chunks_landed[lane],
+                          [&seen, covers](uint32_t count) { return covers(seen = count); }, ctx.timeout_ns,
+                          &ctx.mailbox->header, kStageCombineLanded, lane);
   }
   const bool all_landed = __all_sync(0xffffffffu, landed);
   // The other lanes read the rows this lane saw land: the warp barrier orders them after its acquire.
@@ -429,17 +430,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(Context ctx, Combi
       }
     }
   }
-  if constexpr (!kPushed) {  // a push reads no peer's memory: nobody waits for it to finish
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      for (int peer = 0; peer < num_ranks; ++peer)
-        ptx::add_release_sys(&signals_of(ctx, peer)->combine_done[ctx.rank], 1);
-      if (blockIdx.x == 0)
-        wait_for_peers(own->combine_done, num_ranks, args.done_expected, ctx.timeout_ns, &ctx.mailbox->header,
-                       kStageCombineDone);
-    }
-  }
+  // A push reads no peer's memory: nobody waits for it to finish.
+  if constexpr (!kPushed) count_blocks_everywhere(ctx, &SignalRegion::combine_done, args.done_expected, kStageCombineDone);
 }
 
 template <bool kPushed>

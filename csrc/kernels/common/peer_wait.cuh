@@ -20,8 +20,9 @@ __device__ inline void report_error(MailboxHeader* mailbox, int64_t code, int64_
 
 // Spins until ready(value of *flag) holds; one thread calls this. Returns
 // false (after reporting `peer` and `stage`) when the timeout passes first.
-template <typename Ready>
-__device__ inline bool wait_until(const uint64_t* flag, Ready ready, int64_t timeout_ns, MailboxHeader* mailbox,
+// Word is uint64_t (counters) or uint32_t (counts that wrap).
+template <typename Word, typename Ready>
+__device__ inline bool wait_until(const Word* flag, Ready ready, int64_t timeout_ns, MailboxHeader* mailbox,
                                   int64_t stage, int peer) {
   if (ready(ptx::load_acquire_sys(flag))) return true;
   const uint64_t start = ptx::global_timer_ns();
