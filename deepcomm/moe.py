@@ -349,19 +349,39 @@ class MoELayer(nn.Module):
         """
         self._check_tokens(x2d)
         topk_idx, topk_weights = self.route(x2d)
-        received = self.comm.low_latency_dispatch(x2d.to(torch.bfloat16).contiguous(), topk_idx,
-                                                  self.config.num_experts,
-                                                  quantize_fp8=self.config.dispatch_dtype == "fp8",
-                                                  topk_weights=topk_weights)
+        received = self.decode_dispatch(x2d, topk_idx, topk_weights)
+        routed, _, _ = self.decode_combine(self.decode_experts(received), received.handle)
+        return routed.to(self.dtype) + self.shared(x2d)
+
+    # The steps of :meth:`decode`, for a scheduler that overlaps two micro-batches (deepcomm.overlap).
+
+    def decode_dispatch(self, x2d: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        previous_event: EventHandle | None = None, async_finish: bool = False,
+                        return_recv_hook: bool = False):
+        """The low-latency dispatch of :meth:`decode`: the weights travel with the rows (the owners sum)."""
+        return self.comm.low_latency_dispatch(x2d.to(torch.bfloat16).contiguous(), topk_idx, self.config.num_experts,
+                                              quantize_fp8=self.config.dispatch_dtype == "fp8",
+                                              previous_event=previous_event, async_finish=async_finish,
+                                              return_recv_hook=return_recv_hook, topk_weights=topk_weights)
+
+    def decode_experts(self, received) -> torch.Tensor:
+        """bf16 ``[E_local, rows per expert, H]``: every local expert over its whole receive region."""
         rows = received.x
         if received.x_scales is not None:  # fp8 rows: dequantised per 128-channel block
             blocks = rows.float().unflatten(-1, (-1, BLOCK_CHANNELS)) * received.x_scales.unsqueeze(-1)
             rows = blocks.flatten(-2)
         rows = rows.to(self.dtype)
         out = torch.bmm(_swiglu(torch.bmm(rows, self.w_gate_up)), self.w_down)  # [E_local, rows, H]
-        # The owners' sums read the experts' outputs from any memory of this rank: no copy into the receive area.
-        routed = self.comm.low_latency_combine(out.to(torch.bfloat16).contiguous(), None, received.handle)
-        return routed.to(self.dtype) + self.shared(x2d)
+        return out.to(torch.bfloat16).contiguous()
+
+    def decode_combine(self, expert_out: torch.Tensor, handle, previous_event: EventHandle | None = None,
+                       async_finish: bool = False, return_recv_hook: bool = False):
+        """The low-latency combine of :meth:`decode`: ``(routed [T, H] bf16, event, hook)``. The owners' sums
+        read the experts' outputs from any memory of this rank: no copy into the receive area."""
+        if not async_finish and not return_recv_hook and previous_event is None:
+            return self.comm.low_latency_combine(expert_out, None, handle), None, None
+        return self.comm.low_latency_combine_async(expert_out, None, handle, previous_event=previous_event,
+                                                   return_recv_hook=return_recv_hook)
 
 
 # -- the block and the model ----------------------------------------------------------
@@ -418,6 +438,13 @@ class TransformerBlock(nn.Module):
         h = self.attend(x)
         x2d = self.moe_input(h)
         return self.finish(h, self.moe.routed(x2d), self.moe.shared(x2d))
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the MoE layer through the low-latency mode (:meth:`MoELayer.decode`): no host
+        wait. Attention keeps no cache: it runs over the ``S`` tokens of ``x [B, S, H]`` alone."""
+        h = self.attend(x)
+        return h + self.moe.decode(self.moe_input(h)).view(h.shape)
 
 
 class MoEModel(nn.Module):

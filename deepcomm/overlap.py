@@ -321,17 +321,72 @@ def block_stages(block, layer: int) -> list[Stage]:
             Stage(layer, "shared", COMPUTE, shared, waits_for_comm=False), Stage(layer, "finish", COMPUTE, finish)]
 
 
-def model_stages(blocks) -> list[Stage]:
-    """Blocks stacked into one stage list: micro-batch B's finish of layer l overlaps A's next layer."""
+class _ReceiveHook:
+    """A low-latency call's receive hook where the scheduler expects an event: waiting queues the receive
+    (on the communication stream, now) and makes the current stream wait for it."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Callable[[], EventHandle]) -> None:
+        self.hook = hook
+
+    def wait(self) -> None:
+        self.hook()
+
+
+def decode_block_stages(block, layer: int, recv_hooks: bool = True) -> list[Stage]:
+    """:func:`block_stages` for inference through the low-latency mode (:meth:`TransformerBlock.decode`).
+
+    The same six stages; dispatch and combine are the low-latency calls, the weights sent with the
+    rows (the owners sum). ``recv_hooks``: each call only sends when its stage runs; its receive is
+    queued by the micro-batch's next stage that reads the result, so between the two no SM waits for
+    the peers while the other micro-batch computes. Without them each call's kernel sends, waits and
+    receives on the communication stream in one launch.
+    """
+    moe = block.moe
+    stages = block_stages(block, layer)
+
+    def pending(event, hook):
+        return _ReceiveHook(hook) if recv_hooks else event
+
+    def dispatch(state: dict) -> None:
+        received = moe.decode_dispatch(state["moe_in"], state.pop("topk_idx"), state.pop("topk_weights"),
+                                       previous_event=state.pop(READY, None), async_finish=True,
+                                       return_recv_hook=recv_hooks)
+        state["received"], state[PENDING] = received, pending(received.event, received.hook)
+
+    def experts(state: dict) -> None:
+        state["expert_out"] = moe.decode_experts(state["received"])
+
+    def combine(state: dict) -> None:
+        routed, event, hook = moe.decode_combine(state.pop("expert_out"), state.pop("received").handle,
+                                                 previous_event=state.pop(READY, None), async_finish=True,
+                                                 return_recv_hook=recv_hooks)
+        state["routed"], state[PENDING] = routed, pending(event, hook)
+
+    replaced = {"dispatch": dispatch, "experts": experts, "combine": combine}
+    return [dataclasses.replace(stage, run=replaced.get(stage.name, stage.run)) for stage in stages]
+
+
+def model_stages(blocks, low_latency: bool = False, recv_hooks: bool = True) -> list[Stage]:
+    """Blocks stacked into one stage list: micro-batch B's finish of layer l overlaps A's next layer.
+    ``low_latency``: :func:`decode_block_stages` (with ``recv_hooks``) instead of :func:`block_stages`."""
+    if low_latency:
+        return [stage for layer, block in enumerate(blocks) for stage in decode_block_stages(block, layer, recv_hooks)]
     return [stage for layer, block in enumerate(blocks) for stage in block_stages(block, layer)]
 
 
 def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2, sizes: list[int] | None = None,
-                   compute_sms: int | None = None) -> tuple[torch.Tensor, OverlapScheduler]:
+                   compute_sms: int | None = None, low_latency: bool = False,
+                   recv_hooks: bool = True) -> tuple[torch.Tensor, OverlapScheduler]:
     """``x [B, S, H]`` through ``blocks`` as micro-batches split along B (uneven or empty allowed).
 
     ``compute_sms``: cap on the SMs matmuls use meanwhile (:func:`compute_sm_limit`); give
     them what the communication kernels (``Communicator.num_sms``) leave.
+
+    ``low_latency``: inference through the low-latency mode (the blocks' ``decode``; their
+    communicator needs ``low_latency=`` buffers, whose two receive areas hold the two micro-batches'
+    results), with ``recv_hooks`` (:func:`decode_block_stages`). Not for training.
 
     Returns the output ``[B, S, H]`` and the scheduler (call ``.backward()`` on it after
     ``loss.backward()`` when training; the output is then a leaf that collects the loss gradient).
@@ -345,7 +400,12 @@ def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2, sizes: l
             or sum(sizes) != x.shape[0] or min(sizes) < 0):
         raise ValueError(f"sizes: expected {num_micro_batches} non-negative sizes summing to {x.shape[0]}, "
                          f"got {sizes}")
-    scheduler = OverlapScheduler(model_stages(blocks), num_micro_batches, compute_sms)
+    if low_latency and torch.is_grad_enabled():
+        raise RuntimeError("low_latency: the low-latency mode is for inference; run under torch.no_grad()")
+    if low_latency and num_micro_batches > 2:
+        raise ValueError(f"num_micro_batches: the low-latency mode's two receive areas hold at most 2 micro-batches "
+                         f"in flight, got {num_micro_batches}")
+    scheduler = OverlapScheduler(model_stages(blocks, low_latency, recv_hooks), num_micro_batches, compute_sms)
     outputs = scheduler.forward([{"x": part} for part in torch.split(x, sizes, dim=0)], output="x")
     if torch.is_grad_enabled():
         # One leaf over the whole batch, so the caller's loss is over [B, S, H] as for the plain model.

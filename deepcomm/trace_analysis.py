@@ -27,14 +27,18 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# deepcomm's kernels live in (anonymous namespaces inside) deepcomm::intranode / deepcomm::internode;
-# matching the namespace keeps other libraries' "combine_kernel"s out. NCCL kernels are extern names.
-# Profilers show them demangled ("deepcomm::intranode::(anonymous namespace)::combine_kernel(...)") or,
-# for kernels in anonymous namespaces, as nvcc's static mangled names ("__nv_static_..._ZN8deepcomm9intranode
+# deepcomm's kernels live in (anonymous namespaces inside) deepcomm::intranode / deepcomm::internode /
+# deepcomm::low_latency; matching the namespace keeps other libraries' "combine_kernel"s out. NCCL kernels
+# are extern names. Profilers show them demangled ("deepcomm::intranode::(anonymous namespace)::combine_kernel(...)")
+# or, for kernels in anonymous namespaces, as nvcc's static mangled names ("__nv_static_..._ZN8deepcomm9intranode
 # ..._GLOBAL__N__...14combine_kernelE..."): both forms count.
+_NORMAL_KERNELS = r"(?:notify|dispatch|combine(?:_ready)?)_kernel"
+_LOW_LATENCY_KERNELS = r"(?:dispatch|combine_(?:send|recv|owner)|stage_outputs)_kernel"
 COMM_PATTERN = (
-    r"deepcomm::(?:intra|inter)node::.*?\b(?:notify|dispatch|combine(?:_ready)?)_kernel\b"
-    r"|_ZN8deepcomm9(?:intra|inter)node.*?\d(?:notify|dispatch|combine(?:_ready)?)_kernel"
+    rf"deepcomm::(?:intra|inter)node::.*?\b{_NORMAL_KERNELS}\b"
+    rf"|deepcomm::low_latency::.*?\b{_LOW_LATENCY_KERNELS}\b"
+    rf"|_ZN8deepcomm9(?:intra|inter)node.*?\d{_NORMAL_KERNELS}"
+    rf"|_ZN8deepcomm11low_latency.*?\d{_LOW_LATENCY_KERNELS}"
     r"|^(?:void )?nccl(?:Dev)?Kernel"
 )
 

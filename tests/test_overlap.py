@@ -336,7 +336,12 @@ def test_train_moe_loss_curves_match_with_and_without_overlap(tmp_path):
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
-def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_path):
+@pytest.mark.parametrize("mode, arguments", [
+    ("normal", ["--tokens", "64", "--seq", "16", "--split", "3,1"]),
+    ("decode (low-latency, receive hooks)", ["--decode", "--tokens", "4", "--split", "3,1"]),
+    ("decode (low-latency, no hooks)", ["--decode", "--no-hooks", "--tokens", "8", "--seq", "2", "--split", "3,1"]),
+])
+def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_path, mode, arguments):
     """tools/bench_overlap.py end to end on the reference path: 2 ranks, 2 small blocks, 3 traced steps."""
     import json
     import os
@@ -346,13 +351,13 @@ def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_pa
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     bench = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_overlap.py")
     command = [sys.executable, "-m", "deepcomm.launch", "--standalone", "--nproc-per-node", "2", bench, "--small",
-               "--tokens", "64", "--seq", "16", "--layers", "2", "--iters", "1", "--warmup", "0",
-               "--trace-steps", "3", "--trace-dir", "traces", "--json", "block.json", "--split", "3,1",
-               "--experts", "4"]
+               *arguments, "--layers", "2", "--iters", "1", "--warmup", "0",
+               "--trace-steps", "3", "--trace-dir", "traces", "--json", "block.json", "--experts", "4"]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "deepcomm block bench: device=cpu ranks=2 backend=reference" in out.stdout
     assert "micro-batches=[3, 1] (sequences) layers=2 experts=4" in out.stdout
+    assert f"mode={mode} " in out.stdout
     result = json.loads((tmp_path / "block.json").read_text())
     assert result["sizes"] == [3, 1] and result["args"]["experts"] == 4
     assert set(result["rows_us"]) == {"plain", "overlapped", "compute only", "communication only"}
@@ -369,6 +374,7 @@ def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_pa
     (["--split", "a,b"], "--split: expected two comma-separated sequence counts"),
     (["--experts", "0"], "--experts: must be >= 1"),
     (["--experts", "2"], "--experts: num_topk: at most num_experts=2, got 3"),
+    (["--no-hooks"], "--no-hooks: only with --decode"),
 ])
 def test_block_bench_names_a_bad_argument(arguments, message):
     import os
@@ -379,3 +385,65 @@ def test_block_bench_names_a_bad_argument(arguments, message):
     out = subprocess.run([sys.executable, bench, "--small", "--tokens", "64", "--seq", "16", *arguments],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode in (1, 2) and message in out.stderr, out.stderr[-2000:]
+
+
+# ------------------------------------------- decode through the low-latency mode, over gloo, reference path
+
+
+def _decode_block_worker(rank: int, world_size: int, sizes_of_rank: list[list[int]], on_kernels: bool = False) -> None:
+    """The overlapped decode equals each micro-batch decoded alone, bit for bit: the same calls, in another order."""
+    import deepcomm
+    from deepcomm import moe
+
+    config = moe.tiny(num_experts=4 * world_size)
+    low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=config.moe.hidden,
+                                            num_experts=config.moe.num_experts, num_topk=config.moe.num_topk)
+    if on_kernels:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+        comm = deepcomm.Communicator(low_latency=low_latency, num_sms=4)
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        comm = deepcomm.Communicator(backend="reference", low_latency=low_latency)
+    blocks = [moe.TransformerBlock(config, comm, dtype=dtype, device=device, seed=layer) for layer in range(2)]
+    sizes = sizes_of_rank[rank]
+    x = torch.randn(sum(sizes), 1, config.moe.hidden, generator=torch.Generator().manual_seed(rank))
+    x = x.to(device, dtype)
+    with torch.no_grad():
+        # Plain: each micro-batch decoded alone, every layer (the same calls, one after the other).
+        expected = []
+        for part in torch.split(x, sizes):
+            for block in blocks:
+                part = block.decode(part)
+            expected.append(part)
+        expected = torch.cat(expected)
+        for recv_hooks in (True, False):
+            out, _ = overlap.run_overlapped(blocks, x, sizes=sizes, low_latency=True, recv_hooks=recv_hooks)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"recv_hooks={recv_hooks}")
+    with pytest.raises(RuntimeError, match="low_latency: the low-latency mode is for inference"):
+        overlap.run_overlapped(blocks, x, sizes=sizes, low_latency=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="num_micro_batches: the low-latency mode's two receive areas"):
+        overlap.run_overlapped(blocks, x, num_micro_batches=3, low_latency=True)
+    if on_kernels:
+        comm.check_errors()
+        comm.close()
+
+
+@pytest.mark.parametrize("world_size,sizes_of_rank", [
+    (2, [[3, 2], [1, 1]]),  # uneven splits
+    (2, [[2, 0], [0, 1]]),  # an empty micro-batch
+    (3, [[1, 2], [2, 2], [0, 0]]),  # a rank with no tokens
+])
+def test_overlapped_decode_equals_plain_decode_over_gloo(world_size, sizes_of_rank):
+    from dist import run_ranks
+
+    run_ranks(_decode_block_worker, world_size, sizes_of_rank)
+
+
+@pytest.mark.gpu
+def test_overlapped_decode_on_the_low_latency_kernels():
+    from dist import run_ranks
+    from kernel_checks import require_ranks
+
+    require_ranks(2)
+    run_ranks(_decode_block_worker, 2, [[3, 2], [0, 4]], True)

@@ -520,12 +520,21 @@ def test_comm_pattern_matches_demangled_and_nvcc_static_names_only():
         "__nv_static_34__91b1375f_12_internode_cu_d0a16e5b__ZN8deepcomm9internode45_GLOBAL__N__91b1375f_12_"
         "internode_cu_d0a16e5b13notify_kernelENS0_7ContextENS0_10NotifyArgsE",
         "ncclDevKernel_AllToAll_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+        # The low-latency mode's, both forms.
+        "_ZN8deepcomm11low_latency47_GLOBAL__N__f15305fc_14_low_latency_cu_6a66627215dispatch_kernelILNS_9"
+        "intranode7PayloadE0ELb1ELb0EEEvNS0_7ContextENS0_12DispatchArgsENS1_8ChunkingES6_",
+        "_ZN8deepcomm11low_latency47_GLOBAL__N__f15305fc_14_low_latency_cu_6a66627220combine_owner_kernelILb1ELb0E"
+        "ELb0EEEvNS0_7ContextENS0_11CombineArgsENS1_8ChunkingES5_",
+        "void deepcomm::low_latency::(anonymous namespace)::combine_recv_kernel<true, false>(x)",
+        "void deepcomm::low_latency::(anonymous namespace)::combine_send_kernel(deepcomm::low_latency::Context, int)",
+        "void deepcomm::low_latency::(anonymous namespace)::stage_outputs_kernel(x)",
     ]
     compute = [
         "__nv_static_30__7f6c90fb_9_layout_cu_10cbbe38__ZN8deepcomm41_GLOBAL__N__7f6c90fb_9_layout_cu_10cbbe38"
         "22dispatch_layout_kernelENS_18DispatchLayoutArgsE",
         "nvjet_sm90_tst_128x256_64x4_4x2_h_bz_coopA_NNN",
         "void other::combine_kernel(int)",
+        "void other::low_latency::combine_owner_kernel(int)",
     ]
     assert all(re.search(COMM_PATTERN, name) for name in comm)
     assert not any(re.search(COMM_PATTERN, name) for name in compute)

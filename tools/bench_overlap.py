@@ -16,6 +16,12 @@ all timed the same way (slowest rank's median, deepcomm.bench.Timer):
   residuals, with the dispatched rows and combined outputs taken from an earlier run, on every SM;
 - communication only: the same two micro-batches' dispatch and combine, nothing else.
 
+--decode runs an inference step through the low-latency mode instead (``TransformerBlock.decode``: no
+host wait; the two micro-batches' results in its two receive areas): --tokens new tokens a rank, one a
+sequence unless --seq says otherwise, attention over them alone (no KV cache). Each call only sends
+when its stage runs and its receive is queued by the stage that reads it (receive hooks: no SM waits for
+the peers in between); --no-hooks sends and receives in one kernel.
+
 Then --trace-steps overlapped steps are recorded with the torch profiler, and
 deepcomm.trace_analysis says which share of the communication kernels' time ran under compute
 kernels, in the median step (the same step on every rank), also counted from each call's last
@@ -37,13 +43,19 @@ from deepcomm import autograd, moe, overlap, trace_analysis
 from deepcomm.bench import Timer
 from deepcomm.communicator import Communicator
 from deepcomm.intranode import BufferConfig
+from deepcomm.low_latency import LowLatencyConfig
 from deepcomm.launch import destroy_distributed, init_distributed, mps_running
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (batch x sequence)")
-    parser.add_argument("--seq", type=int, default=1024, help="sequence length; batch = tokens / seq")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per rank (batch x sequence; default 4096, with --decode 128)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="sequence length; batch = tokens / seq (default 1024, with --decode 1)")
+    parser.add_argument("--decode", action="store_true", help="an inference step through the low-latency mode")
+    parser.add_argument("--no-hooks", dest="recv_hooks", action="store_false",
+                        help="with --decode: each call sends and receives in one kernel")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="test-size widths instead of DeepSeek-V3's")
     parser.add_argument("--experts", type=int, default=None,
@@ -66,6 +78,12 @@ def parse_args() -> argparse.Namespace:
                         help="also trace one run of every row and write per-kernel totals (trace-dir/kernels_rank*.txt)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
+    if args.tokens is None:
+        args.tokens = 128 if args.decode else 4096
+    if args.seq is None:
+        args.seq = 1 if args.decode else 1024
+    if not args.recv_hooks and not args.decode:
+        parser.error("--no-hooks: only with --decode")
     for name in ("seq", "layers", "iters", "trace_steps", "sms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
@@ -105,7 +123,9 @@ def main() -> None:
     # Without a GPU the same steps run on the reference path (a smoke test of the bench, not a benchmark).
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     hidden = config.moe.hidden
-    comm = Communicator(num_sms=args.sms, backend=args.backend,
+    low_latency = (LowLatencyConfig(max_tokens_per_rank=args.tokens, hidden=hidden, num_experts=config.moe.num_experts,
+                                    num_topk=config.moe.num_topk) if args.decode else None)
+    comm = Communicator(num_sms=args.sms, backend=args.backend, low_latency=low_latency,
                         buffer=BufferConfig(args.tokens, hidden, config.moe.num_topk))
     blocks = [moe.TransformerBlock(config, comm, dtype=torch.bfloat16, device=device, seed=layer)
               for layer in range(args.layers)]
@@ -113,7 +133,6 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(dist.get_rank())
     x = torch.randn(batch, args.seq, hidden, device=device, dtype=torch.bfloat16, generator=generator)
     sizes = args.split
-    parts = torch.split(x, sizes)
     device_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     if device_sms is None or args.compute_sms == 0:
         compute_sms = None
@@ -124,6 +143,26 @@ def main() -> None:
                              f"the default is those minus --sms {args.sms})")
     timer = Timer(device, args.warmup, args.iters)
 
+    with torch.no_grad():
+        steps = (decode_steps if args.decode else normal_steps)(blocks, x, sizes, compute_sms, args)
+        plain, overlapped = steps["plain"], steps["overlapped"]
+        assert torch.allclose(plain().float(), overlapped().float(), atol=0.1, rtol=0.05), "overlapped != plain"
+        rows = {name: timer(fn) for name, fn in steps.items()}
+        share = traced_share(overlapped, args.trace_dir, args.trace_steps)
+        if args.trace_rows:
+            write_kernel_totals(steps, args.trace_dir or "/tmp")
+
+    if dist.get_rank() == 0:
+        report(args, comm, rows, share, sizes, device_sms, compute_sms)
+    comm.close()
+    dist.barrier()  # nobody tears the group down while a peer still reports (close() does not, on the reference path)
+    destroy_distributed()
+
+
+def normal_steps(blocks, x, sizes, compute_sms, args) -> dict:
+    """The four rows of a training-style (normal mode) step; see the module's docstring."""
+    parts = torch.split(x, sizes)
+
     def plain():
         y = x
         for block in blocks:
@@ -133,54 +172,90 @@ def main() -> None:
     def overlapped():
         return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms)[0]
 
-    with torch.no_grad():
-        assert torch.allclose(plain().float(), overlapped().float(), atol=0.1, rtol=0.05), "overlapped != plain"
-        # What the compute-only and communication-only rows replay: one block's inputs per micro-batch.
-        block = blocks[0]
-        cached = []
-        for part in parts:
-            h = block.attend(part)
-            moe_in = block.moe_input(h)
-            topk_idx, topk_weights = block.moe.route(moe_in)
-            received = block.moe.dispatch(moe_in, topk_idx, topk_weights)
-            routed, _ = block.moe.combine(block.moe.experts(received), received.handle)
-            # The received rows live in a receive slot that later dispatches reuse: keep copies, without
-            # the handle (the experts then write a new tensor, as many bytes as into the slot).
-            received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone(),
-                                           handle=None)
-            cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
-                               routed=routed))
+    # What the compute-only and communication-only rows replay: one block's inputs per micro-batch.
+    block = blocks[0]
+    cached = []
+    for part in parts:
+        h = block.attend(part)
+        moe_in = block.moe_input(h)
+        topk_idx, topk_weights = block.moe.route(moe_in)
+        received = block.moe.dispatch(moe_in, topk_idx, topk_weights)
+        routed, _ = block.moe.combine(block.moe.experts(received), received.handle)
+        # The received rows live in a receive slot that later dispatches reuse: keep copies, without
+        # the handle (the experts then write a new tensor, as many bytes as into the slot).
+        received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone(),
+                                       handle=None)
+        cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
+                           routed=routed))
 
-        def compute_only():
-            for _ in blocks:
-                for part, c in zip(parts, cached):
-                    h = block.attend(part)
-                    moe_in = block.moe_input(h)
-                    block.moe.route(moe_in)
-                    shared = block.moe.shared(moe_in)
-                    block.moe.experts(c["received"])
-                    block.finish(h, c["routed"], shared)
+    def compute_only():
+        for _ in blocks:
+            for part, c in zip(parts, cached):
+                h = block.attend(part)
+                moe_in = block.moe_input(h)
+                block.moe.route(moe_in)
+                shared = block.moe.shared(moe_in)
+                block.moe.experts(c["received"])
+                block.finish(h, c["routed"], shared)
 
-        def communication_only():
-            for _ in blocks:
-                for c in cached:
-                    received = block.moe.dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
-                    # Combine reads the rows where the experts leave them; their values do not matter here.
-                    block.moe.combine(autograd.combine_input(block.moe.comm, received.handle), received.handle)
+    def communication_only():
+        for _ in blocks:
+            for c in cached:
+                received = block.moe.dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
+                # Combine reads the rows where the experts leave them; their values do not matter here.
+                block.moe.combine(autograd.combine_input(block.moe.comm, received.handle), received.handle)
 
-        rows = {name: timer(fn) for name, fn in [("plain", plain), ("overlapped", overlapped),
-                                                 ("compute only", compute_only),
-                                                 ("communication only", communication_only)]}
-        share = traced_share(overlapped, args.trace_dir, args.trace_steps)
-        if args.trace_rows:
-            write_kernel_totals({"plain": plain, "overlapped": overlapped, "compute only": compute_only,
-                                 "communication only": communication_only}, args.trace_dir or "/tmp")
+    return {"plain": plain, "overlapped": overlapped, "compute only": compute_only,
+            "communication only": communication_only}
 
-    if dist.get_rank() == 0:
-        report(args, comm, rows, share, sizes, device_sms, compute_sms)
-    comm.close()
-    dist.barrier()  # nobody tears the group down while a peer still reports (close() does not, on the reference path)
-    destroy_distributed()
+
+def decode_steps(blocks, x, sizes, compute_sms, args) -> dict:
+    """The same four rows for an inference step through the low-latency mode (--decode)."""
+    parts = torch.split(x, sizes)
+
+    def plain():
+        y = x
+        for block in blocks:
+            y = block.decode(y)
+        return y
+
+    def overlapped():
+        return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms, low_latency=True,
+                                      recv_hooks=args.recv_hooks)[0]
+
+    block = blocks[0]
+    cached = []
+    for part in parts:
+        h = block.attend(part)
+        moe_in = block.moe_input(h)
+        topk_idx, topk_weights = block.moe.route(moe_in)
+        received = block.moe.decode_dispatch(moe_in, topk_idx, topk_weights)
+        expert_out = block.moe.decode_experts(received)
+        routed, _, _ = block.moe.decode_combine(expert_out, received.handle)
+        # The received rows live in a receive area that the next dispatches reuse: keep copies.
+        received = dataclasses.replace(received, x=received.x.clone(), handle=None,
+                                       x_scales=None if received.x_scales is None else received.x_scales.clone())
+        cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
+                           expert_out=expert_out, routed=routed))
+
+    def compute_only():
+        for _ in blocks:
+            for part, c in zip(parts, cached):
+                h = block.attend(part)
+                moe_in = block.moe_input(h)
+                block.moe.route(moe_in)
+                shared = block.moe.shared(moe_in)
+                block.moe.decode_experts(c["received"])
+                block.finish(h, c["routed"], shared)
+
+    def communication_only():
+        for _ in blocks:
+            for c in cached:
+                received = block.moe.decode_dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
+                block.moe.decode_combine(c["expert_out"], received.handle)
+
+    return {"plain": plain, "overlapped": overlapped, "compute only": compute_only,
+            "communication only": communication_only}
 
 
 _HOST_GROUP = None
@@ -309,6 +384,7 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
     print(f"deepcomm block bench: device={device_name} ranks={dist.get_world_size()} "
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
           f"layers={args.layers} experts={args.experts} sms={args.sms} dispatch={args.dispatch_dtype} "
+          f"mode={('decode (low-latency, ' + ('receive hooks)' if args.recv_hooks else 'no hooks)')) if args.decode else 'normal'} "
           f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
           f"MPS daemon={mps_state()} "
           f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
