@@ -569,7 +569,8 @@ def test_cli_lists_exposed_stretches_and_stage_times(tmp_path, capsys):
     # (150), the dispatch after the elementwise kernel (20) and the unattributed combine's tail (10).
     assert out.count("exposed comm: 3 stretches, 180.0 µs; longest 2:") == 2
     lines = out.splitlines()
-    top = lines.index(next(line for line in lines if line.startswith("== r0: exposed")))
+    top = lines.index(next(line for line in lines
+                           if line.startswith("== r0 (each comm kernel from its call's last rank arriving): exposed")))
     assert lines[top + 2].split() == ["150.0", "300.0", "L1/mb0/combine", "L0/mb1/attention", "L2/mb0/experts"]
     assert lines[top + 3].split() == ["20.0", "180.0", "L0/mb0/dispatch", "L0/mb1/attention", "L2/mb0/experts"]
     assert "compute µs" in out and ["L0/mb0/attention", "100.0", "100.0"] in [line.split() for line in lines]

@@ -355,8 +355,10 @@ def main(argv: list[str] | None = None) -> None:
                   + ("-" if arrived_lowest is None else f"{_percent(arrived_lowest[1])}% ({arrived_lowest[0]})"))
     if args.exposed:
         shown = arrived if arrived is not None else [records for _, records, _ in traces]
+        # Spinning for a late peer is not exposed time here when the traces let it be cut off: say which count this is.
+        counted = " (each comm kernel from its call's last rank arriving)" if arrived is not None else ""
         for (label, _, _), records in zip(traces, shown):
-            print(f"== {label}: " + format_exposed(records, args.exposed))
+            print(f"== {label}{counted}: " + format_exposed(records, args.exposed))
     if args.launches is not None:
         for label, records, _ in traces:
             print(f"== {label}: " + format_leads(records, args.launches, args.short_lead))
