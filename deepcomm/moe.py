@@ -36,6 +36,7 @@ from deepcomm.routing import node_limited_topk
 from deepcomm.validation import check_int
 
 DISPATCH_DTYPES = ("bf16", "fp8")
+DECODE_EXPERTS = ("padded", "packed")
 # Names of the routed experts' parameters: each rank holds different experts, so data-parallel
 # training must not average these across ranks (everything else is replicated).
 EXPERT_PARAMETERS = ("w_gate_up", "w_down")
@@ -60,6 +61,11 @@ class MoEConfig:
     routed_scaling_factor: multiplies the routing weights.
     dispatch_dtype: ``"bf16"`` sends rows in the layer's dtype; ``"fp8"`` sends
         e4m3 with per-128-channel scales (dequantised on arrival).
+    decode_experts: how :meth:`MoELayer.decode` runs the experts on the low-latency mode's
+        ``[E_local, rows per expert, H]`` rows, of which only each expert's first (received) rows
+        count. ``"padded"``: a batched matmul over every row. ``"packed"``: only the received rows,
+        gathered into one grouped GEMM by indices computed on the device (the host never learns the
+        counts); where ``torch._grouped_mm`` does not run on a CUDA device this is ``"padded"``.
     """
 
     hidden: int
@@ -70,6 +76,7 @@ class MoEConfig:
     max_nodes: int | None = None
     routed_scaling_factor: float = 1.0
     dispatch_dtype: str = "bf16"
+    decode_experts: str = "padded"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "expert_hidden", "num_experts", "num_topk"):
@@ -84,6 +91,8 @@ class MoEConfig:
             raise ValueError(f"routed_scaling_factor: expected a positive number, got {factor!r}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype: expected one of {DISPATCH_DTYPES}, got {self.dispatch_dtype!r}")
+        if self.decode_experts not in DECODE_EXPERTS:
+            raise ValueError(f"decode_experts: expected one of {DECODE_EXPERTS}, got {self.decode_experts!r}")
         if self.dispatch_dtype == "fp8" and self.hidden % BLOCK_CHANNELS != 0:
             raise ValueError(f"dispatch_dtype: fp8 needs hidden to be a multiple of {BLOCK_CHANNELS}, "
                              f"got {self.hidden}")
@@ -164,36 +173,67 @@ def _probe_grouped_mm(device: torch.device) -> bool:
         return False
 
 
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, num_rows: int, weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``[num_rows, weights.shape[1]]`` rows of ``dtype`` on ``device``."""
+    if not (device.type == "cuda" and dtype == weights.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if num_rows == 0 or weights.shape[1] % 8 != 0 or weights.shape[2] % 8 != 0:  # rows of 16-byte multiples
+        return False
+    if device not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[device] = _probe_grouped_mm(device)
+    return _GROUPED_MM_WORKS[device]
+
+
 def _use_grouped_mm(x: torch.Tensor, weights: torch.Tensor) -> bool:
-    if not (x.is_cuda and x.dtype == weights.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
-        return False
-    if x.shape[0] == 0 or x.shape[1] % 8 != 0 or weights.shape[2] % 8 != 0:  # rows of 16-byte multiples
-        return False
-    if x.device not in _GROUPED_MM_WORKS:
-        _GROUPED_MM_WORKS[x.device] = _probe_grouped_mm(x.device)
-    return _GROUPED_MM_WORKS[x.device]
+    return x.shape[1] == weights.shape[1] and _grouped_mm_runs(x.device, x.dtype, x.shape[0], weights)
 
 
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """``x`` ``[P, A]`` in groups of consecutive rows, group g times ``weights[g]`` ``[A, B]``.
 
-    ``ends`` ``[G]`` int32: where each group's rows end (the running sum of the group sizes).
-    ``torch._grouped_mm`` where it runs (CUDA bf16 on sm90), else one matmul per group (empty groups
-    allowed). Returns ``[P, B]``.
+    ``ends`` ``[G]`` int32: where each group's rows end (the running sum of the group sizes); rows past
+    ``ends[-1]`` belong to no group and their results are unspecified (``torch._grouped_mm`` leaves them
+    unwritten; zeros here). ``torch._grouped_mm`` where it runs (CUDA bf16 on sm90), else one matmul per
+    group (empty groups allowed). Returns ``[P, B]``.
     """
     if _use_grouped_mm(x, weights):
         return torch._grouped_mm(x, weights, offs=ends)
     if x.shape[0] == 0:  # no rows: nothing to read from ends (a host sync on CUDA); weights[0] is a view,
         return x @ weights[0]  # so every expert's weights stay in the graph (zero gradients, as per group)
     bounds = [0, *ends.tolist()]
-    groups = x.split([end - start for start, end in zip(bounds, bounds[1:])])
-    return torch.cat([rows @ weights[g] for g, rows in enumerate(groups)])
+    groups = x.split([end - start for start, end in zip(bounds, bounds[1:])] + [x.shape[0] - bounds[-1]])
+    rest = groups[-1].new_zeros(groups[-1].shape[0], weights.shape[2])
+    return torch.cat([rows @ weights[g] for g, rows in enumerate(groups[:-1])] + [rest])
 
 
 def grouped_swiglu(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor,
                    w_down: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts on rows grouped by expert (group g ends at row ``ends[g]``): ``silu(gate) * up`` then down."""
     return grouped_matmul(_swiglu(grouped_matmul(x, w_gate_up, ends)), w_down, ends)
+
+
+def packing_indices(counts: torch.Tensor, rows_per_expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices that pack the first ``counts[e]`` rows of each expert's ``rows_per_expert`` (rows laid out
+    ``[E, rows_per_expert]``, flattened) back to back, and unpack them; device ops only, no host sync.
+
+    Returns ``(gather, scatter, ends)``, each sized for the worst case: ``packed = rows[gather]`` holds the
+    received rows in expert order in its first ``ends[-1]`` rows (expert e's end at ``ends[e]``, int32);
+    ``packed[scatter]`` puts them back in their places. The other entries point at row 0 (their values are
+    never read).
+    """
+    num_experts = counts.numel()
+    capacity = num_experts * rows_per_expert
+    ends = counts.cumsum(0, dtype=torch.int32)
+    starts = ends - counts
+    place = torch.arange(capacity, device=counts.device)
+    # Packed row p: the expert whose range holds it, then its row there.
+    expert = torch.searchsorted(ends, place.to(torch.int32), right=True).clamp_(max=num_experts - 1)
+    gather = expert * rows_per_expert + (place - starts[expert])
+    gather = torch.where(place < ends[-1], gather, 0)
+    # Row i of expert e: its packed place while i is one of its received rows.
+    expert, row = place // rows_per_expert, place % rows_per_expert
+    scatter = torch.where(row < counts[expert], starts[expert] + row, 0)
+    return gather, scatter, ends
 
 
 # -- the layer ----------------------------------------------------------------------
@@ -339,10 +379,10 @@ class MoELayer(nn.Module):
         """Inference through the low-latency mode (``comm`` made with ``low_latency=``): routed plus
         shared experts, with no host wait (so a decode step can be captured in a CUDA graph).
 
-        The experts run batched over each local expert's whole receive region
-        ``[E_local, world * max_tokens_per_rank, H]``: rows past an expert's count are computed and
-        never read (combine reads only received rows), which is right for any counts and needs no
-        host sync; a grouped GEMM masked at each expert's count is the fast form of this step. The
+        The experts need no host sync (``MoEConfig.decode_experts``): batched over each local expert's
+        whole receive region ``[E_local, world * max_tokens_per_rank, H]`` (rows past an expert's count
+        are computed and never read: combine reads only received rows), or over the received rows
+        alone, packed on the device into one grouped GEMM. The
         weights travel with the dispatch, so each rank holding a token's experts sums their outputs
         (k ascending, float32) and sends one partial row per (token, rank), not one row per expert;
         the result differs from :meth:`forward`'s only by rounding.
@@ -365,14 +405,33 @@ class MoELayer(nn.Module):
                                               return_recv_hook=return_recv_hook, topk_weights=topk_weights)
 
     def decode_experts(self, received) -> torch.Tensor:
-        """bf16 ``[E_local, rows per expert, H]``: every local expert over its whole receive region."""
-        rows = received.x
-        if received.x_scales is not None:  # fp8 rows: dequantised per 128-channel block
-            blocks = rows.float().unflatten(-1, (-1, BLOCK_CHANNELS)) * received.x_scales.unsqueeze(-1)
-            rows = blocks.flatten(-2)
+        """bf16 ``[E_local, rows per expert, H]``: the local experts' outputs for their received rows
+        (``MoEConfig.decode_experts`` says how; the other rows hold anything)."""
+        rows, scales = received.x, received.x_scales
+        local_experts, rows_per_expert = rows.shape[0], rows.shape[1]
+        packed = self._packs_decode_rows(rows)
+        if packed:
+            gather, scatter, ends = packing_indices(received.num_tokens_per_expert, rows_per_expert)
+            rows = rows.flatten(0, 1).index_select(0, gather)
+            scales = None if scales is None else scales.flatten(0, 1).index_select(0, gather)
+        if scales is not None:  # fp8 rows: dequantised per 128-channel block
+            rows = (rows.float().unflatten(-1, (-1, BLOCK_CHANNELS)) * scales.unsqueeze(-1)).flatten(-2)
         rows = rows.to(self.dtype)
-        out = torch.bmm(_swiglu(torch.bmm(rows, self.w_gate_up)), self.w_down)  # [E_local, rows, H]
+        if packed:
+            out = grouped_swiglu(rows, ends, self.w_gate_up, self.w_down).index_select(0, scatter)
+            out = out.view(local_experts, rows_per_expert, -1)
+        else:
+            out = torch.bmm(_swiglu(torch.bmm(rows, self.w_gate_up)), self.w_down)  # [E_local, rows, H]
         return out.to(torch.bfloat16).contiguous()
+
+    def _packs_decode_rows(self, rows: torch.Tensor) -> bool:
+        """Whether decode_experts packs: asked for, and (on CUDA) a grouped GEMM that needs no host sync."""
+        if self.config.decode_experts != "packed":
+            return False
+        if not rows.is_cuda:
+            return True
+        num_rows = rows.shape[0] * rows.shape[1]
+        return all(_grouped_mm_runs(rows.device, self.dtype, num_rows, w) for w in (self.w_gate_up, self.w_down))
 
     def decode_combine(self, expert_out: torch.Tensor, handle, previous_event: EventHandle | None = None,
                        async_finish: bool = False, return_recv_hook: bool = False):

@@ -208,6 +208,65 @@ def test_decode_through_the_low_latency_mode_matches_forward():
     run_ranks(_decode_worker, 2)
 
 
+@pytest.mark.parametrize("counts, rows_per_expert", [
+    ([3, 0, 5, 1], 6), ([0, 0, 0], 4), ([4, 4], 4), ([0, 7, 0], 7), ([2], 5)])
+def test_packing_indices_pack_each_experts_received_rows_back_to_back(counts, rows_per_expert):
+    counts_t = torch.tensor(counts, dtype=torch.int32)
+    gather, scatter, ends = moe.packing_indices(counts_t, rows_per_expert)
+    capacity = len(counts) * rows_per_expert
+    assert gather.shape == scatter.shape == (capacity,) and ends.dtype == torch.int32
+    assert ends.tolist() == torch.tensor(counts).cumsum(0).tolist()
+    received = [e * rows_per_expert + i for e, count in enumerate(counts) for i in range(count)]
+    assert gather[:len(received)].tolist() == received  # expert order, each expert's rows in order
+    assert set(gather[len(received):].tolist()) <= {0}
+    rows = torch.randn(capacity, 3)
+    back = rows.index_select(0, gather).index_select(0, scatter)
+    for place in received:  # every received row comes back to its place; the others are never read
+        assert torch.equal(back[place], rows[place])
+
+
+def _packed_decode_worker(rank: int, world_size: int, device_kind: str) -> None:
+    """decode with the experts on packed rows equals the padded batched matmul up to rounding: the same rows,
+    the same weights, other GEMM shapes (and on CUDA the grouped GEMM)."""
+    on_cuda = device_kind == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    config = moe.tiny(num_experts=4 * world_size, num_topk=3).moe
+    low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=16, hidden=config.hidden,
+                                            num_experts=config.num_experts, num_topk=config.num_topk)
+    comm = (deepcomm.Communicator(low_latency=low_latency, num_sms=4) if on_cuda
+            else deepcomm.Communicator(backend="reference", low_latency=low_latency))
+    dtypes = (torch.bfloat16,) if on_cuda else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        for dispatch_dtype in ("bf16", "fp8"):
+            x = _tokens(rank, (3 + 9 * rank, config.hidden), dtype).to(device)
+            outputs = {}
+            for way in ("padded", "packed"):
+                layer = MoELayer(dataclasses.replace(config, dispatch_dtype=dispatch_dtype, decode_experts=way), comm,
+                                 dtype, device, seed=4)
+                if on_cuda:
+                    assert layer._packs_decode_rows(torch.empty(1, 1, config.hidden, device=device)) == (way == "packed")
+                outputs[way] = layer.decode(x)
+            tolerance = 1e-5 if dtype == torch.float32 else 0.02
+            _close(outputs["packed"], outputs["padded"], tolerance, f"{dtype}/{dispatch_dtype}: packed against padded")
+    if on_cuda:
+        comm.check_errors()
+        comm.close()
+
+
+def test_decode_on_packed_rows_equals_padded():
+    run_ranks(_packed_decode_worker, 2, "cpu")
+
+
+@pytest.mark.gpu
+def test_decode_on_packed_rows_on_the_low_latency_kernels():
+    from kernel_checks import require_ranks
+
+    require_ranks(2)
+    run_ranks(_packed_decode_worker, 2, "cuda")
+
+
 # -- one process --------------------------------------------------------------------
 
 
@@ -299,6 +358,7 @@ BAD_CONFIGS = [
     ("routed_scaling_factor", dict(routed_scaling_factor=0.0)),
     ("dispatch_dtype", dict(dispatch_dtype="fp16")),
     ("dispatch_dtype", dict(dispatch_dtype="fp8", hidden=96)),
+    ("decode_experts", dict(decode_experts="masked")),
 ]
 
 

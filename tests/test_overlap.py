@@ -338,8 +338,9 @@ def test_train_moe_loss_curves_match_with_and_without_overlap(tmp_path):
 
 @pytest.mark.parametrize("mode, arguments", [
     ("normal", ["--tokens", "64", "--seq", "16", "--split", "3,1"]),
-    ("decode (low-latency, receive hooks)", ["--decode", "--tokens", "4", "--split", "3,1"]),
-    ("decode (low-latency, no hooks)", ["--decode", "--no-hooks", "--tokens", "8", "--seq", "2", "--split", "3,1"]),
+    ("decode (low-latency, receive hooks, padded experts)", ["--decode", "--tokens", "4", "--split", "3,1"]),
+    ("decode (low-latency, no hooks, packed experts)", ["--decode", "--no-hooks", "--decode-experts", "packed",
+                                                        "--tokens", "8", "--seq", "2", "--split", "3,1"]),
 ])
 def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_path, mode, arguments):
     """tools/bench_overlap.py end to end on the reference path: 2 ranks, 2 small blocks, 3 traced steps."""
@@ -375,6 +376,7 @@ def test_block_bench_runs_on_cpu_and_keeps_one_traced_step_for_every_rank(tmp_pa
     (["--experts", "0"], "--experts: must be >= 1"),
     (["--experts", "2"], "--experts: num_topk: at most num_experts=2, got 3"),
     (["--no-hooks"], "--no-hooks: only with --decode"),
+    (["--decode-experts", "packed"], "--decode-experts: only with --decode"),
 ])
 def test_block_bench_names_a_bad_argument(arguments, message):
     import os

@@ -20,7 +20,8 @@ all timed the same way (slowest rank's median, deepcomm.bench.Timer):
 host wait; the two micro-batches' results in its two receive areas): --tokens new tokens a rank, one a
 sequence unless --seq says otherwise, attention over them alone (no KV cache). Each call only sends
 when its stage runs and its receive is queued by the stage that reads it (receive hooks: no SM waits for
-the peers in between); --no-hooks sends and receives in one kernel.
+the peers in between); --no-hooks sends and receives in one kernel. --decode-experts packed runs the
+experts on the received rows only (``MoEConfig.decode_experts``; padded: over whole receive regions).
 
 Then --trace-steps overlapped steps are recorded with the torch profiler, and
 deepcomm.trace_analysis says which share of the communication kernels' time ran under compute
@@ -56,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode", action="store_true", help="an inference step through the low-latency mode")
     parser.add_argument("--no-hooks", dest="recv_hooks", action="store_false",
                         help="with --decode: each call sends and receives in one kernel")
+    parser.add_argument("--decode-experts", choices=moe.DECODE_EXPERTS, default="padded",
+                        help="with --decode: the experts over every row of their receive regions, or over the "
+                             "received rows only (MoEConfig.decode_experts)")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="test-size widths instead of DeepSeek-V3's")
     parser.add_argument("--experts", type=int, default=None,
@@ -84,6 +88,8 @@ def parse_args() -> argparse.Namespace:
         args.seq = 1 if args.decode else 1024
     if not args.recv_hooks and not args.decode:
         parser.error("--no-hooks: only with --decode")
+    if args.decode_experts != "padded" and not args.decode:
+        parser.error("--decode-experts: only with --decode")
     for name in ("seq", "layers", "iters", "trace_steps", "sms"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
@@ -109,7 +115,7 @@ def block_config(args) -> moe.BlockConfig:
     config = moe.tiny() if args.small else moe.deepseek_v3()
     experts = config.moe.num_experts if args.experts is None else args.experts
     return dataclasses.replace(config, moe=dataclasses.replace(config.moe, dispatch_dtype=args.dispatch_dtype,
-                                                               num_experts=experts))
+                                                               num_experts=experts, decode_experts=args.decode_experts))
 
 
 def main() -> None:
@@ -377,6 +383,10 @@ def mps_state() -> str:
     return "no" if dist.get_world_size() <= torch.cuda.device_count() else "NO (ranks sharing a GPU are time-sliced)"
 
 
+def decode_mode(args) -> str:
+    return f"decode (low-latency, {'receive hooks' if args.recv_hooks else 'no hooks'}, {args.decode_experts} experts)"
+
+
 def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: int | None,
            compute_sms: int | None) -> None:
     compute = rows["compute only"]
@@ -384,7 +394,7 @@ def report(args, comm, rows: dict, share: dict, sizes: list[int], device_sms: in
     print(f"deepcomm block bench: device={device_name} ranks={dist.get_world_size()} "
           f"backend={comm.backend} tokens/rank={args.tokens} micro-batches={sizes} (sequences) "
           f"layers={args.layers} experts={args.experts} sms={args.sms} dispatch={args.dispatch_dtype} "
-          f"mode={('decode (low-latency, ' + ('receive hooks)' if args.recv_hooks else 'no hooks)')) if args.decode else 'normal'} "
+          f"mode={decode_mode(args) if args.decode else 'normal'} "
           f"MPS share={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}% "
           f"MPS daemon={mps_state()} "
           f"SMs reported={device_sms} overlapped matmuls on={compute_sms or 'all'}")
