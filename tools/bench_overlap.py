@@ -150,7 +150,7 @@ def main() -> None:
     timer = Timer(device, args.warmup, args.iters)
 
     with torch.no_grad():
-        steps = (decode_steps if args.decode else normal_steps)(blocks, x, sizes, compute_sms, args)
+        steps = step_rows(blocks, x, sizes, compute_sms, args)
         plain, overlapped = steps["plain"], steps["overlapped"]
         assert torch.allclose(plain().float(), overlapped().float(), atol=0.1, rtol=0.05), "overlapped != plain"
         rows = {name: timer(fn) for name, fn in steps.items()}
@@ -165,83 +165,59 @@ def main() -> None:
     destroy_distributed()
 
 
-def normal_steps(blocks, x, sizes, compute_sms, args) -> dict:
-    """The four rows of a training-style (normal mode) step; see the module's docstring."""
-    parts = torch.split(x, sizes)
+def step_rows(blocks, x, sizes, compute_sms, args) -> dict:
+    """The four rows of the module's docstring: a normal-mode step, or with --decode an inference step
+    through the low-latency mode."""
+    parts, block = torch.split(x, sizes), blocks[0]
+    layer = block.moe
+    if args.decode:
+        run_block, overlap_mode = (lambda b, y: b.decode(y)), dict(low_latency=True, recv_hooks=args.recv_hooks)
+        dispatch, experts = layer.decode_dispatch, layer.decode_experts
+
+        def combine(expert_out, handle):
+            return layer.decode_combine(expert_out, handle)[0]
+
+        def kept(received):  # the rows sit in a receive area the next dispatches reuse: keep copies
+            scales = received.x_scales
+            return dataclasses.replace(received, x=received.x.clone(), handle=None,
+                                       x_scales=None if scales is None else scales.clone())
+
+        def combine_input(received, expert_out):  # the owners' sums read the outputs from any memory
+            return expert_out
+    else:
+        run_block, overlap_mode = (lambda b, y: b(y)), {}
+        dispatch, experts = layer.dispatch, layer.experts
+
+        def combine(expert_out, handle):
+            return layer.combine(expert_out, handle)[0]
+
+        def kept(received):  # a receive slot that later dispatches reuse: copies, without the handle (the
+            # experts then write a new tensor, as many bytes as into the slot)
+            return dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone(),
+                                       handle=None)
+
+        def combine_input(received, expert_out):  # read where the experts leave rows; their values do not matter
+            return autograd.combine_input(layer.comm, received.handle)
 
     def plain():
         y = x
-        for block in blocks:
-            y = block(y)
+        for b in blocks:
+            y = run_block(b, y)
         return y
 
     def overlapped():
-        return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms)[0]
+        return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms, **overlap_mode)[0]
 
     # What the compute-only and communication-only rows replay: one block's inputs per micro-batch.
-    block = blocks[0]
     cached = []
     for part in parts:
         h = block.attend(part)
         moe_in = block.moe_input(h)
-        topk_idx, topk_weights = block.moe.route(moe_in)
-        received = block.moe.dispatch(moe_in, topk_idx, topk_weights)
-        routed, _ = block.moe.combine(block.moe.experts(received), received.handle)
-        # The received rows live in a receive slot that later dispatches reuse: keep copies, without
-        # the handle (the experts then write a new tensor, as many bytes as into the slot).
-        received = dataclasses.replace(received, x=received.x.clone(), topk_weights=received.topk_weights.clone(),
-                                       handle=None)
-        cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
-                           routed=routed))
-
-    def compute_only():
-        for _ in blocks:
-            for part, c in zip(parts, cached):
-                h = block.attend(part)
-                moe_in = block.moe_input(h)
-                block.moe.route(moe_in)
-                shared = block.moe.shared(moe_in)
-                block.moe.experts(c["received"])
-                block.finish(h, c["routed"], shared)
-
-    def communication_only():
-        for _ in blocks:
-            for c in cached:
-                received = block.moe.dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
-                # Combine reads the rows where the experts leave them; their values do not matter here.
-                block.moe.combine(autograd.combine_input(block.moe.comm, received.handle), received.handle)
-
-    return {"plain": plain, "overlapped": overlapped, "compute only": compute_only,
-            "communication only": communication_only}
-
-
-def decode_steps(blocks, x, sizes, compute_sms, args) -> dict:
-    """The same four rows for an inference step through the low-latency mode (--decode)."""
-    parts = torch.split(x, sizes)
-
-    def plain():
-        y = x
-        for block in blocks:
-            y = block.decode(y)
-        return y
-
-    def overlapped():
-        return overlap.run_overlapped(blocks, x, sizes=sizes, compute_sms=compute_sms, low_latency=True,
-                                      recv_hooks=args.recv_hooks)[0]
-
-    block = blocks[0]
-    cached = []
-    for part in parts:
-        h = block.attend(part)
-        moe_in = block.moe_input(h)
-        topk_idx, topk_weights = block.moe.route(moe_in)
-        received = block.moe.decode_dispatch(moe_in, topk_idx, topk_weights)
-        expert_out = block.moe.decode_experts(received)
-        routed, _, _ = block.moe.decode_combine(expert_out, received.handle)
-        # The received rows live in a receive area that the next dispatches reuse: keep copies.
-        received = dataclasses.replace(received, x=received.x.clone(), handle=None,
-                                       x_scales=None if received.x_scales is None else received.x_scales.clone())
-        cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=received,
+        topk_idx, topk_weights = layer.route(moe_in)
+        received = dispatch(moe_in, topk_idx, topk_weights)
+        expert_out = experts(received)
+        routed = combine(expert_out, received.handle)
+        cached.append(dict(moe_in=moe_in, topk_idx=topk_idx, topk_weights=topk_weights, received=kept(received),
                            expert_out=expert_out, routed=routed))
 
     def compute_only():
@@ -249,16 +225,16 @@ def decode_steps(blocks, x, sizes, compute_sms, args) -> dict:
             for part, c in zip(parts, cached):
                 h = block.attend(part)
                 moe_in = block.moe_input(h)
-                block.moe.route(moe_in)
-                shared = block.moe.shared(moe_in)
-                block.moe.decode_experts(c["received"])
+                layer.route(moe_in)
+                shared = layer.shared(moe_in)
+                experts(c["received"])
                 block.finish(h, c["routed"], shared)
 
     def communication_only():
         for _ in blocks:
             for c in cached:
-                received = block.moe.decode_dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
-                block.moe.decode_combine(c["expert_out"], received.handle)
+                received = dispatch(c["moe_in"], c["topk_idx"], c["topk_weights"])
+                combine(combine_input(received, c["expert_out"]), received.handle)
 
     return {"plain": plain, "overlapped": overlapped, "compute only": compute_only,
             "communication only": communication_only}
