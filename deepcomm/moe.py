@@ -156,6 +156,8 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# Compute capabilities (major) whose torch._grouped_mm runs on the device alone, offsets included.
+_DEVICE_GROUPED_MM_MAJORS = (9, 10)
 # device -> whether torch._grouped_mm runs there (probed once).
 _GROUPED_MM_WORKS: dict[torch.device, bool] = {}
 
@@ -293,6 +295,9 @@ class MoELayer(nn.Module):
         shared = config.num_shared_experts * width
         self.shared_gate_up = _parameter((hidden, 2 * shared), hidden, _derive_seed(seed, _SHARED, 0), dtype, device)
         self.shared_down = _parameter((shared, hidden), max(shared, 1), _derive_seed(seed, _SHARED, 1), dtype, device)
+        if config.decode_experts == "packed" and self.w_gate_up.is_cuda:
+            # Whether the grouped GEMM runs is probed now, not in the first decode (which may be under graph capture).
+            self._packs_decode_rows(self.w_gate_up)
 
     def _check_tokens(self, x2d: object) -> None:
         if not isinstance(x2d, torch.Tensor):
@@ -412,7 +417,8 @@ class MoELayer(nn.Module):
         packed = self._packs_decode_rows(rows)
         if packed:
             gather, scatter, ends = packing_indices(received.num_tokens_per_expert, rows_per_expert)
-            rows = rows.flatten(0, 1).index_select(0, gather)
+            # As bytes: the gather needs no kernel for fp8 rows.
+            rows = rows.flatten(0, 1).view(torch.uint8).index_select(0, gather).view(rows.dtype)
             scales = None if scales is None else scales.flatten(0, 1).index_select(0, gather)
         if scales is not None:  # fp8 rows: dequantised per 128-channel block
             rows = (rows.float().unflatten(-1, (-1, BLOCK_CHANNELS)) * scales.unsqueeze(-1)).flatten(-2)
@@ -425,11 +431,14 @@ class MoELayer(nn.Module):
         return out.to(torch.bfloat16).contiguous()
 
     def _packs_decode_rows(self, rows: torch.Tensor) -> bool:
-        """Whether decode_experts packs: asked for, and (on CUDA) a grouped GEMM that needs no host sync."""
+        """Whether decode_experts packs: asked for, and (on CUDA) a grouped GEMM that needs no host sync: torch
+        runs ``_grouped_mm`` elsewhere too, but with the group sizes read on the host below sm90."""
         if self.config.decode_experts != "packed":
             return False
         if not rows.is_cuda:
             return True
+        if torch.cuda.get_device_capability(rows.device)[0] not in _DEVICE_GROUPED_MM_MAJORS:
+            return False
         num_rows = rows.shape[0] * rows.shape[1]
         return all(_grouped_mm_runs(rows.device, self.dtype, num_rows, w) for w in (self.w_gate_up, self.w_down))
 
@@ -439,8 +448,12 @@ class MoELayer(nn.Module):
         read the experts' outputs from any memory of this rank: no copy into the receive area."""
         if not async_finish and not return_recv_hook and previous_event is None:
             return self.comm.low_latency_combine(expert_out, None, handle), None, None
-        return self.comm.low_latency_combine_async(expert_out, None, handle, previous_event=previous_event,
-                                                   return_recv_hook=return_recv_hook)
+        routed, event, hook = self.comm.low_latency_combine_async(expert_out, None, handle,
+                                                                  previous_event=previous_event,
+                                                                  return_recv_hook=return_recv_hook)
+        if not async_finish and not return_recv_hook:
+            event.wait()
+        return routed, event, hook
 
 
 # -- the block and the model ----------------------------------------------------------

@@ -331,7 +331,9 @@ class _ReceiveHook:
         self.hook = hook
 
     def wait(self) -> None:
-        self.hook()
+        event = self.hook()
+        if event is not None:  # the kernels' hooks ordered the stream already; the reference path's leave it to this
+            event.wait()
 
 
 def decode_block_stages(block, layer: int, recv_hooks: bool = True) -> list[Stage]:

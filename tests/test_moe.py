@@ -208,10 +208,11 @@ def test_decode_through_the_low_latency_mode_matches_forward():
     run_ranks(_decode_worker, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("counts, rows_per_expert", [
     ([3, 0, 5, 1], 6), ([0, 0, 0], 4), ([4, 4], 4), ([0, 7, 0], 7), ([2], 5)])
-def test_packing_indices_pack_each_experts_received_rows_back_to_back(counts, rows_per_expert):
-    counts_t = torch.tensor(counts, dtype=torch.int32)
+def test_packing_indices_pack_each_experts_received_rows_back_to_back(counts, rows_per_expert, dtype):
+    counts_t = torch.tensor(counts, dtype=dtype)
     gather, scatter, ends = moe.packing_indices(counts_t, rows_per_expert)
     capacity = len(counts) * rows_per_expert
     assert gather.shape == scatter.shape == (capacity,) and ends.dtype == torch.int32
@@ -238,18 +239,20 @@ def _packed_decode_worker(rank: int, world_size: int, device_kind: str) -> None:
     comm = (deepcomm.Communicator(low_latency=low_latency, num_sms=4) if on_cuda
             else deepcomm.Communicator(backend="reference", low_latency=low_latency))
     dtypes = (torch.bfloat16,) if on_cuda else (torch.float32, torch.bfloat16)
-    for dtype in dtypes:
-        for dispatch_dtype in ("bf16", "fp8"):
-            x = _tokens(rank, (3 + 9 * rank, config.hidden), dtype).to(device)
-            outputs = {}
-            for way in ("padded", "packed"):
-                layer = MoELayer(dataclasses.replace(config, dispatch_dtype=dispatch_dtype, decode_experts=way), comm,
-                                 dtype, device, seed=4)
-                if on_cuda:
-                    assert layer._packs_decode_rows(torch.empty(1, 1, config.hidden, device=device)) == (way == "packed")
-                outputs[way] = layer.decode(x)
-            tolerance = 1e-5 if dtype == torch.float32 else 0.02
-            _close(outputs["packed"], outputs["padded"], tolerance, f"{dtype}/{dispatch_dtype}: packed against padded")
+    # Rank 0 sends nothing in the second round: its experts receive only rank 1's rows.
+    for dtype, dispatch_dtype, tokens in [(d, w, n) for d in dtypes for w in ("bf16", "fp8")
+                                          for n in ((3, 12), (0, 16))]:
+        x = _tokens(rank, (tokens[rank], config.hidden), dtype).to(device)
+        outputs = {}
+        for way in ("padded", "packed"):
+            layer = MoELayer(dataclasses.replace(config, dispatch_dtype=dispatch_dtype, decode_experts=way), comm,
+                             dtype, device, seed=4)
+            if on_cuda:
+                assert layer._packs_decode_rows(torch.empty(1, 1, config.hidden, device=device)) == (way == "packed")
+            outputs[way] = layer.decode(x)
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02
+        _close(outputs["packed"], outputs["padded"], tolerance,
+               f"{dtype}/{dispatch_dtype}/{tokens}: packed against padded")
     if on_cuda:
         comm.check_errors()
         comm.close()

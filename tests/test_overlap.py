@@ -392,12 +392,13 @@ def test_block_bench_names_a_bad_argument(arguments, message):
 # ------------------------------------------- decode through the low-latency mode, over gloo, reference path
 
 
-def _decode_block_worker(rank: int, world_size: int, sizes_of_rank: list[list[int]], on_kernels: bool = False) -> None:
+def _decode_block_worker(rank: int, world_size: int, sizes_of_rank: list[list[int]], on_kernels: bool = False,
+                         decode_experts: str = "padded") -> None:
     """The overlapped decode equals each micro-batch decoded alone, bit for bit: the same calls, in another order."""
     import deepcomm
     from deepcomm import moe
 
-    config = moe.tiny(num_experts=4 * world_size)
+    config = moe.tiny(num_experts=4 * world_size, decode_experts=decode_experts)
     low_latency = deepcomm.LowLatencyConfig(max_tokens_per_rank=8, hidden=config.moe.hidden,
                                             num_experts=config.moe.num_experts, num_topk=config.moe.num_topk)
     if on_kernels:
@@ -436,10 +437,11 @@ def _decode_block_worker(rank: int, world_size: int, sizes_of_rank: list[list[in
     (2, [[2, 0], [0, 1]]),  # an empty micro-batch
     (3, [[1, 2], [2, 2], [0, 0]]),  # a rank with no tokens
 ])
-def test_overlapped_decode_equals_plain_decode_over_gloo(world_size, sizes_of_rank):
+@pytest.mark.parametrize("decode_experts", ["padded", "packed"])
+def test_overlapped_decode_equals_plain_decode_over_gloo(world_size, sizes_of_rank, decode_experts):
     from dist import run_ranks
 
-    run_ranks(_decode_block_worker, world_size, sizes_of_rank)
+    run_ranks(_decode_block_worker, world_size, sizes_of_rank, False, decode_experts)
 
 
 @pytest.mark.gpu
@@ -448,4 +450,5 @@ def test_overlapped_decode_on_the_low_latency_kernels():
     from kernel_checks import require_ranks
 
     require_ranks(2)
-    run_ranks(_decode_block_worker, 2, [[3, 2], [0, 4]], True)
+    for decode_experts in ("padded", "packed"):
+        run_ranks(_decode_block_worker, 2, [[3, 2], [0, 4]], True, decode_experts)

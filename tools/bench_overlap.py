@@ -180,7 +180,8 @@ def step_rows(blocks, x, sizes, compute_sms, args) -> dict:
         def kept(received):  # the rows sit in a receive area the next dispatches reuse: keep copies
             scales = received.x_scales
             return dataclasses.replace(received, x=received.x.clone(), handle=None,
-                                       x_scales=None if scales is None else scales.clone())
+                                       x_scales=None if scales is None else scales.clone(),
+                                       num_tokens_per_expert=received.num_tokens_per_expert.clone())
 
         def combine_input(received, expert_out):  # the owners' sums read the outputs from any memory
             return expert_out
