@@ -32,16 +32,37 @@ def weighted_sum_in_k_order(values: torch.Tensor, weights: torch.Tensor, present
     return acc
 
 
-def _once(event: EventHandle):
-    """A combine's receive hook here (the rows were reduced already): runs once, as on the kernels."""
+def _hold_back(tensors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For a call with a receive hook: this path has its results at once, so they are set aside and the caller's
+    tensors hold 0xFF bytes (NaN, or -1 for counts) until the hook puts them back, as on the kernels, where
+    nothing has arrived before the hook. Call it where the results were made (their stream)."""
+    held = [(t, t.clone()) for t in tensors if t is not None]
+    for tensor, _ in held:
+        tensor.view(torch.uint8).fill_(0xFF)
+    return held
+
+
+def _give_back(held: list[tuple[torch.Tensor, torch.Tensor]], event: EventHandle) -> EventHandle:
+    """The hook's receive: the current stream waits for the call, then its results are put in place there."""
+    event.wait()
+    for tensor, result in held:
+        if result.is_cuda:
+            result.record_stream(torch.cuda.current_stream(result.device))
+        tensor.copy_(result)
+    return event
+
+
+def _once(check, held, event: EventHandle):
+    """A combine's receive hook here: runs once, after ``check()``, as on the kernels."""
     called = False
 
     def hook() -> EventHandle:
         nonlocal called
         if called:
             raise RuntimeError("hook: already called")
+        check()
         called = True
-        return event
+        return _give_back(held, event)
 
     return hook
 
@@ -92,9 +113,7 @@ class ReferenceLowLatency:
         """The kernels' checks, so that a program that runs here runs there."""
         if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
             raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
-        if self._calls - handle.call >= 2:
-            raise SlotReusedError(f"handle: {self._calls - handle.call} low-latency dispatches ran since the one that "
-                                  "made it and reused its receive area (results stay valid for 1 further dispatch)")
+        self._check_reused(handle)
         if handle.call in self._combined:
             raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
@@ -103,8 +122,13 @@ class ReferenceLowLatency:
         if handle.call in self._unreceived:
             raise ValueError("handle: its dispatch has not received yet; call the result's hook() first")
 
-    def _receive_hook(self, result: LowLatencyResult):
-        """The kernels' hook contract (the rows arrived already here): once, while the handle is valid."""
+    def _check_reused(self, handle) -> None:
+        if self._calls - handle.call >= 2:
+            raise SlotReusedError(f"handle: {self._calls - handle.call} low-latency dispatches ran since the one that "
+                                  "made it and reused its receive area (results stay valid for 1 further dispatch)")
+
+    def _receive_hook(self, result: LowLatencyResult, held):
+        """The kernels' hook contract: once, while the handle is valid; the results appear only then."""
         call = result.handle.call
 
         def hook() -> EventHandle:
@@ -112,7 +136,7 @@ class ReferenceLowLatency:
                 raise RuntimeError("hook: already called")
             self._check_handle(result.handle)
             self._unreceived.discard(call)
-            return result.event
+            return _give_back(held, result.event)
 
         return hook
 
@@ -146,12 +170,13 @@ class ReferenceLowLatency:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
         with self.reference._on_comm_stream(x.device, previous_event, (x, x_scales, topk_idx, topk_weights)) as caller:
             result = self._dispatch(x, x_scales, topk_idx, topk_weights)
+            held = _hold_back((result.x, result.x_scales, result.num_tokens_per_expert)) if return_recv_hook else []
             result.event = hand_back((result.x, result.x_scales, result.num_tokens_per_expert,
                                       result.handle.pair_rows), x.device, self.reference.comm_stream(x.device),
-                                     caller, async_finish)
+                                     caller, async_finish or return_recv_hook)
         if return_recv_hook:
             self._unreceived.add(result.handle.call)
-            result.hook = self._receive_hook(result)
+            result.hook = self._receive_hook(result, held)
         return result
 
     def _dispatch(self, x, x_scales, topk_idx, topk_weights) -> LowLatencyResult:
@@ -246,8 +271,9 @@ class ReferenceLowLatency:
         device = expert_out.device
         with self.reference._on_comm_stream(device, previous_event, (expert_out, topk_weights)) as caller:
             y = self._combine(expert_out, topk_weights, handle)
-            event = hand_back((y,), device, self.reference.comm_stream(device), caller, async_finish)
-        return y, event, (_once(event) if return_recv_hook else None)
+            held = _hold_back((y,)) if return_recv_hook else []
+            event = hand_back((y,), device, self.reference.comm_stream(device), caller, async_finish or return_recv_hook)
+        return y, event, (_once(lambda: self._check_reused(handle), held, event) if return_recv_hook else None)
 
     def _combine(self, expert_out, topk_weights, handle) -> torch.Tensor:
         local_experts, rows_per_expert, hidden = expert_out.shape

@@ -224,19 +224,36 @@ def _reference_bad_input_worker(rank: int, world_size: int) -> None:
         comm.low_latency_combine_input(result.handle)
     # Receive hooks, as the kernels check them: nothing reads a dispatch before its hook, a hook runs once,
     # and a dispatch onto the area of one whose hook was not called is refused.
+    # Until its hook runs nothing has arrived: here the results hold NaN bytes (counts -1), then the call's values.
+    unhooked = comm.low_latency_dispatch(x, idx, E)
+    unhooked_x, unhooked_counts = unhooked.x.clone(), unhooked.num_tokens_per_expert.clone()
     first = comm.low_latency_dispatch(x, idx, E, return_recv_hook=True)
+    assert first.x.isnan().all() and (first.num_tokens_per_expert == -1).all()
     comm.low_latency_dispatch(x, idx, E, return_recv_hook=True).hook()
     with pytest.raises(ValueError, match="handle: its dispatch has not received yet"):
         comm.low_latency_combine_input(first.handle)
     with pytest.raises(ValueError, match="return_recv_hook: dispatch .* on the same receive area"):
         comm.low_latency_dispatch(x, idx, E)
     first.hook()
+    assert torch.equal(first.num_tokens_per_expert, unhooked_counts)
+    for e, count in enumerate(unhooked_counts.tolist()):
+        assert torch.equal(first.x[e, :count], unhooked_x[e, :count])
     with pytest.raises(RuntimeError, match="hook: already called"):
         first.hook()
-    _, _, hook = comm.low_latency_combine_async(comm.low_latency_combine_input(first.handle), weights, first.handle,
+    y, _, hook = comm.low_latency_combine_async(comm.low_latency_combine_input(first.handle), weights, first.handle,
                                                 return_recv_hook=True)
+    assert y.isnan().all() or y.numel() == 0
     hook()
+    assert not y.isnan().any()
     with pytest.raises(RuntimeError, match="hook: already called"):
+        hook()
+    # A combine's hook after its dispatch's receive area was reused (two dispatches later) is refused.
+    late = comm.low_latency_dispatch(x, idx, E)
+    _, _, hook = comm.low_latency_combine_async(comm.low_latency_combine_input(late.handle), weights, late.handle,
+                                                return_recv_hook=True)
+    comm.low_latency_dispatch(x, idx, E)
+    comm.low_latency_dispatch(x, idx, E)
+    with pytest.raises(SlotReusedError, match="handle: 2 low-latency dispatches ran"):
         hook()
     plain = deepcomm.Communicator(backend="reference")
     with pytest.raises(ValueError, match="low_latency: this communicator has no low-latency buffers"):
