@@ -9,6 +9,8 @@
 #   STEPS: tests (one GPU per rank; several GPUs only) shared (ranks share GPUs, MPS)
 #          nvshmem (PEs sharing one GPU) bench deepep (deepep_build: build only)
 #          overlap (MoE block plain vs two micro-batches, 2 ranks, half the SMs each; training curves) profile
+#          decode_overlap (the same through the low-latency mode, receive hooks, 8 experts a rank: the experts
+#              over whole receive regions, then over the received rows; not in the default list)
 #          lowlatency (decode in the low-latency mode: bench rows and a profile per rank count)
 #          ab (before/after: another tree, carried as AB_DIR, built in place and benchmarked
 #              alternately with this one, AB_ROUNDS times, on AB_NRANKS ranks with AB_ARGS)
@@ -336,6 +338,24 @@ if step overlap; then
   fi
 fi
 
+# Decode in two micro-batches through the low-latency mode (bench_overlap --decode), the decode experts padded and
+# packed (MoEConfig.decode_experts), with a report of each traced step; DECODE_OVERLAP_ARGS adds arguments.
+if step decode_overlap; then
+  for experts in padded packed; do
+    traces="$OUT/overlap_decode_traces_$experts"
+    mkdir -p "$traces"
+    if timeout ${OVERLAP_TIMEOUT:-420} python3 -m deepcomm.launch --standalone --nproc-per-node 2 --sm-share 50 \
+        tools/bench_overlap.py --decode --experts 16 --layers 2 --decode-experts "$experts" ${DECODE_OVERLAP_ARGS:-} \
+        --trace-dir "$traces" --json "$OUT/overlap_decode_$experts.json" > "$OUT/overlap_decode_$experts.log" 2>&1; then
+      note "decode overlap, $experts experts: ok"
+      python3 tools/overlap_report.py "$traces"/overlap_rank*.json --same-step --exposed 6 --stage-times \
+        > "$OUT/overlap_decode_${experts}_report.log" 2>&1 || note "decode overlap report, $experts: FAILED (see its log)"
+    else
+      note "decode overlap, $experts experts: FAILED (see overlap_decode_$experts.log)"; status=1
+    fi
+  done
+fi
+
 # Kernel times against wall clock for a decode-size call (torch profiler), a trace, and the
 # decode-size dispatch's host time split at the notify wait.
 if step profile; then
@@ -354,7 +374,7 @@ fi
 echo "== deepcomm gpu_check =="
 for line in "${summary[@]}"; do echo "  $line"; done
 for log in "$OUT"/prefill_*.log "$OUT"/decode_*.log "$OUT"/ll_decode_*.log "$OUT"/deepep_ll_decode_*.log "$OUT"/internode_*.log "$OUT"/deepep_*ranks.log \
-           "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/profile_*.log; do
+           "$OUT"/overlap_block.log "$OUT"/overlap_report.log "$OUT"/overlap_decode_*.log "$OUT"/profile_*.log; do
   [ -f "$log" ] && { echo; grep -A40 -E '^(deepcomm bench|deepep bench|deepcomm block bench|layer|backend=|low-latency call)' "$log" | grep -v '^rows written'; }
 done
 [ -f "$OUT/ab_table.txt" ] && { echo; echo "before/after (base: $AB_DIR):"; cat "$OUT/ab_table.txt"; }
