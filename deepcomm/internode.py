@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from deepcomm import _ext
-from deepcomm.errors import CommunicationError
+from deepcomm.errors import CommunicationError, SlotReusedError
 from deepcomm.intranode import BufferConfig
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import (
@@ -242,8 +242,8 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
         check_combine_inputs(expert_out, handle.num_recv_tokens, handle.hidden, self.device)
         dispatches_since = self._dispatches_since(handle)
         if dispatches_since >= self.config.num_recv_slots:
-            raise ValueError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
-                             f"(combine within {self.config.num_recv_slots} dispatches)")
+            raise SlotReusedError(f"handle: {dispatches_since} dispatches ran since this one; its forward map is gone "
+                                  f"(combine within {self.config.num_recv_slots} dispatches)")
         self._check_combine_source(expert_out, handle)
         num_blocks = blocks_of(self.num_sms, num_sms)
         self._check_blocks(num_blocks)

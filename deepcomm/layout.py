@@ -105,20 +105,21 @@ def dispatch_layout_cuda(
     of ids outside ``[-1, num_experts)``, which the kernel skips. ``send_pos``
     (``[T, world_size]`` int32), if given, receives :func:`send_positions`.
     """
-    world_size, num_nodes = topology.world_size, topology.num_nodes
-    device = topk_idx.device
-    per_rank = torch.empty(world_size, dtype=torch.int32, device=device)
-    per_node = torch.empty(num_nodes, dtype=torch.int32, device=device)
-    per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-    in_rank = torch.empty(topk_idx.shape[0], world_size, dtype=torch.bool, device=device)
-    launch_dispatch_layout(
-        topk_idx, num_experts, topology, num_blocks,
-        (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream,
-        per_rank.data_ptr(), per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(),
-        num_invalid.data_ptr() if num_invalid is not None else 0,
-        send_pos.data_ptr() if send_pos is not None else 0,
-    )
-    return DispatchLayout(per_rank, per_node, per_expert, in_rank)
+    with torch.cuda.device(topk_idx.device):  # the launch goes to the current device: make it topk_idx's
+        world_size, num_nodes = topology.world_size, topology.num_nodes
+        device = topk_idx.device
+        per_rank = torch.empty(world_size, dtype=torch.int32, device=device)
+        per_node = torch.empty(num_nodes, dtype=torch.int32, device=device)
+        per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+        in_rank = torch.empty(topk_idx.shape[0], world_size, dtype=torch.bool, device=device)
+        launch_dispatch_layout(
+            topk_idx, num_experts, topology, num_blocks,
+            (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream,
+            per_rank.data_ptr(), per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(),
+            num_invalid.data_ptr() if num_invalid is not None else 0,
+            send_pos.data_ptr() if send_pos is not None else 0,
+        )
+        return DispatchLayout(per_rank, per_node, per_expert, in_rank)
 
 
 def send_positions(is_token_in_rank: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,11 @@ def node_limited_topk(
             raise TypeError(f"expert_bias: expected a torch.Tensor [E] or None, got {type(expert_bias).__name__}")
         if expert_bias.shape != (num_experts,):
             raise ValueError(f"expert_bias: expected shape [{num_experts}], got {list(expert_bias.shape)}")
+        # Not-allowed experts are masked with -inf below: a bias that is not finite could tie with (or, NaN,
+        # outrank) the mask, and the top-k would pick experts on nodes the token did not choose.
+        if not bool(torch.isfinite(expert_bias).all()):
+            raise ValueError("expert_bias: must be finite (to keep an expert from being chosen, use a large "
+                             "negative value)")
         selection = scores + expert_bias.to(device=scores.device, dtype=torch.float32)
 
     per_node = selection.view(num_tokens, num_nodes, experts_per_node)
@@ -114,6 +119,11 @@ def update_expert_bias(expert_bias: torch.Tensor, expert_load: torch.Tensor, upd
     ``expert_load`` should be the global load (all-reduce it across ranks first).
     Returns the new bias; the input is not modified.
     """
+    if not isinstance(expert_bias, torch.Tensor) or not isinstance(expert_load, torch.Tensor):
+        raise TypeError("expert_bias, expert_load: expected torch.Tensors")
+    if expert_bias.dtype != torch.float32:
+        # Steps of update_rate (DeepSeek-V3: 1e-3) vanish in bf16 once |bias| >= 0.5: balancing would stop silently.
+        raise TypeError(f"expert_bias: expected float32 (keep the bias buffer in float32), got {expert_bias.dtype}")
     if expert_bias.dim() != 1:
         raise ValueError(f"expert_bias: expected [E], got shape {list(expert_bias.shape)}")
     if expert_bias.shape != expert_load.shape:

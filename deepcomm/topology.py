@@ -23,6 +23,9 @@ class Topology:
     ranks_per_node: int
 
     def __post_init__(self) -> None:
+        for name in ("rank", "world_size", "ranks_per_node"):
+            if isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected an int, got a bool")
         if not isinstance(self.world_size, int) or self.world_size <= 0:
             raise ValueError(f"world_size: must be a positive int, got {self.world_size!r}")
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
@@ -89,13 +92,19 @@ def ranks_per_host(hostnames: list[str]) -> int:
 
 
 def detect_topology(group: dist.ProcessGroup | None = None, ranks_per_node: int | None = None) -> Topology:
-    """Topology of ``group``; ``ranks_per_node=None`` groups ranks by host name."""
+    """Topology of ``group``; ``ranks_per_node=None`` groups ranks by host name. A given ``ranks_per_node`` may
+    split a host into several nodes, never join hosts: a node's ranks reach each other by CUDA IPC."""
     rank = dist.get_rank(group)
     world_size = dist.get_world_size(group)
+    hostnames: list[str] = [""] * world_size
+    dist.all_gather_object(hostnames, socket.gethostname(), group=group)
+    per_host = ranks_per_host(hostnames)
     if ranks_per_node is None:
-        hostnames: list[str] = [""] * world_size
-        dist.all_gather_object(hostnames, socket.gethostname(), group=group)
-        ranks_per_node = ranks_per_host(hostnames)
+        ranks_per_node = per_host
+    elif isinstance(ranks_per_node, int) and not isinstance(ranks_per_node, bool) and ranks_per_node > 0 \
+            and per_host % ranks_per_node != 0:
+        raise ValueError(f"ranks_per_node: must divide the {per_host} ranks each host holds (a node never spans "
+                         f"hosts), got {ranks_per_node}")
     return Topology(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node)
 
 

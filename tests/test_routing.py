@@ -133,3 +133,17 @@ def test_bad_routing_arguments_name_themselves():
         expert_load(torch.tensor([[0, 1]], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match=r"^expert_bias: expected \[E\]"):
         update_expert_bias(torch.zeros(2, 4), torch.zeros(2, 4), 0.1)
+    # A bf16 bias would stop moving once |bias| >= 0.5 (steps of 1e-3 round away): refused, not silently stuck.
+    with pytest.raises(TypeError, match="^expert_bias: expected float32"):
+        update_expert_bias(torch.ones(4, dtype=torch.bfloat16), torch.tensor([10, 0, 0, 0]), 1e-3)
+    with pytest.raises(TypeError, match="^expert_bias, expert_load: expected torch.Tensors"):
+        update_expert_bias(torch.zeros(4), [1, 2, 3, 4], 0.1)
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("nan"), float("inf")])
+def test_a_bias_that_is_not_finite_is_refused(bad):
+    # -inf ties with the mask of the nodes not chosen (and NaN outranks everything): max_nodes would not hold.
+    bias = torch.zeros(8)
+    bias[[1, 3, 5, 7]] = bad
+    with pytest.raises(ValueError, match="^expert_bias: must be finite"):
+        node_limited_topk(torch.zeros(3, 8), 2, 4, 1, expert_bias=bias)

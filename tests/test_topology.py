@@ -53,3 +53,30 @@ def test_ranks_per_host_rejects_irregular_placement(names):
 def test_detect_topology_on_one_rank(single_rank_group):
     topo = detect_topology(single_rank_group)
     assert (topo.rank, topo.world_size, topo.ranks_per_node) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["rank", "world_size", "ranks_per_node"])
+def test_bools_are_not_ints(name):
+    kwargs = dict(rank=0, world_size=2, ranks_per_node=1) | {name: True}
+    with pytest.raises(TypeError, match=f"^{name}: expected an int, got a bool"):
+        Topology(**kwargs)
+
+
+def _hosts_worker(rank: int, world_size: int) -> None:
+    """Two hosts of two ranks each (host names faked): ranks_per_node may split a host, never join two."""
+    import socket
+
+    import torch.distributed as dist
+
+    socket.gethostname = lambda: f"host{rank // 2}"
+    assert detect_topology(dist.group.WORLD).ranks_per_node == 2
+    assert detect_topology(dist.group.WORLD, ranks_per_node=1).num_nodes == 4
+    for joined in (4, 3):
+        with pytest.raises(ValueError, match=f"^ranks_per_node: must divide the 2 ranks each host holds .* got {joined}"):
+            detect_topology(dist.group.WORLD, ranks_per_node=joined)
+
+
+def test_ranks_per_node_never_joins_hosts():
+    from dist import run_ranks
+
+    run_ranks(_hosts_worker, 4)
