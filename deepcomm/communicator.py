@@ -42,6 +42,12 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 9.0e9  # the kernels' bounded waits take nanoseconds as int64
 
 
+def _refusal(backend, x, topk_idx):
+    """What a refused dispatch runs on ``backend`` so that its peers learn of it (the reference paths), or None."""
+    refuse = getattr(backend, "refuse_dispatch", None)
+    return None if refuse is None else (lambda: refuse(x, topk_idx))
+
+
 def _row_fields(x, topk_idx, num_experts, quantize_fp8: bool) -> dict:
     """What every rank's rows of a dispatch must share (deepcomm.call_check)."""
     return {"hidden size": tensor_dim(x, 1), "row format": row_format(x, quantize_fp8), "K": tensor_dim(topk_idx, 1),
@@ -405,11 +411,18 @@ class Communicator:
             self._call_check.dispatched(result.handle)
         return result
 
-    def _agree(self, method: str, fields: dict, validate) -> None:
+    def _agree(self, method: str, fields: dict, validate, refuse=None) -> None:
         """Run ``validate(check_values)`` (this rank's checks; True: expert ids read on the host too) and, with
-        check_calls, agree with the other ranks on ``fields`` first (deepcomm.call_check)."""
+        check_calls, agree with the other ranks on ``fields`` first (deepcomm.call_check). Without it, a refused
+        call runs ``refuse()`` first: the reference path's peers then raise at once instead of waiting out the
+        group's timeout in the exchange this rank skips (the kernels' peers give up after ``timeout_s``)."""
         if self._call_check is None:
-            validate(False)
+            try:
+                validate(False)
+            except (TypeError, ValueError):
+                if refuse is not None:
+                    refuse()
+                raise
         else:
             self._call_check.agree(method, fields, validate)
 
@@ -431,7 +444,7 @@ class Communicator:
         self._agree("dispatch", self._call_check and {
             **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
             "reused handle of dispatch number": None if handle is None else self._call_check.dispatch_of(handle),
-        }, validate)
+        }, validate, _refusal(self._impl, x, topk_idx))
 
     def _check_combine_arguments(self, expert_out, handle, num_sms=None) -> None:
         """The backend's own combine checks, run on the host ahead of the call."""
@@ -469,7 +482,7 @@ class Communicator:
         self._agree("low_latency_dispatch", self._call_check and {
             **_row_fields(x, topk_idx, num_experts, quantize_fp8), "num_sms": self._sms(num_sms),
             "weights at dispatch": topk_weights is not None,
-        }, validate)
+        }, validate, _refusal(self._low_latency, x, topk_idx))
 
     def _agree_low_latency_combine(self, expert_out, topk_weights, handle, previous_event, num_sms) -> None:
         def validate(check_values: bool) -> None:

@@ -36,7 +36,7 @@ from deepcomm.kernel_common import (
 )
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
-from deepcomm.results import DispatchResult
+from deepcomm.results import DispatchResult, HandleOwner
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology, gpu_share
 from deepcomm.transport import make_transport
@@ -54,10 +54,10 @@ class InternodeHandle(ScratchRouting):
     slot: int
     channels: int
     dispatch_call: int
-    owner: int
+    owner: int  # owner_id of the communicator that made it (deepcomm.results.HandleOwner)
 
 
-class InternodeCommunicator(MailboxErrors, ReceiveSlots):
+class InternodeCommunicator(MailboxErrors, ReceiveSlots, HandleOwner):
     """Dispatch/combine across ``topology.num_nodes`` nodes through the hierarchical kernels."""
 
     def __init__(
@@ -210,7 +210,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
                 result.num_recv_tokens_per_rank = self._recv_from_rank[:world].tolist()
                 result.num_recv_tokens_per_expert_list = self._recv_per_expert[:experts_per_rank].tolist()
             result.handle = InternodeHandle(num_tokens, hidden, num_recv_tokens, scratch, slot,
-                                            self.kernels.num_channels(num_blocks), call, id(self))
+                                            self.kernels.num_channels(num_blocks), call, self.owner_id)
             # The other outputs are views of the receive slot (registered memory, never freed by the allocator).
             result.event = hand_back((result.num_tokens_per_expert,), self.device, stream, caller, async_finish)
             return result
@@ -229,7 +229,7 @@ class InternodeCommunicator(MailboxErrors, ReceiveSlots):
     # -- combine ------------------------------------------------------------
 
     def _check_handle(self, handle) -> None:
-        if not isinstance(handle, InternodeHandle) or handle.owner != id(self):
+        if not isinstance(handle, InternodeHandle) or handle.owner != self.owner_id:
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
 
     def _slot_start(self, handle) -> int:

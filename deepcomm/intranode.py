@@ -36,7 +36,7 @@ from deepcomm.kernel_common import (
 from deepcomm.landing import ChunkCounts, PushPlan, push_plan
 from deepcomm.layout import launch_dispatch_layout
 from deepcomm.profiling import name_stream
-from deepcomm.results import DispatchResult
+from deepcomm.results import DispatchResult, HandleOwner
 from deepcomm.streams import CommStreamScope, hand_back
 from deepcomm.topology import Topology
 from deepcomm.validation import check_combine_inputs, check_positive_ints
@@ -115,14 +115,14 @@ class IntranodeHandle(ScratchRouting):
     num_recv_tokens: int
     scratch: DispatchScratch  # the dispatch's routing tensors; combine reads them through pointers
     dispatch_call: int
-    owner: int  # id() of the communicator that made it
+    owner: int  # owner_id of the communicator that made it (deepcomm.results.HandleOwner)
     routing: RoutingSource  # what a dispatch reusing this handle must be given
     # [src][dst] tokens of every rank, when the dispatch waited for the counts and the config may push (a
     # combine can then push); None otherwise.
     tokens_matrix: np.ndarray | None
 
 
-class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
+class IntranodeCommunicator(MailboxErrors, ReceiveSlots, HandleOwner):
     """Dispatch/combine among ``topology.world_size`` ranks of one node through the CUDA kernels."""
 
     def __init__(
@@ -333,7 +333,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
             return self._finish(result, scratch, rows, call, event, handle.routing, handle.tokens_matrix)
 
     def _finish(self, result, scratch, num_recv_tokens, call, event, routing, tokens_matrix=None):
-        result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, id(self),
+        result.handle = IntranodeHandle(scratch.num_tokens, result.x.shape[1], num_recv_tokens, scratch, call, self.owner_id,
                                         routing, tokens_matrix)
         result.event = event
         return result
@@ -344,7 +344,7 @@ class IntranodeCommunicator(MailboxErrors, ReceiveSlots):
     # -- combine ------------------------------------------------------------
 
     def _check_handle(self, handle) -> None:
-        if not isinstance(handle, IntranodeHandle) or handle.owner != id(self):
+        if not isinstance(handle, IntranodeHandle) or handle.owner != self.owner_id:
             raise TypeError("handle: expected the handle of a dispatch on this communicator")
 
     def _slot_start(self, handle) -> int:

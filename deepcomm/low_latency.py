@@ -42,9 +42,10 @@ from deepcomm.events import EventHandle
 from deepcomm.ipc import close_peers, open_peer_buffers
 from deepcomm.kernel_common import ERROR_INVALID_IDS, ERROR_MODE_MISMATCH, blocks_of, mailbox_failure, payload_of
 from deepcomm.profiling import name_stream
+from deepcomm.results import HandleOwner
 from deepcomm.streams import CommStreamScope, hand_back, order_streams, CallerStream
 from deepcomm.topology import Topology, gpu_share
-from deepcomm.validation import check_num_experts, check_positive_ints, check_tensor, check_topk_idx
+from deepcomm.validation import check_int, check_num_experts, check_positive_ints, check_tensor, check_topk_idx
 
 MAX_TOPK = 16  # csrc/runtime/low_latency_layout.h kMaxTopk
 MAX_EXPERTS = 1024
@@ -145,7 +146,7 @@ class LowLatencyHandle:
     hidden: int
     area: int
     call: int
-    owner: int  # id() of the communicator that made it
+    owner: int  # owner_id of the communicator that made it (deepcomm.results.HandleOwner)
     weights_at_dispatch: bool = False  # the dispatch carried the weights: combine sums at the owners
 
 
@@ -199,7 +200,7 @@ def check_low_latency_combine(config: LowLatencyConfig, world_size: int, expert_
                          f"got {list(topk_weights.shape)}")
 
 
-class LowLatencyKernels:
+class LowLatencyKernels(HandleOwner):
     """The low-latency kernels among ``topology.world_size`` ranks of one host (CUDA IPC)."""
 
     def __init__(self, group: dist.ProcessGroup | None, topology: Topology, config: LowLatencyConfig,
@@ -302,7 +303,7 @@ class LowLatencyKernels:
             raise ValueError("handle: its dispatch was combined already (once per dispatch); dispatch again")
 
     def _check_handle(self, handle) -> None:
-        if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
+        if not isinstance(handle, LowLatencyHandle) or handle.owner != self.owner_id:
             raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
         if self._calls - handle.call >= self.kernels.NUM_AREAS:
             raise SlotReusedError(f"handle: {self._calls - handle.call} low-latency dispatches ran since the one that "
@@ -336,7 +337,7 @@ class LowLatencyKernels:
         area = call % self.kernels.NUM_AREAS
         pair_rows, counts = self._routing_of(area, num_tokens, num_topk)
         views = self._views[area]
-        handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, id(self),
+        handle = LowLatencyHandle(pair_rows, counts, num_tokens, self.config.hidden, area, call, self.owner_id,
                                   topk_weights is not None)
         result = LowLatencyResult(views[torch.bfloat16 if payload == 0 else fp8.FP8_DTYPE],
                                   None if payload == 0 else views["scales"], counts, handle, EventHandle(None))
@@ -520,15 +521,14 @@ class LowLatencyKernels:
         block is stamped (a call's blocks all run at once, fewer than PHASE_BLOCKS). ``slots=0`` stops and
         returns None. Calls are not captured in a CUDA graph while the clock is on (they raise).
         """
-        if slots < 0:
-            raise ValueError(f"slots: must be >= 0, got {slots}")
+        check_int("slots", slots, 0)
+        # The new clock first: if it cannot be made, the kernels keep stamping the old one, which stays alive.
+        clock = (torch.zeros(slots, self.kernels.PHASE_BLOCKS, len(self.kernels.PHASES), dtype=torch.int64,
+                             device=self.device) if slots else None)
         torch.cuda.synchronize(self.device)  # no running kernel keeps the old pointer
-        self._phase_clock = None
-        if slots:
-            self._phase_clock = torch.zeros(slots, self.kernels.PHASE_BLOCKS, len(self.kernels.PHASES),
-                                            dtype=torch.int64, device=self.device)
-        self.ctx.record_phases(0 if self._phase_clock is None else self._phase_clock.data_ptr(), slots)
-        return self._phase_clock
+        self.ctx.record_phases(0 if clock is None else clock.data_ptr(), slots)
+        self._phase_clock = clock
+        return clock
 
     def close(self) -> None:
         self._closed = True

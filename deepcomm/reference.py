@@ -29,7 +29,7 @@ from deepcomm.events import EventHandle
 from deepcomm import fp8
 from deepcomm.layout import token_rank_mask
 from deepcomm.profiling import name_stream
-from deepcomm.results import DispatchResult
+from deepcomm.results import DispatchResult, HandleOwner
 from deepcomm.streams import CallerStream, CommStreamScope, hand_back
 from deepcomm.topology import Topology, detect_topology
 from deepcomm.kernel_common import RoutingSource
@@ -75,7 +75,7 @@ class ReferenceHandle:
     recv_counts: tuple[int, ...]
     recv_src_idx: torch.Tensor
     routing: RoutingSource | None = None  # what a dispatch reusing this handle must be given
-    owner: int = 0  # id() of the communicator that made it
+    owner: int = 0  # owner_id of the communicator that made it (deepcomm.results.HandleOwner)
 
     @property
     def num_recv_tokens(self) -> int:
@@ -121,7 +121,7 @@ def ordered_sum(
     return acc, touched
 
 
-class ReferenceCommunicator:
+class ReferenceCommunicator(HandleOwner):
     """Dispatch/combine on ``torch.distributed`` (the oracle and baseline).
 
     Works on CPU tensors with gloo and CUDA tensors with gloo or NCCL. Each
@@ -220,8 +220,7 @@ class ReferenceCommunicator:
             self.check_dispatch(x, topk_idx, topk_weights, num_experts, x_scales, quantize_fp8, power_of_two_scales,
                                 num_sms, num_recv_tokens, handle)
         except (TypeError, ValueError):
-            self.refuse("dispatch/counts", (self.topology.world_size, 1 + len(_SAME_ROWS)),
-                        lambda sent: dist.all_to_all_single(torch.empty_like(sent), sent, group=self.group), x, topk_idx)
+            self.refuse_dispatch(x, topk_idx)
             raise
         if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
@@ -266,12 +265,18 @@ class ReferenceCommunicator:
         except CommunicationError:
             pass
 
+    def refuse_dispatch(self, x, topk_idx) -> None:
+        """This rank refused its dispatch arguments (here or in the Communicator's per-call checks): the peers,
+        waiting in the count exchange, raise at once naming this rank."""
+        self.refuse("dispatch/counts", (self.topology.world_size, 1 + len(_SAME_ROWS)),
+                    lambda sent: dist.all_to_all_single(torch.empty_like(sent), sent, group=self.group), x, topk_idx)
+
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("communicator: closed (close() was called); make a new one")
 
     def _check_handle(self, handle) -> None:
-        if not isinstance(handle, ReferenceHandle) or handle.owner != id(self):
+        if not isinstance(handle, ReferenceHandle) or handle.owner != self.owner_id:
             raise TypeError("handle: expected the handle of a dispatch on this communicator's reference path, got "
                             f"{'one of another communicator' if isinstance(handle, ReferenceHandle) else type(handle).__name__}")
 
@@ -340,7 +345,7 @@ class ReferenceCommunicator:
             recv_counts=tuple(recv_counts),
             recv_src_idx=recv_src_idx,
             routing=RoutingSource.of(topk_idx, num_experts, 0),
-            owner=id(self),
+            owner=self.owner_id,
         )
         return DispatchResult(
             x=recv_x,

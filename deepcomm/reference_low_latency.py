@@ -19,6 +19,7 @@ from deepcomm.low_latency import (
     LowLatencyConfig, LowLatencyHandle, LowLatencyResult, check_low_latency_combine, check_low_latency_dispatch,
 )
 from deepcomm.reference import REFUSED, ReferenceCommunicator, _as_bytes, _split_columns
+from deepcomm.results import HandleOwner
 from deepcomm.streams import hand_back
 
 
@@ -92,7 +93,7 @@ def sum_by_owner(values: torch.Tensor, weights: torch.Tensor, owners: torch.Tens
     return total.to(torch.bfloat16)
 
 
-class ReferenceLowLatency:
+class ReferenceLowLatency(HandleOwner):
     """Low-latency dispatch/combine on the reference communicator's group."""
 
     def __init__(self, reference: ReferenceCommunicator, config: LowLatencyConfig) -> None:
@@ -111,7 +112,7 @@ class ReferenceLowLatency:
 
     def _check_handle(self, handle) -> None:
         """The kernels' checks, so that a program that runs here runs there."""
-        if not isinstance(handle, LowLatencyHandle) or handle.owner != id(self):
+        if not isinstance(handle, LowLatencyHandle) or handle.owner != self.owner_id:
             raise TypeError("handle: expected the handle of a low-latency dispatch on this communicator")
         self._check_reused(handle)
         if handle.call in self._combined:
@@ -150,21 +151,27 @@ class ReferenceLowLatency:
                              "received yet; call its hook() before this dispatch")
         if quantize_fp8 and x.dtype != torch.bfloat16:
             raise ValueError("quantize_fp8: needs bf16 x; x is already fp8")
+        if quantize_fp8:
+            fp8.num_scale_blocks(x.shape[1], "x")
+
+    def refuse_dispatch(self, x, topk_idx) -> None:
+        """This rank refused its dispatch arguments (here or in the Communicator's per-call checks): the peers,
+        waiting in the count exchange, raise at once naming this rank."""
+        ref, world = self.reference, self.topology.world_size
+
+        def exchange(sent: torch.Tensor) -> None:
+            dist.all_gather([torch.empty_like(sent) for _ in range(world)], sent, group=ref.group)
+
+        ref.refuse("low_latency/counts", (self.config.num_experts + 1,), exchange, x, topk_idx)
 
     def dispatch(self, x, topk_idx, num_experts, x_scales=None, quantize_fp8=False, power_of_two_scales=False,
                  previous_event=None, async_finish=False, return_recv_hook=False, num_sms=None,
                  topk_weights=None) -> LowLatencyResult:
-        world = self.topology.world_size
         try:
             self.check_dispatch(x, topk_idx, num_experts, x_scales, quantize_fp8, power_of_two_scales, num_sms,
                                 topk_weights)
         except (TypeError, ValueError):  # the peers wait in the count exchange: they raise at once, naming this rank
-            ref = self.reference
-
-            def exchange(sent: torch.Tensor) -> None:
-                dist.all_gather([torch.empty_like(sent) for _ in range(world)], sent, group=ref.group)
-
-            ref.refuse("low_latency/counts", (self.config.num_experts + 1,), exchange, x, topk_idx)
+            self.refuse_dispatch(x, topk_idx)
             raise
         if quantize_fp8:
             x, x_scales = fp8.quantize_fp8(x, power_of_two_scales)
@@ -241,7 +248,7 @@ class ReferenceLowLatency:
         per_expert = every_count[:, rank * local_experts : (rank + 1) * local_experts].sum(0).to(torch.int32)
         self._calls += 1
         self._combined.discard(self._calls - 2)
-        handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, id(self),
+        handle = LowLatencyHandle(pair_rows, per_expert, num_tokens, hidden, self._calls % 2, self._calls, self.owner_id,
                                   topk_weights is not None)
         # The weights stay with the call, as the kernels keep them with its rows (a copy: the caller may reuse its own).
         self._weights = {call: w for call, w in self._weights.items() if call > self._calls - 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,3 +38,19 @@ class DispatchResult:
     handle: Any
     event: EventHandle
     num_recv_tokens_per_expert_list: list[int] | None = None
+
+
+_OWNER_IDS = itertools.count(1)
+
+
+class HandleOwner:
+    """Stamps the handles an object makes with a number no other object of the process has had: ``id()`` is
+    reused once an object dies, and a dead communicator's handle must not pass for one of a live one's."""
+
+    _owner_id: int | None = None
+
+    @property
+    def owner_id(self) -> int:
+        if self._owner_id is None:
+            self._owner_id = next(_OWNER_IDS)
+        return self._owner_id

@@ -252,7 +252,9 @@ def _refused_arguments_worker(rank: int, world_size: int) -> None:
     cases = [(dict(topk_idx=bad_idx), ValueError, "^topk_idx"),
              (dict(x=x.float()), TypeError, "^x"),
              (dict(x=x.to(fp8.FP8_DTYPE), x_scales=torch.ones(T, H // 128), quantize_fp8=True), ValueError,
-              "^quantize_fp8")]
+              "^quantize_fp8"),
+             # The Communicator's own per-call checks, before any backend sees the call.
+             (dict(num_sms=0), ValueError, "^num_sms"), (dict(previous_event="event"), TypeError, "^previous_event")]
     for change, error, message in cases:
         args = dict(x=x, topk_idx=idx, topk_weights=weights, num_experts=experts)
         if rank == 2:
@@ -272,6 +274,35 @@ def test_arguments_refused_on_one_rank_raise_on_every_rank_at_once():
     from dist import run_ranks
 
     run_ranks(_refused_arguments_worker, 3)
+
+
+def _refused_low_latency_worker(rank: int, world_size: int) -> None:
+    import time
+
+    from deepcomm.errors import CommunicationError
+
+    hidden = 136  # bf16 rows of 16-byte units, but no whole 128-channel fp8 blocks
+    config = deepcomm.LowLatencyConfig(max_tokens_per_rank=T, hidden=hidden, num_experts=4 * world_size, num_topk=K)
+    comm = deepcomm.Communicator(backend="reference", timeout_s=60.0, low_latency=config)
+    x, idx = torch.randn(T, hidden).to(torch.bfloat16), torch.randint(0, config.num_experts, (T, K))
+    for change, error, message in [(dict(quantize_fp8=True), ValueError, "^x: fp8 needs a hidden size"),
+                                   (dict(num_sms=-1), ValueError, "^num_sms")]:
+        args = dict(x=x, topk_idx=idx, num_experts=config.num_experts) | (change if rank == 1 else {})
+        start = time.monotonic()
+        if rank == 1:
+            with pytest.raises(error, match=message):
+                comm.low_latency_dispatch(**args)
+        else:
+            with pytest.raises(CommunicationError, match="rank 1 refused its dispatch arguments"):
+                comm.low_latency_dispatch(**args)
+            assert time.monotonic() - start < 30
+    comm.low_latency_dispatch(x, idx, config.num_experts)  # and the next call runs
+
+
+def test_low_latency_arguments_refused_on_one_rank_raise_on_every_rank_at_once():
+    from dist import run_ranks
+
+    run_ranks(_refused_low_latency_worker, 2)
 
 
 def test_tensors_that_want_gradients_are_warned_about_outside_autograd(comm):

@@ -517,8 +517,9 @@ def _back_to_back_worker(rank: int, world_size: int) -> None:
         with pytest.raises(RuntimeError, match="record_phases: the phase clock is on"):
             comm.low_latency_dispatch(x, idx, num_experts)
     assert comm._low_latency.record_phases(0) is None
-    with pytest.raises(ValueError, match="^slots: must be >= 0"):
-        comm._low_latency.record_phases(-1)
+    for bad in (-1, True, 2.0):  # refused before the clock changes: the kernels never stamp a freed one
+        with pytest.raises(ValueError, match="^slots: expected an int >= 0"):
+            comm._low_latency.record_phases(bad)
     comm.low_latency_dispatch(x, idx, num_experts)  # the refused call changed nothing: the next one runs
     comm.check_errors()
     comm.close()
@@ -718,3 +719,24 @@ def _failure_worker(rank: int, world_size: int) -> None:
 def test_bad_ids_and_a_silent_rank_are_reported_naming_them():
     require_ranks(3)
     run_ranks(_failure_worker, 3, timeout_s=60)
+
+
+def test_a_dead_communicators_handle_is_refused_by_a_new_one(single_rank_group):
+    """Handles name their communicator by a number never reused (id() is, once the communicator is gone)."""
+    import gc
+
+    config = _config(1)
+    x, idx = torch.randn(4, HIDDEN).to(torch.bfloat16), torch.zeros(4, 2, dtype=torch.int64)
+    old = deepcomm.Communicator(single_rank_group, backend="reference", low_latency=config)
+    handle = old.low_latency_dispatch(x, idx, config.num_experts).handle
+    del old
+    gc.collect()
+    seen = set()
+    for _ in range(20):  # enough new ones that one would likely take the dead one's id()
+        new = deepcomm.Communicator(single_rank_group, backend="reference", low_latency=config)
+        with pytest.raises(TypeError, match="handle: expected the handle of a low-latency dispatch on this communicator"):
+            new.low_latency_combine(torch.zeros(config.recv_shape(1), dtype=torch.bfloat16), torch.ones(4, 2), handle)
+        seen.add(new._low_latency.owner_id)
+        del new
+        gc.collect()
+    assert len(seen) == 20
