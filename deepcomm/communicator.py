@@ -210,8 +210,11 @@ class Communicator:
         """Wait for this rank's communication, then unmap the peers' buffers, all ranks together.
 
         Collective (a barrier before and after): no rank unmaps, or exits and frees, a buffer
-        that a peer's kernels may still touch. Afterwards every call raises RuntimeError.
+        that a peer's kernels may still touch. Afterwards every call raises RuntimeError; a second close()
+        does nothing (a rank repeating the barriers alone would wait for peers that do not come).
         """
+        if self._closed:
+            return
         self._closed = True
         if self._impl is self._reference:  # autograd and the MoE layer call the backend directly
             self._reference.closed = True
