@@ -184,16 +184,15 @@ class OverlapScheduler:
         reversed_kinds = [s.kind for s in reversed(self.stages)]
         # On the calling thread: autograd otherwise hands CUDA work to a worker thread of its own, whose
         # kernels then fall outside the stage's range in the profiler (which attributes by launching thread).
+        records, self._records, self._outputs = self._records, None, None  # one backward per forward, failed or not
         with compute_sm_limit(self.compute_sms), torch.autograd.set_multithreading_enabled(False):
             for m, _ in interleaved_order(reversed_kinds, self.num_micro_batches):
                 position[m] -= 1
-                record = self._records[m][position[m]]
+                record = records[m][position[m]]
                 stage = self.stages[record.stage]
                 with stage_range(stage_name(stage.layer, m, stage.name, backward=True)):
                     _stage_backward(record, grads[m])
-        for m, state_grads in enumerate(grads):
-            _leftover_to_inputs(state_grads, self._records[m])
-        self._records = self._outputs = None
+        _leftover_to_inputs(grads, records)
 
 
 @contextmanager
@@ -265,14 +264,21 @@ def _stage_backward(record: _StageRecord, grads: dict[int, torch.Tensor]) -> Non
             grads[id(original)] = grads[id(original)] + total if id(original) in grads else total
 
 
-def _leftover_to_inputs(grads: dict[int, torch.Tensor], records: list[_StageRecord]) -> None:
+def _leftover_to_inputs(grads: list[dict[int, torch.Tensor]], records: list[list[_StageRecord]]) -> None:
     """Gradients left after every stage's backward belong to tensors that entered the state from outside:
-    the ones the micro-batch started with, and any a stage put there (a parameter, an extra input)."""
-    for record in records:
-        for _, original in record.inputs:
-            grad = grads.pop(id(original), None)
-            if grad is not None:
-                torch.autograd.backward(original, grad)
+    the ones the micro-batch started with, and any a stage put there (a parameter, an extra input). One
+    backward call for every micro-batch: their inputs may share a graph upstream (cut from one tensor that an
+    embedding or an earlier layer made), which a call per micro-batch would traverse, and free, once each."""
+    originals, upstream = [], []
+    for state_grads, micro_batch_records in zip(grads, records):
+        for record in micro_batch_records:
+            for _, original in record.inputs:
+                grad = state_grads.pop(id(original), None)
+                if grad is not None:
+                    originals.append(original)
+                    upstream.append(grad)
+    if originals:
+        torch.autograd.backward(originals, upstream)
 
 
 # ------------------------------------------------------------- the MoE block as stages

@@ -452,3 +452,47 @@ def test_overlapped_decode_on_the_low_latency_kernels():
     require_ranks(2)
     for decode_experts in ("padded", "packed"):
         run_ranks(_decode_block_worker, 2, [[3, 2], [0, 4]], True, decode_experts)
+
+
+def test_inputs_made_by_one_upstream_graph_get_their_gradients_in_one_pass():
+    """x from an earlier layer (a dense one here), split into micro-batches: their gradients meet in that layer's
+    graph, which the scheduler's backward traverses once for all micro-batches (once each would free it first)."""
+    log: list = []
+    blocks = [ToyBlock(16, seed, log) for seed in (1, 2)]
+    x0, w = torch.randn(7, 16), torch.randn(16, 16, requires_grad=True)
+    sizes = [4, 3]
+
+    expected = torch.cat([_plain(blocks, part) for part in torch.split(torch.tanh(x0 @ w), sizes)])
+    expected.square().sum().backward()
+    want_w = w.grad.clone()
+    want = {(i, name): p.grad.clone() for i, b in enumerate(blocks) for name, p in b.named_parameters()}
+    w.grad = None
+    for block in blocks:
+        block.zero_grad()
+
+    scheduler = OverlapScheduler([s for layer, b in enumerate(blocks) for s in b.stages(layer)])
+    outputs = scheduler.forward([{"x": part} for part in torch.split(torch.tanh(x0 @ w), sizes)], output="x")
+    torch.cat(outputs).square().sum().backward()
+    scheduler.backward()
+    assert torch.allclose(w.grad, want_w, atol=1e-5)
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            assert torch.allclose(p.grad, want[(i, name)], atol=1e-5), (i, name)
+
+
+def test_a_failed_backward_lets_go_of_the_forward(monkeypatch):
+    """Once backward ran, failed or not, the forward's graph is released: a retry asks for a new forward."""
+    log: list = []
+    scheduler = OverlapScheduler(ToyBlock(4, 0, log).stages(0))
+    outputs = scheduler.forward([{"x": torch.randn(2, 4, requires_grad=True)}, {"x": torch.randn(1, 4)}], "x")
+    torch.cat(outputs).sum().backward()
+
+    def fail(record, grads):
+        raise RuntimeError("a stage's backward failed")
+
+    monkeypatch.setattr(overlap, "_stage_backward", fail)
+    with pytest.raises(RuntimeError, match="a stage's backward failed"):
+        scheduler.backward()
+    assert scheduler._records is None and scheduler._outputs is None
+    with pytest.raises(RuntimeError, match="backward: call forward with autograd enabled first"):
+        scheduler.backward()
