@@ -42,6 +42,9 @@ from dataclasses import dataclass
 # Ray would set each actor's CUDA_VISIBLE_DEVICES to its own GPU (see the module's docstring).
 NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 TAIL_LINES = 40  # of a failing rank's error output, printed by the launcher
+# A rank's standard output goes back to the launcher, which prints it (Ray's log forwarding loses what it has not
+# sent when the run ends). Past this many characters only the end is kept.
+OUTPUT_CHARS = 4 << 20
 TIMED_OUT = 124  # as timeout(1)
 
 
@@ -123,22 +126,26 @@ class RankActor:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def run(self, environment: dict[str, str], command: list[str], cwd: str) -> tuple[int, list[str]]:
-        """The target's exit status (a signal's as 128 + its number) and the end of its error output."""
+    def run(self, environment: dict[str, str], command: list[str], cwd: str) -> tuple[int, list[str], str]:
+        """The target's exit status (a signal's as 128 + its number), the end of its error output, and its
+        standard output (for the launcher to print: Ray's forwarding may drop the last of it)."""
         with self._lock:
             if self._stopped:
-                return 128 + signal.SIGTERM, ["stopped before it started"]
+                return 128 + signal.SIGTERM, ["stopped before it started"], ""
             self._child = subprocess.Popen(
                 [sys.executable, *command], env={**os.environ, **environment}, cwd=cwd if os.path.isdir(cwd) else None,
-                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        output: list[str] = []
+        reader = threading.Thread(target=_read_capped, args=(self._child.stdout, output), daemon=True)
+        reader.start()
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         for line in self._child.stderr:  # passed on as it comes (Ray forwards it), the end kept
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
         status = self._child.wait()
-        sys.stdout.flush()
+        reader.join()
         sys.stderr.flush()
-        return (128 - status if status < 0 else status), list(tail)
+        return (128 - status if status < 0 else status), list(tail), "".join(output)
 
     def stop(self) -> None:
         with self._lock:
@@ -150,6 +157,21 @@ class RankActor:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
+
+
+def _read_capped(stream, output: list[str]) -> None:
+    """All of ``stream`` into ``output``, keeping the last OUTPUT_CHARS characters (and saying so)."""
+    kept, dropped = collections.deque(), 0
+    size = 0
+    for line in stream:
+        kept.append(line)
+        size += len(line)
+        while size > OUTPUT_CHARS and len(kept) > 1:
+            size -= len(kept.popleft())
+            dropped += 1
+    if dropped:
+        output.append(f"[deepcomm.ray_launch: the first {dropped} lines of this rank's output were dropped]\n")
+    output.extend(kept)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,13 +242,19 @@ def _connect(args: argparse.Namespace) -> None:
 
 
 def _ended(ref) -> tuple[int, list[str]]:
+    """A rank's status and error tail; its standard output is printed here, as each rank ends."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     try:
-        return ray.get(ref)
+        status, tail, output = ray.get(ref)
     except RayActorError as error:
         return 1, [f"its actor died: {error}"]
+    except RayTaskError as error:  # the actor's own code failed (not the rank's)
+        return 1, [f"its actor failed: {error}"]
+    sys.stdout.write(output)
+    sys.stdout.flush()
+    return status, tail
 
 
 def _wait_for_ranks(actors, runs, ranks: list[int], args: argparse.Namespace) -> int:

@@ -111,6 +111,20 @@ def test_the_benchmark_runs_on_ray_actors_and_checks_itself(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())  # relative: the ranks ran where the launcher did
     assert [(r["stage"], r["dtype"]) for r in rows] == [("layout", "-"), ("dispatch", "bf16"), ("combine", "bf16")]
     assert all(r["check"] == "ok" and r["ranks"] == 3 and r["path"] == "reference" for r in rows)
+    assert "deepcomm bench: device=cpu ranks=3" in out.stdout  # rank 0's table reaches the launcher's output
+
+
+@needs_ray
+def test_every_line_a_rank_prints_reaches_the_launchers_output(tmp_path):
+    """Ray's log forwarding drops what it has not sent when the run ends: the ranks' output comes back with their
+    status instead, all of it, right after the run."""
+    (tmp_path / "chatty.py").write_text(
+        "import os\nfor i in range(300):\n    print(f\"rank {os.environ['RANK']} line {i}\")\n")
+    out, _ = _launch(tmp_path, "--nproc", "2", "--gpus-per-rank", "0", "chatty.py")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for rank in (0, 1):
+        assert [line for line in out.stdout.splitlines() if line.startswith(f"rank {rank} ")] == [
+            f"rank {rank} line {i}" for i in range(300)]
 
 
 @needs_ray

@@ -77,11 +77,15 @@ def is_expert_parameter(name: str) -> bool:
     return ".experts." in f".{name}." or name.rsplit(".", 1)[-1] in moe.EXPERT_PARAMETERS
 
 
-def average_replicated_gradients(model: torch.nn.Module) -> None:
+def average_gradients(model: torch.nn.Module) -> None:
+    """Gradients of the mean of the ranks' losses. A replicated parameter's are averaged over the ranks; an
+    expert's already hold every rank's loss (through the all-to-all's backward), summed: divided by the ranks."""
     for name, p in model.named_parameters():
-        if p.grad is not None and not is_expert_parameter(name):
+        if p.grad is None:
+            continue
+        if not is_expert_parameter(name):
             dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+        p.grad /= dist.get_world_size()
 
 
 def batches(args, hidden: int, device, dtype):
@@ -110,7 +114,7 @@ def train(args, overlapped: bool) -> list[float]:
     for x, target in batches(args, config.moe.hidden, device, dtype):
         optimizer.zero_grad(set_to_none=True)
         loss = model.loss(x, target, overlapped)
-        average_replicated_gradients(model)
+        average_gradients(model)
         optimizer.step()
         total = loss.reshape(1).double()  # on the GPU under NCCL, on the CPU under gloo
         dist.all_reduce(total)
