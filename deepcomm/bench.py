@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from deepcomm import _ext, fp8
+from deepcomm import _ext, cpu_binding, fp8
 from deepcomm.bench_low_latency import low_latency_rows
 from deepcomm.bench_floor import copy_floor_us, peer_copy_floor_us, ranks_have_own_gpu, rows_kept_local
 from deepcomm.checks import expected_round_trip
@@ -122,10 +122,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or not set(dtypes) <= {"bf16", "fp8"}:
         parser.error(f"--dtypes: expected a comma list of bf16, fp8, got {args.dtypes!r}")
-    if args.topk is not None and args.experts is not None and args.topk > args.experts:
-        parser.error(f"--topk: {args.topk} exceeds --experts {args.experts}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    # The workload as the ranks will resolve it (preset, then overrides), checked here rather than as a
+    # traceback from every rank.
+    shape = workload(args, args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+    world = int(os.environ.get("WORLD_SIZE", args.nproc))
+    if shape["topk"] > shape["experts"]:
+        parser.error(f"--topk: {shape['topk']} exceeds the {shape['experts']} experts (--experts)")
+    if shape["experts"] % world:
+        parser.error(f"--experts: {shape['experts']} is not a multiple of the {world} ranks")
+    if args.ranks_per_node is not None and world % args.ranks_per_node:
+        parser.error(f"--ranks-per-node: {args.ranks_per_node} does not divide the {world} ranks")
+    if "fp8" in dtypes and shape["hidden"] % 128:
+        parser.error(f"--hidden: fp8 rows need a multiple of 128 channels, got {shape['hidden']} (or --dtypes bf16)")
     if args.json_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_path))):
         parser.error(f"--json: the folder of {args.json_path} does not exist")
     return args
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if args.device == "cpu":
+            cpu_binding.bind_from_environment()  # what the launcher asked for (init_distributed does it otherwise)
             dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
         else:
             init_distributed(args.timeout)

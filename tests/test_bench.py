@@ -48,7 +48,11 @@ def test_bench_rejects_unknown_dtype(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--iters", "0"], "--iters: must be >= 1"),
     (["--tokens", "-1"], "--tokens: must be >= 1"),
-    (["--topk", "9", "--experts", "8"], "--topk: 9 exceeds --experts 8"),
+    (["--topk", "9", "--experts", "8"], "--topk: 9 exceeds the 8 experts (--experts)"),
+    (["--topk", "100"], "--topk: 100 exceeds the"),  # the preset's experts
+    (["--experts", "63", "--nproc", "2"], "--experts: 63 is not a multiple of the 2 ranks"),
+    (["--ranks-per-node", "3", "--nproc", "2"], "--ranks-per-node: 3 does not divide the 2 ranks"),
+    (["--hidden", "100"], "--hidden: fp8 rows need a multiple of 128 channels, got 100"),
     (["--sms", "abc"], "--sms: expected a comma list"),
     (["--sms", "24,0"], "--sms: SM counts must be >= 1"),
     (["--timeout", "0"], "--timeout: must be a positive number"),
@@ -176,6 +180,14 @@ def test_bench_low_latency_mode_on_cpu_processes(tmp_path):
     dispatch_bf16 = rows[1]
     # One row per (token, expert), top-4 of 8 experts on 2 ranks: each rank receives about half of 2 x 32 x 4.
     assert 0 < dispatch_bf16["bytes_per_rank"] <= 2 * 32 * 4 * 256 * 2
+    # The combine is derived (round trip less dispatch): its note says so, and says when the difference is noise.
+    combine = rows[5]
+    assert combine["note"].startswith("weighted; round trip - dispatch")
+    assert (combine["us"] > 0) == ("not a time" not in combine["note"])
+    # --dtypes holds in this mode too: bf16 only, no fp8 rows.
+    out = subprocess.run(command + ["--dtypes", "bf16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {r["dtype"] for r in json.loads(json_path.read_text())} == {"-", "bf16"}
 
 
 def test_the_low_latency_kernels_rows_say_how_they_were_launched():
