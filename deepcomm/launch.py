@@ -75,7 +75,13 @@ def visible_gpu_count() -> int:
     """GPUs this process may use, without creating a CUDA context (nvidia-smi, else torch)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
+        # As CUDA reads it: the entries up to the first invalid one (-1 hides every GPU).
+        count = 0
+        for entry in (d.strip() for d in visible.split(",")):
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            count += 1
+        return count
     if shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
         if out.returncode == 0:
@@ -136,6 +142,10 @@ class MpsDaemon:
         if result.returncode != 0 or not mps_running(self.env["CUDA_MPS_PIPE_DIRECTORY"]):
             log = os.path.join(self.env["CUDA_MPS_LOG_DIRECTORY"], "control.log")
             detail = open(log).read()[-2000:] if os.path.exists(log) else result.stderr.strip()
+            # The context's exit does not run after a failed start: a daemon that came up late, and the
+            # private folders, go now.
+            self._terminate(wait_s=2.0)
+            shutil.rmtree(self.root, ignore_errors=True)
             raise SystemExit(
                 "deepcomm.launch: could not start CUDA MPS (it needs permission to run the daemon, usually root, "
                 f"and a GPU in a compute mode that allows it): {detail or 'no output'}"

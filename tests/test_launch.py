@@ -50,8 +50,17 @@ def test_daemon_that_fails_to_start_is_a_clear_error(monkeypatch, tmp_path):
     fake.write_text("#!/bin/sh\necho 'permission denied' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    daemon = launch.MpsDaemon()
     with pytest.raises(SystemExit, match="could not start CUDA MPS.*permission denied"):
-        launch.MpsDaemon().start()
+        daemon.start()
+    assert not os.path.exists(daemon.root)  # its private folders go with it (no context exit runs after this)
+
+
+@pytest.mark.parametrize("visible, count", [("-1", 0), ("", 0), ("0,1", 2), ("1, 0", 2), ("0,-1,1", 1),
+                                            ("GPU-8f2b,GPU-1c3d", 2), ("MIG-5e1a", 1)])
+def test_visible_gpus_are_counted_as_cuda_reads_the_list(monkeypatch, visible, count):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert launch.visible_gpu_count() == count
 
 
 def test_daemon_is_started_with_private_folders_and_stopped(monkeypatch, tmp_path):
