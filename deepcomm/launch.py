@@ -340,9 +340,20 @@ def main(argv: list[str] | None = None) -> None:
     if not plan.start_mps:
         torchrun.main(torchrun_args)
         return
+    _exit_on_termination()
     with MpsDaemon() as daemon:
         os.environ.update(daemon.env)
         torchrun.main(torchrun_args)
+
+
+def _exit_on_termination() -> None:
+    """SIGTERM and SIGHUP end the launcher through its context exits, which quit the MPS daemon it started:
+    torchrun installs handlers of its own only once its workers start (after MPS, and after the rendezvous)."""
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,45 @@ def test_torchruns_numa_binding_turns_ours_off(monkeypatch):
 def test_bad_cpu_binding_arguments(bind, per_rank, match):
     with pytest.raises(SystemExit, match=match):
         launch.plan_launch(2, 2, None, False, bind, per_rank)
+
+
+def test_sigterm_before_the_ranks_start_still_quits_the_mps_daemon_it_started(tmp_path):
+    """The launcher waits in torchrun's rendezvous for a second node that never comes; SIGTERM then ends it,
+    and the MPS daemon it started (a stand-in here) is quit and its folders removed."""
+    import signal
+    import socket
+    import time
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / launch.MPS_CONTROL
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
+        f'echo $PPID > "$CUDA_MPS_PIPE_DIRECTORY/{launch.MPS_PID_FILE}"; echo "start $CUDA_MPS_PIPE_DIRECTORY" >> {calls}; '
+        f"else cat >> {calls}; fi\n"
+    )
+    fake.chmod(0o755)
+    (tmp_path / "rank.py").write_text("pass\n")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "0"}
+    env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "deepcomm.launch", "--nnodes", "2", "--node-rank", "0", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "2", "rank.py"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (calls.exists() and calls.read_text().startswith("start")):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-2000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # in the rendezvous now
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    started, quit_ = calls.read_text().split("\n", 1)
+    assert quit_.split() == ["quit"]
+    assert not os.path.exists(os.path.dirname(started.split()[1]))
