@@ -310,7 +310,29 @@ def spawn_local(fn, nproc: int, *args, timeout_s: float = 300.0) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_spawned, args=(nproc, port, timeout_s, fn, args), nprocs=nproc, join=True)
+    # The ranks end with this process whatever ends it: torch's own tie (SIGINT to the children when the parent
+    # dies) is lost where SIGINT is ignored (a job started with & from a script) or before a child is set up.
+    _exit_on_termination()
+    context = torch.multiprocessing.start_processes(_spawned, args=(nproc, port, timeout_s, fn, args), nprocs=nproc,
+                                                    join=False)
+    try:
+        while not context.join():
+            pass
+    finally:
+        _end_processes(context.processes)
+
+
+def _end_processes(processes, wait_s: float = 5.0) -> None:
+    """SIGTERM to every process still alive, then SIGKILL to any left after ``wait_s``."""
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + wait_s
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _spawned(rank: int, nproc: int, port: int, timeout_s: float, fn, args: tuple) -> None:

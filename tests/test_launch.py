@@ -240,3 +240,49 @@ def test_sigterm_before_the_ranks_start_still_quits_the_mps_daemon_it_started(tm
     started, quit_ = calls.read_text().split("\n", 1)
     assert quit_.split() == ["quit"]
     assert not os.path.exists(os.path.dirname(started.split()[1]))
+
+
+SLEEPERS = """
+import os, sys, time
+from deepcomm.launch import spawn_local
+
+def sleeper(folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(300)
+
+if __name__ == "__main__":
+    spawn_local(sleeper, 2, sys.argv[1])
+"""
+
+
+def test_spawned_ranks_end_with_a_terminated_parent_even_with_sigint_ignored(tmp_path):
+    """A job started with & from a script ignores SIGINT, which is how torch ties its children to the parent: the
+    ranks of spawn_local (python -m deepcomm.bench without a launcher) must still end with it."""
+    import signal
+    import time
+
+    (tmp_path / "sleepers.py").write_text(SLEEPERS)
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    parent = subprocess.Popen(["sh", "-c", f'trap "" INT; exec "{sys.executable}" sleepers.py pids'], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(folder)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()[-2000:]
+            time.sleep(0.1)
+        pids = [int(name) for name in os.listdir(folder)]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) != 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and "zombie" not in
+                 open(f"/proc/{pid}/status").read().lower()]
+        time.sleep(0.2)
+    for pid in alive:  # do not leave them behind whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived their parent"
