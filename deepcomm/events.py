@@ -50,9 +50,13 @@ class EventHandle:
             return
         if isinstance(point, torch.cuda.Event):
             (stream if stream is not None else torch.cuda.current_stream()).wait_event(point)
+        elif stream is None:
+            point.wait(torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()))
+        elif stream.device_index != torch._C._cuda_getDevice():
+            with torch.cuda.device(stream.device_index):  # a raw handle of 0 is the current device's default stream
+                point.wait(stream.cuda_stream)
         else:
-            point.wait(stream.cuda_stream if stream is not None
-                       else torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()))
+            point.wait(stream.cuda_stream)
 
     def synchronize(self) -> None:
         """Block the host until this point is reached."""

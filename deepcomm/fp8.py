@@ -34,10 +34,12 @@ def num_scale_blocks(hidden: int, name: str = "hidden") -> int:
 
 
 def round_up_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= each positive float32 value, computed exactly."""
+    """Smallest power of two >= each positive float32 value, computed exactly; inf and NaN stay as they are
+    (frexp gives them exponent 0: a block with one would otherwise be scaled by 1 and its inf made finite)."""
     mantissa, exponent = torch.frexp(values)  # values = mantissa * 2**exponent, mantissa in [0.5, 1)
     exact = mantissa == 0.5
-    return torch.ldexp(torch.ones_like(values), torch.where(exact, exponent - 1, exponent))
+    powers = torch.ldexp(torch.ones_like(values), torch.where(exact, exponent - 1, exponent))
+    return torch.where(values.isfinite(), powers, values)
 
 
 def quantize_fp8(x: torch.Tensor, power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

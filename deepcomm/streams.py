@@ -86,6 +86,8 @@ class CommStreamScope:
         if self.stream is None:
             return None
         caller = CallerStream(self.stream.device_index)
+        # Setting a stream current sets its device current too: the caller's comes back at the exit.
+        self._device = torch._C._cuda_getDevice()
         # The communication stream (and so its device) is current first: the ordering event is the
         # current device's, and a raw handle of 0 means the current device's default stream.
         torch._C._cuda_setStream(stream_id=self.stream.stream_id, device_index=self.stream.device_index,
@@ -113,6 +115,8 @@ class CommStreamScope:
                 order_streams(self._caller, self.stream)
         finally:
             self._caller.make_current()
+            if self._device != self.stream.device_index:
+                torch.cuda.set_device(self._device)
 
 
 def hand_back(

@@ -67,3 +67,14 @@ def test_dequantize_checks_scales():
         dequantize_fp8(q, scales[:, :1])
     with pytest.raises(TypeError, match="q"):
         dequantize_fp8(q.float(), scales)
+
+
+def test_power_of_two_scales_keep_inf_and_nan_as_they_are():
+    """frexp gives inf and NaN exponent 0: without care their blocks were scaled by 1 and an inf came back 448."""
+    rounded = round_up_to_power_of_two(torch.tensor([float("inf"), float("nan"), 3.0, 4.0, 1e-30]))
+    assert rounded[0] == float("inf") and rounded[1].isnan()
+    assert rounded[2:].tolist() == [4.0, 4.0, 2.0 ** -99]
+    row = torch.zeros(1, 128)
+    row[0, :3] = torch.tensor([float("inf"), 1000.0, 1e-3])
+    q, scales = quantize_fp8(row.to(torch.bfloat16), power_of_two_scales=True)
+    assert scales[0, 0] == float("inf")  # not 1.0: the block does not come back finite
