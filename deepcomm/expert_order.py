@@ -37,6 +37,8 @@ def expert_order(local_idx: torch.Tensor, num_experts: int,
     ``num_pairs`` is the count of ids in ``[0, num_experts)``. Ids are ``-1`` or in that range (as
     dispatch delivers them); the kernel skips others, the torch path would sort them in.
     """
+    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or not 0 <= num_pairs <= local_idx.numel():
+        raise ValueError(f"num_pairs: expected an int in [0, {local_idx.numel()}] (the ids in range), got {num_pairs!r}")
     if not (local_idx.is_cuda and _ext.available() and local_idx.dtype == torch.int64 and local_idx.is_contiguous()
             and local_idx.dim() == 2 and local_idx.shape[1] > 0 and 0 < local_idx.numel() < 2**31
             and 0 < num_experts <= _ext.extension().MAX_SORTED_EXPERTS):

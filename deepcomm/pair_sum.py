@@ -50,12 +50,13 @@ def pair_of(order: torch.Tensor, num_rows: int, num_topk: int) -> torch.Tensor:
     return pairs.view(num_rows, num_topk)
 
 
-def _kernel_applies(values: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None) -> bool:
+def _kernel_applies(values: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                    out: torch.Tensor | None) -> bool:
     """Whether the kernel reads these as it must: bf16 rows of 16-byte units, float32 weights, one device."""
     def rows_ok(t: torch.Tensor) -> bool:
         return t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
     return (values.is_cuda and values.shape[1] % 8 == 0 and rows_ok(values)
-            and weights.dtype == torch.float32 and weights.device == values.device
+            and weights.dtype == torch.float32 and weights.device == values.device and order.device == values.device
             and (out is None or (rows_ok(out) and out.device == values.device
                                  and out.shape == (weights.shape[0], values.shape[1])))
             and _ext.available())
@@ -105,7 +106,7 @@ def weighted_pair_sum(values: torch.Tensor, weights: torch.Tensor, order: torch.
     Differentiable in ``values`` and ``weights``; when a gradient is wanted the kernel writes a new
     tensor that ``out`` then copies (autograd records the copy, as for any in-place write).
     """
-    if not _kernel_applies(values, weights, out):
+    if not _kernel_applies(values, weights, order, out):
         summed = pair_sum_torch(values, weights, order)
         return summed.to(values.dtype) if out is None else out.copy_(summed)
     if torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad):

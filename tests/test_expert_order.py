@@ -58,3 +58,11 @@ def test_kernel_equals_the_torch_path(num_rows, num_topk, num_experts, routing):
     expected = expert_order_torch(local_idx, num_experts, num_pairs)
     for actual, wanted in zip(expert_order(local_idx, num_experts, num_pairs), expected, strict=True):
         assert actual.dtype == wanted.dtype and torch.equal(actual, wanted)
+
+
+@pytest.mark.parametrize("num_pairs", [-1, 7, True, 2.0])
+def test_a_pair_count_outside_the_ids_is_refused(num_pairs):
+    # Too many would pull -1 places into the order, too few drop pairs that ends still counts.
+    local_idx = torch.tensor([[0, -1], [1, 0], [-1, 1]])
+    with pytest.raises(ValueError, match=r"^num_pairs: expected an int in \[0, 6\]"):
+        expert_order(local_idx, 2, num_pairs)
