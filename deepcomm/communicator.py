@@ -15,7 +15,6 @@ Backends:
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import torch
@@ -130,7 +129,7 @@ class Communicator:
             self._impl = IntranodeCommunicator(group, topology, buffer, num_sms, timeout_s)
         elif self.backend == "internode":
             if transport == "auto":
-                transport = "ipc" if self._single_host(group) else "nvshmem"
+                transport = "ipc" if self._reference.topology.single_host else "nvshmem"
             self._impl = InternodeCommunicator(group, topology, buffer, num_sms, timeout_s,
                                                transport.removesuffix("_staged"), transport.endswith("_staged"))
         else:
@@ -144,7 +143,7 @@ class Communicator:
             raise TypeError(f"low_latency: expected a deepcomm.LowLatencyConfig, got {type(config).__name__}")
         if backend == "reference" or not torch.cuda.is_available() or not _ext.available():
             return ReferenceLowLatency(self._reference, config)
-        if not self._single_host(group):
+        if not self._reference.topology.single_host:
             raise ValueError("low_latency: the low-latency kernels reach every rank by CUDA IPC and need them on one "
                              "host (an NVSHMEM transport for them is not built); use backend='reference'")
         return LowLatencyKernels(group, self._reference.topology, config, num_sms, timeout_s)
@@ -163,12 +162,6 @@ class Communicator:
         fits = (topology.ranks_per_node <= core.internode.MAX_LOCAL_RANKS
                 and topology.num_nodes <= core.internode.MAX_NODES)
         return "internode" if fits else "reference"
-
-    @staticmethod
-    def _single_host(group) -> bool:
-        hosts: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        return len(set(hosts)) == 1
 
     @property
     def topology(self) -> Topology:

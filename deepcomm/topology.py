@@ -16,11 +16,18 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Topology:
-    """Placement of ``world_size`` ranks on ``world_size // ranks_per_node`` nodes."""
+    """Placement of ``world_size`` ranks on ``world_size // ranks_per_node`` nodes; ``ranks_per_host``: the
+    ranks each host holds, where known (:func:`detect_topology` reads the host names)."""
 
     rank: int
     world_size: int
     ranks_per_node: int
+    ranks_per_host: int | None = None
+
+    @property
+    def single_host(self) -> bool | None:
+        """Whether every rank is on one host (None where the hosts are not known)."""
+        return None if self.ranks_per_host is None else self.ranks_per_host == self.world_size
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "ranks_per_node"):
@@ -105,7 +112,7 @@ def detect_topology(group: dist.ProcessGroup | None = None, ranks_per_node: int 
             and per_host % ranks_per_node != 0:
         raise ValueError(f"ranks_per_node: must divide the {per_host} ranks each host holds (a node never spans "
                          f"hosts), got {ranks_per_node}")
-    return Topology(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node)
+    return Topology(rank=rank, world_size=world_size, ranks_per_node=ranks_per_node, ranks_per_host=per_host)
 
 
 def gpu_share(group, device: torch.device) -> tuple[int, int]:

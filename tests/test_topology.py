@@ -52,7 +52,8 @@ def test_ranks_per_host_rejects_irregular_placement(names):
 
 def test_detect_topology_on_one_rank(single_rank_group):
     topo = detect_topology(single_rank_group)
-    assert (topo.rank, topo.world_size, topo.ranks_per_node) == (0, 1, 1)
+    assert (topo.rank, topo.world_size, topo.ranks_per_node, topo.single_host) == (0, 1, 1, True)
+    assert Topology(0, 1, 1).single_host is None  # made by hand: the hosts are not known
 
 
 @pytest.mark.parametrize("name", ["rank", "world_size", "ranks_per_node"])
@@ -70,6 +71,7 @@ def _hosts_worker(rank: int, world_size: int) -> None:
 
     socket.gethostname = lambda: f"host{rank // 2}"
     assert detect_topology(dist.group.WORLD).ranks_per_node == 2
+    assert detect_topology(dist.group.WORLD, ranks_per_node=2).single_host is False
     assert detect_topology(dist.group.WORLD, ranks_per_node=1).num_nodes == 4
     for joined in (4, 3):
         with pytest.raises(ValueError, match=f"^ranks_per_node: must divide the 2 ranks each host holds .* got {joined}"):
