@@ -29,7 +29,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -312,14 +314,14 @@ def spawn_local(fn, nproc: int, *args, timeout_s: float = 300.0) -> None:
         port = s.getsockname()[1]
     # The ranks end with this process whatever ends it: torch's own tie (SIGINT to the children when the parent
     # dies) is lost where SIGINT is ignored (a job started with & from a script) or before a child is set up.
-    _exit_on_termination()
-    context = torch.multiprocessing.start_processes(_spawned, args=(nproc, port, timeout_s, fn, args), nprocs=nproc,
-                                                    join=False)
-    try:
-        while not context.join():
-            pass
-    finally:
-        _end_processes(context.processes)
+    with _exiting_on_termination():
+        context = torch.multiprocessing.start_processes(_spawned, args=(nproc, port, timeout_s, fn, args),
+                                                        nprocs=nproc, join=False)
+        try:
+            while not context.join():
+                pass
+        finally:
+            _end_processes(context.processes)
 
 
 def _end_processes(processes, wait_s: float = 5.0) -> None:
@@ -362,20 +364,30 @@ def main(argv: list[str] | None = None) -> None:
     if not plan.start_mps:
         torchrun.main(torchrun_args)
         return
-    _exit_on_termination()
-    with MpsDaemon() as daemon:
+    # torchrun installs handlers of its own only once its workers start (after MPS, and after the rendezvous).
+    with _exiting_on_termination(), MpsDaemon() as daemon:
         os.environ.update(daemon.env)
         torchrun.main(torchrun_args)
 
 
-def _exit_on_termination() -> None:
-    """SIGTERM and SIGHUP end the launcher through its context exits, which quit the MPS daemon it started:
-    torchrun installs handlers of its own only once its workers start (after MPS, and after the rendezvous)."""
+@contextmanager
+def _exiting_on_termination():
+    """Inside, SIGTERM and SIGHUP raise SystemExit, so the context exits around it run (the MPS daemon is quit,
+    spawned ranks ended); the handlers before are back afterwards. Python takes handlers in the main thread
+    only: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def leave(signum, frame):
         raise SystemExit(128 + signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, leave)
+    before = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ NVTX) for tools/overlap_report.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -337,9 +338,7 @@ class _ReceiveHook:
         self.hook = hook
 
     def wait(self) -> None:
-        event = self.hook()
-        if event is not None:  # the kernels' hooks ordered the stream already; the reference path's leave it to this
-            event.wait()
+        self.hook()  # on either path the hook makes the current stream wait for the receive
 
 
 def decode_block_stages(block, layer: int, recv_hooks: bool = True) -> list[Stage]:
@@ -379,9 +378,8 @@ def decode_block_stages(block, layer: int, recv_hooks: bool = True) -> list[Stag
 def model_stages(blocks, low_latency: bool = False, recv_hooks: bool = True) -> list[Stage]:
     """Blocks stacked into one stage list: micro-batch B's finish of layer l overlaps A's next layer.
     ``low_latency``: :func:`decode_block_stages` (with ``recv_hooks``) instead of :func:`block_stages`."""
-    if low_latency:
-        return [stage for layer, block in enumerate(blocks) for stage in decode_block_stages(block, layer, recv_hooks)]
-    return [stage for layer, block in enumerate(blocks) for stage in block_stages(block, layer)]
+    stages_of = functools.partial(decode_block_stages, recv_hooks=recv_hooks) if low_latency else block_stages
+    return [stage for layer, block in enumerate(blocks) for stage in stages_of(block, layer)]
 
 
 def run_overlapped(blocks, x: torch.Tensor, num_micro_batches: int = 2, sizes: list[int] | None = None,

@@ -286,3 +286,14 @@ def test_spawned_ranks_end_with_a_terminated_parent_even_with_sigint_ignored(tmp
     for pid in alive:  # do not leave them behind whatever the outcome
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"ranks {alive} outlived their parent"
+
+
+def test_termination_handlers_are_given_back():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with launch._exiting_on_termination():
+        with pytest.raises(SystemExit) as ended:
+            signal.raise_signal(signal.SIGTERM)
+        assert ended.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
