@@ -22,6 +22,10 @@ def _check_int(name: str, value: object) -> None:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
 
 
+# What a bias that is not finite counts as: far beyond any score, yet summed over a node's experts still finite.
+_FINITE_BIAS = 1e30
+
+
 def node_limited_topk(
     logits: torch.Tensor,
     num_topk: int,
@@ -78,12 +82,12 @@ def node_limited_topk(
             raise TypeError(f"expert_bias: expected a torch.Tensor [E] or None, got {type(expert_bias).__name__}")
         if expert_bias.shape != (num_experts,):
             raise ValueError(f"expert_bias: expected shape [{num_experts}], got {list(expert_bias.shape)}")
-        # Not-allowed experts are masked with -inf below: a bias that is not finite could tie with (or, NaN,
-        # outrank) the mask, and the top-k would pick experts on nodes the token did not choose.
-        if not bool(torch.isfinite(expert_bias).all()):
-            raise ValueError("expert_bias: must be finite (to keep an expert from being chosen, use a large "
-                             "negative value)")
-        selection = scores + expert_bias.to(device=scores.device, dtype=torch.float32)
+        # Not-allowed experts are masked with -inf below: a bias that is not finite would tie with (or, NaN,
+        # outrank) the mask, and the top-k would pick experts on nodes the token did not choose. Made finite on
+        # the device (checking it would read it on the host, a sync in every routing): -inf and NaN keep an
+        # expert last among its allowed ones, +inf first.
+        bias = expert_bias.to(device=scores.device, dtype=torch.float32)
+        selection = scores + bias.nan_to_num(nan=-_FINITE_BIAS, posinf=_FINITE_BIAS, neginf=-_FINITE_BIAS)
 
     per_node = selection.view(num_tokens, num_nodes, experts_per_node)
     node_scores = per_node.topk(node_score_topk, dim=-1).values.sum(dim=-1)
