@@ -203,9 +203,10 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -
     if x.shape[0] == 0:  # no rows: nothing to read from ends (a host sync on CUDA); weights[0] is a view,
         return x @ weights[0]  # so every expert's weights stay in the graph (zero gradients, as per group)
     bounds = [0, *ends.tolist()]
-    groups = x.split([end - start for start, end in zip(bounds, bounds[1:])] + [x.shape[0] - bounds[-1]])
-    rest = groups[-1].new_zeros(groups[-1].shape[0], weights.shape[2])
-    return torch.cat([rows @ weights[g] for g, rows in enumerate(groups[:-1])] + [rest])
+    out = [x[start:end] @ weights[g] for g, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+    if bounds[-1] < x.shape[0]:  # rows of no group
+        out.append(x.new_zeros(x.shape[0] - bounds[-1], weights.shape[2]))
+    return torch.cat(out)
 
 
 def grouped_swiglu(x: torch.Tensor, ends: torch.Tensor, w_gate_up: torch.Tensor,
